@@ -1,0 +1,27 @@
+//! Builds the kernel-side programs in `ebpf/` for the BPF target (nightly, `-Z build-std=core`,
+//! bpf-linker) so `src/telemetry` can embed the object. aya-build puts it at `$OUT_DIR/knd-probes`.
+use std::path::Path;
+
+use anyhow::Context as _;
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR unset")?;
+    let workspace = Path::new(&manifest_dir)
+        .parent()
+        .context("driver/ has no parent directory")?;
+    let ebpf_dir = workspace.join("ebpf");
+    // The programs embed the shared map types: rebuild them when those change too.
+    println!("cargo:rerun-if-changed={}", workspace.join("common").display());
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .context("the ebpf/ path is not valid UTF-8")?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "knd-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+    .context("building the eBPF programs in ebpf/ (run `cargo xtask setup` if bpf-linker or the nightly rust-src is missing)")
+}

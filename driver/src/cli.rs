@@ -1,0 +1,215 @@
+//! The `knd` command line: subcommands, their arguments, and what each one runs.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    netns::{self, Netns},
+    telemetry::{self, InterfaceTraffic, TrafficProbes},
+};
+
+/// knd — Kubernetes Network Driver (DRA + NRI) with in-kernel telemetry.
+#[derive(Debug, Parser)]
+#[command(name = "knd", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `knd=debug`); default from
+    /// `RUST_LOG`, else `info`.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach knd's traffic counters to one interface and print its rates every interval.
+    Watch {
+        /// The interface to watch.
+        #[arg(long, short = 'i')]
+        interface: String,
+        /// Network namespace the interface lives in (e.g. /run/netns/NAME or /proc/PID/ns/net);
+        /// default: knd's own.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        /// Seconds between lines.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+        /// Stop after this many lines (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+/// Errors a subcommand reports to the user.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening or entering a namespace failed.
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    /// Loading, attaching or reading the eBPF programs failed.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::Error),
+}
+
+fn parse_interval(value: &str) -> Result<f64, String> {
+    let seconds: f64 = value
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number of seconds"))?;
+    if (0.05..=3600.0).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(format!("interval {seconds} s is outside 0.05..=3600"))
+    }
+}
+
+/// Sets up logging to stderr.
+pub fn init_tracing(filter: Option<&str>) {
+    let filter = filter
+        .map(tracing_subscriber::EnvFilter::new)
+        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Watch {
+            interface,
+            netns,
+            interval,
+            count,
+        } => watch(&interface, netns.as_deref(), interval, count),
+    }
+}
+
+fn watch(
+    interface: &str,
+    netns: Option<&std::path::Path>,
+    interval: f64,
+    count: Option<u64>,
+) -> Result<(), Error> {
+    let netns = match netns {
+        Some(path) => Netns::open(path)?,
+        None => Netns::current()?,
+    };
+    let mut probes = TrafficProbes::new();
+    let id = probes.attach(&netns, interface)?;
+    println!("watching {interface} in {netns} (TCX ingress+egress); Ctrl-C to stop");
+    println!("{}", RateLine::header());
+    let mut previous = probes.traffic(id)?;
+    let period = Duration::from_secs_f64(interval);
+    for _ in 0..count.unwrap_or(u64::MAX) {
+        std::thread::sleep(period);
+        let now = probes.traffic(id)?;
+        println!("{}", RateLine::between(&previous, &now, interval));
+        previous = now;
+    }
+    probes.detach(id)?;
+    Ok(())
+}
+
+/// One line of rates between two readings of an interface's counters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLine {
+    /// Received bits per second.
+    pub rx_bps: f64,
+    /// Sent bits per second.
+    pub tx_bps: f64,
+    /// Received frames per second.
+    pub rx_pps: f64,
+    /// Sent frames per second.
+    pub tx_pps: f64,
+    /// Totals since attachment.
+    pub total: InterfaceTraffic,
+}
+
+impl RateLine {
+    /// Rates over `seconds` from `before` to `after`. Counters only grow; a reset (detach and
+    /// re-attach) yields zero rates rather than huge ones.
+    pub fn between(before: &InterfaceTraffic, after: &InterfaceTraffic, seconds: f64) -> Self {
+        #[expect(clippy::cast_precision_loss, reason = "rates are for display")]
+        let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / seconds;
+        Self {
+            rx_bps: rate(before.rx.bytes, after.rx.bytes) * 8.0,
+            tx_bps: rate(before.tx.bytes, after.tx.bytes) * 8.0,
+            rx_pps: rate(before.rx.packets, after.rx.packets),
+            tx_pps: rate(before.tx.packets, after.tx.packets),
+            total: *after,
+        }
+    }
+
+    /// The column titles matching [`RateLine`]'s `Display`.
+    pub fn header() -> &'static str {
+        "   rx Mbit/s    tx Mbit/s    rx pkt/s    tx pkt/s     rx bytes     tx bytes"
+    }
+}
+
+impl std::fmt::Display for RateLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>12.2} {:>12.2} {:>11.0} {:>11.0} {:>12} {:>12}",
+            self.rx_bps / 1e6,
+            self.tx_bps / 1e6,
+            self.rx_pps,
+            self.tx_pps,
+            self.total.rx.bytes,
+            self.total.tx.bytes
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use knd_common::TrafficCounters;
+
+    use super::*;
+
+    fn traffic(rx: (u64, u64), tx: (u64, u64)) -> InterfaceTraffic {
+        InterfaceTraffic {
+            rx: TrafficCounters {
+                packets: rx.0,
+                bytes: rx.1,
+            },
+            tx: TrafficCounters {
+                packets: tx.0,
+                bytes: tx.1,
+            },
+        }
+    }
+
+    #[test]
+    fn rates_are_deltas_over_the_interval() {
+        let line = RateLine::between(
+            &traffic((10, 1_000), (5, 500)),
+            &traffic((30, 251_000), (15, 1_500)),
+            2.0,
+        );
+        assert!((line.rx_bps - 1_000_000.0).abs() < 1e-6, "{line:?}");
+        assert!((line.tx_bps - 4_000.0).abs() < 1e-6, "{line:?}");
+        assert!((line.rx_pps - 10.0).abs() < 1e-9);
+        assert!((line.tx_pps - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_counter_reset_gives_zero_not_a_wraparound() {
+        let line = RateLine::between(&traffic((10, 1_000), (5, 500)), &traffic((0, 0), (0, 0)), 1.0);
+        assert!(line.rx_bps.abs() < f64::EPSILON && line.tx_pps.abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn interval_is_validated_with_a_clear_message() {
+        assert!(parse_interval("0.5").is_ok());
+        assert!(parse_interval("abc").unwrap_err().contains("not a number"));
+        assert!(parse_interval("0").unwrap_err().contains("outside"));
+        let err = Cli::try_parse_from(["knd", "watch"]).unwrap_err().to_string();
+        assert!(err.contains("--interface"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! knd — a Kubernetes Network Driver: gives pods real network hardware (NICs, RDMA devices) through
+//! DRA and NRI, placed by PCIe/NUMA topology and measured in the kernel with eBPF.
+//!
+//! This library does the work; `src/main.rs` only parses the command line and calls [`cli::run`].
+
+pub mod cli;
+pub mod netlink;
+pub mod netns;
+pub mod telemetry;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;

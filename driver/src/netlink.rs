@@ -1,0 +1,199 @@
+//! Link-level netlink operations (rtnetlink) used to build, move and inspect interfaces.
+//!
+//! A netlink socket belongs to the namespace of the thread that opened it: open a [`Link`] handle
+//! inside the target namespace (see [`crate::netns::Netns::block_on`]).
+
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage, MacVlanMode};
+use rtnetlink::{LinkMacVlan, LinkUnspec, LinkVeth};
+
+use crate::netns::Netns;
+
+/// Errors from netlink operations. Each names the operation and the interface.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The netlink socket could not be opened.
+    #[error("cannot open a netlink socket")]
+    Connect(#[source] std::io::Error),
+    /// No interface has this name in the namespace.
+    #[error("interface {0} does not exist")]
+    NoSuchLink(String),
+    /// The kernel refused an operation.
+    #[error("{operation} on interface {link} failed")]
+    Kernel {
+        /// What was attempted (e.g. "set up", "add address 10.0.0.1/24").
+        operation: String,
+        /// The interface, by name or index.
+        link: String,
+        /// What the kernel said.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The kernel's reply lacked an attribute every link carries.
+    #[error("the kernel's reply for interface {link} has no {attribute}")]
+    MissingAttribute {
+        /// The interface.
+        link: String,
+        /// The attribute looked for.
+        attribute: &'static str,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The kernel's own traffic statistics for one interface (`IFLA_STATS64`, as in `/proc/net/dev`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Frames received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Frames sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+}
+
+/// A netlink connection in the namespace of the thread that created it.
+#[derive(Clone, Debug)]
+pub struct Link {
+    handle: rtnetlink::Handle,
+}
+
+impl Link {
+    /// Opens a connection in the calling thread's namespace; must be called inside a tokio runtime
+    /// (the connection's driver task is spawned on it).
+    pub fn connect() -> Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(Error::Connect)?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// The interface called `name`.
+    pub async fn get(&self, name: &str) -> Result<LinkMessage> {
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link),
+            Ok(None) => Err(Error::NoSuchLink(name.to_owned())),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                Err(Error::NoSuchLink(name.to_owned()))
+            }
+            Err(source) => Err(Error::Kernel {
+                operation: "get".into(),
+                link: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The index of the interface called `name`.
+    pub async fn index(&self, name: &str) -> Result<u32> {
+        Ok(self.get(name).await?.header.index)
+    }
+
+    /// The kernel's traffic counters for the interface called `name`.
+    pub async fn stats(&self, name: &str) -> Result<LinkStats> {
+        let link = self.get(name).await?;
+        link.attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                LinkAttribute::Stats64(stats) => Some(LinkStats {
+                    rx_packets: stats.rx_packets,
+                    rx_bytes: stats.rx_bytes,
+                    tx_packets: stats.tx_packets,
+                    tx_bytes: stats.tx_bytes,
+                }),
+                _ => None,
+            })
+            .ok_or_else(|| Error::MissingAttribute {
+                link: name.to_owned(),
+                attribute: "IFLA_STATS64",
+            })
+    }
+
+    /// Creates a veth pair `name` ↔ `peer` in this namespace (both ends down).
+    pub async fn add_veth(&self, name: &str, peer: &str) -> Result<()> {
+        self.handle
+            .link()
+            .add(LinkVeth::new(name, peer).build())
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("create veth pair with peer {peer}"),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Creates a macvlan `name` in bridge mode on top of `parent`.
+    pub async fn add_macvlan(&self, name: &str, parent: &str) -> Result<()> {
+        let parent_index = self.index(parent).await?;
+        self.handle
+            .link()
+            .add(LinkMacVlan::new(name, parent_index, MacVlanMode::Bridge).build())
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("create macvlan on {parent}"),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Moves the interface `name` into the namespace `target`.
+    pub async fn move_to(&self, name: &str, target: &Netns) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(
+            name,
+            &format!("move to {target}"),
+            LinkUnspec::new_with_index(index).setns_by_fd(target.as_fd().as_raw_fd()),
+        )
+        .await
+    }
+
+    /// Brings the interface `name` up.
+    pub async fn set_up(&self, name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(name, "set up", LinkUnspec::new_with_index(index).up())
+            .await
+    }
+
+    /// Adds `address/prefix_len` to the interface `name`.
+    pub async fn add_address(&self, name: &str, address: IpAddr, prefix_len: u8) -> Result<()> {
+        let index = self.index(name).await?;
+        self.handle
+            .address()
+            .add(index, address, prefix_len)
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("add address {address}/{prefix_len}"),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    async fn set(
+        &self,
+        name: &str,
+        operation: &str,
+        message: rtnetlink::LinkMessageBuilder<LinkUnspec>,
+    ) -> Result<()> {
+        self.handle
+            .link()
+            .set(message.build())
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: operation.to_owned(),
+                link: name.to_owned(),
+                source,
+            })
+    }
+}

@@ -1,0 +1,165 @@
+//! The TCX traffic counters against the kernel's own interface statistics, on real namespaces and
+//! a real veth pair. Root-only tests are ignored with a reason unless run as root (`cargo xtask
+//! test` runs them; CI is root).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use knd::{
+    netlink::LinkStats,
+    telemetry::{InterfaceTraffic, TrafficProbes, probes_object},
+    testkit::{TestHost, macvlan, tcp_transfer, veth_pair},
+};
+use object::{Object as _, ObjectSection as _};
+
+const A_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1));
+const B_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2));
+
+#[test]
+fn embedded_object_carries_btf_and_both_programs() {
+    let object = object::File::parse(probes_object()).expect("the embedded object is ELF");
+    assert_eq!(object.architecture(), object::Architecture::Bpf);
+    let btf = object.section_by_name(".BTF").expect("a .BTF section");
+    assert!(btf.size() > 0, ".BTF is empty");
+    assert!(object.section_by_name(".BTF.ext").is_some(), "no .BTF.ext");
+    let symbols: Vec<String> = object
+        .symbols()
+        .filter_map(|s| object::ObjectSymbol::name(&s).ok().map(str::to_owned))
+        .collect();
+    for name in ["knd_traffic_ingress", "knd_traffic_egress", "IFACE_TRAFFIC"] {
+        assert!(symbols.iter().any(|s| s == name), "{name} missing from {symbols:?}");
+    }
+}
+
+/// Two hosts joined by a veth pair, addressed, IPv6 off (no background traffic).
+fn two_hosts() -> (TestHost, TestHost) {
+    let a = TestHost::new("a").unwrap();
+    let b = TestHost::new("b").unwrap();
+    veth_pair(&a, "veth-a", &b, "veth-b").unwrap();
+    (a, b)
+}
+
+fn bring_up(a: &TestHost, b: &TestHost) {
+    a.configure("veth-a", A_ADDR, 24).unwrap();
+    b.configure("veth-b", B_ADDR, 24).unwrap();
+}
+
+/// Reads our counters bracketed by two identical kernel readings, so that no frame can have
+/// slipped in between the two sources. Retries a few times if something was in flight.
+fn settled(
+    probes: &TrafficProbes,
+    id: knd::telemetry::AttachmentId,
+    host: &TestHost,
+    interface: &str,
+) -> (InterfaceTraffic, LinkStats) {
+    for _ in 0..20 {
+        let before = host.link_stats(interface).unwrap();
+        let ours = probes.traffic(id).unwrap();
+        let after = host.link_stats(interface).unwrap();
+        if before == after {
+            return (ours, after);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("traffic on {interface} never settled");
+}
+
+fn assert_exact(ours: InterfaceTraffic, kernel: LinkStats) {
+    assert_eq!(
+        (ours.rx.packets, ours.rx.bytes),
+        (kernel.rx_packets, kernel.rx_bytes),
+        "rx: ours {ours:?} vs kernel {kernel:?}"
+    );
+    assert_eq!(
+        (ours.tx.packets, ours.tx.bytes),
+        (kernel.tx_packets, kernel.tx_bytes),
+        "tx: ours {ours:?} vs kernel {kernel:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: namespaces, veth and eBPF (cargo xtask test runs it as root)"]
+fn tcx_counters_equal_the_kernels_interface_counters() {
+    let (a, b) = two_hosts();
+    let mut probes = TrafficProbes::new();
+    // Attached while the link is still down: every frame the interface ever carries is seen.
+    let id = probes.attach(a.netns(), "veth-a").unwrap();
+    bring_up(&a, &b);
+
+    a.ping(B_ADDR, 5).unwrap();
+    b.ping(A_ADDR, 3).unwrap();
+    let payload = 4 * 1024 * 1024 + 123;
+    assert_eq!(tcp_transfer(&a, &b, B_ADDR, payload).unwrap(), payload);
+    // And the other way, so both directions carry bulk data.
+    assert_eq!(tcp_transfer(&b, &a, A_ADDR, payload).unwrap(), payload);
+
+    let (ours, kernel) = settled(&probes, id, &a, "veth-a");
+    assert_exact(ours, kernel);
+    // The traffic really went through: both directions carried the payloads.
+    assert!(ours.tx.bytes > payload as u64, "{ours:?}");
+    assert!(ours.rx.bytes > payload as u64, "{ours:?}");
+    assert!(ours.rx.packets >= 8 && ours.tx.packets >= 8, "{ours:?}");
+
+    // Detaching stops counting; the peer is untouched by our program all along.
+    probes.detach(id).unwrap();
+    assert!(probes.traffic(id).is_err(), "a detached attachment still answers");
+    a.ping(B_ADDR, 2).unwrap();
+}
+
+#[test]
+#[ignore = "needs root: namespaces, veth and eBPF (cargo xtask test runs it as root)"]
+fn counting_starts_at_attach_and_is_per_interface() {
+    let (a, b) = two_hosts();
+    bring_up(&a, &b);
+    a.ping(B_ADDR, 2).unwrap();
+    let before_attach = a.link_stats("veth-a").unwrap();
+
+    let mut probes = TrafficProbes::new();
+    let on_a = probes.attach(a.netns(), "veth-a").unwrap();
+    let on_b = probes.attach(b.netns(), "veth-b").unwrap();
+    assert!(
+        probes.attach(a.netns(), "veth-a").is_err(),
+        "attaching twice to one interface must be refused"
+    );
+    tcp_transfer(&a, &b, B_ADDR, 1 << 20).unwrap();
+
+    let (ours_a, kernel_a) = settled(&probes, on_a, &a, "veth-a");
+    let (ours_b, kernel_b) = settled(&probes, on_b, &b, "veth-b");
+    // Since attach: kernel counters minus what they were before.
+    assert_eq!(ours_a.tx.bytes, kernel_a.tx_bytes - before_attach.tx_bytes);
+    assert_eq!(ours_a.rx.bytes, kernel_a.rx_bytes - before_attach.rx_bytes);
+    assert_eq!(ours_a.tx.packets, kernel_a.tx_packets - before_attach.tx_packets);
+    // The two ends of one veth see each other's traffic mirrored, each under its own key.
+    assert_eq!(ours_a.tx, ours_b.rx);
+    assert_eq!(ours_a.rx, ours_b.tx);
+    assert!(kernel_b.rx_bytes >= ours_b.rx.bytes);
+}
+
+#[test]
+#[ignore = "needs root: namespaces, macvlan and eBPF (cargo xtask test runs it as root)"]
+fn counters_work_on_a_macvlan_moved_into_another_namespace() {
+    // The shape of a real attachment: a NIC-like device (macvlan on a veth "uplink") is moved
+    // into a pod's namespace and watched there.
+    let node = TestHost::new("node").unwrap();
+    let peer = TestHost::new("peer").unwrap();
+    let pod = TestHost::new("pod").unwrap();
+    veth_pair(&node, "uplink", &peer, "wire").unwrap();
+    node.disable_ipv6("uplink").unwrap();
+    node.set_up("uplink").unwrap();
+    macvlan(&node, "nic0", "uplink").unwrap();
+    node.move_link("nic0", &pod).unwrap();
+    pod.configure("nic0", A_ADDR, 24).unwrap();
+    peer.configure("wire", B_ADDR, 24).unwrap();
+
+    let mut probes = TrafficProbes::new();
+    let id = probes.attach(pod.netns(), "nic0").unwrap();
+    assert!(
+        probes.attach(node.netns(), "nic0").is_err(),
+        "nic0 no longer exists in the node namespace"
+    );
+    pod.ping(B_ADDR, 3).unwrap();
+    tcp_transfer(&pod, &peer, B_ADDR, 2 << 20).unwrap();
+    let (ours, kernel) = settled(&probes, id, &pod, "nic0");
+    assert_exact(ours, kernel);
+    assert!(ours.tx.bytes > 2 << 20, "{ours:?}");
+    assert!(ours.rx.packets > 3, "{ours:?}");
+}
