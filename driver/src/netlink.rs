@@ -10,7 +10,7 @@ use std::{
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage, MacVlanMode};
-use rtnetlink::{LinkMacVlan, LinkUnspec, LinkVeth};
+use rtnetlink::{LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth};
 
 use crate::netns::Netns;
 
@@ -144,6 +144,32 @@ impl Link {
                 link: name.to_owned(),
                 source,
             })
+    }
+
+    /// Creates a bridge `name` (no STP, no forwarding delay).
+    pub async fn add_bridge(&self, name: &str) -> Result<()> {
+        self.handle
+            .link()
+            .add(LinkBridge::new(name).forward_delay(0).build())
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: "create bridge".into(),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Enslaves the interface `name` to `controller` (e.g. a bridge port).
+    pub async fn set_controller(&self, name: &str, controller: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        let controller_index = self.index(controller).await?;
+        self.set(
+            name,
+            &format!("attach to {controller}"),
+            LinkUnspec::new_with_index(index).controller(controller_index),
+        )
+        .await
     }
 
     /// Moves the interface `name` into the namespace `target`.

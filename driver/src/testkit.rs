@@ -141,6 +141,22 @@ pub fn macvlan(host: &TestHost, name: &str, parent: &str) -> anyhow::Result<()> 
         .with_context(|| format!("creating macvlan {name} on {}:{parent}", host.name))
 }
 
+/// Creates a bridge `name` in `host` with `ports` enslaved; bridge and ports are brought up
+/// with IPv6 off (a switch that carries only the test's traffic).
+pub fn bridge(host: &TestHost, name: &str, ports: &[&str]) -> anyhow::Result<()> {
+    host.netlink(|link| async move { link.add_bridge(name).await })?;
+    host.disable_ipv6(name)?;
+    for port in ports {
+        host.disable_ipv6(port)?;
+        host.netlink(|link| async move {
+            link.set_controller(port, name).await?;
+            link.set_up(port).await
+        })?;
+    }
+    host.set_up(name)
+        .with_context(|| format!("bringing up bridge {name} in {}", host.name))
+}
+
 /// Sends `bytes` over one TCP connection from `client` to `server_addr` (an address of
 /// `server`) and returns the number of bytes the server received.
 pub fn tcp_transfer(
