@@ -11,7 +11,10 @@ fn main() -> anyhow::Result<()> {
         .context("driver/ has no parent directory")?;
     let ebpf_dir = workspace.join("ebpf");
     // The programs embed the shared map types: rebuild them when those change too.
-    println!("cargo:rerun-if-changed={}", workspace.join("common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("common").display()
+    );
     let ebpf_dir = ebpf_dir
         .to_str()
         .context("the ebpf/ path is not valid UTF-8")?;

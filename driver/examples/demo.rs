@@ -86,7 +86,10 @@ fn main() -> anyhow::Result<()> {
         for (id, previous) in &mut last {
             let now = probes.traffic(*id)?;
             let (interface, _) = probes.describe(*id).context("attachment vanished")?;
-            println!("  {interface:<6}{}", RateLine::between(previous, &now, seconds));
+            println!(
+                "  {interface:<6}{}",
+                RateLine::between(previous, &now, seconds)
+            );
             *previous = now;
         }
     }
@@ -94,7 +97,10 @@ fn main() -> anyhow::Result<()> {
     let sent = traffic
         .join()
         .map_err(|_| anyhow::anyhow!("the traffic thread panicked"))??;
-    println!("\n  traffic: {} MiB of TCP from pod-a to pod-b, plus pings", sent >> 20);
+    println!(
+        "\n  traffic: {} MiB of TCP from pod-a to pod-b, plus pings",
+        sent >> 20
+    );
 
     println!("\n  check: knd's eBPF counters vs the kernel's own interface statistics");
     check(&probes, on_a, &pod_a, "nic-a")?;
@@ -136,8 +142,17 @@ fn check(
             after.tx_bytes
         );
         ensure!(
-            (ours.rx.packets, ours.rx.bytes, ours.tx.packets, ours.tx.bytes)
-                == (after.rx_packets, after.rx_bytes, after.tx_packets, after.tx_bytes),
+            (
+                ours.rx.packets,
+                ours.rx.bytes,
+                ours.tx.packets,
+                ours.tx.bytes
+            ) == (
+                after.rx_packets,
+                after.rx_bytes,
+                after.tx_packets,
+                after.tx_bytes
+            ),
             "{interface}: knd's counters differ from the kernel's"
         );
         println!("  {interface:<6} exact match");

@@ -200,7 +200,11 @@ mod tests {
 
     #[test]
     fn a_counter_reset_gives_zero_not_a_wraparound() {
-        let line = RateLine::between(&traffic((10, 1_000), (5, 500)), &traffic((0, 0), (0, 0)), 1.0);
+        let line = RateLine::between(
+            &traffic((10, 1_000), (5, 500)),
+            &traffic((0, 0), (0, 0)),
+            1.0,
+        );
         assert!(line.rx_bps.abs() < f64::EPSILON && line.tx_pps.abs() < f64::EPSILON);
     }
 
@@ -209,7 +213,9 @@ mod tests {
         assert!(parse_interval("0.5").is_ok());
         assert!(parse_interval("abc").unwrap_err().contains("not a number"));
         assert!(parse_interval("0").unwrap_err().contains("outside"));
-        let err = Cli::try_parse_from(["knd", "watch"]).unwrap_err().to_string();
+        let err = Cli::try_parse_from(["knd", "watch"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--interface"), "{err}");
     }
 }

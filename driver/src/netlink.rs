@@ -77,7 +77,12 @@ impl Link {
 
     /// The interface called `name`.
     pub async fn get(&self, name: &str) -> Result<LinkMessage> {
-        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         match links.try_next().await {
             Ok(Some(link)) => Ok(link),
             Ok(None) => Err(Error::NoSuchLink(name.to_owned())),

@@ -135,12 +135,11 @@ impl Netns {
                 .spawn_scoped(scope, || -> Result<OwnedFd> {
                     // This thread exits right after, so its namespace change dies with it.
                     unshare(CloneFlags::CLONE_NEWNET).map_err(Error::Create)?;
-                    let file = File::open("/proc/thread-self/ns/net").map_err(|source| {
-                        Error::Open {
+                    let file =
+                        File::open("/proc/thread-self/ns/net").map_err(|source| Error::Open {
                             path: "/proc/thread-self/ns/net".into(),
                             source,
-                        }
-                    })?;
+                        })?;
                     Ok(file.into())
                 })
                 .map_err(|source| Error::Spawn {
@@ -194,12 +193,10 @@ impl Netns {
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        let handle = self
-            .try_clone()
-            .map_err(|source| Error::Spawn {
-                namespace: self.to_string(),
-                source,
-            })?;
+        let handle = self.try_clone().map_err(|source| Error::Spawn {
+            namespace: self.to_string(),
+            source,
+        })?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let namespace = self.to_string();
         std::thread::Builder::new()
@@ -213,11 +210,11 @@ impl Netns {
                 namespace: namespace.clone(),
                 source,
             })?;
-        match rx.await {
-            Ok(result) => result,
-            // The thread panicked before sending: report it as a panic in the caller.
-            Err(_closed) => panic!("worker thread for {namespace} panicked"),
-        }
+        // The sender is only dropped unsent if the thread panicked: re-raise it in the caller.
+        let Ok(result) = rx.await else {
+            panic!("worker thread for {namespace} panicked")
+        };
+        result
     }
 
     /// Runs async `work` inside this namespace on a dedicated thread with its own single-threaded

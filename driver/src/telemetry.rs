@@ -25,7 +25,7 @@ pub fn probes_object() -> &'static [u8] {
 pub enum Error {
     /// The object could not be parsed or a program/map could not be created in the kernel.
     #[error("cannot load the eBPF object")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     /// The object lacks a program or map the driver expects (a build mismatch).
     #[error("the eBPF object has no {kind} named {name}")]
     Missing {
@@ -41,7 +41,7 @@ pub enum Error {
         program: &'static str,
         /// What the kernel said (the verifier log is in the source chain).
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// A map operation failed.
     #[error("{operation} in map {map} failed")]
@@ -52,7 +52,7 @@ pub enum Error {
         map: &'static str,
         /// What the kernel said.
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     /// Attaching to the interface failed.
     #[error("cannot attach {program} to {interface} in {namespace}")]
@@ -65,7 +65,7 @@ pub enum Error {
         namespace: String,
         /// What the kernel said.
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// The interface does not exist in the namespace.
     #[error("no interface {interface} in {namespace}")]
@@ -172,16 +172,19 @@ impl TrafficProbes {
         }
 
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new().load(PROBES_OBJECT).map_err(Error::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(PROBES_OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
         netns.run(|| -> Result<()> {
             for (program, attach_type) in [
                 (names::TRAFFIC_INGRESS_PROG, TcAttachType::Ingress),
                 (names::TRAFFIC_EGRESS_PROG, TcAttachType::Egress),
             ] {
                 let classifier = classifier(&mut ebpf, program)?;
-                classifier
-                    .load()
-                    .map_err(|source| Error::Program { program, source })?;
+                classifier.load().map_err(|source| Error::Program {
+                    program,
+                    source: Box::new(source),
+                })?;
                 // On error, dropping `ebpf` detaches whatever was attached already.
                 classifier
                     .attach_with_options(
@@ -193,7 +196,7 @@ impl TrafficProbes {
                         program,
                         interface: interface.to_owned(),
                         namespace: namespace.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
             }
             Ok(())
@@ -239,7 +242,7 @@ impl TrafficProbes {
             move |source| Error::Map {
                 operation,
                 map: names::IFACE_TRAFFIC_MAP,
-                source,
+                source: Box::new(source),
             }
         };
         let map: PerCpuArray<_, TrafficCounters> =
@@ -269,9 +272,10 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sche
         kind: "program",
         name,
     })?;
-    program
-        .try_into()
-        .map_err(|source| Error::Program { program: name, source })
+    program.try_into().map_err(|source| Error::Program {
+        program: name,
+        source: Box::new(source),
+    })
 }
 
 /// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; newer ones use memcg. Raising the

@@ -68,13 +68,20 @@ impl TestHost {
         Fut: Future<Output = Result<R, crate::netlink::Error>>,
         R: Send,
     {
-        let result = self.netns.block_on(|| async move { work(Link::connect()?).await })?;
+        let result = self
+            .netns
+            .block_on(|| async move { work(Link::connect()?).await })?;
         result.with_context(|| format!("netlink in test host {}", self.name))
     }
 
     /// Brings `interface` up with `address/prefix_len`, after turning IPv6 off on it so that no
     /// background traffic (router solicitations, DAD, MLD) disturbs exact counts.
-    pub fn configure(&self, interface: &str, address: IpAddr, prefix_len: u8) -> anyhow::Result<()> {
+    pub fn configure(
+        &self,
+        interface: &str,
+        address: IpAddr,
+        prefix_len: u8,
+    ) -> anyhow::Result<()> {
         self.disable_ipv6(interface)?;
         self.netlink(|link| async move {
             link.add_address(interface, address, prefix_len).await?;
@@ -111,7 +118,16 @@ impl TestHost {
         let output = self
             .run(|| {
                 Command::new("ping")
-                    .args(["-n", "-q", "-c", &count.to_string(), "-i", "0.05", "-W", "2"])
+                    .args([
+                        "-n",
+                        "-q",
+                        "-c",
+                        &count.to_string(),
+                        "-i",
+                        "0.05",
+                        "-W",
+                        "2",
+                    ])
                     .arg(target.to_string())
                     .output()
             })?
@@ -169,7 +185,7 @@ pub fn tcp_transfer(
         .run(|| TcpListener::bind(SocketAddr::new(server_addr, 0)))?
         .with_context(|| format!("listening on {server_addr} in {}", server.name))?;
     let target = listener.local_addr()?;
-    let receiver = std::thread::spawn(move || -> std::io::Result<usize> {
+    let server_thread = std::thread::spawn(move || -> std::io::Result<usize> {
         let (mut stream, _) = listener.accept()?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut buffer = vec![0_u8; 64 * 1024];
@@ -196,13 +212,10 @@ pub fn tcp_transfer(
             Ok(sent)
         })?
         .with_context(|| format!("sending {bytes} bytes from {} to {target}", client.name))?;
-    let Ok(received) = receiver.join() else {
+    let Ok(outcome) = server_thread.join() else {
         bail!("the receiving thread panicked");
     };
-    let received = received.with_context(|| format!("receiving on {target}"))?;
-    ensure!(
-        received == sent,
-        "sent {sent} bytes but {received} arrived"
-    );
+    let received = outcome.with_context(|| format!("receiving on {target}"))?;
+    ensure!(received == sent, "sent {sent} bytes but {received} arrived");
     Ok(received)
 }

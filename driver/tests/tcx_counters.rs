@@ -26,7 +26,10 @@ fn embedded_object_carries_btf_and_both_programs() {
         .filter_map(|s| object::ObjectSymbol::name(&s).ok().map(str::to_owned))
         .collect();
     for name in ["knd_traffic_ingress", "knd_traffic_egress", "IFACE_TRAFFIC"] {
-        assert!(symbols.iter().any(|s| s == name), "{name} missing from {symbols:?}");
+        assert!(
+            symbols.iter().any(|s| s == name),
+            "{name} missing from {symbols:?}"
+        );
     }
 }
 
@@ -101,7 +104,10 @@ fn tcx_counters_equal_the_kernels_interface_counters() {
 
     // Detaching stops counting; the peer is untouched by our program all along.
     probes.detach(id).unwrap();
-    assert!(probes.traffic(id).is_err(), "a detached attachment still answers");
+    assert!(
+        probes.traffic(id).is_err(),
+        "a detached attachment still answers"
+    );
     a.ping(B_ADDR, 2).unwrap();
 }
 
@@ -127,7 +133,10 @@ fn counting_starts_at_attach_and_is_per_interface() {
     // Since attach: kernel counters minus what they were before.
     assert_eq!(ours_a.tx.bytes, kernel_a.tx_bytes - before_attach.tx_bytes);
     assert_eq!(ours_a.rx.bytes, kernel_a.rx_bytes - before_attach.rx_bytes);
-    assert_eq!(ours_a.tx.packets, kernel_a.tx_packets - before_attach.tx_packets);
+    assert_eq!(
+        ours_a.tx.packets,
+        kernel_a.tx_packets - before_attach.tx_packets
+    );
     // The two ends of one veth see each other's traffic mirrored, each under its own key.
     assert_eq!(ours_a.tx, ours_b.rx);
     assert_eq!(ours_a.rx, ours_b.tx);

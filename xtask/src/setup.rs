@@ -12,7 +12,10 @@ use anyhow::{Context as _, bail, ensure};
 
 /// Debian packages the tests and the demo use at run time.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "ip, to inspect what the tests and the demo build"),
+    (
+        "iproute2",
+        "ip, to inspect what the tests and the demo build",
+    ),
     ("iputils-ping", "ping, the ICMP traffic in kernel tests"),
 ];
 
@@ -86,33 +89,31 @@ fn dpkg_installed(package: &str) -> bool {
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
-    let out = capture(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context(
-            "the nightly toolchain is not installed; it builds the eBPF programs \
+    let out = capture(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "the nightly toolchain is not installed; it builds the eBPF programs \
              (`rustup toolchain install nightly --profile minimal`)",
-        )?;
+    )?;
     Ok(PathBuf::from(out.trim()))
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
-    let sysroot = match nightly_sysroot() {
-        Ok(sysroot) => sysroot,
-        Err(_) => {
-            // Never `rustup update nightly` when one exists: bpf-linker links its libLLVM.
-            run_checked(
-                "rustup toolchain install nightly",
-                Command::new("rustup").args([
-                    "toolchain",
-                    "install",
-                    "nightly",
-                    "--profile",
-                    "minimal",
-                    "--component",
-                    "rust-src,clippy",
-                ]),
-            )?;
-            nightly_sysroot()?
-        }
+    let sysroot = if let Ok(sysroot) = nightly_sysroot() {
+        sysroot
+    } else {
+        // Never `rustup update nightly` when one exists: bpf-linker links its libLLVM.
+        run_checked(
+            "rustup toolchain install nightly",
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src,clippy",
+            ]),
+        )?;
+        nightly_sysroot()?
     };
     let core_src = sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml");
     if core_src.exists() {
@@ -179,7 +180,10 @@ fn bpf_linker(root: &Path) -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .status()
         .with_context(|| format!("running {}", linker.display()))?;
-    ensure!(status.success(), "the freshly built bpf-linker does not start");
+    ensure!(
+        status.success(),
+        "the freshly built bpf-linker does not start"
+    );
     std::fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
     // The build directory is only needed for the install; it holds hundreds of MB.
     let _ignored = std::fs::remove_dir_all(tools.join("build"));
@@ -188,8 +192,8 @@ fn bpf_linker(root: &Path) -> anyhow::Result<()> {
 
 /// The name of the nightly toolchain's own LLVM library, e.g. `libLLVM-22-rust-1.97.0-nightly`.
 fn nightly_llvm_lib(libdir: &Path) -> anyhow::Result<String> {
-    let entries = std::fs::read_dir(libdir)
-        .with_context(|| format!("listing {}", libdir.display()))?;
+    let entries =
+        std::fs::read_dir(libdir).with_context(|| format!("listing {}", libdir.display()))?;
     for entry in entries {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
@@ -207,7 +211,11 @@ fn nightly_llvm_lib(libdir: &Path) -> anyhow::Result<String> {
 }
 
 fn capture(command: &mut Command) -> anyhow::Result<String> {
-    let Output { status, stdout, stderr } = command
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = command
         .output()
         .with_context(|| format!("cannot start {command:?}"))?;
     ensure!(
@@ -223,9 +231,11 @@ fn run_checked(what: &str, command: &mut Command) -> anyhow::Result<()> {
     let started = Instant::now();
     let status = command
         .status()
-        .with_context(|| format!("{what}: cannot start {:?}", command.get_program()))?;
+        .with_context(|| format!("{what}: cannot start {}", command.get_program().display()))?;
     if !status.success() {
-        bail!("setup step failed: {what} ({status}); see the output above for which package or server failed");
+        bail!(
+            "setup step failed: {what} ({status}); see the output above for which package or server failed"
+        );
     }
     eprintln!("xtask: setup: {what}: done in {:.1?}", started.elapsed());
     Ok(())
