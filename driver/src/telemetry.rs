@@ -23,6 +23,9 @@ pub fn probes_object() -> &'static [u8] {
 /// Errors from loading, attaching and reading the programs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The binary was built with `AYA_BUILD_SKIP=1` (for type-checking), without the programs.
+    #[error("this knd binary was built without its eBPF programs (AYA_BUILD_SKIP was set)")]
+    NotBuilt,
     /// The object could not be parsed or a program/map could not be created in the kernel.
     #[error("cannot load the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
@@ -171,6 +174,9 @@ impl TrafficProbes {
             });
         }
 
+        if PROBES_OBJECT.is_empty() {
+            return Err(Error::NotBuilt);
+        }
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .load(PROBES_OBJECT)

@@ -17,6 +17,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "ip, to inspect what the tests and the demo build",
     ),
     ("iputils-ping", "ping, the ICMP traffic in kernel tests"),
+    ("pci.ids", "PCI vendor and device names for discovery"),
 ];
 
 /// The bpf-linker release that fits the nightly toolchain's LLVM (shared/docs/ebpf-toolchain.md).
