@@ -2,11 +2,14 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
+    inventory::{self, Inventory, LiveNetwork, host::HostRoot},
     netns::{self, Netns},
+    resources,
     telemetry::{self, InterfaceTraffic, TrafficProbes},
+    topology,
 };
 
 /// knd — Kubernetes Network Driver (DRA + NRI) with in-kernel telemetry.
@@ -22,9 +25,49 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Output formats of `knd discover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SliceFormat {
+    /// A JSON array of ResourceSlice objects.
+    Json,
+    /// A YAML stream, one document per ResourceSlice.
+    Yaml,
+}
+
+/// Output formats of `knd topo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TopoFormat {
+    /// A GPU×NIC matrix for people.
+    Table,
+    /// `{"gpus":[…],"nics":[…],"pairs":[…]}`.
+    Json,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print the ResourceSlices this node would publish; excluded devices and unreadable files
+    /// go to stderr with the reason.
+    Discover {
+        /// Read sysfs, procfs and devfs under this directory instead of `/`.
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+        /// The node (and pool) name; default: `$NODE_NAME`, else the host's hostname.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = SliceFormat::Json)]
+        output: SliceFormat,
+    },
+    /// Print the GPU×NIC distance matrix (PIX/PXB/PHB/NODE/SYS).
+    Topo {
+        /// Read sysfs under this directory instead of `/`.
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = TopoFormat::Table)]
+        output: TopoFormat,
+    },
     /// Attach knd's traffic counters to one interface and print its rates every interval.
     Watch {
         /// The interface to watch.
@@ -52,6 +95,12 @@ pub enum Error {
     /// Loading, attaching or reading the eBPF programs failed.
     #[error(transparent)]
     Telemetry(#[from] telemetry::Error),
+    /// The host root is not a directory.
+    #[error("--host-root {0} is not a directory")]
+    HostRoot(PathBuf),
+    /// Writing the output failed.
+    #[error("cannot write the output")]
+    Output(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 fn parse_interval(value: &str) -> Result<f64, String> {
@@ -86,7 +135,119 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             interval,
             count,
         } => watch(&interface, netns.as_deref(), interval, count),
+        Command::Discover {
+            host_root,
+            node_name,
+            output,
+        } => {
+            let host = host_root_checked(host_root)?;
+            let inventory = discover(&host);
+            report_to_stderr(&inventory);
+            let node = node_name.unwrap_or_else(|| node_name_of(&host));
+            let slices = resources::slices(&inventory, &node, 1, None);
+            let text = match output {
+                SliceFormat::Json => {
+                    serde_json::to_string_pretty(&slices).map_err(|e| Error::Output(Box::new(e)))?
+                }
+                SliceFormat::Yaml => {
+                    let mut text = String::new();
+                    for slice in &slices {
+                        text.push_str("---\n");
+                        text.push_str(
+                            &serde_yaml::to_string(slice)
+                                .map_err(|e| Error::Output(Box::new(e)))?,
+                        );
+                    }
+                    text
+                }
+            };
+            println!("{}", text.trim_end());
+            Ok(())
+        }
+        Command::Topo { host_root, output } => {
+            let host = host_root_checked(host_root)?;
+            let inventory = discover(&host);
+            for warning in &inventory.warnings {
+                eprintln!("warning: {warning}");
+            }
+            let report = topology::Report::new(&inventory);
+            match output {
+                TopoFormat::Table => print!("{}", report.table()),
+                TopoFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .map_err(|e| Error::Output(Box::new(e)))?
+                ),
+            }
+            Ok(())
+        }
     }
+}
+
+fn host_root_checked(path: PathBuf) -> Result<HostRoot, Error> {
+    if path.is_dir() {
+        Ok(HostRoot::new(path))
+    } else {
+        Err(Error::HostRoot(path))
+    }
+}
+
+/// Scans the host. On the live node default routes and interface kinds come from netlink; on a
+/// fixture tree, from its `proc/net/*route` files and sysfs.
+pub fn discover(host: &HostRoot) -> Inventory {
+    if !host.is_live() {
+        return inventory::scan(host, None);
+    }
+    match live_network() {
+        Ok(live) => inventory::scan(host, Some(&live)),
+        Err(err) => {
+            tracing::warn!(%err, "reading routes and links over netlink failed; using /proc and sysfs");
+            inventory::scan(host, None)
+        }
+    }
+}
+
+fn live_network() -> Result<LiveNetwork, crate::netlink::Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(crate::netlink::Error::Connect)?;
+    runtime.block_on(async {
+        let link = crate::netlink::Link::connect()?;
+        Ok(LiveNetwork {
+            default_routes: link.default_route_interfaces().await?,
+            kinds: link.kinds().await?,
+        })
+    })
+}
+
+fn report_to_stderr(inventory: &Inventory) {
+    for exclusion in &inventory.excluded {
+        eprintln!("excluded: {}: {}", exclusion.device, exclusion.reason);
+    }
+    for warning in &inventory.warnings {
+        eprintln!("warning: {warning}");
+    }
+}
+
+/// `$NODE_NAME`, else the host's `/etc/hostname`, else this machine's hostname.
+fn node_name_of(host: &HostRoot) -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            host.read("/etc/hostname")
+                .ok()
+                .flatten()
+                .filter(|n| !n.is_empty())
+        })
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "localhost".to_owned())
+        .to_lowercase()
 }
 
 fn watch(

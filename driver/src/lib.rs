@@ -4,9 +4,12 @@
 //! This library does the work; `src/main.rs` only parses the command line and calls [`cli::run`].
 
 pub mod cli;
+pub mod inventory;
 pub mod netlink;
 pub mod netns;
+pub mod resources;
 pub mod telemetry;
+pub mod topology;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

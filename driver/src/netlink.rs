@@ -9,8 +9,11 @@ use std::{
 };
 
 use futures::TryStreamExt as _;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage, MacVlanMode};
-use rtnetlink::{LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth};
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkInfo, LinkMessage, MacVlanMode},
+    route::{RouteAttribute, RouteMessage, RouteType},
+};
+use rtnetlink::{LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::netns::Netns;
 
@@ -188,6 +191,21 @@ impl Link {
         .await
     }
 
+    /// Deletes the interface `name` (a veth's peer goes with it).
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: "delete".into(),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
     /// Brings the interface `name` up.
     pub async fn set_up(&self, name: &str) -> Result<()> {
         let index = self.index(name).await?;
@@ -210,6 +228,93 @@ impl Link {
             })
     }
 
+    /// Interfaces that carry a default route in the main table, with the address family
+    /// (`IPv4`/`IPv6`), multipath next hops included.
+    pub async fn default_route_interfaces(&self) -> Result<Vec<(String, &'static str)>> {
+        let mut indexes: Vec<(u32, &'static str)> = Vec::new();
+        let dumps = [
+            (
+                RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+                "IPv4",
+            ),
+            (
+                RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+                "IPv6",
+            ),
+        ];
+        for (query, family) in dumps {
+            let mut routes = self.handle.route().get(query).execute();
+            loop {
+                let route = match routes.try_next().await {
+                    Ok(Some(route)) => route,
+                    Ok(None) => break,
+                    Err(source) => {
+                        return Err(Error::Kernel {
+                            operation: format!("dump {family} routes"),
+                            link: "*".into(),
+                            source,
+                        });
+                    }
+                };
+                for index in default_route_oifs(&route) {
+                    if !indexes.contains(&(index, family)) {
+                        indexes.push((index, family));
+                    }
+                }
+            }
+        }
+        let mut named = Vec::new();
+        for (index, family) in indexes {
+            let mut links = self.handle.link().get().match_index(index).execute();
+            if let Ok(Some(link)) = links.try_next().await
+                && let Some(name) = link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                })
+            {
+                named.push((name, family));
+            }
+        }
+        Ok(named)
+    }
+
+    /// The kind (`veth`, `macvlan`, `bridge`, `bond`, …) of every interface that has one
+    /// (`IFLA_LINKINFO`), by name. Hardware interfaces have none.
+    pub async fn kinds(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut kinds = std::collections::BTreeMap::new();
+        let mut links = self.handle.link().get().execute();
+        loop {
+            let link = match links.try_next().await {
+                Ok(Some(link)) => link,
+                Ok(None) => return Ok(kinds),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "dump links".into(),
+                        link: "*".into(),
+                        source,
+                    });
+                }
+            };
+            let mut name = None;
+            let mut kind = None;
+            for attribute in &link.attributes {
+                match attribute {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::LinkInfo(infos) => {
+                        kind = infos.iter().find_map(|info| match info {
+                            LinkInfo::Kind(kind) => Some(kind.to_string()),
+                            _ => None,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(name), Some(kind)) = (name, kind) {
+                kinds.insert(name, kind);
+            }
+        }
+    }
+
     async fn set(
         &self,
         name: &str,
@@ -227,4 +332,32 @@ impl Link {
                 source,
             })
     }
+}
+
+/// The output interfaces of a route if it is a unicast default route of the main table.
+fn default_route_oifs(route: &RouteMessage) -> Vec<u32> {
+    const MAIN_TABLE: u32 = 254;
+    let table = route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or_else(|| u32::from(route.header.table));
+    if route.header.destination_prefix_length != 0
+        || route.header.kind != RouteType::Unicast
+        || table != MAIN_TABLE
+    {
+        return Vec::new();
+    }
+    route
+        .attributes
+        .iter()
+        .flat_map(|a| match a {
+            RouteAttribute::Oif(index) => vec![*index],
+            RouteAttribute::MultiPath(hops) => hops.iter().map(|h| h.interface_index).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
 }

@@ -15,6 +15,9 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
+pub mod machines;
+pub mod sysfs;
+
 use crate::{
     netlink::{Link, LinkStats},
     netns::Netns,
@@ -139,6 +142,58 @@ impl TestHost {
             String::from_utf8_lossy(&output.stdout)
         );
         Ok(())
+    }
+}
+
+/// Interfaces created in the test process's own (host) namespace, deleted on drop — for tests
+/// that must see devices through the machine's real `/sys`.
+#[derive(Debug)]
+pub struct HostInterfaces {
+    netns: Netns,
+    names: Vec<String>,
+}
+
+impl HostInterfaces {
+    /// A veth pair `<prefix>a` ↔ `<prefix>b` and a macvlan `<prefix>m` on `<prefix>a`, all up,
+    /// in the calling process's namespace. `prefix` should be unique (e.g. include the pid).
+    pub fn veth_and_macvlan(prefix: &str) -> anyhow::Result<Self> {
+        let netns = Netns::current()?;
+        let (a, b, m) = (
+            format!("{prefix}a"),
+            format!("{prefix}b"),
+            format!("{prefix}m"),
+        );
+        let created = Self {
+            netns,
+            names: vec![a.clone()],
+        };
+        created
+            .netns
+            .block_on(|| async {
+                let link = Link::connect()?;
+                link.add_veth(&a, &b).await?;
+                link.add_macvlan(&m, &a).await?;
+                for name in [&a, &b, &m] {
+                    link.set_up(name).await?;
+                }
+                Ok::<_, crate::netlink::Error>(())
+            })?
+            .context("creating test interfaces in the host namespace")?;
+        Ok(created)
+    }
+}
+
+impl Drop for HostInterfaces {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.names);
+        // Deleting the veth takes its peer and the macvlan on it along.
+        let _ignored = self.netns.block_on(|| async move {
+            if let Ok(link) = Link::connect() {
+                for name in &names {
+                    let _ignored = link.delete(name).await;
+                }
+            }
+        });
     }
 }
 

@@ -1,0 +1,330 @@
+//! Node inventory: discovers NICs, RDMA devices and GPUs under a host root, decides which NICs
+//! may be handed to pods (never the uplink), and places each one relative to the GPUs.
+
+pub mod host;
+pub mod netdev;
+pub mod pci;
+pub mod pciids;
+pub mod rdma;
+pub mod uplink;
+
+use std::collections::BTreeSet;
+
+use self::{
+    host::{FileProblem, HostRoot},
+    netdev::{Netdev, link_type},
+    pci::PciDevice,
+    rdma::{CharDevice, RdmaDevice},
+};
+use crate::topology::{self, Distance};
+
+/// Problems with individual files met during a scan; each names the file.
+pub type Warnings = Vec<FileProblem>;
+
+/// Drivers that hand a device to user space: the kernel has no netdev for it to move.
+const USERSPACE_DRIVERS: &[&str] = &["vfio-pci", "uio_pci_generic", "igb_uio", "vfio_pci"];
+
+/// Name prefixes of interfaces that CNI plugins and container runtimes create on the host.
+const CNI_PREFIXES: &[&str] = &[
+    "veth",
+    "cali",
+    "lxc",
+    "cilium",
+    "flannel",
+    "cni",
+    "vxlan",
+    "tunl",
+    "weave",
+    "kube-",
+    "docker",
+    "genev_sys",
+    "antrea",
+    "ovn-",
+    "nodelocaldns",
+];
+
+/// What knd found on the node.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// Network devices that may be allocated to pods.
+    pub nics: Vec<Nic>,
+    /// GPUs and accelerators (not published; used for alignment).
+    pub gpus: Vec<PciDevice>,
+    /// Devices left out, each with the reason.
+    pub excluded: Vec<Exclusion>,
+    /// The `rdma_cm` character device, when the RDMA stack is loaded.
+    pub rdma_cm: Option<CharDevice>,
+    /// Files that could not be read or made no sense.
+    pub warnings: Warnings,
+}
+
+/// A network device that can be handed to a pod.
+#[derive(Debug, Clone, Default)]
+pub struct Nic {
+    /// The interface, if the device has one in the host namespace.
+    pub netdev: Option<Netdev>,
+    /// The PCI function, for hardware devices.
+    pub pci: Option<PciDevice>,
+    /// Vendor and device names from pci.ids, when installed.
+    pub pci_names: Option<pciids::Names>,
+    /// RDMA devices on the same function.
+    pub rdma: Vec<RdmaDevice>,
+    /// For an SR-IOV VF: its PF's interface name.
+    pub pf_name: Option<String>,
+    /// The closest GPU, with its distance class.
+    pub nearest_gpu: Option<(String, Distance)>,
+}
+
+impl Nic {
+    /// The interface name, or the RDMA device's name for an RDMA-only device.
+    pub fn display_name(&self) -> String {
+        self.netdev
+            .as_ref()
+            .map(|n| n.name.clone())
+            .or_else(|| self.rdma.first().map(|r| r.name.clone()))
+            .or_else(|| self.pci.as_ref().map(|p| p.address.clone()))
+            .unwrap_or_default()
+    }
+}
+
+/// A device knd will not publish, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exclusion {
+    /// Interface name or PCI address.
+    pub device: String,
+    /// Why.
+    pub reason: ExclusionReason,
+}
+
+/// Why a device is not published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExclusionReason {
+    /// It carries a default route: moving it would cut the node off.
+    DefaultRoute {
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+    },
+    /// It is stacked under or over an uplink (bond member, VF of a synthetic NIC, ...).
+    UplinkMember {
+        /// The uplink it belongs to.
+        uplink: String,
+    },
+    /// The loopback interface.
+    Loopback,
+    /// A bridge.
+    Bridge,
+    /// An interface a CNI plugin or container runtime made on the host.
+    CniInterface,
+    /// A bond (its members are what could be allocated).
+    Bond,
+    /// Bound to a user-space driver: there is no kernel interface to move.
+    UserspaceDriver {
+        /// The driver.
+        driver: String,
+    },
+    /// The `--filter` expression rejected it.
+    Filter {
+        /// The expression.
+        expression: String,
+    },
+}
+
+impl std::fmt::Display for ExclusionReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DefaultRoute { family } => write!(f, "carries the default {family} route"),
+            Self::UplinkMember { uplink } => write!(f, "part of the uplink {uplink}"),
+            Self::Loopback => f.write_str("loopback"),
+            Self::Bridge => f.write_str("bridge"),
+            Self::CniInterface => f.write_str("made by a CNI plugin or container runtime"),
+            Self::Bond => f.write_str("bond (its members are considered instead)"),
+            Self::UserspaceDriver { driver } => write!(f, "bound to user-space driver {driver}"),
+            Self::Filter { expression } => write!(f, "rejected by --filter `{expression}`"),
+        }
+    }
+}
+
+/// What netlink tells about the live node's namespace, which files under a host root cannot.
+#[derive(Debug, Clone, Default)]
+pub struct LiveNetwork {
+    /// Interfaces with a default route in the main table, with their family.
+    pub default_routes: Vec<(String, &'static str)>,
+    /// Interface kinds (`IFLA_LINKINFO`) by name.
+    pub kinds: std::collections::BTreeMap<String, String>,
+}
+
+/// Scans the host: PCI devices, interfaces, RDMA devices; excludes what must not move; ranks the
+/// GPUs near each NIC. Without `live`, default routes come from `proc/net/*route` under the host
+/// root and interface kinds from what sysfs shows.
+pub fn scan(host: &HostRoot, live: Option<&LiveNetwork>) -> Inventory {
+    let mut warnings = Warnings::new();
+    let pci_devices = pci::scan(host, &mut warnings);
+    let mut netdevs = netdev::scan(host, &mut warnings);
+    let (rdma_devices, rdma_cm) = rdma::scan(host, &mut warnings);
+    let default_routes = match live {
+        None => uplink::default_route_interfaces(host, &mut warnings),
+        Some(live) => {
+            for netdev in &mut netdevs {
+                netdev.kind = live.kinds.get(&netdev.name).cloned();
+            }
+            live.default_routes.clone()
+        }
+    };
+
+    let gpus: Vec<PciDevice> = pci_devices.iter().filter(|d| d.is_gpu()).cloned().collect();
+    let mut excluded = Vec::new();
+    let uplink_set = uplink::expand(&default_routes, &netdevs, &mut excluded);
+    let uplink_pci: BTreeSet<&str> = netdevs
+        .iter()
+        .filter(|n| uplink_set.contains(n.name.as_str()))
+        .filter_map(|n| n.pci_address.as_deref())
+        .collect();
+
+    let mut nics = Vec::new();
+    for device in pci_devices.iter().filter(|d| d.is_network()) {
+        // An uplink's function is reported under its interface name already.
+        if !uplink_pci.contains(device.address.as_str()) {
+            match pci_nic(device, &netdevs, &rdma_devices) {
+                Ok(Some(nic)) => nics.push(nic),
+                Ok(None) => {}
+                Err(exclusion) => excluded.push(exclusion),
+            }
+        }
+    }
+    // Interfaces of PCI functions were handled above, whatever became of them.
+    for netdev in netdevs.iter().filter(|n| n.pci_address.is_none()) {
+        if uplink_set.contains(netdev.name.as_str()) {
+            continue;
+        }
+        if let Some(reason) = virtual_exclusion(netdev, &netdevs) {
+            excluded.push(Exclusion {
+                device: netdev.name.clone(),
+                reason,
+            });
+        } else {
+            nics.push(Nic {
+                netdev: Some(netdev.clone()),
+                ..Nic::default()
+            });
+        }
+    }
+    name_and_place(host, &mut nics, &gpus);
+    Inventory {
+        nics,
+        gpus,
+        excluded,
+        rdma_cm,
+        warnings,
+    }
+}
+
+/// The NIC a PCI network function offers, `None` if it has nothing to hand out here (no
+/// interface and no RDMA device, e.g. already in a pod's namespace), or why it is excluded.
+fn pci_nic(
+    device: &PciDevice,
+    netdevs: &[Netdev],
+    rdma_devices: &[RdmaDevice],
+) -> Result<Option<Nic>, Exclusion> {
+    if let Some(driver) = device
+        .driver
+        .as_deref()
+        .filter(|d| USERSPACE_DRIVERS.contains(d))
+    {
+        return Err(Exclusion {
+            device: device.address.clone(),
+            reason: ExclusionReason::UserspaceDriver {
+                driver: driver.to_owned(),
+            },
+        });
+    }
+    let on = |address: Option<&String>| address == Some(&device.address);
+    let netdev = netdevs.iter().find(|n| on(n.pci_address.as_ref())).cloned();
+    let rdma: Vec<RdmaDevice> = rdma_devices
+        .iter()
+        .filter(|r| on(r.pci_address.as_ref()))
+        .cloned()
+        .collect();
+    if netdev.is_none() && rdma.is_empty() {
+        return Ok(None);
+    }
+    let pf_name = device.physfn.as_ref().and_then(|pf| {
+        netdevs
+            .iter()
+            .find(|n| n.pci_address.as_ref() == Some(pf))
+            .map(|n| n.name.clone())
+    });
+    Ok(Some(Nic {
+        netdev,
+        pci: Some(device.clone()),
+        rdma,
+        pf_name,
+        ..Nic::default()
+    }))
+}
+
+/// Adds pci.ids names and the nearest GPU (best class, then lowest address) to every PCI NIC.
+fn name_and_place(host: &HostRoot, nics: &mut [Nic], gpus: &[PciDevice]) {
+    let wanted: Vec<(u16, u16)> = nics
+        .iter()
+        .filter_map(|n| n.pci.as_ref().map(|p| (p.vendor, p.device)))
+        .collect();
+    let names = pciids::lookup(host, &wanted);
+    for nic in nics {
+        if let Some(pci) = &nic.pci {
+            nic.pci_names = names.get(&(pci.vendor, pci.device)).cloned();
+            nic.nearest_gpu = gpus
+                .iter()
+                .map(|gpu| (gpu.address.clone(), topology::distance(gpu, pci)))
+                .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        }
+    }
+}
+
+/// Why a non-PCI interface is not published, if it is not.
+fn virtual_exclusion(netdev: &Netdev, all: &[Netdev]) -> Option<ExclusionReason> {
+    if netdev.link_type == Some(link_type::LOOPBACK) || netdev.name == "lo" {
+        return Some(ExclusionReason::Loopback);
+    }
+    match netdev.kind.as_deref() {
+        Some("bridge") => return Some(ExclusionReason::Bridge),
+        Some("bond") => return Some(ExclusionReason::Bond),
+        _ => {}
+    }
+    let on_bridge = netdev
+        .master
+        .as_ref()
+        .and_then(|m| all.iter().find(|n| &n.name == m))
+        .is_some_and(|m| m.kind.as_deref() == Some("bridge"));
+    let cni_named = CNI_PREFIXES.iter().any(|p| netdev.name.starts_with(p));
+    if on_bridge || cni_named {
+        return Some(ExclusionReason::CniInterface);
+    }
+    None
+}
+
+/// Reads a decimal number; garbage is a warning naming the file.
+pub(crate) fn read_number(host: &HostRoot, path: &str, warnings: &mut Warnings) -> Option<u32> {
+    match host.read(path) {
+        Ok(Some(text)) if text.is_empty() => None,
+        Ok(Some(text)) => text.parse().ok().or_else(|| {
+            warnings.push(FileProblem {
+                path: path.to_owned(),
+                reason: format!("`{text}` is not a non-negative number"),
+            });
+            None
+        }),
+        Ok(None) => None,
+        Err(problem) => {
+            warnings.push(problem);
+            None
+        }
+    }
+}
+
+/// Reads a `numa_node` file: `-1` means "no NUMA information" and is not a warning.
+pub(crate) fn read_numa_node(host: &HostRoot, path: &str, warnings: &mut Warnings) -> Option<u32> {
+    match host.read(path) {
+        Ok(Some(text)) if text == "-1" => None,
+        _ => read_number(host, path, warnings),
+    }
+}
