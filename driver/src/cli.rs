@@ -58,6 +58,10 @@ pub enum Command {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = SliceFormat::Json)]
         output: SliceFormat,
+        /// Publish only devices this CEL expression accepts, e.g.
+        /// `device.attributes["knd.dev"].rdma`.
+        #[arg(long)]
+        filter: Option<String>,
     },
     /// Print the GPU×NIC distance matrix (PIX/PXB/PHB/NODE/SYS).
     Topo {
@@ -67,6 +71,9 @@ pub enum Command {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = TopoFormat::Table)]
         output: TopoFormat,
+        /// Consider only devices this CEL expression accepts.
+        #[arg(long)]
+        filter: Option<String>,
     },
     /// Attach knd's traffic counters to one interface and print its rates every interval.
     Watch {
@@ -95,6 +102,9 @@ pub enum Error {
     /// Loading, attaching or reading the eBPF programs failed.
     #[error(transparent)]
     Telemetry(#[from] telemetry::Error),
+    /// The `--filter` expression is invalid.
+    #[error("--filter: {0}")]
+    Filter(#[from] crate::selector::Error),
     /// The host root is not a directory.
     #[error("--host-root {0} is not a directory")]
     HostRoot(PathBuf),
@@ -139,9 +149,10 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             host_root,
             node_name,
             output,
+            filter,
         } => {
             let host = host_root_checked(host_root)?;
-            let inventory = discover(&host);
+            let inventory = discover_filtered(&host, filter.as_deref())?;
             report_to_stderr(&inventory);
             let node = node_name.unwrap_or_else(|| node_name_of(&host));
             let slices = resources::slices(&inventory, &node, 1, None);
@@ -164,9 +175,13 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             println!("{}", text.trim_end());
             Ok(())
         }
-        Command::Topo { host_root, output } => {
+        Command::Topo {
+            host_root,
+            output,
+            filter,
+        } => {
             let host = host_root_checked(host_root)?;
-            let inventory = discover(&host);
+            let inventory = discover_filtered(&host, filter.as_deref())?;
             for warning in &inventory.warnings {
                 eprintln!("warning: {warning}");
             }
@@ -190,6 +205,16 @@ fn host_root_checked(path: PathBuf) -> Result<HostRoot, Error> {
     } else {
         Err(Error::HostRoot(path))
     }
+}
+
+/// [`discover`], then `--filter` (compiled first, so a bad expression fails before the scan).
+fn discover_filtered(host: &HostRoot, filter: Option<&str>) -> Result<Inventory, Error> {
+    let selector = filter.map(crate::selector::Selector::compile).transpose()?;
+    let mut inventory = discover(host);
+    if let Some(selector) = &selector {
+        inventory.retain_matching(selector);
+    }
+    Ok(inventory)
 }
 
 /// Scans the host. On the live node default routes and interface kinds come from netlink; on a

@@ -8,6 +8,7 @@ pub mod inventory;
 pub mod netlink;
 pub mod netns;
 pub mod resources;
+pub mod selector;
 pub mod telemetry;
 pub mod topology;
 

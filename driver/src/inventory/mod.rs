@@ -127,6 +127,12 @@ pub enum ExclusionReason {
         /// The expression.
         expression: String,
     },
+    /// The `--filter` expression could not be evaluated for it (e.g. it lacks an attribute the
+    /// expression reads).
+    FilterFailed {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl std::fmt::Display for ExclusionReason {
@@ -140,6 +146,33 @@ impl std::fmt::Display for ExclusionReason {
             Self::Bond => f.write_str("bond (its members are considered instead)"),
             Self::UserspaceDriver { driver } => write!(f, "bound to user-space driver {driver}"),
             Self::Filter { expression } => write!(f, "rejected by --filter `{expression}`"),
+            Self::FilterFailed { message } => write!(f, "--filter failed: {message}"),
+        }
+    }
+}
+
+impl Inventory {
+    /// Keeps only the NICs `selector` accepts; the others are excluded with the reason.
+    pub fn retain_matching(&mut self, selector: &crate::selector::Selector) {
+        for nic in std::mem::take(&mut self.nics) {
+            let attributes = crate::resources::attributes(&nic);
+            let name = crate::resources::device_name(&nic);
+            let reason = match selector.matches_own(&name, &attributes) {
+                Ok(true) => {
+                    self.nics.push(nic);
+                    continue;
+                }
+                Ok(false) => ExclusionReason::Filter {
+                    expression: selector.expression().to_owned(),
+                },
+                Err(err) => ExclusionReason::FilterFailed {
+                    message: err.to_string(),
+                },
+            };
+            self.excluded.push(Exclusion {
+                device: nic.display_name(),
+                reason,
+            });
         }
     }
 }

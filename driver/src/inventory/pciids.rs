@@ -16,16 +16,19 @@ pub struct Names {
     pub device: Option<String>,
 }
 
-/// Looks up names for the given (vendor, device) pairs in one pass over the database. Pairs it
-/// does not know are absent from the result; a missing database gives an empty map.
+/// Looks up names for the given (vendor, device) pairs in one pass over the database: the host's
+/// own, else one installed where knd runs (e.g. in its container image). Pairs it does not know
+/// are absent from the result; no database at all gives an empty map.
 pub fn lookup(host: &HostRoot, wanted: &[(u16, u16)]) -> HashMap<(u16, u16), Names> {
     if wanted.is_empty() {
         return HashMap::new();
     }
-    let Some(text) = LOCATIONS
-        .iter()
-        .find_map(|path| std::fs::read_to_string(host.path(path)).ok())
-    else {
+    let own = HostRoot::new("/");
+    let Some(text) = [host, &own].into_iter().find_map(|root| {
+        LOCATIONS
+            .iter()
+            .find_map(|path| std::fs::read_to_string(root.path(path)).ok())
+    }) else {
         return HashMap::new();
     };
     parse(&text, wanted)

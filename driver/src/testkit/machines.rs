@@ -73,6 +73,14 @@ pub fn gpu_8x8() -> SysfsTree {
     tree.rdma_cm();
     tree.ipv4_default_route("eth0");
     loopback(&tree);
+    // An excerpt of Debian's pci.ids (2023.04.11), for vendor and device names.
+    tree.file(
+        "/usr/share/misc/pci.ids",
+        "# excerpt\n10de  NVIDIA Corporation\n\t2330  GH100[H100 SXM5 80GB]\n\
+         15b3  Mellanox Technologies\n\t101e  ConnectX Family mlx5Gen Virtual Function\n\
+         \t1021  MT2910 Family [ConnectX-7]\n8086  Intel Corporation\n\
+         \t1572  Ethernet Controller X710 for 10GbE SFP+\nC 02  Network controller\n",
+    );
     tree
 }
 

@@ -1,0 +1,164 @@
+//! The `knd` binary's discovery commands on fixture machines: what a user sees.
+
+use std::process::{Command, Output};
+
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use knd::testkit::{machines, sysfs::SysfsTree};
+
+fn knd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_knd"))
+        .args(args)
+        .env_remove("NODE_NAME")
+        .output()
+        .expect("running knd")
+}
+
+fn knd_on(tree: &SysfsTree, args: &[&str]) -> (String, String) {
+    let root = tree.root().to_str().unwrap();
+    let mut all = args.to_vec();
+    all.extend(["--host-root", root]);
+    let output = knd(&all);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "knd {all:?} failed: {stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn discover_prints_the_slices_as_json_and_exclusions_on_stderr() {
+    let tree = machines::gpu_8x8();
+    let (stdout, stderr) = knd_on(&tree, &["discover", "--node-name", "gpu-1"]);
+    let slices: Vec<ResourceSlice> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(slices.len(), 1);
+    let slice = &slices[0];
+    assert_eq!(slice.metadata.name.as_deref(), Some("gpu-1-knd.dev-0"));
+    assert_eq!(slice.spec.pool.name, "gpu-1");
+    assert_eq!(slice.spec.devices.as_ref().unwrap().len(), 72);
+    let raw: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(raw[0]["apiVersion"], "resource.k8s.io/v1");
+    assert_eq!(raw[0]["kind"], "ResourceSlice");
+    assert!(
+        stderr.contains("excluded: eth0: carries the default IPv4 route"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("excluded: lo: loopback"), "{stderr}");
+}
+
+#[test]
+fn discover_yaml_and_warnings_name_the_broken_files() {
+    let tree = machines::bonded();
+    let (stdout, stderr) = knd_on(&tree, &["discover", "-o", "yaml", "--node-name", "n1"]);
+    let documents: Vec<ResourceSlice> = stdout
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    assert_eq!(documents.len(), 1);
+    let names: Vec<&str> = documents[0]
+        .spec
+        .devices
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(names, ["mv0", "pci-0000-86-00-0", "pci-0000-87-00-0"]);
+    assert!(
+        stderr.contains("warning: /sys/bus/pci/devices/0000:87:00.0/numa_node"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("excluded: 0000:5e:00.0: bound to user-space driver vfio-pci"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("excluded: eth0: part of the uplink bond0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn filter_selects_with_cel_and_bad_expressions_fail_clearly() {
+    let tree = machines::gpu_8x8();
+    let (stdout, stderr) = knd_on(
+        &tree,
+        &[
+            "discover",
+            "--filter",
+            r#"!device.attributes["knd.dev"].isSriovVf"#,
+        ],
+    );
+    let slices: Vec<ResourceSlice> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        slices[0].spec.devices.as_ref().unwrap().len(),
+        8,
+        "only the PFs"
+    );
+    assert!(stderr.contains("rejected by --filter"), "{stderr}");
+
+    let root = tree.root().to_str().unwrap();
+    let output = knd(&[
+        "discover",
+        "--host-root",
+        root,
+        "--filter",
+        "device.attributes[",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("--filter") && stderr.contains("does not parse"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn topo_json_has_the_documented_shape() {
+    let tree = machines::shared_switch();
+    let (stdout, _) = knd_on(&tree, &["topo", "-o", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let gpus = report["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), 4);
+    assert_eq!(gpus[0]["pciBusID"], "0000:13:00.0");
+    assert_eq!(gpus[0]["pcieRoot"], "pci0000:10");
+    assert_eq!(gpus[0]["numaNode"], 0);
+    let nics = report["nics"].as_array().unwrap();
+    let ens2 = nics.iter().find(|n| n["ifName"] == "ens2").unwrap();
+    assert_eq!(ens2["device"], "pci-0000-19-00-0");
+    assert_eq!(ens2["pciBusID"], "0000:19:00.0");
+    let pairs = report["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 4 * nics.len());
+    assert!(
+        pairs.iter().any(|p| p["gpu"] == "0000:13:00.0"
+            && p["nic"] == "0000:19:00.0"
+            && p["class"] == "PXB")
+    );
+    for class in ["PIX", "PXB", "PHB", "NODE", "SYS"] {
+        assert!(pairs.iter().any(|p| p["class"] == class), "no {class} pair");
+    }
+}
+
+#[test]
+fn topo_table_on_a_hyper_v_guest() {
+    let tree = machines::hyperv();
+    let (stdout, _) = knd_on(&tree, &["topo"]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("GPU") && lines[0].contains("ib0") && lines[0].contains("ib3"));
+    assert!(lines[1].starts_with("0001:00:00.0"), "{stdout}");
+    assert!(
+        lines[1].contains("NODE") && lines[1].contains("SYS"),
+        "{stdout}"
+    );
+    assert!(lines[1].contains("pci0001:00"), "{stdout}");
+}
+
+#[test]
+fn a_missing_host_root_is_an_error_naming_it() {
+    let output = knd(&["discover", "--host-root", "/nonexistent/root"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("/nonexistent/root is not a directory"),
+        "{stderr}"
+    );
+}
