@@ -11,7 +11,7 @@ pub mod uplink;
 use std::collections::BTreeSet;
 
 use self::{
-    host::{FileProblem, HostRoot},
+    host::{FileProblem, HostDir, HostRoot},
     netdev::{Netdev, link_type},
     pci::PciDevice,
     rdma::{CharDevice, RdmaDevice},
@@ -335,18 +335,10 @@ fn virtual_exclusion(netdev: &Netdev, all: &[Netdev]) -> Option<ExclusionReason>
     None
 }
 
-/// Reads a decimal number; garbage is a warning naming the file.
-pub(crate) fn read_number(host: &HostRoot, path: &str, warnings: &mut Warnings) -> Option<u32> {
-    match host.read(path) {
-        Ok(Some(text)) if text.is_empty() => None,
-        Ok(Some(text)) => text.parse().ok().or_else(|| {
-            warnings.push(FileProblem {
-                path: path.to_owned(),
-                reason: format!("`{text}` is not a non-negative number"),
-            });
-            None
-        }),
-        Ok(None) => None,
+/// Reads a non-empty text attribute; a read error is a warning naming the file.
+pub(crate) fn read_text(dir: &HostDir, name: &str, warnings: &mut Warnings) -> Option<String> {
+    match dir.read(name) {
+        Ok(value) => value.filter(|v| !v.is_empty()),
         Err(problem) => {
             warnings.push(problem);
             None
@@ -354,10 +346,22 @@ pub(crate) fn read_number(host: &HostRoot, path: &str, warnings: &mut Warnings) 
     }
 }
 
+/// Reads a decimal number; garbage is a warning naming the file.
+pub(crate) fn read_number(dir: &HostDir, name: &str, warnings: &mut Warnings) -> Option<u32> {
+    let text = read_text(dir, name, warnings)?;
+    text.parse().ok().or_else(|| {
+        warnings.push(FileProblem {
+            path: format!("{}/{name}", dir.path()),
+            reason: format!("`{text}` is not a non-negative number"),
+        });
+        None
+    })
+}
+
 /// Reads a `numa_node` file: `-1` means "no NUMA information" and is not a warning.
-pub(crate) fn read_numa_node(host: &HostRoot, path: &str, warnings: &mut Warnings) -> Option<u32> {
-    match host.read(path) {
+pub(crate) fn read_numa_node(dir: &HostDir, warnings: &mut Warnings) -> Option<u32> {
+    match dir.read("numa_node") {
         Ok(Some(text)) if text == "-1" => None,
-        _ => read_number(host, path, warnings),
+        _ => read_number(dir, "numa_node", warnings),
     }
 }

@@ -1,7 +1,11 @@
 //! Network interfaces as sysfs shows them (`/sys/class/net/*`): identity, link state, the PCI
 //! function behind them, and how they are stacked (bond members, bridge ports, macvlan lowers).
 
-use super::{Warnings, host::HostRoot, pci::is_pci_address};
+use super::{
+    Warnings,
+    host::{HostDir, HostRoot},
+    pci::is_pci_address,
+};
 
 /// ARPHRD (link-layer type) values from `/sys/class/net/*/type`.
 pub mod link_type {
@@ -20,8 +24,8 @@ pub struct Netdev {
     pub name: String,
     /// Interface index.
     pub ifindex: Option<u32>,
-    /// Index of the link this one sits on (a veth's peer, a macvlan's parent); equal to
-    /// `ifindex` for physical devices.
+    /// Index of the link this one sits on (a veth's peer, a macvlan's parent); taken to be
+    /// `ifindex` for hardware devices.
     pub iflink: Option<u32>,
     /// Link-layer address.
     pub mac: Option<String>,
@@ -31,7 +35,7 @@ pub struct Netdev {
     pub operstate: Option<String>,
     /// Link speed in Mbit/s, when the link is up and the driver reports it.
     pub speed_mbps: Option<u32>,
-    /// ARPHRD link type.
+    /// ARPHRD link type (read for virtual interfaces only).
     pub link_type: Option<u32>,
     /// The PCI function behind it, if any.
     pub pci_address: Option<String>,
@@ -64,23 +68,16 @@ pub fn scan(host: &HostRoot, warnings: &mut Warnings) -> Vec<Netdev> {
 
 /// Reads one interface; `None` (with a warning) when its directory cannot be resolved.
 pub fn read_netdev(host: &HostRoot, name: &str, warnings: &mut Warnings) -> Option<Netdev> {
-    let dir = format!("/sys/class/net/{name}");
-    let sysfs_path = match host.resolve(&dir) {
-        Ok(path) => path,
+    let path = format!("/sys/class/net/{name}");
+    let (dir, sysfs_path) = match host.dir(&path).and_then(|d| {
+        let resolved = d.resolved()?;
+        Ok((d, resolved))
+    }) {
+        Ok(found) => found,
         Err(problem) => {
             warnings.push(problem);
             return None;
         }
-    };
-    let text = |file: &str, warnings: &mut Warnings| match host.read(&format!("{dir}/{file}")) {
-        Ok(value) => value.filter(|v| !v.is_empty()),
-        Err(problem) => {
-            warnings.push(problem);
-            None
-        }
-    };
-    let number = |file: &str, warnings: &mut Warnings| {
-        super::read_number(host, &format!("{dir}/{file}"), warnings)
     };
     // The nearest PCI function above the interface in the device tree. (A virtio NIC's `device`
     // link names the virtio device, whose parent is the PCI function.)
@@ -90,91 +87,74 @@ pub fn read_netdev(host: &HostRoot, name: &str, warnings: &mut Warnings) -> Opti
         .skip(1)
         .find(|element| is_pci_address(element))
         .map(str::to_owned);
-    let speed_mbps = match host.read(&format!("{dir}/speed")) {
+    let speed_mbps = super::read_text(&dir, "speed", warnings)
         // Drivers report -1 (or 4294967295) for "unknown".
-        Ok(Some(value)) => value
-            .parse::<u32>()
-            .ok()
-            .filter(|s| *s > 0 && *s < u32::MAX),
-        Ok(None) => None,
-        Err(problem) => {
-            warnings.push(problem);
-            None
-        }
-    };
-    let lowers: Vec<String> = host
-        .list(&dir)
-        .into_iter()
-        .filter_map(|entry| entry.strip_prefix("lower_").map(str::to_owned))
-        .collect();
-    let ifindex = number("ifindex", warnings);
-    let iflink = number("iflink", warnings);
-    let kind = kind(
-        host,
-        &dir,
-        &sysfs_path,
-        pci_address.is_some(),
-        ifindex,
-        iflink,
-        !lowers.is_empty(),
-    );
+        .and_then(|value| value.parse::<u32>().ok())
+        .filter(|s| *s > 0 && *s < u32::MAX);
+    let ifindex = super::read_number(&dir, "ifindex", warnings);
+    let is_virtual = pci_address.is_none() && sysfs_path.starts_with("/sys/devices/virtual/");
+    let mut lowers = Vec::new();
+    let (mut iflink, mut link_type, mut kind) = (ifindex, None, None);
+    // Only virtual devices can be bridges, bonds or stacked on others, and only their kind must
+    // be guessed: list their directory and read the extra files just for them.
+    if is_virtual {
+        let entries = dir.list();
+        lowers = entries
+            .iter()
+            .filter_map(|entry| entry.strip_prefix("lower_").map(str::to_owned))
+            .collect();
+        iflink = super::read_number(&dir, "iflink", warnings);
+        link_type = super::read_number(&dir, "type", warnings);
+        kind = Some(if entries.iter().any(|e| e == "bridge") {
+            "bridge".to_owned()
+        } else if entries.iter().any(|e| e == "bonding") {
+            "bond".to_owned()
+        } else {
+            virtual_kind(&dir, ifindex, iflink, !lowers.is_empty())
+        });
+    }
     Some(Netdev {
         name: name.to_owned(),
         ifindex,
         iflink,
-        mac: text("address", warnings),
-        mtu: number("mtu", warnings),
-        operstate: text("operstate", warnings),
+        mac: super::read_text(&dir, "address", warnings),
+        mtu: super::read_number(&dir, "mtu", warnings),
+        operstate: super::read_text(&dir, "operstate", warnings),
         speed_mbps,
-        link_type: number("type", warnings),
+        link_type,
         pci_address,
-        master: host.link_name(&format!("{dir}/master")),
+        master: dir.link_name("master"),
         lowers,
         kind,
         sysfs_path,
     })
 }
 
-/// The kind of a virtual interface, from what sysfs shows: `bridge/` and `bonding/`
-/// directories, `DEVTYPE` in `uevent` (VLANs, wireless), `lower_*` links (a device stacked on
-/// another: macvlan, ipvlan — reported as `macvlan`), and a peer link for veth.
-fn kind(
-    host: &HostRoot,
-    dir: &str,
-    sysfs_path: &str,
-    has_pci: bool,
+/// The kind of a virtual interface that is neither a bridge nor a bond, from what sysfs shows:
+/// `DEVTYPE` in `uevent` (VLANs, wireless), `lower_*` links (a device stacked on another:
+/// macvlan, ipvlan — reported as `macvlan`), and a peer link for veth. Sysfs cannot tell
+/// everything apart; on the live node netlink's answer replaces this guess.
+fn virtual_kind(
+    dir: &HostDir,
     ifindex: Option<u32>,
     iflink: Option<u32>,
     has_lowers: bool,
-) -> Option<String> {
-    if host.exists(&format!("{dir}/bridge")) {
-        return Some("bridge".into());
-    }
-    if host.exists(&format!("{dir}/bonding")) {
-        return Some("bond".into());
-    }
-    if has_pci || !sysfs_path.starts_with("/sys/devices/virtual/") {
-        return None;
-    }
-    let devtype = host
-        .read(&format!("{dir}/uevent"))
-        .ok()
-        .flatten()
-        .and_then(|uevent| {
-            uevent
-                .lines()
-                .find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_owned))
-        });
-    if devtype.is_some() {
+) -> String {
+    let devtype = dir.read("uevent").ok().flatten().and_then(|uevent| {
+        uevent
+            .lines()
+            .find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_owned))
+    });
+    if let Some(devtype) = devtype {
         return devtype;
     }
     if has_lowers {
-        return Some("macvlan".into());
+        return "macvlan".into();
     }
-    // A virtual interface whose link points at another index and that has no DEVTYPE: veth
-    // (its iflink is the peer's index) — or a tunnel, which sysfs cannot tell apart.
+    // A link pointing at another index with no DEVTYPE: veth (its iflink is the peer's index),
+    // or a tunnel, which sysfs cannot tell apart.
     match (ifindex, iflink) {
-        (Some(index), Some(link)) if index != link && link != 0 => Some("veth".into()),
-        _ => Some("virtual".into()),
+        (Some(index), Some(link)) if index != link && link != 0 => "veth".into(),
+        _ => "virtual".into(),
     }
 }

@@ -3,7 +3,7 @@
 
 use super::{
     Warnings,
-    host::{FileProblem, HostRoot},
+    host::{FileProblem, HostDir, HostRoot},
 };
 
 /// PCI class codes (the top 16 bits of the 24-bit class) knd cares about.
@@ -65,6 +65,13 @@ impl PciDevice {
     /// A network controller (class `0x02xxxx`).
     pub fn is_network(&self) -> bool {
         self.class >> 16 == class::NETWORK
+    }
+
+    /// A display controller or processing accelerator: what [`PciDevice::is_gpu`] then looks
+    /// at more closely.
+    pub fn is_gpu_class(&self) -> bool {
+        let base = self.class >> 8;
+        base == class::DISPLAY_VGA || base == class::DISPLAY_3D || base == class::ACCELERATOR
     }
 
     /// A GPU or accelerator knd aligns NICs with: NVIDIA display/3D controllers and AMD
@@ -133,7 +140,8 @@ pub fn parse_hex(text: &str) -> Option<u32> {
     u32::from_str_radix(digits, 16).ok()
 }
 
-/// Reads every PCI function under `/sys/bus/pci/devices`.
+/// Reads every network controller and display/accelerator function under
+/// `/sys/bus/pci/devices` (bridges appear only as elements of their paths).
 pub fn scan(host: &HostRoot, warnings: &mut Warnings) -> Vec<PciDevice> {
     host.list("/sys/bus/pci/devices")
         .into_iter()
@@ -141,75 +149,93 @@ pub fn scan(host: &HostRoot, warnings: &mut Warnings) -> Vec<PciDevice> {
         .collect()
 }
 
-/// Reads one PCI function; `None` (with a warning) when its identity cannot be read.
+/// Reads one PCI function: `None` for functions that are neither network controllers nor
+/// display/accelerators, and (with a warning) when its identity cannot be read.
 pub fn read_device(host: &HostRoot, address: &str, warnings: &mut Warnings) -> Option<PciDevice> {
-    let dir = format!("/sys/bus/pci/devices/{address}");
-    let sysfs_path = match host.resolve(&dir) {
-        Ok(path) => path,
+    let path = format!("/sys/bus/pci/devices/{address}");
+    let dir = match host.dir(&path) {
+        Ok(dir) => dir,
         Err(problem) => {
             warnings.push(problem);
             return None;
         }
     };
     let hex = |name: &str, warnings: &mut Warnings| -> Option<u32> {
-        let path = format!("{dir}/{name}");
-        match host.read(&path) {
-            Ok(Some(text)) => parse_hex(&text).or_else(|| {
-                warnings.push(FileProblem {
-                    path,
-                    reason: format!("`{text}` is not a hexadecimal number"),
-                });
-                None
-            }),
-            Ok(None) => None,
-            Err(problem) => {
-                warnings.push(problem);
-                None
-            }
-        }
+        let text = super::read_text(&dir, name, warnings)?;
+        parse_hex(&text).or_else(|| {
+            warnings.push(FileProblem {
+                path: format!("{path}/{name}"),
+                reason: format!("`{text}` is not a hexadecimal number"),
+            });
+            None
+        })
     };
-    let (Some(class), Some(vendor), Some(device)) = (
-        hex("class", warnings),
-        hex("vendor", warnings),
-        hex("device", warnings),
-    ) else {
+    let skipped = |warnings: &mut Warnings| {
         warnings.push(FileProblem {
-            path: dir,
+            path: path.clone(),
             reason: "skipped: class, vendor or device is missing or unreadable".into(),
         });
+    };
+    let Some(class) = hex("class", warnings) else {
+        skipped(warnings);
         return None;
     };
-    let (root_complex, upstream) = placement(&sysfs_path);
-    let id16 = |value: Option<u32>| value.and_then(|v| u16::try_from(v).ok());
-    Some(PciDevice {
+    let mut found = PciDevice {
         address: address.to_owned(),
-        root_complex,
-        upstream,
         class,
-        vendor: u16::try_from(vendor).ok()?,
-        device: u16::try_from(device).ok()?,
+        ..PciDevice::default()
+    };
+    // Bridges and other functions only matter as elements of other devices' paths.
+    if !found.is_network() && !found.is_gpu_class() {
+        return None;
+    }
+    let (Some(vendor), Some(device)) = (hex("vendor", warnings), hex("device", warnings)) else {
+        skipped(warnings);
+        return None;
+    };
+    let sysfs_path = match dir.resolved() {
+        Ok(resolved) => resolved,
+        Err(problem) => {
+            warnings.push(problem);
+            return None;
+        }
+    };
+    let (root_complex, upstream) = placement(&sysfs_path);
+    found.root_complex = root_complex;
+    found.upstream = upstream;
+    found.vendor = u16::try_from(vendor).ok()?;
+    found.device = u16::try_from(device).ok()?;
+    found.sysfs_path = sysfs_path;
+    let id16 = |value: Option<u32>| value.and_then(|v| u16::try_from(v).ok());
+    let sriov_total_vfs = super::read_number(&dir, "sriov_totalvfs", warnings);
+    found = PciDevice {
         subsystem_vendor: id16(hex("subsystem_vendor", warnings)),
         subsystem_device: id16(hex("subsystem_device", warnings)),
-        driver: host.link_name(&format!("{dir}/driver")),
-        numa_node: super::read_numa_node(host, &format!("{dir}/numa_node"), warnings),
-        sriov_total_vfs: super::read_number(host, &format!("{dir}/sriov_totalvfs"), warnings),
-        sriov_num_vfs: super::read_number(host, &format!("{dir}/sriov_numvfs"), warnings),
-        physfn: host
-            .link_name(&format!("{dir}/physfn"))
-            .filter(|a| is_pci_address(a)),
-        virtfns: virtfns(host, &dir),
-        sysfs_path,
-    })
+        driver: dir.link_name("driver"),
+        numa_node: super::read_numa_node(&dir, warnings),
+        sriov_num_vfs: sriov_total_vfs
+            .and_then(|_| super::read_number(&dir, "sriov_numvfs", warnings)),
+        physfn: dir.link_name("physfn").filter(|a| is_pci_address(a)),
+        // Only a PF with VFs enabled has `virtfnN` links: list the directory just then.
+        virtfns: if sriov_total_vfs.unwrap_or(0) > 0 {
+            virtfns(&dir)
+        } else {
+            Vec::new()
+        },
+        sriov_total_vfs,
+        ..found
+    };
+    Some(found)
 }
 
 /// The `virtfnN` links of a physical function, in VF-number order.
-fn virtfns(host: &HostRoot, dir: &str) -> Vec<String> {
-    let mut numbered: Vec<(u32, String)> = host
-        .list(dir)
-        .into_iter()
+fn virtfns(dir: &HostDir) -> Vec<String> {
+    let mut numbered: Vec<(u32, String)> = dir
+        .list()
+        .iter()
         .filter_map(|name| {
             let n: u32 = name.strip_prefix("virtfn")?.parse().ok()?;
-            let address = host.link_name(&format!("{dir}/{name}"))?;
+            let address = dir.link_name(name)?;
             is_pci_address(&address).then_some((n, address))
         })
         .collect();

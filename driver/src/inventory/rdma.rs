@@ -1,7 +1,11 @@
 //! RDMA devices (`/sys/class/infiniband/*`), their ports and netdevs, and the character devices a
 //! container needs to use them (`/dev/infiniband/uverbsN`, `rdma_cm`).
 
-use super::{Warnings, host::HostRoot, pci::is_pci_address};
+use super::{
+    Warnings,
+    host::{HostDir, HostRoot},
+    pci::is_pci_address,
+};
 
 /// A character device node a container must be given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,12 +65,10 @@ pub fn scan(host: &HostRoot, warnings: &mut Warnings) -> (Vec<RdmaDevice>, Optio
         .into_iter()
         .map(|name| read_device(host, &name, &uverbs, warnings))
         .collect();
-    let rdma_cm = char_device(
-        host,
-        "/sys/class/misc/rdma_cm/dev",
-        "/dev/infiniband/rdma_cm",
-        warnings,
-    );
+    let rdma_cm = host
+        .dir("/sys/class/misc/rdma_cm")
+        .ok()
+        .and_then(|dir| parse_dev(&dir, "/dev/infiniband/rdma_cm", warnings));
     (devices, rdma_cm)
 }
 
@@ -76,44 +78,46 @@ fn read_device(
     uverbs: &[(String, CharDevice)],
     warnings: &mut Warnings,
 ) -> RdmaDevice {
-    let dir = format!("/sys/class/infiniband/{name}");
-    let pci_address = host
-        .resolve(&format!("{dir}/device"))
-        .ok()
-        .and_then(|p| p.rsplit('/').next().map(str::to_owned))
+    let path = format!("/sys/class/infiniband/{name}");
+    let dir = match host.dir(&path) {
+        Ok(dir) => Some(dir),
+        Err(problem) => {
+            warnings.push(problem);
+            None
+        }
+    };
+    let pci_address = dir
+        .as_ref()
+        .and_then(|d| d.link_name("device"))
         .filter(|a| is_pci_address(a));
-    let mut ports: Vec<RdmaPort> = host
-        .list(&format!("{dir}/ports"))
-        .into_iter()
-        .filter_map(|port| {
-            let number: u32 = port.parse().ok()?;
-            let port_dir = format!("{dir}/ports/{port}");
-            let read = |file: &str, warnings: &mut Warnings| match host
-                .read(&format!("{port_dir}/{file}"))
-            {
-                Ok(value) => value.filter(|v| !v.is_empty()),
-                Err(problem) => {
-                    warnings.push(problem);
-                    None
-                }
+    // Ports are numbered from 1 without gaps: probe them rather than list the directory.
+    let mut ports: Vec<RdmaPort> = Vec::new();
+    if let Some(dir) = &dir {
+        for number in 1_u32.. {
+            let Ok(port_dir) = dir.subdir(&format!("ports/{number}")) else {
+                break;
             };
+            // GIDs 0 and 1 are the port's default (link-local) GIDs and name its netdev; the
+            // rest of the table (up to 256 entries, mostly empty) adds nothing here.
             let mut netdevs: Vec<String> = Vec::new();
-            for gid in host.list(&format!("{port_dir}/gid_attrs/ndevs")) {
-                if let Some(netdev) = read(&format!("gid_attrs/ndevs/{gid}"), warnings)
-                    && !netdevs.contains(&netdev)
-                {
-                    netdevs.push(netdev);
+            if let Ok(ndevs) = port_dir.subdir("gid_attrs/ndevs") {
+                for gid in ["0", "1"] {
+                    if let Ok(Some(netdev)) = ndevs.read(gid)
+                        && !netdev.is_empty()
+                        && !netdevs.contains(&netdev)
+                    {
+                        netdevs.push(netdev);
+                    }
                 }
             }
-            Some(RdmaPort {
+            ports.push(RdmaPort {
                 number,
-                state: read("state", warnings),
-                link_layer: read("link_layer", warnings),
+                state: super::read_text(&port_dir, "state", warnings),
+                link_layer: super::read_text(&port_dir, "link_layer", warnings),
                 netdevs,
-            })
-        })
-        .collect();
-    ports.sort_by_key(|p| p.number);
+            });
+        }
+    }
     RdmaDevice {
         name: name.to_owned(),
         pci_address,
@@ -131,41 +135,20 @@ fn uverbs_by_ibdev(host: &HostRoot, warnings: &mut Warnings) -> Vec<(String, Cha
         .into_iter()
         .filter(|name| name.starts_with("uverbs"))
         .filter_map(|name| {
-            let dir = format!("/sys/class/infiniband_verbs/{name}");
-            let ibdev = match host.read(&format!("{dir}/ibdev")) {
-                Ok(Some(ibdev)) if !ibdev.is_empty() => ibdev,
-                Ok(_) => return None,
-                Err(problem) => {
-                    warnings.push(problem);
-                    return None;
-                }
-            };
-            let dev = char_device(
-                host,
-                &format!("{dir}/dev"),
-                &format!("/dev/infiniband/{name}"),
-                warnings,
-            )?;
+            let dir = host
+                .dir(&format!("/sys/class/infiniband_verbs/{name}"))
+                .ok()?;
+            let ibdev = super::read_text(&dir, "ibdev", warnings)?;
+            let dev = parse_dev(&dir, &format!("/dev/infiniband/{name}"), warnings)?;
             Some((ibdev, dev))
         })
         .collect()
 }
 
-/// Reads a `dev` file (`MAJOR:MINOR`) into the character device at `dev_path`.
-fn char_device(
-    host: &HostRoot,
-    dev_file: &str,
-    dev_path: &str,
-    warnings: &mut Warnings,
-) -> Option<CharDevice> {
-    let text = match host.read(dev_file) {
-        Ok(Some(text)) => text,
-        Ok(None) => return None,
-        Err(problem) => {
-            warnings.push(problem);
-            return None;
-        }
-    };
+/// Reads the `dev` file (`MAJOR:MINOR`) of a device directory into the character device at
+/// `dev_path`.
+fn parse_dev(dir: &HostDir, dev_path: &str, warnings: &mut Warnings) -> Option<CharDevice> {
+    let text = super::read_text(dir, "dev", warnings)?;
     let parsed = text
         .split_once(':')
         .and_then(|(major, minor)| Some((major.parse().ok()?, minor.parse().ok()?)));
@@ -177,7 +160,7 @@ fn char_device(
         })
     } else {
         warnings.push(super::host::FileProblem {
-            path: dev_file.to_owned(),
+            path: format!("{}/dev", dir.path()),
             reason: format!("`{text}` is not MAJOR:MINOR"),
         });
         None

@@ -179,6 +179,23 @@ impl HostInterfaces {
                 Ok::<_, crate::netlink::Error>(())
             })?
             .context("creating test interfaces in the host namespace")?;
+        // The kernel updates operstate asynchronously (linkwatch): wait until all report up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for name in [&a, &b, &m] {
+            let file = format!("/sys/class/net/{name}/operstate");
+            while std::fs::read_to_string(&file)
+                .map(|s| s.trim().to_owned())
+                .ok()
+                .as_deref()
+                != Some("up")
+            {
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{name} did not come up within 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         Ok(created)
     }
 }

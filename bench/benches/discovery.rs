@@ -1,0 +1,30 @@
+//! Discovery: a full scan (PCI, interfaces, RDMA, uplinks, topology, attributes) of the largest
+//! fixture — 8 GPUs, 8 NICs, 64 VFs — and of the live host. Goal: under 20 ms for the fixture.
+
+use std::time::Duration;
+
+use knd::{cli::discover, inventory, resources, testkit::machines};
+use knd_bench::{measure, report};
+
+fn main() -> anyhow::Result<()> {
+    let tree = machines::gpu_8x8();
+    let host = tree.host();
+    let fixture = measure(
+        "scan + slices, 8 GPU / 8 NIC / 64 VF fixture",
+        20,
+        300,
+        Some(Duration::from_millis(20)),
+        || {
+            let inventory = inventory::scan(&host, None);
+            assert_eq!(inventory.nics.len(), 72);
+            let slices = resources::slices(&inventory, "bench", 1, None);
+            std::hint::black_box(slices);
+        },
+    )?;
+    let live_root = inventory::host::HostRoot::new("/");
+    let live = measure("scan, this host (netlink + /sys)", 5, 100, None, || {
+        std::hint::black_box(discover(&live_root));
+    })?;
+    report("discovery", &[fixture, live])?;
+    Ok(())
+}
