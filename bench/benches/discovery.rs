@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
-use knd::{cli::discover, inventory, resources, testkit::machines};
+use knd::{
+    inventory::{self, discover},
+    resources,
+    testkit::machines,
+};
 use knd_bench::{measure, report};
 
 fn main() -> anyhow::Result<()> {

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    inventory::{self, Inventory, LiveNetwork, host::HostRoot},
+    inventory::{self, Inventory, host::HostRoot},
     netns::{self, Netns},
     resources,
     telemetry::{self, InterfaceTraffic, TrafficProbes},
@@ -210,40 +210,11 @@ fn host_root_checked(path: PathBuf) -> Result<HostRoot, Error> {
 /// [`discover`], then `--filter` (compiled first, so a bad expression fails before the scan).
 fn discover_filtered(host: &HostRoot, filter: Option<&str>) -> Result<Inventory, Error> {
     let selector = filter.map(crate::selector::Selector::compile).transpose()?;
-    let mut inventory = discover(host);
+    let mut inventory = inventory::discover(host);
     if let Some(selector) = &selector {
         inventory.retain_matching(selector);
     }
     Ok(inventory)
-}
-
-/// Scans the host. On the live node default routes and interface kinds come from netlink; on a
-/// fixture tree, from its `proc/net/*route` files and sysfs.
-pub fn discover(host: &HostRoot) -> Inventory {
-    if !host.is_live() {
-        return inventory::scan(host, None);
-    }
-    match live_network() {
-        Ok(live) => inventory::scan(host, Some(&live)),
-        Err(err) => {
-            tracing::warn!(%err, "reading routes and links over netlink failed; using /proc and sysfs");
-            inventory::scan(host, None)
-        }
-    }
-}
-
-fn live_network() -> Result<LiveNetwork, crate::netlink::Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(crate::netlink::Error::Connect)?;
-    runtime.block_on(async {
-        let link = crate::netlink::Link::connect()?;
-        Ok(LiveNetwork {
-            default_routes: link.default_route_interfaces().await?,
-            kinds: link.kinds().await?,
-        })
-    })
 }
 
 fn report_to_stderr(inventory: &Inventory) {

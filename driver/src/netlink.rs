@@ -63,6 +63,23 @@ pub struct LinkStats {
     pub tx_bytes: u64,
 }
 
+/// Notifications from [`Link::subscribe`].
+#[derive(Debug)]
+pub struct Events {
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+}
+
+impl Events {
+    /// Waits for the next notification; `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<()> {
+        use futures::StreamExt as _;
+        self.messages.next().await.map(|_| ())
+    }
+}
+
 /// A netlink connection in the namespace of the thread that created it.
 #[derive(Clone, Debug)]
 pub struct Link {
@@ -76,6 +93,29 @@ impl Link {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(Error::Connect)?;
         tokio::spawn(connection);
         Ok(Self { handle })
+    }
+
+    /// Opens a connection in the calling thread's namespace that also receives the kernel's
+    /// link and route notifications (`RTNLGRP_LINK`, `RTNLGRP_IPV4_ROUTE`,
+    /// `RTNLGRP_IPV6_ROUTE`): interfaces added, removed, renamed, changed or moved to another
+    /// namespace, and default routes coming and going.
+    pub fn subscribe() -> Result<(Self, Events)> {
+        use rtnetlink::{
+            constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK},
+            sys::{AsyncSocket as _, SocketAddr},
+        };
+        let (mut connection, handle, messages) =
+            rtnetlink::new_connection().map_err(Error::Connect)?;
+        // Join the groups through the bind address (measured here: NETLINK_ADD_MEMBERSHIP on
+        // the not yet bound socket delivered nothing).
+        let groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(0, groups))
+            .map_err(Error::Connect)?;
+        tokio::spawn(connection);
+        Ok((Self { handle }, Events { messages }))
     }
 
     /// The interface called `name`.

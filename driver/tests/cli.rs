@@ -162,3 +162,30 @@ fn a_missing_host_root_is_an_error_naming_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn both_commands_work_on_every_fixture() {
+    type Fixture = (&'static str, fn() -> SysfsTree, usize);
+    let fixtures: [Fixture; 5] = [
+        ("gpu_8x8", machines::gpu_8x8, 72),
+        ("shared_switch", machines::shared_switch, 7),
+        ("hyperv", machines::hyperv, 4),
+        ("sriov", machines::sriov, 5),
+        ("bonded", machines::bonded, 3),
+    ];
+    for (name, build, devices) in fixtures {
+        let tree = build();
+        let (stdout, _) = knd_on(&tree, &["discover", "--node-name", name]);
+        let slices: Vec<ResourceSlice> = serde_json::from_str(&stdout).unwrap();
+        let published: usize = slices
+            .iter()
+            .map(|s| s.spec.devices.as_ref().map_or(0, Vec::len))
+            .sum();
+        assert_eq!(published, devices, "{name}");
+        let (stdout, _) = knd_on(&tree, &["topo", "-o", "json"]);
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert!(report["pairs"].is_array(), "{name}");
+        let (table, _) = knd_on(&tree, &["topo"]);
+        assert!(table.starts_with("GPU"), "{name}: {table}");
+    }
+}

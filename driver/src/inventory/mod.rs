@@ -7,6 +7,7 @@ pub mod pci;
 pub mod pciids;
 pub mod rdma;
 pub mod uplink;
+pub mod watch;
 
 use std::collections::BTreeSet;
 
@@ -184,6 +185,35 @@ pub struct LiveNetwork {
     pub default_routes: Vec<(String, &'static str)>,
     /// Interface kinds (`IFLA_LINKINFO`) by name.
     pub kinds: std::collections::BTreeMap<String, String>,
+}
+
+/// Scans the host from a blocking context. On the live node default routes and interface kinds
+/// come from netlink; on a fixture tree, from its `proc/net/*route` files and sysfs.
+pub fn discover(host: &HostRoot) -> Inventory {
+    if !host.is_live() {
+        return scan(host, None);
+    }
+    let live = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(crate::netlink::Error::Connect)
+        .and_then(|runtime| runtime.block_on(live_network()));
+    match live {
+        Ok(live) => scan(host, Some(&live)),
+        Err(err) => {
+            tracing::warn!(%err, "reading routes and links over netlink failed; using /proc and sysfs");
+            scan(host, None)
+        }
+    }
+}
+
+/// Reads default routes and interface kinds over netlink, in the caller's namespace.
+pub async fn live_network() -> Result<LiveNetwork, crate::netlink::Error> {
+    let link = crate::netlink::Link::connect()?;
+    Ok(LiveNetwork {
+        default_routes: link.default_route_interfaces().await?,
+        kinds: link.kinds().await?,
+    })
 }
 
 /// Scans the host: PCI devices, interfaces, RDMA devices; excludes what must not move; ranks the

@@ -118,6 +118,12 @@ fn read_device(
             });
         }
     }
+    if ports.is_empty() && dir.is_some() {
+        warnings.push(super::host::FileProblem {
+            path: format!("{path}/ports"),
+            reason: "no ports: the RDMA device is published without port details".into(),
+        });
+    }
     RdmaDevice {
         name: name.to_owned(),
         pci_address,
