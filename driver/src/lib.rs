@@ -4,6 +4,7 @@
 //! This library does the work; `src/main.rs` only parses the command line and calls [`cli::run`].
 
 pub mod cli;
+pub mod config;
 pub mod inventory;
 pub mod netlink;
 pub mod netns;
