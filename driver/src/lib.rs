@@ -10,6 +10,7 @@ pub mod netlink;
 pub mod netns;
 pub mod resources;
 pub mod selector;
+pub mod state;
 pub mod telemetry;
 pub mod topology;
 
