@@ -13,24 +13,17 @@ pub fn default_route_interfaces(
     host: &HostRoot,
     warnings: &mut Warnings,
 ) -> Vec<(String, &'static str)> {
+    let tables: [(&str, fn(&str) -> Vec<String>, &'static str); 2] = [
+        ("/proc/net/route", parse_ipv4_defaults, "IPv4"),
+        ("/proc/net/ipv6_route", parse_ipv6_defaults, "IPv6"),
+    ];
     let mut found = Vec::new();
-    match host.read("/proc/net/route") {
-        Ok(Some(table)) => found.extend(
-            parse_ipv4_defaults(&table)
-                .into_iter()
-                .map(|iface| (iface, "IPv4")),
-        ),
-        Ok(None) => {}
-        Err(problem) => warnings.push(problem),
-    }
-    match host.read("/proc/net/ipv6_route") {
-        Ok(Some(table)) => found.extend(
-            parse_ipv6_defaults(&table)
-                .into_iter()
-                .map(|iface| (iface, "IPv6")),
-        ),
-        Ok(None) => {}
-        Err(problem) => warnings.push(problem),
+    for (path, parse, family) in tables {
+        match host.read(path) {
+            Ok(Some(table)) => found.extend(parse(&table).into_iter().map(|i| (i, family))),
+            Ok(None) => {}
+            Err(problem) => warnings.push(problem),
+        }
     }
     found
 }
