@@ -13,7 +13,8 @@ pub fn default_route_interfaces(
     host: &HostRoot,
     warnings: &mut Warnings,
 ) -> Vec<(String, &'static str)> {
-    let tables: [(&str, fn(&str) -> Vec<String>, &'static str); 2] = [
+    type Table = (&'static str, fn(&str) -> Vec<String>, &'static str);
+    let tables: [Table; 2] = [
         ("/proc/net/route", parse_ipv4_defaults, "IPv4"),
         ("/proc/net/ipv6_route", parse_ipv6_defaults, "IPv6"),
     ];
