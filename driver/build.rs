@@ -1,10 +1,26 @@
-//! Builds the kernel-side programs in `ebpf/` for the BPF target (nightly, `-Z build-std=core`,
-//! bpf-linker) so `src/telemetry` can embed the object. aya-build puts it at `$OUT_DIR/knd-probes`.
+//! Compiles the kubelet plugin protos (protox, no protoc) for `src/dra/proto.rs`, and builds the
+//! kernel-side programs in `ebpf/` for the BPF target (nightly, `-Z build-std=core`, bpf-linker)
+//! so `src/telemetry` can embed the object; aya-build puts it at `$OUT_DIR/knd-probes`.
 use std::path::Path;
 
 use anyhow::Context as _;
 
+const PROTOS: [&str; 4] = [
+    "proto/pluginregistration.proto",
+    "proto/dra_v1.proto",
+    "proto/dra_v1beta1.proto",
+    "proto/dra_health_v1alpha1.proto",
+];
+
 fn main() -> anyhow::Result<()> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["proto"]).context("compiling driver/proto")?;
+    tonic_prost_build::configure()
+        .compile_fds(descriptors)
+        .context("generating gRPC code")?;
+
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR unset")?;
     let workspace = Path::new(&manifest_dir)
         .parent()

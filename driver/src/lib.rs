@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dra;
 pub mod inventory;
 pub mod netlink;
 pub mod netns;

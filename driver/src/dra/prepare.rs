@@ -1,0 +1,268 @@
+//! NodePrepareResources / NodeUnprepareResources as domain logic: read the claim, take our
+//! allocation results and opaque configs, validate, record in the state store, answer.
+
+use std::{collections::BTreeMap, future::Future, sync::Arc};
+
+use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClaim};
+
+use crate::{
+    config::{self, ConfigError, DeviceLimits, NetworkConfig},
+    state::{self, PreparedClaim, PreparedDevice, StateStore},
+};
+
+/// A claim as kubelet names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRef {
+    /// Namespace.
+    pub namespace: String,
+    /// UID kubelet expects.
+    pub uid: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ClaimRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Failures that are not the claim's fault: kubelet gets a gRPC error and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalError {
+    /// The claim could not be read from the API.
+    #[error("cannot read claim {claim}: {message}")]
+    Source {
+        /// The claim.
+        claim: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] state::Error),
+    /// A blocking task died.
+    #[error("a worker task failed: {0}")]
+    Task(String),
+}
+
+/// Where claims are read from: the Kubernetes API in the daemon, a map in tests.
+pub trait ClaimSource: Send + Sync + 'static {
+    /// The claim, or `None` if it does not exist.
+    fn get(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<ResourceClaim>, String>> + Send;
+}
+
+/// The outcome for one claim: our devices, or an error meant for the claim's owner.
+pub type ClaimOutcome = Result<Vec<PreparedDevice>, String>;
+
+/// Prepares and unprepares claims for one driver.
+#[derive(Debug)]
+pub struct Preparer<S> {
+    driver: String,
+    store: Arc<StateStore>,
+    source: S,
+}
+
+impl<S: ClaimSource> Preparer<S> {
+    /// A preparer for `driver` recording into `store`.
+    pub fn new(driver: impl Into<String>, store: Arc<StateStore>, source: S) -> Self {
+        Self {
+            driver: driver.into(),
+            store,
+            source,
+        }
+    }
+
+    /// Prepares every claim concurrently. Only internal failures fail the whole call.
+    pub async fn prepare(
+        &self,
+        claims: &[ClaimRef],
+    ) -> Result<BTreeMap<String, ClaimOutcome>, InternalError> {
+        let outcomes = futures::future::join_all(claims.iter().map(|c| self.prepare_one(c))).await;
+        claims
+            .iter()
+            .zip(outcomes)
+            .map(|(claim, outcome)| outcome.map(|o| (claim.uid.clone(), o)))
+            .collect()
+    }
+
+    async fn prepare_one(&self, claim: &ClaimRef) -> Result<ClaimOutcome, InternalError> {
+        // Idempotent: a claim prepared before (even by an earlier run) gets the same answer.
+        let store = Arc::clone(&self.store);
+        let uid = claim.uid.clone();
+        if let Some(prepared) = blocking(move || store.claims.get(&uid)).await?? {
+            return Ok(Ok(prepared.devices));
+        }
+        let resource = self
+            .source
+            .get(&claim.namespace, &claim.name)
+            .await
+            .map_err(|message| InternalError::Source {
+                claim: claim.to_string(),
+                message,
+            })?;
+        let Some(resource) = resource else {
+            return Ok(Err(format!("claim {claim} does not exist")));
+        };
+        let prepared = match plan(&self.driver, claim, &resource) {
+            Ok(prepared) => prepared,
+            Err(message) => return Ok(Err(message)),
+        };
+        let store = Arc::clone(&self.store);
+        let record = prepared.clone();
+        blocking(move || store.claims.put(&record.uid, &record)).await??;
+        Ok(Ok(prepared.devices))
+    }
+
+    /// Releases every claim (forgets it; interfaces are given back when the pod stops).
+    pub async fn unprepare(
+        &self,
+        claims: &[ClaimRef],
+    ) -> Result<BTreeMap<String, Result<(), String>>, InternalError> {
+        let mut outcomes = BTreeMap::new();
+        for claim in claims {
+            let store = Arc::clone(&self.store);
+            let uid = claim.uid.clone();
+            blocking(move || store.claims.remove(&uid)).await??;
+            outcomes.insert(claim.uid.clone(), Ok(()));
+        }
+        Ok(outcomes)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, InternalError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| InternalError::Task(e.to_string()))
+}
+
+/// What preparing `claim` means for `driver`, or the error to report on the claim.
+pub fn plan(
+    driver: &str,
+    claim: &ClaimRef,
+    resource: &ResourceClaim,
+) -> Result<PreparedClaim, String> {
+    let actual_uid = resource.metadata.uid.as_deref().unwrap_or_default();
+    if actual_uid != claim.uid {
+        return Err(format!(
+            "claim {claim} has UID {actual_uid}, but kubelet asked for UID {}",
+            claim.uid
+        ));
+    }
+    let status = resource.status.as_ref();
+    let Some(devices) = status
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+    else {
+        return Err(format!("claim {claim} is not allocated"));
+    };
+    let results: Vec<_> = devices
+        .results
+        .iter()
+        .flatten()
+        .filter(|r| r.driver == driver)
+        .collect();
+    if results.is_empty() {
+        return Err(format!(
+            "claim {claim} has no devices allocated by {driver}"
+        ));
+    }
+    let configs = parse_configs(driver, devices.config.as_deref().unwrap_or_default())
+        .map_err(|e| e.to_string())?;
+    let prepared_devices = results
+        .iter()
+        .map(|result| {
+            let config = configs
+                .iter()
+                .filter(|c| applies(c.requests.as_deref(), &result.request))
+                .fold(config::default_config(), |merged, c| {
+                    merged.merge(c.config.clone())
+                });
+            PreparedDevice {
+                requests: vec![result.request.clone()],
+                pool: result.pool.clone(),
+                device: result.device.clone(),
+                config,
+            }
+        })
+        .collect();
+    Ok(PreparedClaim {
+        uid: claim.uid.clone(),
+        namespace: claim.namespace.clone(),
+        name: claim.name.clone(),
+        pod_uids: status
+            .and_then(|s| s.reserved_for.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|r| r.uid.clone())
+            .collect(),
+        devices: prepared_devices,
+    })
+}
+
+/// One of our opaque configs, parsed and validated on its own.
+#[derive(Debug)]
+struct Layer {
+    requests: Option<Vec<String>>,
+    config: NetworkConfig,
+}
+
+/// Our opaque configs in the order they apply: class configs first, then claim configs; each
+/// validated alone so an error names `config[i]` as it appears in the claim's status.
+fn parse_configs(
+    driver: &str,
+    entries: &[DeviceAllocationConfiguration],
+) -> Result<Vec<Layer>, ConfigError> {
+    let mut layers: Vec<(bool, Layer)> = Vec::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let Some(opaque) = entry.opaque.as_ref().filter(|o| o.driver == driver) else {
+            continue;
+        };
+        let raw = serde_json::to_vec(&opaque.parameters.0).unwrap_or_default();
+        let parent = format!("config[{index}]");
+        let config = config::parse(&raw).map_err(|e| e.within(&parent))?;
+        config
+            .validate(DeviceLimits::default())
+            .map_err(|e| e.within(&parent))?;
+        layers.push((
+            entry.source == "FromClaim",
+            Layer {
+                requests: entry.requests.clone().filter(|r| !r.is_empty()),
+                config,
+            },
+        ));
+    }
+    // Stable: class configs keep their order, then claim configs keep theirs.
+    layers.sort_by_key(|(from_claim, _)| *from_claim);
+    Ok(layers.into_iter().map(|(_, layer)| layer).collect())
+}
+
+/// Whether a config for `requests` (none: the whole claim) applies to a result of `request`
+/// (`main` or the subrequest `main/sub`).
+fn applies(requests: Option<&[String]>, request: &str) -> bool {
+    let parent = request.split('/').next().unwrap_or(request);
+    requests.is_none_or(|list| list.iter().any(|r| r == request || r == parent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_apply_to_their_requests_and_subrequests() {
+        assert!(applies(None, "nic"));
+        let list = vec!["nic".to_owned()];
+        assert!(applies(Some(&list), "nic"));
+        assert!(applies(Some(&list), "nic/fast"));
+        assert!(!applies(Some(&list), "gpu"));
+        let sub = vec!["nic/fast".to_owned()];
+        assert!(applies(Some(&sub), "nic/fast"));
+        assert!(!applies(Some(&sub), "nic/slow"));
+    }
+}

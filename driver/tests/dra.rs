@@ -1,0 +1,461 @@
+//! A kubelet stand-in: tonic clients over the plugin's real unix sockets, driving registration,
+//! NodePrepareResources/NodeUnprepareResources in both API versions, and the health stream.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use knd::{
+    dra::{
+        self, DeviceHealth, Registration, Sockets,
+        prepare::{ClaimSource, Preparer},
+        proto::{dra_v1, dra_v1beta1, health_v1alpha1 as health, registration as reg},
+    },
+    state::StateStore,
+};
+use tokio::{net::UnixStream, sync::watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// Claims as the API server would return them.
+#[derive(Clone, Default)]
+struct Claims(Arc<Mutex<HashMap<(String, String), ResourceClaim>>>);
+
+impl Claims {
+    fn add(&self, claim: serde_json::Value) {
+        let claim: ResourceClaim = serde_json::from_value(claim).unwrap();
+        let key = (
+            claim.metadata.namespace.clone().unwrap(),
+            claim.metadata.name.clone().unwrap(),
+        );
+        self.0.lock().unwrap().insert(key, claim);
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+}
+
+impl ClaimSource for Claims {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap()
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned())
+    }
+}
+
+const CONFIG_HEAD: &str = r#""apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig""#;
+
+/// A claim allocated one of our NICs and a GPU of another driver, with a class config, a claim
+/// config for the NIC request, and another driver's config.
+fn claim(name: &str, uid: &str, claim_parameters: &str) -> serde_json::Value {
+    let class: serde_json::Value =
+        serde_json::from_str(&format!(r#"{{{CONFIG_HEAD},"interface":{{"mtu":9000}}}}"#)).unwrap();
+    let own: serde_json::Value = serde_json::from_str(claim_parameters).unwrap();
+    serde_json::json!({
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": "ml", "uid": uid},
+        "spec": {"devices": {"requests": [
+            {"name": "nic", "exactly": {"deviceClassName": "knd-nic"}},
+            {"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com"}}
+        ]}},
+        "status": {
+            "allocation": {"devices": {
+                "results": [
+                    {"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": "pci-0000-b4-00-0"},
+                    {"request": "gpu", "driver": "gpu.nvidia.com", "pool": "node-1", "device": "gpu-5"}
+                ],
+                "config": [
+                    {"source": "FromClaim", "requests": ["nic"], "opaque": {"driver": "knd.dev", "parameters": own}},
+                    {"source": "FromClass", "opaque": {"driver": "knd.dev", "parameters": class}},
+                    {"source": "FromClaim", "opaque": {"driver": "gpu.nvidia.com", "parameters": {"sharing": 1}}}
+                ]
+            }},
+            "reservedFor": [{"resource": "pods", "name": "trainer-0", "uid": "pod-uid-1"}]
+        }
+    })
+}
+
+async fn channel(path: PathBuf) -> Channel {
+    Endpoint::try_from("http://kubelet.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap()
+}
+
+struct Running {
+    plugin: dra::Plugin,
+    shutdown: CancellationToken,
+    sockets: Sockets,
+    health: watch::Sender<Vec<DeviceHealth>>,
+    store: Arc<StateStore>,
+}
+
+fn start(dir: &Path, claims: &Claims) -> Running {
+    let sockets = Sockets::new(
+        "knd.dev",
+        &dir.join("plugins/knd.dev"),
+        &dir.join("registry"),
+    );
+    let store = Arc::new(StateStore::open(dir.join("state")).unwrap());
+    let preparer = Arc::new(Preparer::new("knd.dev", Arc::clone(&store), claims.clone()));
+    let (health, health_rx) = watch::channel(vec![DeviceHealth {
+        pool: "node-1".into(),
+        device: "pci-0000-b4-00-0".into(),
+        healthy: true,
+    }]);
+    let shutdown = CancellationToken::new();
+    let plugin = dra::serve("knd.dev", sockets.clone(), preparer, health_rx, &shutdown).unwrap();
+    Running {
+        plugin,
+        shutdown,
+        sockets,
+        health,
+        store,
+    }
+}
+
+fn prepare_request<T: Default>(
+    uid: &str,
+    name: &str,
+    make: impl Fn(String, String, String) -> T,
+) -> Vec<T> {
+    vec![make("ml".into(), uid.into(), name.into())]
+}
+
+#[tokio::test]
+async fn registration_advertises_the_three_services_and_takes_kubelets_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), &Claims::default());
+    for socket in [&running.sockets.registration, &running.sockets.dra] {
+        let mode = std::fs::metadata(socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+    }
+    assert!(
+        running
+            .sockets
+            .registration
+            .ends_with("registry/knd.dev-reg.sock")
+    );
+    let mut client = reg::registration_client::RegistrationClient::new(
+        channel(running.sockets.registration.clone()).await,
+    );
+    let info = client
+        .get_info(reg::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.r#type, "DRAPlugin");
+    assert_eq!(info.name, "knd.dev");
+    assert_eq!(Path::new(&info.endpoint), running.sockets.dra);
+    assert_eq!(
+        info.supported_versions,
+        [
+            "v1.DRAPlugin",
+            "v1beta1.DRAPlugin",
+            "v1alpha1.DRAResourceHealth"
+        ]
+    );
+    let mut registration = running.plugin.registration.clone();
+    assert_eq!(*registration.borrow(), Registration::Pending);
+    client
+        .notify_registration_status(reg::RegistrationStatus {
+            plugin_registered: false,
+            error: "version skew".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        *registration.borrow_and_update(),
+        Registration::Refused("version skew".into())
+    );
+    client
+        .notify_registration_status(reg::RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(*registration.borrow(), Registration::Registered);
+    running.shutdown.cancel();
+    running.plugin.join().await;
+    assert!(
+        !running.sockets.registration.exists(),
+        "sockets are removed on shutdown"
+    );
+}
+
+#[tokio::test]
+async fn prepare_and_unprepare_in_both_versions_with_layered_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = Claims::default();
+    claims.add(claim(
+        "c1",
+        "uid-1",
+        &format!(r#"{{{CONFIG_HEAD},"interface":{{"name":"net1"}}}}"#),
+    ));
+    let running = start(dir.path(), &claims);
+    let mut v1 =
+        dra_v1::dra_plugin_client::DraPluginClient::new(channel(running.sockets.dra.clone()).await);
+    let mut v1beta1 = dra_v1beta1::dra_plugin_client::DraPluginClient::new(
+        channel(running.sockets.dra.clone()).await,
+    );
+
+    let response = v1
+        .node_prepare_resources(dra_v1::NodePrepareResourcesRequest {
+            claims: prepare_request("uid-1", "c1", |namespace, uid, name| dra_v1::Claim {
+                namespace,
+                uid,
+                name,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = &response.claims["uid-1"];
+    assert_eq!(answer.error, "");
+    assert_eq!(answer.devices.len(), 1, "only our device, not the GPU");
+    let device = &answer.devices[0];
+    assert_eq!(
+        (
+            device.request_names.as_slice(),
+            device.pool_name.as_str(),
+            device.device_name.as_str()
+        ),
+        (&["nic".to_owned()][..], "node-1", "pci-0000-b4-00-0")
+    );
+    let stored = running.store.claims.get("uid-1").unwrap().unwrap();
+    assert_eq!(stored.pod_uids, ["pod-uid-1"]);
+    let interface = stored.devices[0].config.interface.clone().unwrap();
+    assert_eq!(interface.mtu, Some(9000), "class config applied");
+    assert_eq!(
+        interface.name.as_deref(),
+        Some("net1"),
+        "claim config applied over it"
+    );
+
+    // The same claim through v1beta1, after the API lost it: answered from the store.
+    claims.clear();
+    let again = v1beta1
+        .node_prepare_resources(dra_v1beta1::NodePrepareResourcesRequest {
+            claims: prepare_request("uid-1", "c1", |namespace, uid, name| dra_v1beta1::Claim {
+                namespace,
+                uid,
+                name,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.claims["uid-1"].devices[0].device_name,
+        "pci-0000-b4-00-0"
+    );
+
+    let released = v1beta1
+        .node_unprepare_resources(dra_v1beta1::NodeUnprepareResourcesRequest {
+            claims: prepare_request("uid-1", "c1", |namespace, uid, name| dra_v1beta1::Claim {
+                namespace,
+                uid,
+                name,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.claims["uid-1"].error, "");
+    assert!(running.store.claims.get("uid-1").unwrap().is_none());
+    running.shutdown.cancel();
+    running.plugin.join().await;
+}
+
+#[tokio::test]
+async fn bad_claims_get_their_own_error_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = Claims::default();
+    let cases = [
+        (
+            "unknown",
+            format!(r#"{{{CONFIG_HEAD},"interface":{{"mtuu":1}}}}"#),
+            "config[0].interface.mtuu: unknown field",
+        ),
+        (
+            "cidr",
+            format!(r#"{{{CONFIG_HEAD},"interface":{{"addresses":["10.0.0.1/33"]}}}}"#),
+            "config[0].interface.addresses[0]: `10.0.0.1/33` is not an IP prefix",
+        ),
+        (
+            "mtu",
+            format!(r#"{{{CONFIG_HEAD},"interface":{{"mtu":99999}}}}"#),
+            "config[0].interface.mtu: 99999 exceeds the device maximum",
+        ),
+        (
+            "type",
+            format!(r#"{{{CONFIG_HEAD},"routes":{{"destination":"default"}}}}"#),
+            "config[0].routes: invalid type: map",
+        ),
+    ];
+    let mut requests = Vec::new();
+    for (i, (name, parameters, _)) in cases.iter().enumerate() {
+        let uid = format!("uid-{i}");
+        claims.add(claim(name, &uid, parameters));
+        requests.push(dra_v1::Claim {
+            namespace: "ml".into(),
+            uid,
+            name: (*name).to_owned(),
+        });
+    }
+    // Not allocated to us, wrong UID, and one that does not exist.
+    let mut foreign = claim("foreign", "uid-f", &format!("{{{CONFIG_HEAD}}}"));
+    foreign["status"]["allocation"]["devices"]["results"][0]["driver"] = "other.dev".into();
+    claims.add(foreign);
+    requests.push(dra_v1::Claim {
+        namespace: "ml".into(),
+        uid: "uid-f".into(),
+        name: "foreign".into(),
+    });
+    claims.add(claim("moved", "uid-new", &format!("{{{CONFIG_HEAD}}}")));
+    requests.push(dra_v1::Claim {
+        namespace: "ml".into(),
+        uid: "uid-old".into(),
+        name: "moved".into(),
+    });
+    requests.push(dra_v1::Claim {
+        namespace: "ml".into(),
+        uid: "uid-x".into(),
+        name: "missing".into(),
+    });
+    // And one good claim in the same call: it is not held back by the others.
+    claims.add(claim("good", "uid-g", &format!("{{{CONFIG_HEAD}}}")));
+    requests.push(dra_v1::Claim {
+        namespace: "ml".into(),
+        uid: "uid-g".into(),
+        name: "good".into(),
+    });
+
+    let running = start(dir.path(), &claims);
+    let mut v1 =
+        dra_v1::dra_plugin_client::DraPluginClient::new(channel(running.sockets.dra.clone()).await);
+    let response = v1
+        .node_prepare_resources(dra_v1::NodePrepareResourcesRequest { claims: requests })
+        .await
+        .unwrap()
+        .into_inner();
+    for (i, (_, _, expected)) in cases.iter().enumerate() {
+        let error = &response.claims[&format!("uid-{i}")].error;
+        assert!(error.starts_with(expected), "{error}\n want {expected}");
+    }
+    assert!(
+        response.claims["uid-f"]
+            .error
+            .contains("no devices allocated by knd.dev")
+    );
+    assert!(response.claims["uid-old"].error.contains("has UID uid-new"));
+    assert!(
+        response.claims["uid-x"]
+            .error
+            .contains("ml/missing does not exist")
+    );
+    assert_eq!(response.claims["uid-g"].error, "");
+    assert_eq!(response.claims["uid-g"].devices.len(), 1);
+    assert_eq!(
+        running.store.claims.all().unwrap().len(),
+        1,
+        "only the good claim is recorded"
+    );
+    running.shutdown.cancel();
+    running.plugin.join().await;
+}
+
+#[tokio::test]
+async fn health_stream_sends_the_device_list_and_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path(), &Claims::default());
+    let mut client = health::dra_resource_health_client::DraResourceHealthClient::new(
+        channel(running.sockets.dra.clone()).await,
+    );
+    let mut stream = client
+        .node_watch_resources(health::NodeWatchResourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.devices.len(), 1);
+    assert_eq!(
+        first.devices[0].health,
+        health::HealthStatus::Healthy as i32
+    );
+    assert_eq!(
+        first.devices[0].device.as_ref().unwrap().device_name,
+        "pci-0000-b4-00-0"
+    );
+    running.health.send_replace(vec![DeviceHealth {
+        pool: "node-1".into(),
+        device: "pci-0000-b4-00-0".into(),
+        healthy: false,
+    }]);
+    let second = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.devices[0].health,
+        health::HealthStatus::Unhealthy as i32
+    );
+    assert!(second.devices[0].last_updated_time > 1_700_000_000);
+    running.shutdown.cancel();
+    drop(stream);
+    running.plugin.join().await;
+}
+
+#[tokio::test]
+async fn a_restarted_plugin_answers_from_its_store_and_replaces_stale_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = Claims::default();
+    claims.add(claim("c1", "uid-1", &format!("{{{CONFIG_HEAD}}}")));
+    let first = start(dir.path(), &claims);
+    let mut v1 =
+        dra_v1::dra_plugin_client::DraPluginClient::new(channel(first.sockets.dra.clone()).await);
+    let request = || dra_v1::NodePrepareResourcesRequest {
+        claims: prepare_request("uid-1", "c1", |namespace, uid, name| dra_v1::Claim {
+            namespace,
+            uid,
+            name,
+        }),
+    };
+    let before = v1
+        .node_prepare_resources(request())
+        .await
+        .unwrap()
+        .into_inner();
+    // Simulate a crash: the tasks stop but the socket files stay behind.
+    first.shutdown.cancel();
+    drop(first.plugin);
+    claims.clear();
+    let second = start(dir.path(), &claims);
+    let mut v1 =
+        dra_v1::dra_plugin_client::DraPluginClient::new(channel(second.sockets.dra.clone()).await);
+    let after = v1
+        .node_prepare_resources(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before, after);
+    second.shutdown.cancel();
+    second.plugin.join().await;
+}
