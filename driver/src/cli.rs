@@ -63,6 +63,8 @@ pub enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Print the JSON Schema of the claim configuration (`knd.dev/v1alpha1` NetworkConfig).
+    ConfigSchema,
     /// Print the GPU×NIC distance matrix (PIX/PXB/PHB/NODE/SYS).
     Topo {
         /// Read sysfs under this directory instead of `/`.
@@ -173,6 +175,10 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 }
             };
             println!("{}", text.trim_end());
+            Ok(())
+        }
+        Command::ConfigSchema => {
+            print!("{}", crate::config::json_schema());
             Ok(())
         }
         Command::Topo {

@@ -6,6 +6,7 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use ipnet::IpNet;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::topology::Distance;
@@ -56,14 +57,17 @@ impl ConfigError {
     }
 }
 
-/// One `NetworkConfig` document. Every field is optional so that class and claim configs can be
-/// layered; [`NetworkConfig::merge`] applies a later one over an earlier one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One `NetworkConfig` document: knd's opaque configuration for a claim or a device class. Every
+/// field but `apiVersion` and `kind` is optional; class configs apply first, then claim configs,
+/// later ones winning field by field.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkConfig {
     /// Must be `knd.dev/v1alpha1`.
+    #[schemars(extend("const" = "knd.dev/v1alpha1"))]
     pub api_version: String,
     /// Must be `NetworkConfig`.
+    #[schemars(extend("const" = "NetworkConfig"))]
     pub kind: String,
     /// The interface inside the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -95,7 +99,7 @@ pub struct NetworkConfig {
 }
 
 /// The interface inside the pod.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct InterfaceConfig {
     /// Name inside the pod (default: keep the host name).
@@ -145,7 +149,7 @@ pub struct InterfaceConfig {
 }
 
 /// A route.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteConfig {
     /// Destination CIDR, or `default`.
@@ -165,7 +169,7 @@ pub struct RouteConfig {
 }
 
 /// A policy routing rule.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuleConfig {
     /// Priority (1–32765; 0, 32766 and 32767 belong to the kernel's own rules).
@@ -183,7 +187,7 @@ pub struct RuleConfig {
 }
 
 /// A static neighbor entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NeighborConfig {
     /// The neighbor's IP address.
@@ -193,7 +197,7 @@ pub struct NeighborConfig {
 }
 
 /// ethtool settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EthtoolConfig {
     /// Features (`tx-checksumming`, `rx-gro-hw`, ...) on or off.
@@ -205,7 +209,7 @@ pub struct EthtoolConfig {
 }
 
 /// RDMA sharing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RdmaConfig {
     /// Shared (the RDMA device stays in the host namespace) or exclusive (it moves to the pod).
@@ -213,7 +217,7 @@ pub struct RdmaConfig {
 }
 
 /// RDMA sharing modes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RdmaMode {
     /// The RDMA device is visible from every namespace (the kernel's default).
@@ -224,7 +228,7 @@ pub enum RdmaMode {
 }
 
 /// Telemetry settings.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TelemetryConfig {
     /// Attach the in-kernel counters (default: yes).
@@ -232,7 +236,7 @@ pub struct TelemetryConfig {
 }
 
 /// Placement requirement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TopologyConfig {
     /// The worst acceptable distance class between the NIC and the pod's GPUs.
@@ -240,7 +244,7 @@ pub struct TopologyConfig {
 }
 
 /// A distance class as written in configs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum DistanceName {
     /// See [`Distance::Pix`].
     #[serde(rename = "PIX")]
@@ -660,6 +664,18 @@ fn sysctl(key: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The JSON Schema of [`NetworkConfig`] (published as `deploy/networkconfig.schema.json`).
+pub fn json_schema() -> String {
+    let mut schema = schemars::schema_for!(NetworkConfig);
+    schema.insert(
+        "$id".into(),
+        "https://knd.dev/schemas/networkconfig.v1alpha1.json".into(),
+    );
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
 /// The default config a claim gets when neither class nor claim sets one.
 pub fn default_config() -> NetworkConfig {
     NetworkConfig {
@@ -810,6 +826,22 @@ mod tests {
         let sysctls = merged.sysctls.unwrap();
         assert_eq!(sysctls["net.ipv4.conf.net1.rp_filter"], "2");
         assert_eq!(sysctls["net.ipv4.conf.net1.arp_notify"], "1");
+    }
+
+    #[test]
+    fn the_published_schema_is_current() {
+        let published = include_str!("../../deploy/networkconfig.schema.json");
+        assert!(
+            published == json_schema(),
+            "deploy/networkconfig.schema.json is stale: regenerate it with `knd config-schema > \
+             deploy/networkconfig.schema.json`"
+        );
+        let schema: serde_json::Value = serde_json::from_str(published).unwrap();
+        assert_eq!(
+            schema["additionalProperties"], false,
+            "unknown fields are rejected"
+        );
+        assert!(schema["properties"]["interface"].is_object());
     }
 
     #[test]
