@@ -312,4 +312,14 @@ mod tests {
         // The calling thread did not move.
         assert_eq!(socket_netns_cookie().unwrap(), host);
     }
+
+    #[tokio::test]
+    #[ignore = "needs root: creates network namespaces (cargo xtask test runs it as root)"]
+    async fn async_callers_run_work_inside_without_moving_the_runtime() {
+        let ns = Netns::create().unwrap();
+        let expected = ns.cookie().unwrap();
+        let inside = ns.run_async(socket_netns_cookie).await.unwrap().unwrap();
+        assert_eq!(inside, expected);
+        assert_ne!(socket_netns_cookie().unwrap(), expected);
+    }
 }

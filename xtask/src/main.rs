@@ -86,6 +86,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         ]),
     )?;
     step("doc tests", cargo(&["test", "--doc", "--quiet"]))?;
+    step("fuzz the claim config parser (30 s)", fuzz("config", 30)?)?;
 
     let mut args = vec!["nextest", "run", "--no-fail-fast"];
     if setup::is_root() {
@@ -107,6 +108,31 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         bail!("unit and kernel tests failed ({status})");
     }
     Ok(())
+}
+
+/// A bounded libFuzzer run of one target in `driver/fuzz`: new inputs go to a scratch corpus
+/// under `target/`, the checked-in seeds are read only. Any crash fails the step.
+fn fuzz(target: &str, seconds: u32) -> anyhow::Result<Command> {
+    let corpus = PathBuf::from("target/fuzz-corpus").join(target);
+    std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+    let mut command = cargo(&["+nightly", "fuzz", "run", "--sanitizer", "none"]);
+    command
+        .args(["--fuzz-dir", "driver/fuzz", target])
+        .arg(&corpus)
+        .arg(format!("driver/fuzz/seeds/{target}"))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        // The fuzzed code needs no eBPF object: skip that nested build.
+        .env("AYA_BUILD_SKIP", "1");
+    let tools = std::fs::canonicalize(".tools/bin").context("locating .tools/bin")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![tools];
+    paths.extend(std::env::split_paths(&path));
+    command.env(
+        "PATH",
+        std::env::join_paths(paths).context("building PATH")?,
+    );
+    Ok(command)
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -20,6 +20,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("pci.ids", "PCI vendor and device names for discovery"),
 ];
 
+/// The cargo-fuzz release used for the fuzz targets in `driver/fuzz`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// The bpf-linker release that fits the nightly toolchain's LLVM (shared/docs/ebpf-toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -38,6 +41,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker(root)?;
+    cargo_fuzz(root)?;
     eprintln!("xtask: setup: ready in {:.1?}", started.elapsed());
     Ok(())
 }
@@ -187,6 +191,31 @@ fn bpf_linker(root: &Path) -> anyhow::Result<()> {
     );
     std::fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
     // The build directory is only needed for the install; it holds hundreds of MB.
+    let _ignored = std::fs::remove_dir_all(tools.join("build"));
+    Ok(())
+}
+
+/// cargo-fuzz, for the bounded fuzzing run in `cargo xtask test` (about 45 s to build, once).
+fn cargo_fuzz(root: &Path) -> anyhow::Result<()> {
+    let tools = root.join(".tools");
+    let binary = tools.join("bin/cargo-fuzz");
+    let works = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if works {
+        eprintln!("xtask: setup: cargo-fuzz {CARGO_FUZZ_VERSION} present");
+        return Ok(());
+    }
+    run_checked(
+        &format!("cargo install cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        Command::new("cargo")
+            .args(["install", "--locked", "--force"])
+            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"))
+            .arg("--root")
+            .arg(&tools)
+            .env("CARGO_TARGET_DIR", tools.join("build")),
+    )?;
     let _ignored = std::fs::remove_dir_all(tools.join("build"));
     Ok(())
 }

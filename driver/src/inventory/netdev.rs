@@ -51,13 +51,6 @@ pub struct Netdev {
     pub lowers: Vec<String>,
 }
 
-impl Netdev {
-    /// True when no hardware device backs the interface.
-    pub fn is_virtual(&self) -> bool {
-        self.pci_address.is_none() && self.sysfs_path.starts_with("/sys/devices/virtual/")
-    }
-}
-
 /// Reads every interface under `/sys/class/net`.
 pub fn scan(host: &HostRoot, warnings: &mut Warnings) -> Vec<Netdev> {
     host.list("/sys/class/net")

@@ -44,18 +44,6 @@ pub struct RdmaDevice {
     pub uverbs: Option<CharDevice>,
 }
 
-impl RdmaDevice {
-    /// Every netdev any port names, deduplicated, in port order.
-    pub fn netdevs(&self) -> Vec<String> {
-        let mut all: Vec<String> = Vec::new();
-        for name in self.ports.iter().flat_map(|p| p.netdevs.iter()) {
-            if !all.contains(name) {
-                all.push(name.clone());
-            }
-        }
-        all
-    }
-}
 
 /// Reads every RDMA device and the `rdma_cm` character device.
 pub fn scan(host: &HostRoot, warnings: &mut Warnings) -> (Vec<RdmaDevice>, Option<CharDevice>) {
