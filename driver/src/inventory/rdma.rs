@@ -44,7 +44,6 @@ pub struct RdmaDevice {
     pub uverbs: Option<CharDevice>,
 }
 
-
 /// Reads every RDMA device and the `rdma_cm` character device.
 pub fn scan(host: &HostRoot, warnings: &mut Warnings) -> (Vec<RdmaDevice>, Option<CharDevice>) {
     let uverbs = uverbs_by_ibdev(host, warnings);
