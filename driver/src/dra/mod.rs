@@ -146,34 +146,40 @@ pub fn serve<S: ClaimSource>(
 ) -> Result<Plugin, Error> {
     let dra_listener = listen(&sockets.dra)?;
     let (registration_tx, registration) = watch::channel(Registration::Pending);
-    let dra = service::dra_router(preparer, health);
-    let dra_shutdown = shutdown.clone();
-    let dra_task = tokio::spawn(async move {
-        let incoming = UnixListenerStream::new(dra_listener);
-        if let Err(err) = dra
-            .serve_with_incoming_shutdown(incoming, dra_shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(%err, "the DRA server stopped");
-        }
-    });
+    let dra_task = spawn_server(
+        "DRA",
+        service::dra_router(preparer, health),
+        dra_listener,
+        shutdown,
+    );
     let registration_listener = listen(&sockets.registration)?;
     let registrar =
         service::registration_router(driver, &sockets.dra.to_string_lossy(), registration_tx);
-    let registration_shutdown = shutdown.clone();
-    let registration_task = tokio::spawn(async move {
-        let incoming = UnixListenerStream::new(registration_listener);
-        if let Err(err) = registrar
-            .serve_with_incoming_shutdown(incoming, registration_shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(%err, "the registration server stopped");
-        }
-    });
+    let registration_task =
+        spawn_server("registration", registrar, registration_listener, shutdown);
     Ok(Plugin {
         registration,
         tasks: vec![dra_task, registration_task],
         sockets,
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled.
+fn spawn_server(
+    name: &'static str,
+    router: tonic::transport::server::Router,
+    listener: UnixListener,
+    shutdown: &CancellationToken,
+) -> JoinHandle<()> {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let incoming = UnixListenerStream::new(listener);
+        if let Err(err) = router
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(%err, server = name, "a plugin server stopped");
+        }
     })
 }
 

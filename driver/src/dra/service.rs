@@ -82,18 +82,19 @@ struct DraService<S> {
 /// (and v1's optional `share_id`, which knd does not use).
 macro_rules! dra_plugin_version {
     ($api:ident, $($share:ident)?) => {
+        impl From<$api::Claim> for ClaimRef {
+            fn from(claim: $api::Claim) -> Self {
+                Self { namespace: claim.namespace, uid: claim.uid, name: claim.name }
+            }
+        }
+
         #[tonic::async_trait]
         impl<S: ClaimSource> $api::dra_plugin_server::DraPlugin for DraService<S> {
             async fn node_prepare_resources(
                 &self,
                 request: Request<$api::NodePrepareResourcesRequest>,
             ) -> Result<Response<$api::NodePrepareResourcesResponse>, Status> {
-                let claims: Vec<ClaimRef> = request
-                    .into_inner()
-                    .claims
-                    .into_iter()
-                    .map(|c| ClaimRef { namespace: c.namespace, uid: c.uid, name: c.name })
-                    .collect();
+                let claims = claim_refs(request.into_inner().claims);
                 let outcomes = self.preparer.prepare(&claims).await.map_err(|e| status(&e))?;
                 let claims = outcomes
                     .into_iter()
@@ -127,12 +128,7 @@ macro_rules! dra_plugin_version {
                 &self,
                 request: Request<$api::NodeUnprepareResourcesRequest>,
             ) -> Result<Response<$api::NodeUnprepareResourcesResponse>, Status> {
-                let claims: Vec<ClaimRef> = request
-                    .into_inner()
-                    .claims
-                    .into_iter()
-                    .map(|c| ClaimRef { namespace: c.namespace, uid: c.uid, name: c.name })
-                    .collect();
+                let claims = claim_refs(request.into_inner().claims);
                 let outcomes = self.preparer.unprepare(&claims).await.map_err(|e| status(&e))?;
                 let claims = outcomes
                     .into_iter()
@@ -149,6 +145,10 @@ macro_rules! dra_plugin_version {
 
 dra_plugin_version!(dra_v1, share_id);
 dra_plugin_version!(dra_v1beta1,);
+
+fn claim_refs<C: Into<ClaimRef>>(claims: Vec<C>) -> Vec<ClaimRef> {
+    claims.into_iter().map(Into::into).collect()
+}
 
 struct HealthService {
     health: watch::Receiver<Vec<DeviceHealth>>,
