@@ -42,11 +42,24 @@ pub fn measure(
     for _ in 0..warmup {
         operation();
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut taken = Vec::with_capacity(samples as usize);
     for _ in 0..samples {
         let started = Instant::now();
         operation();
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        taken.push(started.elapsed());
+    }
+    summarize(name, &taken, goal)
+}
+
+/// Summarizes measured durations (one sample each).
+pub fn summarize(
+    name: &str,
+    samples: &[Duration],
+    goal: Option<Duration>,
+) -> anyhow::Result<Summary> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for sample in samples {
+        let micros = u64::try_from(sample.as_micros()).unwrap_or(u64::MAX);
         histogram.saturating_record(micros.max(1));
     }
     let goal_p99_us = goal.map(|g| u64::try_from(g.as_micros()).unwrap_or(u64::MAX));

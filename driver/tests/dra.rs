@@ -2,99 +2,32 @@
 //! NodePrepareResources/NodeUnprepareResources in both API versions, and the health stream.
 
 use std::{
-    collections::HashMap,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
-use hyper_util::rt::TokioIo;
-use k8s_openapi::api::resource::v1::ResourceClaim;
 use knd::{
     dra::{
         self, DeviceHealth, Registration, Sockets,
-        prepare::{ClaimSource, Preparer},
+        prepare::Preparer,
         proto::{dra_v1, dra_v1beta1, health_v1alpha1 as health, registration as reg},
     },
     state::StateStore,
+    testkit::claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel},
 };
-use tokio::{net::UnixStream, sync::watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
 
-/// Claims as the API server would return them.
-#[derive(Clone, Default)]
-struct Claims(Arc<Mutex<HashMap<(String, String), ResourceClaim>>>);
+type Claims = MemoryClaims;
 
-impl Claims {
-    fn add(&self, claim: serde_json::Value) {
-        let claim: ResourceClaim = serde_json::from_value(claim).unwrap();
-        let key = (
-            claim.metadata.namespace.clone().unwrap(),
-            claim.metadata.name.clone().unwrap(),
-        );
-        self.0.lock().unwrap().insert(key, claim);
-    }
-
-    fn clear(&self) {
-        self.0.lock().unwrap().clear();
-    }
-}
-
-impl ClaimSource for Claims {
-    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
-        Ok(self
-            .0
-            .lock()
-            .unwrap()
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .cloned())
-    }
-}
-
-const CONFIG_HEAD: &str = r#""apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig""#;
-
-/// A claim allocated one of our NICs and a GPU of another driver, with a class config, a claim
-/// config for the NIC request, and another driver's config.
 fn claim(name: &str, uid: &str, claim_parameters: &str) -> serde_json::Value {
-    let class: serde_json::Value =
-        serde_json::from_str(&format!(r#"{{{CONFIG_HEAD},"interface":{{"mtu":9000}}}}"#)).unwrap();
-    let own: serde_json::Value = serde_json::from_str(claim_parameters).unwrap();
-    serde_json::json!({
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaim",
-        "metadata": {"name": name, "namespace": "ml", "uid": uid},
-        "spec": {"devices": {"requests": [
-            {"name": "nic", "exactly": {"deviceClassName": "knd-nic"}},
-            {"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com"}}
-        ]}},
-        "status": {
-            "allocation": {"devices": {
-                "results": [
-                    {"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": "pci-0000-b4-00-0"},
-                    {"request": "gpu", "driver": "gpu.nvidia.com", "pool": "node-1", "device": "gpu-5"}
-                ],
-                "config": [
-                    {"source": "FromClaim", "requests": ["nic"], "opaque": {"driver": "knd.dev", "parameters": own}},
-                    {"source": "FromClass", "opaque": {"driver": "knd.dev", "parameters": class}},
-                    {"source": "FromClaim", "opaque": {"driver": "gpu.nvidia.com", "parameters": {"sharing": 1}}}
-                ]
-            }},
-            "reservedFor": [{"resource": "pods", "name": "trainer-0", "uid": "pod-uid-1"}]
-        }
-    })
+    allocated_claim(name, uid, claim_parameters)
 }
 
-async fn channel(path: PathBuf) -> Channel {
-    Endpoint::try_from("http://kubelet.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .unwrap()
+async fn channel(path: PathBuf) -> tonic::transport::Channel {
+    unix_channel(path).await.unwrap()
 }
 
 struct Running {

@@ -1,0 +1,94 @@
+//! Kubelet's side for DRA tests and benchmarks: an in-memory [`ClaimSource`], allocated claims
+//! shaped as the API server returns them, and gRPC channels over the plugin's unix sockets.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use k8s_openapi::api::resource::v1::ResourceClaim;
+
+use crate::dra::prepare::ClaimSource;
+
+/// Claims by namespace and name, shared between clones.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryClaims(Arc<Mutex<HashMap<(String, String), ResourceClaim>>>);
+
+impl MemoryClaims {
+    /// Adds (or replaces) a claim given as API JSON.
+    pub fn add(&self, claim: serde_json::Value) {
+        let claim: ResourceClaim = serde_json::from_value(claim).expect("a ResourceClaim");
+        let key = (
+            claim.metadata.namespace.clone().unwrap_or_default(),
+            claim.metadata.name.clone().unwrap_or_default(),
+        );
+        self.0.lock().expect("not poisoned").insert(key, claim);
+    }
+
+    /// Forgets every claim.
+    pub fn clear(&self) {
+        self.0.lock().expect("not poisoned").clear();
+    }
+}
+
+impl ClaimSource for MemoryClaims {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
+        Ok(self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned())
+    }
+}
+
+/// The header every `NetworkConfig` needs.
+pub const CONFIG_HEAD: &str = r#""apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig""#;
+
+/// A claim in namespace `ml` allocated one of knd's NICs (request `nic`) and another driver's
+/// GPU, with a class config (MTU 9000), `claim_parameters` as the claim's config for the NIC,
+/// and another driver's config; reserved for pod `pod-uid-1`.
+pub fn allocated_claim(name: &str, uid: &str, claim_parameters: &str) -> serde_json::Value {
+    let class: serde_json::Value =
+        serde_json::from_str(&format!(r#"{{{CONFIG_HEAD},"interface":{{"mtu":9000}}}}"#))
+            .expect("valid JSON");
+    let own: serde_json::Value = serde_json::from_str(claim_parameters).expect("valid JSON");
+    serde_json::json!({
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": "ml", "uid": uid},
+        "spec": {"devices": {"requests": [
+            {"name": "nic", "exactly": {"deviceClassName": "knd-nic"}},
+            {"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com"}}
+        ]}},
+        "status": {
+            "allocation": {"devices": {
+                "results": [
+                    {"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": "pci-0000-b4-00-0"},
+                    {"request": "gpu", "driver": "gpu.nvidia.com", "pool": "node-1", "device": "gpu-5"}
+                ],
+                "config": [
+                    {"source": "FromClaim", "requests": ["nic"], "opaque": {"driver": "knd.dev", "parameters": own}},
+                    {"source": "FromClass", "opaque": {"driver": "knd.dev", "parameters": class}},
+                    {"source": "FromClaim", "opaque": {"driver": "gpu.nvidia.com", "parameters": {"sharing": 1}}}
+                ]
+            }},
+            "reservedFor": [{"resource": "pods", "name": "trainer-0", "uid": "pod-uid-1"}]
+        }
+    })
+}
+
+/// A gRPC channel to a unix socket, as kubelet dials plugin endpoints.
+pub async fn unix_channel(
+    path: std::path::PathBuf,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_static("http://kubelet.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+}
