@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut summaries = Vec::new();
     let mut next = 0_u64;
-    for (batch, calls) in [(1_usize, 300_usize), (10, 60), (100, 12)] {
+    for (batch, calls) in [(1_usize, 300_usize), (10, 60), (100, 30)] {
         let mut per_claim = Vec::with_capacity(calls);
         for call in 0..calls + 2 {
             let mut request = NodePrepareResourcesRequest::default();

@@ -125,6 +125,26 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
 
     /// Stores `value` under `key`, replacing any earlier record atomically and durably.
     pub fn put(&self, key: &str, value: &T) -> Result<()> {
+        self.write(key, value)?;
+        self.sync_dir()
+    }
+
+    /// Stores several records, each atomically; all are durable when this returns (one
+    /// directory sync for the batch instead of one per record).
+    pub fn put_all<'a>(&self, records: impl IntoIterator<Item = (&'a str, &'a T)>) -> Result<()>
+    where
+        T: 'a,
+    {
+        let mut any = false;
+        for (key, value) in records {
+            self.write(key, value)?;
+            any = true;
+        }
+        if any { self.sync_dir() } else { Ok(()) }
+    }
+
+    /// Writes one record to a temporary file, syncs it, and renames it into place.
+    fn write(&self, key: &str, value: &T) -> Result<()> {
         let path = self.path(key)?;
         let temporary = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(value).map_err(|source| Error::Corrupt {
@@ -142,8 +162,7 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
             .and_then(|()| file.sync_all())
             .map_err(|source| io_error("writing", &temporary, source))?;
         drop(file);
-        fs::rename(&temporary, &path).map_err(|source| io_error("renaming", &temporary, source))?;
-        self.sync_dir()
+        fs::rename(&temporary, &path).map_err(|source| io_error("renaming", &temporary, source))
     }
 
     /// The record under `key`, if any.
@@ -243,7 +262,11 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         store.claims.put("uid-1", &claim("uid-1", 1)).unwrap();
         store.claims.put("uid-2", &claim("uid-2", 1)).unwrap();
-        store.claims.put("uid-1", &claim("uid-1", 2)).unwrap();
+        store
+            .claims
+            .put_all([("uid-1", &claim("uid-1", 2)), ("uid-4", &claim("uid-4", 1))])
+            .unwrap();
+        store.claims.remove("uid-4").unwrap();
         store.claims.remove("uid-2").unwrap();
         store.claims.remove("uid-2").unwrap();
         // A crash mid-write leaves a temporary file behind: reopening cleans it up.

@@ -59,6 +59,16 @@ pub trait ClaimSource: Send + Sync + 'static {
 /// The outcome for one claim: our devices, or an error meant for the claim's owner.
 pub type ClaimOutcome = Result<Vec<PreparedDevice>, String>;
 
+/// What preparing one claim came to, before anything is recorded.
+enum Planned {
+    /// Prepared earlier: the recorded answer.
+    Known(Vec<PreparedDevice>),
+    /// Prepared now: to be recorded before kubelet hears of it.
+    New(PreparedClaim),
+    /// The claim's own problem.
+    Refused(String),
+}
+
 /// Prepares and unprepares claims for one driver.
 #[derive(Debug)]
 pub struct Preparer<S> {
@@ -77,25 +87,45 @@ impl<S: ClaimSource> Preparer<S> {
         }
     }
 
-    /// Prepares every claim concurrently. Only internal failures fail the whole call.
+    /// Prepares every claim concurrently, then records the newly prepared ones durably in one
+    /// batch before answering. Only internal failures fail the whole call.
     pub async fn prepare(
         &self,
         claims: &[ClaimRef],
     ) -> Result<BTreeMap<String, ClaimOutcome>, InternalError> {
         let outcomes = futures::future::join_all(claims.iter().map(|c| self.prepare_one(c))).await;
-        claims
-            .iter()
-            .zip(outcomes)
-            .map(|(claim, outcome)| outcome.map(|o| (claim.uid.clone(), o)))
-            .collect()
+        let mut answers = BTreeMap::new();
+        let mut new_records = Vec::new();
+        for (claim, outcome) in claims.iter().zip(outcomes) {
+            let answer = match outcome? {
+                Planned::Known(devices) => Ok(devices),
+                Planned::New(record) => {
+                    let devices = record.devices.clone();
+                    new_records.push(record);
+                    Ok(devices)
+                }
+                Planned::Refused(message) => Err(message),
+            };
+            answers.insert(claim.uid.clone(), answer);
+        }
+        if !new_records.is_empty() {
+            let store = Arc::clone(&self.store);
+            blocking(move || {
+                store
+                    .claims
+                    .put_all(new_records.iter().map(|r| (r.uid.as_str(), r)))
+            })
+            .await??;
+        }
+        Ok(answers)
     }
 
-    async fn prepare_one(&self, claim: &ClaimRef) -> Result<ClaimOutcome, InternalError> {
+    async fn prepare_one(&self, claim: &ClaimRef) -> Result<Planned, InternalError> {
         // Idempotent: a claim prepared before (even by an earlier run) gets the same answer.
         let store = Arc::clone(&self.store);
         let uid = claim.uid.clone();
         if let Some(prepared) = blocking(move || store.claims.get(&uid)).await?? {
-            return Ok(Ok(prepared.devices));
+            return Ok(Planned::Known(prepared.devices));
         }
         let resource = self
             .source
@@ -106,16 +136,12 @@ impl<S: ClaimSource> Preparer<S> {
                 message,
             })?;
         let Some(resource) = resource else {
-            return Ok(Err(format!("claim {claim} does not exist")));
+            return Ok(Planned::Refused(format!("claim {claim} does not exist")));
         };
-        let prepared = match plan(&self.driver, claim, &resource) {
-            Ok(prepared) => prepared,
-            Err(message) => return Ok(Err(message)),
-        };
-        let store = Arc::clone(&self.store);
-        let record = prepared.clone();
-        blocking(move || store.claims.put(&record.uid, &record)).await??;
-        Ok(Ok(prepared.devices))
+        Ok(match plan(&self.driver, claim, &resource) {
+            Ok(prepared) => Planned::New(prepared),
+            Err(message) => Planned::Refused(message),
+        })
     }
 
     /// Releases every claim (forgets it; interfaces are given back when the pod stops).
