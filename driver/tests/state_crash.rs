@@ -30,19 +30,31 @@ fn record(key: &str, generation: u64) -> PreparedClaim {
     }
 }
 
-/// The child: rewrites keys k0..k7 with increasing generations, acknowledging each on stdout.
+/// The child: rewrites keys k0..k7 with increasing generations, acknowledging each on stdout,
+/// until it is killed. Run on its own (no environment), it does 200 writes in a scratch store and
+/// checks that the last generation of every key is what the store holds.
 #[test]
 fn writer_child() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else {
-        return; // Only meaningful when started by the test below.
+    let scratch = tempfile::tempdir().unwrap();
+    let (dir, base, limit) = match std::env::var_os(CHILD_ENV) {
+        Some(dir) => {
+            let base: u64 = std::env::var(BASE_ENV).unwrap().parse().unwrap();
+            (std::path::PathBuf::from(dir), base, u64::MAX)
+        }
+        None => (scratch.path().to_path_buf(), 1, 200),
     };
-    let store = StateStore::open(dir).unwrap();
-    // Each child starts above everything earlier children wrote.
-    let base: u64 = std::env::var(BASE_ENV).unwrap().parse().unwrap();
-    for generation in base.. {
+    let store = StateStore::open(&dir).unwrap();
+    for generation in base..base.saturating_add(limit) {
         let key = format!("k{}", generation % 8);
         store.claims.put(&key, &record(&key, generation)).unwrap();
         println!("{key} {generation}");
+    }
+    let records = store.claims.all().unwrap();
+    assert_eq!(records.len(), 8);
+    for (key, claim) in records {
+        let generation: u64 = claim.name.trim_start_matches("gen-").parse().unwrap();
+        assert!(generation > 192, "{key} holds generation {generation}");
+        assert_eq!(claim, record(&key, generation));
     }
 }
 
