@@ -452,17 +452,21 @@ impl InterfaceConfig {
             cidr(address).map_err(|e| e.within(&format!("addresses[{i}]")))?;
         }
         if let Some(mtu) = self.mtu {
-            let max = limits.max_mtu.unwrap_or(65_535);
             if mtu < 68 {
                 return Err(ConfigError::new(
                     "mtu",
                     format!("{mtu} is below the minimum 68"),
                 ));
             }
+            // The device's own limit when known; otherwise the largest MTU Linux accepts on any
+            // Ethernet device.
+            let (max, whose) = limits
+                .max_mtu
+                .map_or((65_535, "the maximum"), |max| (max, "the device maximum"));
             if mtu > max {
                 return Err(ConfigError::new(
                     "mtu",
-                    format!("{mtu} exceeds the device maximum {max}"),
+                    format!("{mtu} exceeds {whose} {max}"),
                 ));
             }
         }

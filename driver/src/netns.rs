@@ -252,7 +252,7 @@ impl Netns {
 }
 
 /// Reads `SO_NETNS_COOKIE` from a throwaway socket opened in the calling thread's namespace.
-fn socket_netns_cookie() -> io::Result<u64> {
+pub(crate) fn socket_netns_cookie() -> io::Result<u64> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
     // An unbound UDP socket: works even in a fresh namespace whose `lo` is still down.
     let socket = socket(

@@ -155,33 +155,38 @@ impl TrafficProbes {
     /// inside `netns`. Counting starts at zero now. Other TC programs on the interface keep
     /// running (ours return "next").
     pub fn attach(&mut self, netns: &Netns, interface: &str) -> Result<AttachmentId> {
-        let namespace = netns.to_string();
-        let netns_cookie = netns.cookie()?;
-        let ifindex = netns
-            .run(|| nix::net::if_::if_nametoindex(interface))?
-            .map_err(|_errno| Error::NoSuchInterface {
-                interface: interface.to_owned(),
-                namespace: namespace.clone(),
-            })?;
-        if self
-            .attachments
-            .values()
-            .any(|a| a.netns_cookie == netns_cookie && a.ifindex == ifindex)
-        {
-            return Err(Error::AlreadyAttached {
-                interface: interface.to_owned(),
-                namespace,
-            });
-        }
-
         if PROBES_OBJECT.is_empty() {
             return Err(Error::NotBuilt);
         }
+        let namespace = netns.to_string();
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .load(PROBES_OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
-        netns.run(|| -> Result<()> {
+        let attachments = &self.attachments;
+        // One thread in the namespace for everything that must happen there: identify the
+        // interface, refuse a second attachment, load and attach both programs.
+        let (netns_cookie, ifindex) = netns.run(|| -> Result<(u64, u32)> {
+            let netns_cookie =
+                netns::socket_netns_cookie().map_err(|source| netns::Error::Cookie {
+                    namespace: namespace.clone(),
+                    source,
+                })?;
+            let ifindex = nix::net::if_::if_nametoindex(interface).map_err(|_errno| {
+                Error::NoSuchInterface {
+                    interface: interface.to_owned(),
+                    namespace: namespace.clone(),
+                }
+            })?;
+            if attachments
+                .values()
+                .any(|a| a.netns_cookie == netns_cookie && a.ifindex == ifindex)
+            {
+                return Err(Error::AlreadyAttached {
+                    interface: interface.to_owned(),
+                    namespace: namespace.clone(),
+                });
+            }
             for (program, attach_type) in [
                 (names::TRAFFIC_INGRESS_PROG, TcAttachType::Ingress),
                 (names::TRAFFIC_EGRESS_PROG, TcAttachType::Egress),
@@ -205,7 +210,7 @@ impl TrafficProbes {
                         source: Box::new(source),
                     })?;
             }
-            Ok(())
+            Ok((netns_cookie, ifindex))
         })??;
 
         self.next_id += 1;

@@ -62,11 +62,7 @@ fn start(dir: &Path, claims: &Claims) -> Running {
     }
 }
 
-fn prepare_request<T: Default>(
-    uid: &str,
-    name: &str,
-    make: impl Fn(String, String, String) -> T,
-) -> Vec<T> {
+fn prepare_request<T>(uid: &str, name: &str, make: impl Fn(String, String, String) -> T) -> Vec<T> {
     vec![make("ml".into(), uid.into(), name.into())]
 }
 
@@ -234,7 +230,7 @@ async fn bad_claims_get_their_own_error_naming_the_field() {
         (
             "mtu",
             format!(r#"{{{CONFIG_HEAD},"interface":{{"mtu":99999}}}}"#),
-            "config[0].interface.mtu: 99999 exceeds the device maximum",
+            "config[0].interface.mtu: 99999 exceeds the maximum 65535",
         ),
         (
             "type",
