@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
         || {
             let inventory = inventory::scan(&host, None);
             assert_eq!(inventory.nics.len(), 72);
-            let slices = resources::slices(&inventory, "bench", 1, None);
+            let slices = resources::slices(&inventory, resources::DRIVER_NAME, "bench", 1, None);
             std::hint::black_box(slices);
         },
     )?;

@@ -46,6 +46,8 @@ pub enum TopoFormat {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the node daemon: publish this node's devices, serve kubelet's DRA calls, report health.
+    Run(crate::daemon::RunArgs),
     /// Print the ResourceSlices this node would publish; excluded devices and unreadable files
     /// go to stderr with the reason.
     Discover {
@@ -110,6 +112,12 @@ pub enum Error {
     /// The host root is not a directory.
     #[error("--host-root {0} is not a directory")]
     HostRoot(PathBuf),
+    /// The daemon failed.
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::Error),
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     /// Writing the output failed.
     #[error("cannot write the output")]
     Output(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -141,6 +149,14 @@ pub fn init_tracing(filter: Option<&str>) {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(Error::Runtime)?;
+            runtime.block_on(crate::daemon::main(args))?;
+            Ok(())
+        }
         Command::Watch {
             interface,
             netns,
@@ -157,7 +173,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             let inventory = discover_filtered(&host, filter.as_deref())?;
             report_to_stderr(&inventory);
             let node = node_name.unwrap_or_else(|| node_name_of(&host));
-            let slices = resources::slices(&inventory, &node, 1, None);
+            let slices = resources::slices(&inventory, resources::DRIVER_NAME, &node, 1, None);
             let text = match output {
                 SliceFormat::Json => {
                     serde_json::to_string_pretty(&slices).map_err(|e| Error::Output(Box::new(e)))?

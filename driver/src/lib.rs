@@ -5,8 +5,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dra;
 pub mod inventory;
+pub mod k8s;
 pub mod netlink;
 pub mod netns;
 pub mod resources;

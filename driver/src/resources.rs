@@ -210,6 +210,7 @@ pub fn device(nic: &Nic) -> Device {
 /// without devices still publishes one empty slice, so the pool's generation is visible.
 pub fn slices(
     inventory: &Inventory,
+    driver: &str,
     node: &str,
     generation: i64,
     owner: Option<&NodeOwner>,
@@ -231,7 +232,7 @@ pub fn slices(
         .enumerate()
         .map(|(index, devices)| ResourceSlice {
             metadata: ObjectMeta {
-                name: Some(slice_name(node, index)),
+                name: Some(slice_name(driver, node, index)),
                 labels: Some(BTreeMap::from([(
                     "app.kubernetes.io/managed-by".to_owned(),
                     "knd".to_owned(),
@@ -249,7 +250,7 @@ pub fn slices(
                 ..ObjectMeta::default()
             },
             spec: ResourceSliceSpec {
-                driver: DRIVER_NAME.into(),
+                driver: driver.to_owned(),
                 node_name: Some(node.to_owned()),
                 pool: ResourcePool {
                     name: node.to_owned(),
@@ -263,10 +264,10 @@ pub fn slices(
         .collect()
 }
 
-/// `<node>-knd.dev-<index>`: a DNS subdomain (≤253) that is stable across restarts.
-fn slice_name(node: &str, index: usize) -> String {
-    let node: String = node.chars().take(230).collect();
-    format!("{node}-{DRIVER_NAME}-{index}")
+/// `<node>-<driver>-<index>`: a DNS subdomain (≤253) that is stable across restarts.
+fn slice_name(driver: &str, node: &str, index: usize) -> String {
+    let node: String = node.chars().take(170).collect();
+    format!("{node}-{driver}-{index}")
 }
 
 #[cfg(test)]
@@ -318,7 +319,7 @@ mod tests {
             nics: (0..300).map(|i| virtual_nic(&format!("nic{i}"))).collect(),
             ..Inventory::default()
         };
-        let slices = slices(&inventory, "node-1", 7, None);
+        let slices = slices(&inventory, DRIVER_NAME, "node-1", 7, None);
         assert_eq!(slices.len(), 3);
         let sizes: Vec<usize> = slices
             .iter()
@@ -337,7 +338,7 @@ mod tests {
     }
 
     fn slices_for_nothing() -> Vec<ResourceSlice> {
-        slices(&Inventory::default(), "n", 1, None)
+        slices(&Inventory::default(), DRIVER_NAME, "n", 1, None)
     }
 
     #[test]

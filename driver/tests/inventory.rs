@@ -361,7 +361,13 @@ fn missing_identity_files_skip_the_device_with_a_warning() {
 #[test]
 fn slices_of_the_largest_fixture_respect_api_limits() {
     let tree = machines::gpu_8x8();
-    let slices = resources::slices(&inventory_of(&tree), "gpu-node-1", 3, None);
+    let slices = resources::slices(
+        &inventory_of(&tree),
+        resources::DRIVER_NAME,
+        "gpu-node-1",
+        3,
+        None,
+    );
     assert_eq!(slices.len(), 1, "72 devices fit one slice");
     let devices = slices[0].spec.devices.as_ref().unwrap();
     assert_eq!(devices.len(), 72);
@@ -412,7 +418,7 @@ fn garbage_in_any_file_never_panics() {
         for bytes in garbage {
             std::fs::write(file, bytes).unwrap();
             let inventory = inventory_of(&tree);
-            for device in resources::slices(&inventory, "n", 1, None)
+            for device in resources::slices(&inventory, resources::DRIVER_NAME, "n", 1, None)
                 .iter()
                 .flat_map(|s| s.spec.devices.clone().unwrap_or_default())
             {

@@ -15,7 +15,7 @@ use tokio::{net::UnixListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use self::prepare::{ClaimSource, Preparer};
+use self::prepare::{ClaimApi, Preparer};
 use crate::inventory::Inventory;
 
 /// The service names kubelet accepts in `PluginInfo.supported_versions`.
@@ -137,7 +137,7 @@ impl Plugin {
 
 /// Starts the DRA socket first, then the registration socket (kubelet dials the endpoint as soon
 /// as it sees the registration socket), and serves until `shutdown` is cancelled.
-pub fn serve<S: ClaimSource>(
+pub fn serve<S: ClaimApi>(
     driver: &str,
     sockets: Sockets,
     preparer: Arc<Preparer<S>>,

@@ -46,14 +46,22 @@ pub enum InternalError {
     Task(String),
 }
 
-/// Where claims are read from: the Kubernetes API in the daemon, a map in tests.
-pub trait ClaimSource: Send + Sync + 'static {
+/// The claims' side of the API: where claims are read from (the Kubernetes API in the daemon, a
+/// map in tests) and where their status goes.
+pub trait ClaimApi: Send + Sync + 'static {
     /// The claim, or `None` if it does not exist.
     fn get(
         &self,
         namespace: &str,
         name: &str,
     ) -> impl Future<Output = Result<Option<ResourceClaim>, String>> + Send;
+
+    /// Called once for each newly prepared claim, after it was recorded; must not block (the
+    /// daemon writes the claim's status in the background).
+    fn prepared(&self, _claim: &PreparedClaim) {}
+
+    /// Called once for each released claim, after it was forgotten; must not block.
+    fn released(&self, _claim: &ClaimRef) {}
 }
 
 /// The outcome for one claim: our devices, or an error meant for the claim's owner.
@@ -77,7 +85,7 @@ pub struct Preparer<S> {
     source: S,
 }
 
-impl<S: ClaimSource> Preparer<S> {
+impl<S: ClaimApi> Preparer<S> {
     /// A preparer for `driver` recording into `store`.
     pub fn new(driver: impl Into<String>, store: Arc<StateStore>, source: S) -> Self {
         Self {
@@ -110,12 +118,16 @@ impl<S: ClaimSource> Preparer<S> {
         }
         if !new_records.is_empty() {
             let store = Arc::clone(&self.store);
-            blocking(move || {
+            let recorded = blocking(move || {
                 store
                     .claims
                     .put_all(new_records.iter().map(|r| (r.uid.as_str(), r)))
+                    .map(|()| new_records)
             })
             .await??;
+            for record in &recorded {
+                self.source.prepared(record);
+            }
         }
         Ok(answers)
     }
@@ -153,7 +165,14 @@ impl<S: ClaimSource> Preparer<S> {
         for claim in claims {
             let store = Arc::clone(&self.store);
             let uid = claim.uid.clone();
-            blocking(move || store.claims.remove(&uid)).await??;
+            let known = blocking(move || {
+                let known = store.claims.get(&uid)?.is_some();
+                store.claims.remove(&uid).map(|()| known)
+            })
+            .await??;
+            if known {
+                self.source.released(claim);
+            }
             outcomes.insert(claim.uid.clone(), Ok(()));
         }
         Ok(outcomes)

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, transport::Server};
 
 use super::{
     DeviceHealth, Registration, SUPPORTED_VERSIONS,
-    prepare::{ClaimRef, ClaimSource, InternalError, Preparer},
+    prepare::{ClaimApi, ClaimRef, InternalError, Preparer},
     proto::{dra_v1, dra_v1beta1, health_v1alpha1 as health, registration as reg},
 };
 
@@ -89,7 +89,7 @@ macro_rules! dra_plugin_version {
         }
 
         #[tonic::async_trait]
-        impl<S: ClaimSource> $api::dra_plugin_server::DraPlugin for DraService<S> {
+        impl<S: ClaimApi> $api::dra_plugin_server::DraPlugin for DraService<S> {
             async fn node_prepare_resources(
                 &self,
                 request: Request<$api::NodePrepareResourcesRequest>,
@@ -210,7 +210,7 @@ impl health::dra_resource_health_server::DraResourceHealth for HealthService {
 }
 
 /// The DRA server: both DRAPlugin versions and the health stream on one socket.
-pub(super) fn dra_router<S: ClaimSource>(
+pub(super) fn dra_router<S: ClaimApi>(
     preparer: Arc<Preparer<S>>,
     health: watch::Receiver<Vec<DeviceHealth>>,
 ) -> tonic::transport::server::Router {

@@ -1,4 +1,4 @@
-//! Kubelet's side for DRA tests and benchmarks: an in-memory [`ClaimSource`], allocated claims
+//! Kubelet's side for DRA tests and benchmarks: an in-memory [`ClaimApi`], allocated claims
 //! shaped as the API server returns them, and gRPC channels over the plugin's unix sockets.
 
 use std::{
@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 
-use crate::dra::prepare::ClaimSource;
+use crate::dra::prepare::ClaimApi;
 
 /// Claims by namespace and name, shared between clones.
 #[derive(Debug, Clone, Default)]
@@ -31,7 +31,7 @@ impl MemoryClaims {
     }
 }
 
-impl ClaimSource for MemoryClaims {
+impl ClaimApi for MemoryClaims {
     async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
         Ok(self
             .0

@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
+pub mod apiserver;
 pub mod claims;
 pub mod machines;
 pub mod sysfs;

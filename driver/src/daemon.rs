@@ -1,0 +1,324 @@
+//! `knd run`: the node daemon. Keeps the inventory current and published as ResourceSlices,
+//! serves kubelet's DRA calls, reports device health, answers `/healthz` and `/readyz`, and
+//! shuts down within a bounded time on SIGTERM.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{extract::State, http::StatusCode, routing::get};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    dra::{self, Registration, Sockets, prepare::Preparer},
+    inventory::{
+        Inventory,
+        host::HostRoot,
+        watch::{self as inventory_watch, Pacing},
+    },
+    k8s::{self, ApiClaims, Backoff, Publisher},
+    selector::{self, Selector},
+    state::{self, StateStore},
+};
+
+/// How often the pool is compared with the API even when the inventory did not change (repairs
+/// slices deleted or edited by someone else).
+const REPUBLISH_EVERY: Duration = Duration::from_mins(1);
+
+/// `knd run` flags; each can also come from the environment variable shown.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// This node's name (the pool name; slices are owned by this Node).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Kubeconfig file; in-cluster configuration when absent.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The DRA driver name (a DNS subdomain of at most 63 characters).
+    #[arg(long, env = "KND_DRIVER_NAME", default_value = crate::resources::DRIVER_NAME,
+          value_parser = parse_driver_name)]
+    pub driver_name: String,
+    /// Where the DRA socket (`dra.sock`) is created.
+    #[arg(
+        long,
+        env = "KND_PLUGIN_DIR",
+        default_value = "/var/lib/kubelet/plugins/knd.dev"
+    )]
+    pub plugin_dir: PathBuf,
+    /// Kubelet's plugin registry, where the registration socket is created.
+    #[arg(
+        long,
+        env = "KND_REGISTRY_DIR",
+        default_value = "/var/lib/kubelet/plugins_registry"
+    )]
+    pub registry_dir: PathBuf,
+    /// The container runtime's NRI socket.
+    #[arg(long, env = "KND_NRI_SOCKET", default_value = "/var/run/nri/nri.sock")]
+    pub nri_socket: PathBuf,
+    /// The host's root as mounted in the container (sysfs, procfs and devfs are read below it).
+    #[arg(long, env = "KND_HOST_ROOT", default_value = "/")]
+    pub host_root: PathBuf,
+    /// Where prepared claims and attachments are recorded.
+    #[arg(long, env = "KND_STATE_DIR", default_value = "/var/lib/knd")]
+    pub state_dir: PathBuf,
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "KND_METRICS_ADDR", default_value = "0.0.0.0:9177")]
+    pub metrics_addr: SocketAddr,
+    /// Publish only devices this CEL expression accepts.
+    #[arg(long, env = "KND_FILTER")]
+    pub filter: Option<String>,
+    /// Seconds to finish in-flight work after SIGTERM before exiting anyway.
+    #[arg(long, env = "KND_SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    pub shutdown_timeout: u64,
+}
+
+fn parse_driver_name(name: &str) -> Result<String, String> {
+    let valid =
+        !name.is_empty() && name.len() <= 63 && name.split('.').all(crate::resources::is_dns_label);
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "`{name}` is not a DNS subdomain of at most 63 characters (e.g. knd.dev)"
+        ))
+    }
+}
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The host root is not a directory.
+    #[error("--host-root {0} is not a directory")]
+    HostRoot(PathBuf),
+    /// The filter does not compile.
+    #[error("--filter: {0}")]
+    Filter(#[from] selector::Error),
+    /// The state directory cannot be used.
+    #[error("--state-dir: {0}")]
+    State(#[from] state::Error),
+    /// The API client cannot be set up.
+    #[error(transparent)]
+    Api(#[from] k8s::Error),
+    /// The inventory watcher cannot start.
+    #[error(transparent)]
+    Watch(#[from] inventory_watch::Error),
+    /// The kubelet plugin sockets cannot be served.
+    #[error(transparent)]
+    Plugin(#[from] dra::Error),
+    /// The HTTP server cannot listen.
+    #[error("--metrics-addr {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `/readyz` looks at.
+#[derive(Debug, Clone)]
+struct Health {
+    registration: watch::Receiver<Registration>,
+    published: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// `None` when ready, else why not.
+    fn not_ready(&self) -> Option<String> {
+        let mut reasons = Vec::new();
+        match &*self.registration.borrow() {
+            Registration::Registered => {}
+            Registration::Pending => {
+                reasons.push("kubelet has not registered the plugin yet".into())
+            }
+            Registration::Refused(why) => {
+                reasons.push(format!("kubelet refused the plugin: {why}"))
+            }
+        }
+        if !self.published.load(Ordering::Relaxed) {
+            reasons.push("the ResourceSlices are not published yet".to_owned());
+        }
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn main(args: RunArgs) -> Result<(), Error> {
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(err) => {
+                    tracing::error!(%err, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        signals.cancel();
+    });
+    run(args, shutdown).await
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then stops within `--shutdown-timeout`.
+pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error> {
+    if !args.host_root.is_dir() {
+        return Err(Error::HostRoot(args.host_root));
+    }
+    let host = HostRoot::new(&args.host_root);
+    let filter = args
+        .filter
+        .as_deref()
+        .map(Selector::compile)
+        .transpose()?
+        .map(Arc::new);
+    let store = Arc::new(StateStore::open(&args.state_dir)?);
+    let client = k8s::client(args.kubeconfig.as_deref()).await?;
+    let driver = args.driver_name.clone();
+    let node = args.node_name.clone();
+
+    let watcher = inventory_watch::spawn(host, filter, Pacing::default(), shutdown.clone()).await?;
+    let first = Arc::clone(&watcher.inventory.borrow());
+    tracing::info!(
+        devices = first.nics.len(),
+        excluded = first.excluded.len(),
+        "inventory scanned"
+    );
+    let (health_tx, health_rx) = watch::channel(dra::health_of(&first, &node));
+    let published = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn(publish_loop(
+        Publisher::new(client.clone(), &driver, &node),
+        watcher.inventory.clone(),
+        health_tx,
+        node.clone(),
+        Arc::clone(&published),
+        shutdown.clone(),
+    ));
+
+    let claims = ApiClaims::new(client, &driver, shutdown.clone());
+    let preparer = Arc::new(Preparer::new(driver.clone(), store, claims));
+    let sockets = Sockets::new(&driver, &args.plugin_dir, &args.registry_dir);
+    let plugin = dra::serve(&driver, sockets, preparer, health_rx, &shutdown)?;
+    tracing::info!(nri_socket = %args.nri_socket.display(), "NRI attachment is not part of this build yet");
+
+    let health = Health {
+        registration: plugin.registration.clone(),
+        published,
+    };
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|source| Error::Metrics {
+            addr: args.metrics_addr,
+            source,
+        })?;
+    let http = tokio::spawn(serve_http(listener, health, shutdown.clone()));
+    tracing::info!(%driver, %node, metrics = %args.metrics_addr, "knd is running");
+
+    shutdown.cancelled().await;
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    let stopped = tokio::time::timeout(grace, async {
+        plugin.join().await;
+        watcher.join().await;
+        let _ignored = publisher.await;
+        let _ignored = http.await;
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!(?grace, "shutdown took too long; exiting anyway");
+    } else {
+        tracing::info!("stopped");
+    }
+    Ok(())
+}
+
+/// Publishes every new inventory (and re-checks the API once a minute), retrying with backoff;
+/// keeps the health stream in step with the inventory.
+async fn publish_loop(
+    mut publisher: Publisher,
+    mut inventory: watch::Receiver<Arc<Inventory>>,
+    health: watch::Sender<Vec<dra::DeviceHealth>>,
+    node: String,
+    published: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let current = Arc::clone(&inventory.borrow_and_update());
+        health.send_if_modified(|devices| {
+            let now = dra::health_of(&current, &node);
+            let changed = *devices != now;
+            *devices = now;
+            changed
+        });
+        let mut backoff = Backoff::new(Duration::from_secs(30));
+        loop {
+            match publisher.publish(&current).await {
+                Ok(result) => {
+                    if result.created + result.updated + result.deleted > 0 {
+                        tracing::info!(
+                            generation = result.generation,
+                            slices = result.slices,
+                            devices = result.devices,
+                            created = result.created,
+                            updated = result.updated,
+                            deleted = result.deleted,
+                            "published the pool"
+                        );
+                    }
+                    published.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "cannot publish the pool; retrying");
+                    if !backoff.wait(&shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = inventory.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(REPUBLISH_EVERY) => {}
+        }
+    }
+}
+
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(health): State<Health>| async move {
+                match health.not_ready() {
+                    None => (StatusCode::OK, "ready\n".to_owned()),
+                    Some(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {why}\n"),
+                    ),
+                }
+            }),
+        )
+        .with_state(health);
+    if let Err(err) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(%err, "the HTTP server stopped");
+    }
+}

@@ -1,0 +1,471 @@
+//! The Kubernetes API side of the driver (kube-rs): the client, claims read for prepare, the
+//! node's ResourceSlices, and claim status written with server-side apply.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        core::v1::Node,
+        resource::v1::{AllocatedDeviceStatus, NetworkDeviceData, ResourceClaim, ResourceSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    dra::prepare::{ClaimApi, ClaimRef},
+    inventory::Inventory,
+    resources::{self, NodeOwner},
+    state::PreparedClaim,
+};
+
+/// Errors talking to the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// No kubeconfig was given and the in-cluster configuration is missing.
+    #[error("no --kubeconfig and no in-cluster configuration: {0}")]
+    InCluster(String),
+    /// The node this driver runs on is not registered with the API server.
+    #[error("node {0} does not exist in the API")]
+    NodeNotFound(String),
+    /// A request failed.
+    #[error("{action}: {source}")]
+    Api {
+        /// What was being done.
+        action: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    fn api(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+        let action = action.into();
+        move |source| Self::Api { action, source }
+    }
+
+    /// The HTTP status of an API error, if the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api {
+                source: kube::Error::Api(status),
+                ..
+            } => Some(status.code),
+            _ => None,
+        }
+    }
+}
+
+/// A client from `kubeconfig`, or from the in-cluster service account when `None`.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let problem = |message: String| Error::Kubeconfig {
+                path: path.display().to_string(),
+                message,
+            };
+            let file = Kubeconfig::read_from(path).map_err(|e| problem(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| problem(e.to_string()))?
+        }
+        None => kube::Config::incluster().map_err(|e| Error::InCluster(e.to_string()))?,
+    };
+    // kube's built-in retry backs off for minutes inside a single request, where neither
+    // shutdown nor kubelet's deadline can interrupt it. knd retries where it knows the stakes:
+    // status writes and publishing retry with a cancellable backoff; prepare fails fast and
+    // kubelet retries the call.
+    config.default_retry = false;
+    Client::try_from(config).map_err(|e| Error::Kubeconfig {
+        path: kubeconfig.map_or_else(|| "in-cluster".into(), |p| p.display().to_string()),
+        message: e.to_string(),
+    })
+}
+
+/// Exponential backoff: 100 ms doubling up to a cap.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at 100 ms and never waits more than `max`.
+    pub fn new(max: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(100),
+            max,
+        }
+    }
+
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// Sleeps for the next wait; false if `shutdown` came first.
+    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = self.next_delay();
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// What one publication did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The pool generation now in the API.
+    pub generation: i64,
+    /// Slices in the pool.
+    pub slices: usize,
+    /// Devices in the pool.
+    pub devices: usize,
+    /// Slices created, updated and deleted by this publication (all zero when nothing changed).
+    pub created: usize,
+    /// See `created`.
+    pub updated: usize,
+    /// See `created`.
+    pub deleted: usize,
+}
+
+/// Publishes the node's pool: one or more ResourceSlices owned by the Node, the pool generation
+/// bumped whenever the content changes, slices that are no longer needed deleted.
+#[derive(Debug)]
+pub struct Publisher {
+    slices: Api<ResourceSlice>,
+    nodes: Api<Node>,
+    driver: String,
+    node: String,
+    owner: Option<NodeOwner>,
+    /// The newest generation this publisher wrote: never goes backwards, even if every slice
+    /// was deleted behind its back.
+    generation: i64,
+}
+
+impl Publisher {
+    /// A publisher for `driver`'s pool on `node`.
+    pub fn new(client: Client, driver: &str, node: &str) -> Self {
+        Self {
+            slices: Api::all(client.clone()),
+            nodes: Api::all(client),
+            driver: driver.to_owned(),
+            node: node.to_owned(),
+            owner: None,
+            generation: 0,
+        }
+    }
+
+    /// Makes the API's slices for this pool match `inventory`. Safe to repeat: when the API
+    /// already holds this content, nothing is written.
+    pub async fn publish(&mut self, inventory: &Inventory) -> Result<Published, Error> {
+        let owner = match &self.owner {
+            Some(owner) => owner.clone(),
+            None => {
+                let node = self
+                    .nodes
+                    .get_opt(&self.node)
+                    .await
+                    .map_err(Error::api(format!("read node {}", self.node)))?
+                    .ok_or_else(|| Error::NodeNotFound(self.node.clone()))?;
+                let owner = NodeOwner {
+                    name: self.node.clone(),
+                    uid: node.metadata.uid.unwrap_or_default(),
+                };
+                self.owner = Some(owner.clone());
+                owner
+            }
+        };
+        let selector = format!("spec.driver={},spec.nodeName={}", self.driver, self.node);
+        let existing: BTreeMap<String, ResourceSlice> = self
+            .slices
+            .list(&ListParams::default().fields(&selector))
+            .await
+            .map_err(Error::api("list ResourceSlices"))?
+            .items
+            .into_iter()
+            .map(|s| (s.metadata.name.clone().unwrap_or_default(), s))
+            .collect();
+        let current = existing
+            .values()
+            .map(|s| s.spec.pool.generation)
+            .max()
+            .unwrap_or(0);
+        let build = |generation| {
+            resources::slices(
+                inventory,
+                &self.driver,
+                &self.node,
+                generation,
+                Some(&owner),
+            )
+        };
+        let devices = inventory.nics.len();
+        let unchanged = build(current);
+        if !existing.is_empty() && same_pool(&existing, &unchanged) {
+            return Ok(Published {
+                generation: current,
+                slices: unchanged.len(),
+                devices,
+                ..Published::default()
+            });
+        }
+        let generation = current.max(self.generation) + 1;
+        let desired = build(generation);
+        let mut published = Published {
+            generation,
+            slices: desired.len(),
+            devices,
+            ..Published::default()
+        };
+        // Write the new generation first, then remove what it no longer needs: a reader sees
+        // the old pool or an incomplete new one, which the scheduler waits out.
+        for mut slice in desired.iter().cloned() {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            if let Some(old) = existing.get(&name) {
+                slice
+                    .metadata
+                    .resource_version
+                    .clone_from(&old.metadata.resource_version);
+                self.slices
+                    .replace(&name, &PostParams::default(), &slice)
+                    .await
+                    .map_err(Error::api(format!("update ResourceSlice {name}")))?;
+                published.updated += 1;
+            } else {
+                self.slices
+                    .create(&PostParams::default(), &slice)
+                    .await
+                    .map_err(Error::api(format!("create ResourceSlice {name}")))?;
+                published.created += 1;
+            }
+        }
+        let wanted: Vec<_> = desired
+            .iter()
+            .filter_map(|s| s.metadata.name.as_ref())
+            .collect();
+        for (name, old) in &existing {
+            if wanted.contains(&name) {
+                continue;
+            }
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: old.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match self.slices.delete(name, &params).await {
+                Ok(_) => published.deleted += 1,
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(err) => return Err(Error::api(format!("delete ResourceSlice {name}"))(err)),
+            }
+        }
+        self.generation = generation;
+        Ok(published)
+    }
+}
+
+/// Whether the API's slices are exactly the wanted ones (names, specs, owners, labels).
+fn same_pool(existing: &BTreeMap<String, ResourceSlice>, wanted: &[ResourceSlice]) -> bool {
+    existing.len() == wanted.len()
+        && wanted.iter().all(|slice| {
+            let name = slice.metadata.name.as_deref().unwrap_or_default();
+            existing.get(name).is_some_and(|old| {
+                old.metadata.owner_references == slice.metadata.owner_references
+                    && old.metadata.labels == slice.metadata.labels
+                    && serde_json::to_value(&old.spec).ok()
+                        == serde_json::to_value(&slice.spec).ok()
+            })
+        })
+}
+
+/// Reads claims for prepare and writes their status with server-side apply.
+#[derive(Clone)]
+pub struct ApiClaims {
+    client: Client,
+    driver: String,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for ApiClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClaims")
+            .field("driver", &self.driver)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a device's status entry says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReport {
+    /// Pool.
+    pub pool: String,
+    /// Device.
+    pub device: String,
+    /// Whether the device is ready for the pod.
+    pub ready: bool,
+    /// `Ready` condition reason (CamelCase).
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// KEP-4817 network data, when known.
+    pub network: Option<NetworkDeviceData>,
+}
+
+/// How a status write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusOutcome {
+    /// Written.
+    Written,
+    /// The claim no longer exists (or is another claim with the same name now).
+    Gone,
+    /// The API refused the content; retrying cannot help.
+    Rejected,
+    /// Shutdown came first.
+    Cancelled,
+}
+
+impl ApiClaims {
+    /// Claims of `driver` through `client`; background writes stop when `shutdown` is cancelled.
+    pub fn new(client: Client, driver: &str, shutdown: CancellationToken) -> Self {
+        Self {
+            client,
+            driver: driver.to_owned(),
+            shutdown,
+        }
+    }
+
+    /// The field manager knd applies status as.
+    pub fn field_manager(&self) -> String {
+        self.driver.clone()
+    }
+
+    /// Applies our entries of `claim`'s `status.devices` (an empty list removes them), retrying
+    /// with backoff until written, the claim is gone, or the API rejects the content.
+    pub async fn write_status(&self, claim: &ClaimRef, devices: &[DeviceReport]) -> StatusOutcome {
+        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &claim.namespace);
+        let entries: Vec<AllocatedDeviceStatus> = devices
+            .iter()
+            .map(|d| AllocatedDeviceStatus {
+                driver: self.driver.clone(),
+                pool: d.pool.clone(),
+                device: d.device.clone(),
+                conditions: Some(vec![Condition {
+                    type_: "Ready".into(),
+                    status: if d.ready { "True" } else { "False" }.into(),
+                    reason: d.reason.clone(),
+                    message: d.message.clone(),
+                    last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+                    observed_generation: None,
+                }]),
+                network_data: d.network.clone(),
+                ..AllocatedDeviceStatus::default()
+            })
+            .collect();
+        let patch = serde_json::json!({
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaim",
+            // The UID makes the write a precondition: a new claim with the same name is not ours.
+            "metadata": {"name": claim.name, "namespace": claim.namespace, "uid": claim.uid},
+            "status": {"devices": entries},
+        });
+        let params = PatchParams::apply(&self.field_manager()).force();
+        let mut backoff = Backoff::new(Duration::from_secs(10));
+        loop {
+            match api
+                .patch_status(&claim.name, &params, &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => return StatusOutcome::Written,
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+                    tracing::info!(%claim, reason = %status.message, "claim gone; status not written");
+                    return StatusOutcome::Gone;
+                }
+                Err(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => {
+                    tracing::error!(%claim, reason = %status.message, "the API rejected the claim status");
+                    return StatusOutcome::Rejected;
+                }
+                Err(err) => {
+                    tracing::warn!(%claim, %err, "cannot write claim status; retrying");
+                    if !backoff.wait(&self.shutdown).await {
+                        return StatusOutcome::Cancelled;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the claim's status says once it is prepared: not ready yet (the pod's sandbox does not
+/// exist), with the network data the configuration already fixes.
+pub fn prepared_report(claim: &PreparedClaim) -> Vec<DeviceReport> {
+    claim
+        .devices
+        .iter()
+        .map(|device| {
+            let interface = device.config.interface.clone().unwrap_or_default();
+            let ips = interface.addresses.unwrap_or_default();
+            let network =
+                (interface.name.is_some() || !ips.is_empty() || interface.hardware_addr.is_some())
+                    .then(|| NetworkDeviceData {
+                        interface_name: interface.name,
+                        ips: (!ips.is_empty()).then_some(ips),
+                        hardware_address: interface.hardware_addr,
+                    });
+            DeviceReport {
+                pool: device.pool.clone(),
+                device: device.device.clone(),
+                ready: false,
+                reason: "Prepared".into(),
+                message: "prepared; attached when the pod sandbox starts".into(),
+                network,
+            }
+        })
+        .collect()
+}
+
+impl ClaimApi for ApiClaims {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
+        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name).await.map_err(|e| e.to_string())
+    }
+
+    fn prepared(&self, claim: &PreparedClaim) {
+        let this = self.clone();
+        let reference = ClaimRef {
+            namespace: claim.namespace.clone(),
+            uid: claim.uid.clone(),
+            name: claim.name.clone(),
+        };
+        let report = prepared_report(claim);
+        tokio::spawn(async move {
+            this.write_status(&reference, &report).await;
+        });
+    }
+
+    fn released(&self, claim: &ClaimRef) {
+        let this = self.clone();
+        let claim = claim.clone();
+        tokio::spawn(async move {
+            this.write_status(&claim, &[]).await;
+        });
+    }
+}

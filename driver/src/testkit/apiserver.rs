@@ -1,0 +1,1158 @@
+//! An in-process Kubernetes API server for tests and benchmarks, reached over HTTP through a
+//! kubeconfig exactly as the daemon reaches a real one.
+//!
+//! It serves the few resources knd uses — Nodes (read), ResourceSlices (list, get, create,
+//! update, delete) and ResourceClaims (read, and server-side apply on the status subresource) —
+//! and enforces the rules the real API server enforces on them: `resource.k8s.io/v1` validation
+//! (slice and attribute limits, names, value types, immutable fields), resourceVersion
+//! conflicts, UID preconditions, bearer-token authentication, status written only through the
+//! status subresource, and server-side apply ownership of `status.devices` entries. Anything it
+//! does not implement is answered with an error, never accepted silently.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, LazyLock, Mutex, MutexGuard},
+};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use k8s_openapi::{
+    api::{
+        core::v1::Node,
+        resource::v1::{AllocatedDeviceStatus, ResourceClaim, ResourceSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
+};
+use regex::Regex;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The bearer token the fake accepts (written into the kubeconfig).
+pub const TOKEN: &str = "knd-test-token";
+const RESOURCE_GROUP: &str = "resource.k8s.io/v1";
+
+/// A running fake API server; stops when dropped.
+#[derive(Debug)]
+pub struct FakeApi {
+    store: Arc<Mutex<Store>>,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+/// A recorded request: method and path (with the query).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// HTTP method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+}
+
+/// The `(driver, pool, device, shareID)` key of a `status.devices` entry.
+type DeviceKey = (String, String, String, Option<String>);
+
+#[derive(Debug, Default)]
+struct Store {
+    revision: u64,
+    uids: u64,
+    nodes: BTreeMap<String, Node>,
+    slices: BTreeMap<String, ResourceSlice>,
+    claims: BTreeMap<(String, String), ResourceClaim>,
+    /// Server-side apply: which field manager owns which `status.devices` entry, per claim.
+    device_owners: BTreeMap<(String, String), BTreeMap<DeviceKey, String>>,
+    /// Status codes the next requests fail with (fault injection).
+    faults: VecDeque<u16>,
+    requests: Vec<Request>,
+}
+
+impl Store {
+    fn next_revision(&mut self) -> String {
+        self.revision += 1;
+        self.revision.to_string()
+    }
+
+    fn next_uid(&mut self) -> String {
+        self.uids += 1;
+        format!("6b6e6400-0000-4000-8000-{:012x}", self.uids)
+    }
+}
+
+impl FakeApi {
+    /// Starts the server on a free loopback port in the current tokio runtime.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let store = Arc::new(Mutex::new(Store::default()));
+        let shutdown = CancellationToken::new();
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(Arc::clone(&store));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(err) = served {
+                tracing::error!(%err, "fake API server stopped");
+            }
+        });
+        Ok(Self {
+            store,
+            addr,
+            shutdown,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig for this server (with the bearer token) into `dir`.
+    pub fn write_kubeconfig(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             users:\n- name: knd\n  user:\n    token: {TOKEN}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: knd\n",
+            self.url()
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// A kube client for this server, configured through a kubeconfig as the daemon is.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        let dir = tempfile::tempdir()?;
+        let path = self.write_kubeconfig(dir.path())?;
+        Ok(crate::k8s::client(Some(&path)).await?)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().expect("fake API store poisoned")
+    }
+
+    /// Adds a Node and returns its UID.
+    pub fn add_node(&self, name: &str) -> String {
+        let mut store = self.lock();
+        let uid = store.next_uid();
+        let revision = store.next_revision();
+        store.nodes.insert(
+            name.to_owned(),
+            Node {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    uid: Some(uid.clone()),
+                    resource_version: Some(revision),
+                    ..ObjectMeta::default()
+                },
+                ..Node::default()
+            },
+        );
+        uid
+    }
+
+    /// Stores a claim given as API JSON (metadata.uid required), as the scheduler leaves it.
+    pub fn put_claim(&self, claim: Value) {
+        let mut claim: ResourceClaim = serde_json::from_value(claim).expect("a ResourceClaim");
+        let key = (
+            claim.metadata.namespace.clone().expect("a namespace"),
+            claim.metadata.name.clone().expect("a name"),
+        );
+        let mut store = self.lock();
+        claim.metadata.resource_version = Some(store.next_revision());
+        store.device_owners.remove(&key);
+        store.claims.insert(key, claim);
+    }
+
+    /// Deletes a claim.
+    pub fn delete_claim(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut store = self.lock();
+        store.claims.remove(&key);
+        store.device_owners.remove(&key);
+    }
+
+    /// A stored claim.
+    pub fn claim(&self, namespace: &str, name: &str) -> Option<ResourceClaim> {
+        self.lock()
+            .claims
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Every stored ResourceSlice, by name.
+    pub fn slices(&self) -> Vec<ResourceSlice> {
+        self.lock().slices.values().cloned().collect()
+    }
+
+    /// Removes a slice behind the driver's back (as an administrator might).
+    pub fn remove_slice(&self, name: &str) -> bool {
+        self.lock().slices.remove(name).is_some()
+    }
+
+    /// The next `codes.len()` requests fail with these HTTP status codes.
+    pub fn fail_next(&self, codes: &[u16]) {
+        self.lock().faults.extend(codes);
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Request> {
+        self.lock().requests.clone()
+    }
+
+    /// Requests that changed something (everything but GET).
+    pub fn writes(&self) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.method != "GET")
+            .count()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A failure as the API server reports it: a `Status` object with the HTTP code.
+#[derive(Debug)]
+struct Failure {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(what: &str, name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{what} \"{name}\" not found"),
+        )
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+
+    fn invalid(kind: &str, name: &str, errors: &[String]) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("{kind} \"{name}\" is invalid: {}", errors.join(", ")),
+        )
+    }
+
+    fn conflict(resource: &str, name: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {resource} \"{name}\": the object has been \
+                 modified; please apply your changes to the latest version and try again"
+            ),
+        )
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": self.message, "reason": self.reason,
+            "code": self.code.as_u16(),
+        });
+        (self.code, axum::Json(body)).into_response()
+    }
+}
+
+type Answer = Result<(StatusCode, Value), Failure>;
+
+async fn handle(
+    State(store): State<Arc<Mutex<Store>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut store = store.lock().expect("fake API store poisoned");
+    store.requests.push(Request {
+        method: method.to_string(),
+        path: uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_owned(), ToString::to_string),
+    });
+    let authorized = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {TOKEN}"));
+    if !authorized {
+        return Failure::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+            .into_response();
+    }
+    if let Some(code) = store.faults.pop_front() {
+        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Failure::new(code, "InternalError", "injected fault").into_response();
+    }
+    let query = parse_query(uri.query().unwrap_or_default());
+    let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let request = Incoming {
+        method: &method,
+        headers: &headers,
+        body: &body,
+        query: &query,
+    };
+    let answer = route(&mut store, &segments, &request);
+    match answer {
+        Ok((code, value)) => (code, axum::Json(value)).into_response(),
+        Err(failure) => failure.into_response(),
+    }
+}
+
+struct Incoming<'a> {
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    body: &'a [u8],
+    query: &'a BTreeMap<String, String>,
+}
+
+fn route(store: &mut Store, segments: &[&str], request: &Incoming<'_>) -> Answer {
+    let method = request.method;
+    match segments {
+        ["api", "v1", "nodes", name] if method == Method::GET => store
+            .nodes
+            .get(*name)
+            .map(|node| (StatusCode::OK, to_value(node)))
+            .ok_or_else(|| Failure::not_found("nodes", name)),
+        ["apis", "resource.k8s.io", "v1", "resourceslices"] => match *method {
+            Method::GET => list_slices(store, request.query),
+            Method::POST => create_slice(store, request.body),
+            _ => Err(not_allowed(method)),
+        },
+        ["apis", "resource.k8s.io", "v1", "resourceslices", name] => match *method {
+            Method::GET => store
+                .slices
+                .get(*name)
+                .map(|s| (StatusCode::OK, to_value(s)))
+                .ok_or_else(|| Failure::not_found("resourceslices.resource.k8s.io", name)),
+            Method::PUT => update_slice(store, name, request.body),
+            Method::DELETE => delete_slice(store, name, request.body),
+            _ => Err(not_allowed(method)),
+        },
+        [
+            "apis",
+            "resource.k8s.io",
+            "v1",
+            "namespaces",
+            namespace,
+            "resourceclaims",
+            name,
+        ] => match *method {
+            Method::GET => get_claim(store, namespace, name),
+            _ => Err(not_allowed(method)),
+        },
+        [
+            "apis",
+            "resource.k8s.io",
+            "v1",
+            "namespaces",
+            namespace,
+            "resourceclaims",
+            name,
+            "status",
+        ] => match *method {
+            Method::GET => get_claim(store, namespace, name),
+            Method::PATCH => apply_claim_status(store, namespace, name, request),
+            _ => Err(not_allowed(method)),
+        },
+        _ => Err(Failure::not_found(
+            "the server could not find the requested resource",
+            "",
+        )),
+    }
+}
+
+fn not_allowed(method: &Method) -> Failure {
+    Failure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        format!("the fake API server does not implement {method} here"),
+    )
+}
+
+fn to_value<T: serde::Serialize>(object: &T) -> Value {
+    serde_json::to_value(object).expect("API objects serialize")
+}
+
+fn parse_query(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(key), percent_decode(value))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 3 <= bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                if let Some(byte) = hex {
+                    out.push(byte);
+                    i += 3;
+                } else {
+                    out.push(b'%');
+                    i += 1;
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| Failure::bad_request(format!("cannot decode the request body: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// ResourceSlices
+
+fn list_slices(store: &Store, query: &BTreeMap<String, String>) -> Answer {
+    let mut fields = Vec::new();
+    for term in query
+        .get("fieldSelector")
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|t| !t.is_empty())
+    {
+        let (field, value) = term
+            .split_once("==")
+            .or_else(|| term.split_once('='))
+            .ok_or_else(|| Failure::bad_request(format!("invalid field selector term {term}")))?;
+        if !matches!(field, "spec.nodeName" | "spec.driver" | "metadata.name") {
+            return Err(Failure::bad_request(format!(
+                "field label not supported: {field}"
+            )));
+        }
+        fields.push((field.to_owned(), value.to_owned()));
+    }
+    let mut labels = Vec::new();
+    for term in query
+        .get("labelSelector")
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|t| !t.is_empty())
+    {
+        let (key, value) = term.split_once('=').ok_or_else(|| {
+            Failure::bad_request(format!("the fake supports only key=value labels: {term}"))
+        })?;
+        labels.push((key.to_owned(), value.trim_start_matches('=').to_owned()));
+    }
+    let items: Vec<Value> = store
+        .slices
+        .values()
+        .filter(|slice| {
+            fields.iter().all(|(field, value)| {
+                let actual = match field.as_str() {
+                    "spec.nodeName" => slice.spec.node_name.as_deref().unwrap_or_default(),
+                    "spec.driver" => slice.spec.driver.as_str(),
+                    _ => slice.metadata.name.as_deref().unwrap_or_default(),
+                };
+                actual == value
+            }) && labels.iter().all(|(key, value)| {
+                slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(key))
+                    .is_some_and(|v| v == value)
+            })
+        })
+        .map(to_value)
+        .collect();
+    Ok((
+        StatusCode::OK,
+        json!({
+            "apiVersion": RESOURCE_GROUP, "kind": "ResourceSliceList",
+            "metadata": {"resourceVersion": store.revision.to_string()},
+            "items": items,
+        }),
+    ))
+}
+
+fn create_slice(store: &mut Store, body: &[u8]) -> Answer {
+    let mut slice: ResourceSlice = decode(body)?;
+    let name = match (&slice.metadata.name, &slice.metadata.generate_name) {
+        (Some(name), _) => name.clone(),
+        (None, Some(prefix)) => format!("{prefix}{:05x}", store.uids % 0xfffff),
+        (None, None) => {
+            return Err(Failure::invalid(
+                "ResourceSlice.resource.k8s.io",
+                "",
+                &["metadata.name: Required value: name or generateName is required".into()],
+            ));
+        }
+    };
+    if slice.metadata.resource_version.is_some() {
+        return Err(Failure::bad_request(
+            "resourceVersion should not be set on objects to be created",
+        ));
+    }
+    let errors = validate_slice(&name, &slice);
+    if !errors.is_empty() {
+        return Err(Failure::invalid(
+            "ResourceSlice.resource.k8s.io",
+            &name,
+            &errors,
+        ));
+    }
+    if store.slices.contains_key(&name) {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("resourceslices.resource.k8s.io \"{name}\" already exists"),
+        ));
+    }
+    slice.metadata.name = Some(name.clone());
+    slice.metadata.uid = Some(store.next_uid());
+    slice.metadata.resource_version = Some(store.next_revision());
+    slice.metadata.generation = Some(1);
+    slice.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    let value = to_value(&slice);
+    store.slices.insert(name, slice);
+    Ok((StatusCode::CREATED, value))
+}
+
+fn update_slice(store: &mut Store, name: &str, body: &[u8]) -> Answer {
+    let mut slice: ResourceSlice = decode(body)?;
+    let Some(old) = store.slices.get(name) else {
+        return Err(Failure::not_found("resourceslices.resource.k8s.io", name));
+    };
+    if slice.metadata.name.as_deref() != Some(name) {
+        return Err(Failure::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            slice.metadata.name.as_deref().unwrap_or_default()
+        )));
+    }
+    let mut errors = Vec::new();
+    match &slice.metadata.resource_version {
+        None => errors.push(
+            "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update".into(),
+        ),
+        Some(version) if Some(version) != old.metadata.resource_version.as_ref() => {
+            return Err(Failure::conflict("resourceslices.resource.k8s.io", name));
+        }
+        Some(_) => {}
+    }
+    if let Some(uid) = &slice.metadata.uid
+        && Some(uid) != old.metadata.uid.as_ref()
+    {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                old.metadata.uid.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
+    if slice.spec.node_name != old.spec.node_name {
+        errors.push("spec.nodeName: Invalid value: field is immutable".into());
+    }
+    if slice.spec.driver != old.spec.driver {
+        errors.push("spec.driver: Invalid value: field is immutable".into());
+    }
+    errors.extend(validate_slice(name, &slice));
+    if !errors.is_empty() {
+        return Err(Failure::invalid(
+            "ResourceSlice.resource.k8s.io",
+            name,
+            &errors,
+        ));
+    }
+    let spec_changed = to_value(&slice.spec) != to_value(&old.spec);
+    slice.metadata.uid.clone_from(&old.metadata.uid);
+    slice
+        .metadata
+        .creation_timestamp
+        .clone_from(&old.metadata.creation_timestamp);
+    slice.metadata.generation =
+        Some(old.metadata.generation.unwrap_or(1) + i64::from(spec_changed));
+    slice.metadata.resource_version = Some(store.next_revision());
+    let value = to_value(&slice);
+    store.slices.insert(name.to_owned(), slice);
+    Ok((StatusCode::OK, value))
+}
+
+fn delete_slice(store: &mut Store, name: &str, body: &[u8]) -> Answer {
+    let Some(old) = store.slices.get(name) else {
+        return Err(Failure::not_found("resourceslices.resource.k8s.io", name));
+    };
+    if !body.is_empty() {
+        let options: Value = decode(body)?;
+        let precondition =
+            |field: &str| options["preconditions"][field].as_str().map(str::to_owned);
+        if let Some(uid) = precondition("uid")
+            && Some(&uid) != old.metadata.uid.as_ref()
+        {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!("Precondition failed: UID in precondition: {uid}"),
+            ));
+        }
+        if let Some(version) = precondition("resourceVersion")
+            && Some(&version) != old.metadata.resource_version.as_ref()
+        {
+            return Err(Failure::conflict("resourceslices.resource.k8s.io", name));
+        }
+    }
+    let removed = store.slices.remove(name).expect("checked above");
+    store.next_revision();
+    Ok((StatusCode::OK, to_value(&removed)))
+}
+
+static DNS_LABEL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").expect("valid regex"));
+static DNS_SUBDOMAIN: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+        .expect("valid regex")
+});
+static C_IDENTIFIER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[A-Za-z_][A-Za-z0-9_]*$").expect("valid regex"));
+static CONDITION_REASON: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$").expect("valid regex"));
+static QUALIFIED_NAME: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$").expect("valid regex")
+});
+
+fn is_label(text: &str) -> bool {
+    text.len() <= 63 && DNS_LABEL.is_match(text)
+}
+
+fn is_subdomain(text: &str, max: usize) -> bool {
+    text.len() <= max && DNS_SUBDOMAIN.is_match(text)
+}
+
+/// `resource.k8s.io/v1` ResourceSlice validation (create and update).
+fn validate_slice(name: &str, slice: &ResourceSlice) -> Vec<String> {
+    let mut errors = Vec::new();
+    if !is_subdomain(name, 253) {
+        errors.push(format!(
+            "metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must \
+             consist of lower case alphanumeric characters, '-' or '.'"
+        ));
+    }
+    for (i, owner) in slice.metadata.owner_references.iter().flatten().enumerate() {
+        for (field, value) in [
+            ("apiVersion", &owner.api_version),
+            ("kind", &owner.kind),
+            ("name", &owner.name),
+            ("uid", &owner.uid),
+        ] {
+            if value.is_empty() {
+                errors.push(format!(
+                    "metadata.ownerReferences[{i}].{field}: Invalid value: \"\": {field} must \
+                     not be empty"
+                ));
+            }
+        }
+    }
+    let spec = &slice.spec;
+    if !is_subdomain(&spec.driver, 63) {
+        errors.push(format!(
+            "spec.driver: Invalid value: \"{}\": must be a DNS subdomain of at most 63 characters",
+            spec.driver
+        ));
+    }
+    let pool = &spec.pool;
+    if pool.name.is_empty()
+        || pool.name.len() > 253
+        || !pool.name.split('/').all(|part| is_subdomain(part, 253))
+    {
+        errors.push(format!(
+            "spec.pool.name: Invalid value: \"{}\": must be DNS subdomains joined by /",
+            pool.name
+        ));
+    }
+    if pool.generation < 0 {
+        errors
+            .push("spec.pool.generation: Invalid value: must be greater than or equal to 0".into());
+    }
+    if pool.resource_slice_count <= 0 {
+        errors
+            .push("spec.pool.resourceSliceCount: Invalid value: must be greater than zero".into());
+    }
+    let selections = [
+        spec.node_name.is_some(),
+        spec.node_selector.is_some(),
+        spec.all_nodes == Some(true),
+        spec.per_device_node_selection == Some(true),
+    ];
+    match selections.iter().filter(|s| **s).count() {
+        0 => errors.push(
+            "spec: Required value: exactly one of `nodeName`, `nodeSelector`, `allNodes`, \
+             `perDeviceNodeSelection` is required"
+                .into(),
+        ),
+        1 => {}
+        _ => errors.push(
+            "spec: Invalid value: exactly one of `nodeName`, `nodeSelector`, `allNodes`, \
+             `perDeviceNodeSelection` is required, but multiple fields are set"
+                .into(),
+        ),
+    }
+    if let Some(node) = &spec.node_name
+        && !is_subdomain(node, 253)
+    {
+        errors.push(format!("spec.nodeName: Invalid value: \"{node}\""));
+    }
+    let devices = spec.devices.as_deref().unwrap_or_default();
+    let restricted = devices
+        .iter()
+        .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()) || d.consumes_counters.is_some());
+    let max_devices = if restricted { 64 } else { 128 };
+    if devices.len() > max_devices {
+        errors.push(format!(
+            "spec.devices: Too many: {}: must have at most {max_devices} items",
+            devices.len()
+        ));
+    }
+    if !devices.is_empty() && spec.shared_counters.is_some() {
+        errors
+            .push("spec: Invalid value: only one of devices and sharedCounters may be set".into());
+    }
+    let mut seen = BTreeSet::new();
+    for (i, device) in devices.iter().enumerate() {
+        let path = format!("spec.devices[{i}]");
+        if !is_label(&device.name) {
+            errors.push(format!(
+                "{path}.name: Invalid value: \"{}\": a lowercase RFC 1123 label must consist of \
+                 lower case alphanumeric characters or '-', and must start and end with an \
+                 alphanumeric character",
+                device.name
+            ));
+        }
+        if !seen.insert(device.name.as_str()) {
+            errors.push(format!("{path}.name: Duplicate value: \"{}\"", device.name));
+        }
+        let attributes = device.attributes.as_ref();
+        let capacity = device.capacity.as_ref();
+        let count = attributes.map_or(0, BTreeMap::len) + capacity.map_or(0, BTreeMap::len);
+        if count > 32 {
+            errors.push(format!(
+                "{path}: Too many: {count}: must have at most 32 attributes and capacities combined"
+            ));
+        }
+        for (name, attribute) in attributes.into_iter().flatten() {
+            let path = format!("{path}.attributes[{name}]");
+            if let Some(problem) = attribute_name_problem(name) {
+                errors.push(format!("{path}: Invalid value: \"{name}\": {problem}"));
+            }
+            let set = [
+                attribute.int.is_some(),
+                attribute.bool.is_some(),
+                attribute.string.is_some(),
+                attribute.version.is_some(),
+            ]
+            .into_iter()
+            .filter(|s| *s)
+            .count();
+            if set != 1 {
+                errors.push(format!(
+                    "{path}: Invalid value: exactly one value must be specified, found {set}"
+                ));
+            }
+            if let Some(text) = &attribute.string
+                && text.chars().count() > 64
+            {
+                errors.push(format!(
+                    "{path}.string: Too long: may not be more than 64 bytes"
+                ));
+            }
+            if let Some(version) = &attribute.version {
+                if version.len() > 64 {
+                    errors.push(format!(
+                        "{path}.version: Too long: may not be more than 64 bytes"
+                    ));
+                }
+                if semver::Version::parse(version).is_err() {
+                    errors.push(format!(
+                        "{path}.version: Invalid value: \"{version}\": must be a string \
+                         compatible with semver.org spec 2.0.0"
+                    ));
+                }
+            }
+        }
+        for name in capacity.into_iter().flatten().map(|(name, _)| name) {
+            if let Some(problem) = attribute_name_problem(name) {
+                errors.push(format!(
+                    "{path}.capacity[{name}]: Invalid value: \"{name}\": {problem}"
+                ));
+            }
+        }
+    }
+    errors
+}
+
+/// Attribute and capacity names: a C identifier of at most 32 characters, optionally after a
+/// DNS subdomain of at most 63 characters and a slash.
+fn attribute_name_problem(name: &str) -> Option<String> {
+    let (domain, id) = match name.split_once('/') {
+        Some((domain, id)) => (Some(domain), id),
+        None => (None, name),
+    };
+    if let Some(domain) = domain
+        && !is_subdomain(domain, 63)
+    {
+        return Some("the domain must be a DNS subdomain of at most 63 characters".into());
+    }
+    if id.len() > 32 || !C_IDENTIFIER.is_match(id) {
+        return Some("the name must be a C identifier of at most 32 characters".into());
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// ResourceClaims
+
+fn get_claim(store: &Store, namespace: &str, name: &str) -> Answer {
+    store
+        .claims
+        .get(&(namespace.to_owned(), name.to_owned()))
+        .map(|c| (StatusCode::OK, to_value(c)))
+        .ok_or_else(|| Failure::not_found("resourceclaims.resource.k8s.io", name))
+}
+
+fn device_key(status: &AllocatedDeviceStatus) -> DeviceKey {
+    (
+        status.driver.clone(),
+        status.pool.clone(),
+        status.device.clone(),
+        status.share_id.clone(),
+    )
+}
+
+/// Server-side apply of `status.devices` through the status subresource. Entries are a map
+/// keyed by (driver, pool, device, shareID); an applier owns the entries it applied, entries it
+/// stops applying are removed, and entries owned by another manager conflict unless forced.
+fn apply_claim_status(
+    store: &mut Store,
+    namespace: &str,
+    name: &str,
+    request: &Incoming<'_>,
+) -> Answer {
+    let content_type = request
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type != "application/apply-patch+yaml" {
+        return Err(Failure::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!(
+                "the fake API server implements only server-side apply on resourceclaims/status, \
+                 not {content_type}"
+            ),
+        ));
+    }
+    let Some(manager) = request.query.get("fieldManager").filter(|m| !m.is_empty()) else {
+        return Err(Failure::bad_request(
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is \
+             required for apply patch",
+        ));
+    };
+    let force = request.query.get("force").is_some_and(|f| f == "true");
+    let patch: Value = serde_yaml::from_slice(request.body)
+        .map_err(|e| Failure::bad_request(format!("cannot decode the apply patch: {e}")))?;
+    if patch["apiVersion"] != RESOURCE_GROUP || patch["kind"] != "ResourceClaim" {
+        return Err(Failure::bad_request(
+            "the apply patch must set apiVersion resource.k8s.io/v1 and kind ResourceClaim",
+        ));
+    }
+    if patch["metadata"]["name"] != name {
+        return Err(Failure::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            patch["metadata"]["name"]
+        )));
+    }
+    if !patch["metadata"]["namespace"].is_null() && patch["metadata"]["namespace"] != namespace {
+        return Err(Failure::bad_request(
+            "the namespace of the object does not match the namespace on the request",
+        ));
+    }
+    let key = (namespace.to_owned(), name.to_owned());
+    let Some(claim) = store.claims.get(&key) else {
+        return Err(Failure::not_found("resourceclaims.resource.k8s.io", name));
+    };
+    if let Some(uid) = patch["metadata"]["uid"].as_str()
+        && Some(uid) != claim.metadata.uid.as_deref()
+    {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                claim.metadata.uid.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
+    let status = patch["status"].as_object().cloned().unwrap_or_default();
+    if let Some(other) = status.keys().find(|k| *k != "devices") {
+        return Err(Failure::invalid(
+            "ResourceClaim.resource.k8s.io",
+            name,
+            &[format!(
+                "status.{other}: Forbidden: the fake API server accepts only status.devices \
+                 through apply"
+            )],
+        ));
+    }
+    let applied: Vec<AllocatedDeviceStatus> = match status.get("devices") {
+        Some(devices) => serde_path_to_error::deserialize(devices.clone())
+            .map_err(|e| Failure::bad_request(format!("cannot decode status.devices: {e}")))?,
+        None => Vec::new(),
+    };
+    let owners = store.device_owners.entry(key.clone()).or_default().clone();
+    let mut entries: BTreeMap<DeviceKey, AllocatedDeviceStatus> = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.devices.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| (device_key(&d), d))
+        .collect();
+    let mut new_owners = owners.clone();
+    let mut applied_keys = BTreeSet::new();
+    let mut errors = Vec::new();
+    for (i, device) in applied.iter().enumerate() {
+        let device_key = device_key(device);
+        if !applied_keys.insert(device_key.clone()) {
+            errors.push(format!("status.devices[{i}]: Duplicate value"));
+            continue;
+        }
+        if let Some(owner) = owners.get(&device_key)
+            && owner != manager
+            && !force
+        {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!(
+                    "Apply failed with 1 conflict: conflict with \"{owner}\": \
+                     .status.devices[driver=\"{}\",device=\"{}\",pool=\"{}\"]",
+                    device.driver, device.device, device.pool
+                ),
+            ));
+        }
+        entries.insert(device_key.clone(), device.clone());
+        new_owners.insert(device_key, manager.clone());
+    }
+    // Entries this manager applied before and no longer applies are removed.
+    for (device_key, owner) in &owners {
+        if owner == manager && !applied_keys.contains(device_key) {
+            entries.remove(device_key);
+            new_owners.remove(device_key);
+        }
+    }
+    let devices: Vec<AllocatedDeviceStatus> = entries.into_values().collect();
+    errors.extend(validate_device_statuses(claim, &devices));
+    if !errors.is_empty() {
+        return Err(Failure::invalid(
+            "ResourceClaim.resource.k8s.io",
+            name,
+            &errors,
+        ));
+    }
+    let revision = store.next_revision();
+    let claim = store.claims.get_mut(&key).expect("checked above");
+    let status = claim.status.get_or_insert_with(Default::default);
+    status.devices = (!devices.is_empty()).then_some(devices);
+    claim.metadata.resource_version = Some(revision);
+    let value = to_value(&*claim);
+    store.device_owners.insert(key, new_owners);
+    Ok((StatusCode::OK, value))
+}
+
+/// `status.devices` rules (KEP-4817): each entry names an allocated device; conditions,
+/// network data and opaque data within their limits.
+fn validate_device_statuses(
+    claim: &ResourceClaim,
+    devices: &[AllocatedDeviceStatus],
+) -> Vec<String> {
+    let allocated: BTreeSet<DeviceKey> = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+        .map(|d| d.results.iter().flatten())
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r.driver.clone(),
+                r.pool.clone(),
+                r.device.clone(),
+                r.share_id.clone(),
+            )
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for (i, device) in devices.iter().enumerate() {
+        let path = format!("status.devices[{i}]");
+        if !allocated.contains(&device_key(device)) {
+            errors.push(format!(
+                "{path}: Invalid value: must be an allocated device in the claim \
+                 (driver {}, pool {}, device {})",
+                device.driver, device.pool, device.device
+            ));
+        }
+        let conditions = device.conditions.as_deref().unwrap_or_default();
+        if conditions.len() > 8 {
+            errors.push(format!(
+                "{path}.conditions: Too many: {}: must have at most 8 items",
+                conditions.len()
+            ));
+        }
+        let mut types = BTreeSet::new();
+        for (j, condition) in conditions.iter().enumerate() {
+            errors.extend(
+                condition_problems(condition)
+                    .into_iter()
+                    .map(|p| format!("{path}.conditions[{j}].{p}")),
+            );
+            if !types.insert(condition.type_.as_str()) {
+                errors.push(format!("{path}.conditions[{j}].type: Duplicate value"));
+            }
+        }
+        if let Some(data) = &device.data {
+            let size = serde_json::to_vec(&data.0).map_or(0, |v| v.len());
+            if size > 10 * 1024 {
+                errors.push(format!(
+                    "{path}.data: Too long: may not be more than 10240 bytes"
+                ));
+            }
+        }
+        if let Some(network) = &device.network_data {
+            if network
+                .interface_name
+                .as_ref()
+                .is_some_and(|n| n.len() > 256)
+            {
+                errors.push(format!(
+                    "{path}.networkData.interfaceName: Too long: may not be more than 256 bytes"
+                ));
+            }
+            if network
+                .hardware_address
+                .as_ref()
+                .is_some_and(|n| n.len() > 128)
+            {
+                errors.push(format!(
+                    "{path}.networkData.hardwareAddress: Too long: may not be more than 128 bytes"
+                ));
+            }
+            let ips = network.ips.as_deref().unwrap_or_default();
+            if ips.len() > 16 {
+                errors.push(format!(
+                    "{path}.networkData.ips: Too many: {}: must have at most 16 items",
+                    ips.len()
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            for (j, ip) in ips.iter().enumerate() {
+                if ip.parse::<ipnet::IpNet>().is_err() {
+                    errors.push(format!(
+                        "{path}.networkData.ips[{j}]: Invalid value: \"{ip}\": must be a valid \
+                         address in CIDR form, (e.g. 10.9.8.7/24 or 2001:db8::1/64)"
+                    ));
+                }
+                if !seen.insert(ip) {
+                    errors.push(format!(
+                        "{path}.networkData.ips[{j}]: Duplicate value: \"{ip}\""
+                    ));
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// metav1.Condition validation.
+fn condition_problems(condition: &Condition) -> Vec<String> {
+    let mut problems = Vec::new();
+    let kind = &condition.type_;
+    let name = kind.rsplit('/').next().unwrap_or_default();
+    let prefix_ok = kind
+        .rsplit_once('/')
+        .is_none_or(|(prefix, _)| is_subdomain(prefix, 253));
+    if name.is_empty() || name.len() > 63 || !QUALIFIED_NAME.is_match(name) || !prefix_ok {
+        problems.push(format!(
+            "type: Invalid value: \"{kind}\": must be a qualified name"
+        ));
+    }
+    if !matches!(condition.status.as_str(), "True" | "False" | "Unknown") {
+        problems.push(format!(
+            "status: Unsupported value: \"{}\": supported values: \"False\", \"True\", \"Unknown\"",
+            condition.status
+        ));
+    }
+    if condition.reason.is_empty() {
+        problems.push("reason: Required value".into());
+    } else if condition.reason.len() > 1024 || !CONDITION_REASON.is_match(&condition.reason) {
+        problems.push(format!(
+            "reason: Invalid value: \"{}\": a condition reason must start with an alphabetic \
+             character, optionally followed by a string of alphanumeric characters or '_,:', \
+             and must end with an alphanumeric character or '_'",
+            condition.reason
+        ));
+    }
+    if condition.message.len() > 32768 {
+        problems.push("message: Too long: may not be more than 32768 bytes".into());
+    }
+    if condition.observed_generation.is_some_and(|g| g < 0) {
+        problems.push(
+            "observedGeneration: Invalid value: must be greater than or equal to zero".into(),
+        );
+    }
+    problems
+}

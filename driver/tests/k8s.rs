@@ -1,0 +1,601 @@
+//! The Kubernetes API side, through kube-rs and a kubeconfig, against the in-process fake API
+//! server: first that the fake enforces the real API's rules (a fake that accepts anything
+//! would test nothing), then slice publishing and claim status.
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+use knd::{
+    dra::prepare::{ClaimApi as _, ClaimRef, Preparer},
+    inventory::{self, Inventory, Nic, netdev::Netdev},
+    k8s::{self, ApiClaims, DeviceReport, Publisher, StatusOutcome},
+    resources,
+    state::StateStore,
+    testkit::{
+        apiserver::FakeApi,
+        claims::{CONFIG_HEAD, allocated_claim},
+        machines,
+    },
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn api_status(result: Result<impl std::fmt::Debug, kube::Error>) -> (u16, String) {
+    match result {
+        Err(kube::Error::Api(status)) => (status.code, status.message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn slice_json(devices: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+        "metadata": {"name": "n1-knd.dev-0"},
+        "spec": {"driver": "knd.dev", "nodeName": "n1",
+                 "pool": {"name": "n1", "generation": 1, "resourceSliceCount": 1},
+                 "devices": devices}
+    })
+}
+
+fn slice(devices: serde_json::Value) -> ResourceSlice {
+    serde_json::from_value(slice_json(devices)).unwrap()
+}
+
+fn virtual_nics(count: usize) -> Inventory {
+    Inventory {
+        nics: (0..count)
+            .map(|i| Nic {
+                netdev: Some(Netdev {
+                    name: format!("vnic{i}"),
+                    ..Netdev::default()
+                }),
+                ..Nic::default()
+            })
+            .collect(),
+        ..Inventory::default()
+    }
+}
+
+#[tokio::test]
+async fn the_fake_api_enforces_resource_slice_validation() {
+    let fake = FakeApi::start().await.unwrap();
+    let slices: Api<ResourceSlice> = Api::all(fake.client().await.unwrap());
+    let pp = PostParams::default();
+    let many: Vec<_> = (0..129).map(|i| json!({"name": format!("d{i}")})).collect();
+    let long = "x".repeat(65);
+    let cases = [
+        (json!(many), "spec.devices: Too many: 129"),
+        (json!([{"name": "Eth0"}]), "spec.devices[0].name"),
+        (
+            json!([{"name": "a"}, {"name": "a"}]),
+            "Duplicate value: \"a\"",
+        ),
+        (
+            json!([{"name": "a", "attributes": {"knd.dev/if-name": {"string": "x"}}}]),
+            "C identifier",
+        ),
+        (
+            json!([{"name": "a", "attributes": {"Bad_Domain/x": {"string": "x"}}}]),
+            "DNS subdomain",
+        ),
+        (
+            json!([{"name": "a", "attributes": {"x": {"string": long}}}]),
+            "Too long: may not be more than 64",
+        ),
+        (
+            json!([{"name": "a", "attributes": {"x": {"string": "s", "int": 1}}}]),
+            "exactly one value",
+        ),
+        (
+            json!([{"name": "a", "attributes": {"x": {"version": "1.2"}}}]),
+            "semver",
+        ),
+    ];
+    for (devices, expected) in cases {
+        let (code, message) = api_status(slices.create(&pp, &slice(devices.clone())).await);
+        assert_eq!(code, 422, "{devices}: {message}");
+        assert!(message.contains(expected), "{devices}: {message}");
+    }
+    let attributes: serde_json::Map<_, _> = (0..33)
+        .map(|i| (format!("a{i}"), json!({"int": i})))
+        .collect();
+    let (code, message) = api_status(
+        slices
+            .create(
+                &pp,
+                &slice(json!([{"name": "a", "attributes": attributes}])),
+            )
+            .await,
+    );
+    assert_eq!(
+        (code, message.contains("Too many: 33")),
+        (422, true),
+        "{message}"
+    );
+    let mut two_selections = slice(json!([]));
+    two_selections.spec.all_nodes = Some(true);
+    let (code, message) = api_status(slices.create(&pp, &two_selections).await);
+    assert_eq!(
+        (code, message.contains("exactly one of")),
+        (422, true),
+        "{message}"
+    );
+    assert!(fake.slices().is_empty(), "nothing invalid was stored");
+
+    // Updates: resourceVersion required and current, nodeName immutable.
+    let created = slices
+        .create(&pp, &slice(json!([{"name": "a"}])))
+        .await
+        .unwrap();
+    let mut stale = created.clone();
+    slices.replace("n1-knd.dev-0", &pp, &created).await.unwrap();
+    stale.spec.devices = Some(Vec::new());
+    let (code, message) = api_status(slices.replace("n1-knd.dev-0", &pp, &stale).await);
+    assert_eq!(
+        (code, message.contains("has been modified")),
+        (409, true),
+        "{message}"
+    );
+    let mut current = slices.get("n1-knd.dev-0").await.unwrap();
+    current.spec.node_name = Some("n2".into());
+    let (code, message) = api_status(slices.replace("n1-knd.dev-0", &pp, &current).await);
+    assert_eq!(
+        (code, message.contains("immutable")),
+        (422, true),
+        "{message}"
+    );
+    current.spec.node_name = Some("n1".into());
+    current.metadata.resource_version = None;
+    let (code, message) = api_status(slices.replace("n1-knd.dev-0", &pp, &current).await);
+    assert_eq!(
+        (code, message.contains("must be specified")),
+        (422, true),
+        "{message}"
+    );
+    let (code, _) = api_status(slices.create(&pp, &slice(json!([]))).await);
+    assert_eq!(code, 409, "a second create of the same name");
+}
+
+#[tokio::test]
+async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
+    let fake = FakeApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = fake.write_kubeconfig(dir.path()).unwrap();
+    let wrong = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(knd::testkit::apiserver::TOKEN, "someone-else");
+    std::fs::write(&path, wrong).unwrap();
+    let stranger: Api<ResourceSlice> = Api::all(k8s::client(Some(&path)).await.unwrap());
+    assert_eq!(api_status(stranger.list(&Default::default()).await).0, 401);
+
+    let client = fake.client().await.unwrap();
+    fake.put_claim(allocated_claim(
+        "c1",
+        "uid-1",
+        &format!("{{{CONFIG_HEAD}}}"),
+    ));
+    let claims: Api<ResourceClaim> = Api::namespaced(client, "ml");
+    let apply = |devices: serde_json::Value, uid: &str| {
+        Patch::Apply(json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": "c1", "uid": uid}, "status": {"devices": devices}
+        }))
+    };
+    let ready = |device: &str, extra: serde_json::Value| {
+        let mut entry = json!({"driver": "knd.dev", "pool": "node-1", "device": device,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Attached",
+                            "message": "", "lastTransitionTime": "2026-11-23T10:00:00Z"}]});
+        entry
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        entry
+    };
+    let knd = PatchParams::apply("knd.dev");
+    let good = ready(
+        "pci-0000-b4-00-0",
+        json!({"networkData": {"interfaceName": "net1", "ips": ["10.0.0.2/24"]}}),
+    );
+    let cases = [
+        (
+            ready("pci-0000-99-00-0", json!({})),
+            422,
+            "must be an allocated device",
+        ),
+        (
+            ready(
+                "pci-0000-b4-00-0",
+                json!({"networkData": {"ips": ["10.0.0.300/24"]}}),
+            ),
+            422,
+            "CIDR",
+        ),
+        (
+            ready(
+                "pci-0000-b4-00-0",
+                json!({"networkData": {"ips": ["10.0.0.2"]}}),
+            ),
+            422,
+            "CIDR",
+        ),
+        (
+            json!({"driver": "knd.dev", "pool": "node-1", "device": "pci-0000-b4-00-0",
+                   "conditions": [{"type": "Ready", "status": "Yes", "reason": "not valid!",
+                                   "message": "", "lastTransitionTime": "2026-11-23T10:00:00Z"}]}),
+            422,
+            "supported values",
+        ),
+    ];
+    for (entry, code, expected) in cases {
+        let (actual, message) = api_status(
+            claims
+                .patch_status("c1", &knd, &apply(json!([entry]), "uid-1"))
+                .await,
+        );
+        assert_eq!(actual, code, "{message}");
+        assert!(message.contains(expected), "{message}");
+    }
+    let (code, message) = api_status(
+        claims
+            .patch_status("c1", &knd, &apply(json!([good.clone()]), "uid-old"))
+            .await,
+    );
+    assert_eq!(
+        (code, message.contains("UID in precondition")),
+        (409, true),
+        "{message}"
+    );
+    let merge = Patch::Merge(json!({"status": {"devices": []}}));
+    assert_eq!(
+        api_status(claims.patch_status("c1", &knd, &merge).await).0,
+        415
+    );
+    assert!(
+        fake.claim("ml", "c1")
+            .unwrap()
+            .status
+            .unwrap()
+            .devices
+            .is_none(),
+        "nothing written"
+    );
+
+    // Apply ownership: another manager's entry survives ours being withdrawn.
+    let gpu = json!({"driver": "gpu.nvidia.com", "pool": "node-1", "device": "gpu-5",
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Ok", "message": "",
+                        "lastTransitionTime": "2026-11-23T10:00:00Z"}]});
+    claims
+        .patch_status(
+            "c1",
+            &PatchParams::apply("gpu.nvidia.com"),
+            &apply(json!([gpu]), "uid-1"),
+        )
+        .await
+        .unwrap();
+    claims
+        .patch_status("c1", &knd, &apply(json!([good]), "uid-1"))
+        .await
+        .unwrap();
+    let devices = |fake: &FakeApi| -> Vec<String> {
+        fake.claim("ml", "c1")
+            .unwrap()
+            .status
+            .unwrap()
+            .devices
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.device)
+            .collect()
+    };
+    assert_eq!(devices(&fake), ["gpu-5", "pci-0000-b4-00-0"]);
+    let (code, message) = api_status(
+        claims
+            .patch_status(
+                "c1",
+                &PatchParams::apply("intruder"),
+                &apply(json!([ready("pci-0000-b4-00-0", json!({}))]), "uid-1"),
+            )
+            .await,
+    );
+    assert_eq!(
+        (code, message.contains("conflict with \"knd.dev\"")),
+        (409, true),
+        "{message}"
+    );
+    claims
+        .patch_status("c1", &knd, &apply(json!([]), "uid-1"))
+        .await
+        .unwrap();
+    assert_eq!(devices(&fake), ["gpu-5"]);
+}
+
+#[tokio::test]
+async fn the_pool_is_published_owned_by_the_node_and_kept_in_step() {
+    let fake = FakeApi::start().await.unwrap();
+    let node_uid = fake.add_node("gpu-node-1");
+    let mut publisher = Publisher::new(fake.client().await.unwrap(), "knd.dev", "gpu-node-1");
+    let tree = machines::gpu_8x8();
+    let inventory = inventory::discover(&tree.host());
+    assert_eq!(inventory.nics.len(), 72);
+
+    let first = publisher.publish(&inventory).await.unwrap();
+    assert_eq!((first.generation, first.slices, first.created), (1, 1, 1));
+    let stored = fake.slices();
+    assert_eq!(stored.len(), 1);
+    let slice = &stored[0];
+    assert_eq!(slice.spec.devices.as_ref().unwrap().len(), 72);
+    assert_eq!(slice.spec.node_name.as_deref(), Some("gpu-node-1"));
+    let owner = &slice.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Node", node_uid.as_str())
+    );
+
+    // Nothing changed: nothing written.
+    let writes = fake.writes();
+    let again = publisher.publish(&inventory).await.unwrap();
+    assert_eq!(
+        (
+            again.generation,
+            again.created + again.updated + again.deleted
+        ),
+        (1, 0)
+    );
+    assert_eq!(fake.writes(), writes);
+
+    // A device goes: the same slice, the next generation.
+    let mut fewer = inventory.clone();
+    fewer.nics.pop();
+    let second = publisher.publish(&fewer).await.unwrap();
+    assert_eq!((second.generation, second.updated), (2, 1));
+    assert_eq!(fake.slices()[0].spec.devices.as_ref().unwrap().len(), 71);
+
+    // 200 devices need two slices, each carrying the pool's slice count.
+    let third = publisher.publish(&virtual_nics(200)).await.unwrap();
+    assert_eq!(
+        (third.generation, third.slices, third.created, third.updated),
+        (3, 2, 1, 1)
+    );
+    let stored = fake.slices();
+    assert!(
+        stored
+            .iter()
+            .all(|s| s.spec.pool.generation == 3 && s.spec.pool.resource_slice_count == 2)
+    );
+    let total: usize = stored
+        .iter()
+        .map(|s| s.spec.devices.as_ref().unwrap().len())
+        .sum();
+    assert_eq!(total, 200);
+
+    // Back to one slice: the stale one is deleted.
+    let fourth = publisher.publish(&fewer).await.unwrap();
+    assert_eq!((fourth.generation, fourth.deleted), (4, 1));
+    assert_eq!(fake.slices().len(), 1);
+
+    // Someone deletes the slice: the next publication restores it under a new generation.
+    assert!(fake.remove_slice("gpu-node-1-knd.dev-0"));
+    let repaired = publisher.publish(&fewer).await.unwrap();
+    assert_eq!(
+        (repaired.created, repaired.generation),
+        (1, 5),
+        "generations never go back"
+    );
+    assert_eq!(fake.slices().len(), 1);
+
+    // Another node's and another driver's slices are not ours to touch.
+    let other = Publisher::new(fake.client().await.unwrap(), "knd.dev", "other-node")
+        .publish(&virtual_nics(1))
+        .await;
+    assert!(
+        matches!(other, Err(k8s::Error::NodeNotFound(ref n)) if n == "other-node"),
+        "{other:?}"
+    );
+    assert_eq!(fake.slices().len(), 1);
+}
+
+#[tokio::test]
+async fn publishing_reports_api_failures_and_succeeds_on_retry() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.add_node("n1");
+    let mut publisher = Publisher::new(fake.client().await.unwrap(), "knd.dev", "n1");
+    fake.fail_next(&[500]);
+    let err = publisher.publish(&virtual_nics(3)).await.unwrap_err();
+    assert_eq!(err.status(), Some(500), "{err}");
+    let ok = publisher.publish(&virtual_nics(3)).await.unwrap();
+    assert_eq!((ok.generation, ok.devices), (1, 3));
+    // Every slice the publisher writes passes the fake's validation, whatever the inventory.
+    for tree in [
+        machines::shared_switch(),
+        machines::hyperv(),
+        machines::sriov(),
+        machines::bonded(),
+    ] {
+        publisher
+            .publish(&inventory::discover(&tree.host()))
+            .await
+            .unwrap();
+    }
+}
+
+fn claim_ref(name: &str, uid: &str) -> ClaimRef {
+    ClaimRef {
+        namespace: "ml".into(),
+        uid: uid.into(),
+        name: name.into(),
+    }
+}
+
+#[tokio::test]
+async fn claim_status_is_applied_with_retries_until_written_or_gone() {
+    let fake = FakeApi::start().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let claims = ApiClaims::new(fake.client().await.unwrap(), "knd.dev", shutdown.clone());
+    fake.put_claim(allocated_claim(
+        "c1",
+        "uid-1",
+        &format!("{{{CONFIG_HEAD}}}"),
+    ));
+    let report = vec![DeviceReport {
+        pool: "node-1".into(),
+        device: "pci-0000-b4-00-0".into(),
+        ready: true,
+        reason: "Attached".into(),
+        message: "net1 is up in the pod".into(),
+        network: Some(k8s_openapi::api::resource::v1::NetworkDeviceData {
+            interface_name: Some("net1".into()),
+            ips: Some(vec!["10.1.0.5/24".into(), "fd00::5/64".into()]),
+            hardware_address: Some("02:00:00:00:00:05".into()),
+        }),
+    }];
+    fake.fail_next(&[503, 500, 429]);
+    let outcome = claims
+        .write_status(&claim_ref("c1", "uid-1"), &report)
+        .await;
+    assert_eq!(outcome, StatusOutcome::Written);
+    let devices = fake
+        .claim("ml", "c1")
+        .unwrap()
+        .status
+        .unwrap()
+        .devices
+        .unwrap();
+    assert_eq!(devices.len(), 1);
+    let network = devices[0].network_data.as_ref().unwrap();
+    assert_eq!(network.interface_name.as_deref(), Some("net1"));
+    assert_eq!(network.ips.as_ref().unwrap().len(), 2);
+    let condition = &devices[0].conditions.as_ref().unwrap()[0];
+    assert_eq!(
+        (condition.type_.as_str(), condition.status.as_str()),
+        ("Ready", "True")
+    );
+
+    // A claim recreated under the same name is not ours; a deleted claim is gone.
+    fake.put_claim(allocated_claim(
+        "c1",
+        "uid-2",
+        &format!("{{{CONFIG_HEAD}}}"),
+    ));
+    assert_eq!(
+        claims
+            .write_status(&claim_ref("c1", "uid-1"), &report)
+            .await,
+        StatusOutcome::Gone
+    );
+    fake.delete_claim("ml", "c1");
+    assert_eq!(
+        claims
+            .write_status(&claim_ref("c1", "uid-2"), &report)
+            .await,
+        StatusOutcome::Gone
+    );
+
+    // Invalid content is not retried forever.
+    fake.put_claim(allocated_claim(
+        "c1",
+        "uid-3",
+        &format!("{{{CONFIG_HEAD}}}"),
+    ));
+    let mut bad = report.clone();
+    bad[0].network.as_mut().unwrap().ips = Some(vec!["not-an-ip".into()]);
+    assert_eq!(
+        claims.write_status(&claim_ref("c1", "uid-3"), &bad).await,
+        StatusOutcome::Rejected
+    );
+
+    // Shutdown ends a write that keeps failing.
+    fake.fail_next(&[503; 50]);
+    let writer = claims.clone();
+    let pending = tokio::spawn(async move {
+        writer
+            .write_status(&claim_ref("c1", "uid-3"), &report)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    shutdown.cancel();
+    assert_eq!(pending.await.unwrap(), StatusOutcome::Cancelled);
+}
+
+#[tokio::test]
+async fn prepare_reads_the_claim_from_the_api_and_reports_it_prepared() {
+    let fake = FakeApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(StateStore::open(dir.path()).unwrap());
+    let claims = ApiClaims::new(
+        fake.client().await.unwrap(),
+        "knd.dev",
+        CancellationToken::new(),
+    );
+    let own = format!(
+        r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","addresses":["10.9.0.2/24"],"hardwareAddr":"02:aa:00:00:00:01"}}}}"#
+    );
+    fake.put_claim(allocated_claim("c1", "uid-1", &own));
+    assert!(claims.get("ml", "missing").await.unwrap().is_none());
+    let preparer = Preparer::new("knd.dev", store, claims);
+    let answers = preparer.prepare(&[claim_ref("c1", "uid-1")]).await.unwrap();
+    assert_eq!(
+        answers["uid-1"].as_ref().unwrap()[0].device,
+        "pci-0000-b4-00-0"
+    );
+
+    let status = wait_for_devices(&fake, 1).await;
+    let entry = &status[0];
+    assert_eq!(
+        (entry.driver.as_str(), entry.device.as_str()),
+        ("knd.dev", "pci-0000-b4-00-0")
+    );
+    let condition = &entry.conditions.as_ref().unwrap()[0];
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "Prepared")
+    );
+    let network = entry.network_data.as_ref().unwrap();
+    assert_eq!(network.interface_name.as_deref(), Some("net1"));
+    assert_eq!(
+        network.ips.as_deref(),
+        Some(&["10.9.0.2/24".to_owned()][..])
+    );
+    assert_eq!(
+        network.hardware_address.as_deref(),
+        Some("02:aa:00:00:00:01")
+    );
+
+    preparer
+        .unprepare(&[claim_ref("c1", "uid-1")])
+        .await
+        .unwrap();
+    wait_for_devices(&fake, 0).await;
+}
+
+async fn wait_for_devices(
+    fake: &FakeApi,
+    count: usize,
+) -> Vec<k8s_openapi::api::resource::v1::AllocatedDeviceStatus> {
+    for _ in 0..200 {
+        let devices = fake
+            .claim("ml", "c1")
+            .and_then(|c| c.status)
+            .and_then(|s| s.devices)
+            .unwrap_or_default();
+        if devices.len() == count {
+            return devices;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the claim status never had {count} device entries");
+}
+
+#[test]
+fn slices_of_a_large_pool_stay_within_the_api_limits() {
+    let slices = resources::slices(&virtual_nics(300), "knd.dev", "n", 1, None);
+    assert_eq!(slices.len(), 3);
+    assert!(
+        slices
+            .iter()
+            .all(|s| s.spec.devices.as_ref().unwrap().len() <= 128)
+    );
+}
