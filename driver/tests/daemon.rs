@@ -1,0 +1,382 @@
+//! `knd run` as a process: flags, readiness, publishing to the fake API server through a
+//! kubeconfig, kubelet's calls over the real sockets, SIGKILL in the middle of prepare followed
+//! by a restart, and a bounded graceful shutdown on SIGTERM.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use knd::{
+    dra::{
+        prepare::{ClaimRef, plan},
+        proto::{dra_v1, registration as reg},
+    },
+    testkit::{
+        apiserver::FakeApi,
+        claims::{CONFIG_HEAD, allocated_claim, unix_channel},
+        machines,
+        sysfs::SysfsTree,
+    },
+};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+struct Node {
+    dir: tempfile::TempDir,
+    tree: SysfsTree,
+    kubeconfig: PathBuf,
+    metrics: SocketAddr,
+}
+
+impl Node {
+    fn new(fake: &FakeApi) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = fake.write_kubeconfig(dir.path()).unwrap();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        Self {
+            dir,
+            tree: machines::sriov(),
+            kubeconfig,
+            metrics,
+        }
+    }
+
+    fn registration_socket(&self) -> PathBuf {
+        self.dir.path().join("registry/knd.dev-reg.sock")
+    }
+
+    fn dra_socket(&self) -> PathBuf {
+        self.dir.path().join("plugins/dra.sock")
+    }
+
+    fn start(&self) -> Daemon {
+        let path = |p: &str| self.dir.path().join(p);
+        Command::new(env!("CARGO_BIN_EXE_knd"))
+            .arg("run")
+            .args(["--node-name", "node-1"])
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--plugin-dir")
+            .arg(path("plugins"))
+            .arg("--registry-dir")
+            .arg(path("registry"))
+            .arg("--state-dir")
+            .arg(path("state"))
+            .arg("--nri-socket")
+            .arg(path("nri.sock"))
+            .arg("--host-root")
+            .arg(self.tree.root())
+            .args(["--metrics-addr", &self.metrics.to_string()])
+            .env_remove("KUBECONFIG")
+            .env("RUST_LOG", "knd=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map(Daemon)
+            .expect("knd starts")
+    }
+
+    /// `(status code, body)` of a GET on the daemon's HTTP server.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect(self.metrics).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: knd\r\n\r\n").ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        let code = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        Some((code, body))
+    }
+
+    async fn wait_for(&self, what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kubelet's side of registration: dial the registration socket until it answers (a killed
+    /// daemon leaves a stale one behind), read the info, accept.
+    async fn register(&self) {
+        let socket = self.registration_socket();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let info = loop {
+            let attempt = async {
+                let channel = unix_channel(socket.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut client = reg::registration_client::RegistrationClient::new(channel);
+                let info = client
+                    .get_info(reg::InfoRequest {})
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                client
+                    .notify_registration_status(reg::RegistrationStatus {
+                        plugin_registered: true,
+                        error: String::new(),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(info)
+            };
+            match attempt.await {
+                Ok(info) => break info,
+                Err(err) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "registration never succeeded: {err}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert_eq!(Path::new(&info.endpoint), self.dra_socket());
+    }
+}
+
+/// The daemon process; killed if a test fails while it runs.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ignored = self.0.kill();
+        let _ignored = self.0.wait();
+    }
+}
+
+fn claim_json(index: usize) -> serde_json::Value {
+    allocated_claim(
+        &format!("c{index}"),
+        &format!("uid-{index}"),
+        &format!(r#"{{{CONFIG_HEAD},"interface":{{"name":"net{index}"}}}}"#),
+    )
+}
+
+fn claims(range: std::ops::Range<usize>) -> Vec<dra_v1::Claim> {
+    range
+        .map(|i| dra_v1::Claim {
+            namespace: "ml".into(),
+            uid: format!("uid-{i}"),
+            name: format!("c{i}"),
+        })
+        .collect()
+}
+
+async fn prepare(
+    node: &Node,
+    claims: Vec<dra_v1::Claim>,
+) -> Result<dra_v1::NodePrepareResourcesResponse, String> {
+    let channel = unix_channel(node.dra_socket())
+        .await
+        .map_err(|e| e.to_string())?;
+    dra_v1::dra_plugin_client::DraPluginClient::new(channel)
+        .node_prepare_resources(dra_v1::NodePrepareResourcesRequest { claims })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|e| e.to_string())
+}
+
+fn stop(daemon: &mut Daemon, signal: Signal) -> std::process::ExitStatus {
+    kill(Pid::from_raw(i32::try_from(daemon.0.id()).unwrap()), signal).unwrap();
+    daemon.0.wait().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigterm() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.add_node("node-1");
+    let node = Node::new(&fake);
+    let mut daemon = node.start();
+
+    // Alive at once; ready only after kubelet registered the plugin and the pool is published.
+    node.wait_for("/healthz", || {
+        node.get("/healthz").is_some_and(|(c, _)| c == 200)
+    })
+    .await;
+    node.wait_for("the published pool", || !fake.slices().is_empty())
+        .await;
+    let (code, body) = node.get("/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("kubelet has not registered"), "{body}");
+    node.register().await;
+    node.wait_for("/readyz", || {
+        node.get("/readyz").is_some_and(|(c, _)| c == 200)
+    })
+    .await;
+    let slices = fake.slices();
+    assert_eq!(slices.len(), 1);
+    assert_eq!(
+        slices[0].spec.devices.as_ref().unwrap().len(),
+        5,
+        "the sriov machine's PF and VFs"
+    );
+    assert_eq!(slices[0].spec.pool.name, "node-1");
+
+    // A prepare through the API, its status written back.
+    fake.put_claim(claim_json(0));
+    let answer = prepare(&node, claims(0..1)).await.unwrap();
+    assert_eq!(answer.claims["uid-0"].error, "");
+    node.wait_for("the claim status", || {
+        fake.claim("ml", "c0")
+            .and_then(|c| c.status)
+            .and_then(|s| s.devices)
+            .is_some_and(|d| d.len() == 1)
+    })
+    .await;
+
+    // SIGKILL while 40 new claims are being prepared, at several moments; after each restart
+    // every claim so far prepares to exactly what its allocation says, and no claim whose
+    // answer kubelet received is read from the API again (it was durable before the answer).
+    let expected = |i: usize| {
+        let claim: k8s_openapi::api::resource::v1::ResourceClaim =
+            serde_json::from_value(claim_json(i)).unwrap();
+        let reference = ClaimRef {
+            namespace: "ml".into(),
+            uid: format!("uid-{i}"),
+            name: format!("c{i}"),
+        };
+        plan("knd.dev", &reference, &claim).unwrap().devices
+    };
+    let mut acknowledged = vec![0];
+    let mut outcomes = Vec::new();
+    for (round, delay_ms) in [5_u64, 15, 25, 35, 45, 60, 250].into_iter().enumerate() {
+        let batch = 1 + 40 * round..1 + 40 * (round + 1);
+        for i in batch.clone() {
+            fake.put_claim(claim_json(i));
+        }
+        let in_flight = tokio::spawn({
+            let socket = node.dra_socket();
+            let batch = claims(batch.clone());
+            async move {
+                let channel = unix_channel(socket).await.map_err(|e| e.to_string())?;
+                dra_v1::dra_plugin_client::DraPluginClient::new(channel)
+                    .node_prepare_resources(dra_v1::NodePrepareResourcesRequest { claims: batch })
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|e| e.to_string())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let status = stop(&mut daemon, Signal::SIGKILL);
+        assert_eq!(status.code(), None, "killed by a signal");
+        let answered = in_flight.await.unwrap().is_ok();
+        if answered {
+            acknowledged.extend(batch.clone());
+        }
+        let on_disk = std::fs::read_dir(node.dir.path().join("state/claims"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        outcomes.push(format!(
+            "kill after {delay_ms} ms: {} ({on_disk} claims on disk)",
+            if answered { "answered" } else { "not answered" }
+        ));
+        daemon = node.start();
+        node.register().await;
+        let requests_before = fake.requests().len();
+        let answer = prepare(&node, claims(0..batch.end)).await.unwrap();
+        for i in 0..batch.end {
+            let got = &answer.claims[&format!("uid-{i}")];
+            assert_eq!(got.error, "", "claim {i} after a kill at {delay_ms} ms");
+            let devices: Vec<_> = got
+                .devices
+                .iter()
+                .map(|d| {
+                    (
+                        d.pool_name.clone(),
+                        d.device_name.clone(),
+                        d.request_names.clone(),
+                    )
+                })
+                .collect();
+            let want: Vec<_> = expected(i)
+                .into_iter()
+                .map(|d| (d.pool, d.device, d.requests))
+                .collect();
+            assert_eq!(devices, want, "claim {i}");
+        }
+        for request in &fake.requests()[requests_before..] {
+            let read = acknowledged.iter().any(|i| {
+                request.method == "GET" && request.path.ends_with(&format!("/resourceclaims/c{i}"))
+            });
+            assert!(
+                !read,
+                "{request:?}: acknowledged before the kill, so it must come from the store"
+            );
+        }
+        acknowledged.extend(batch);
+    }
+    eprintln!("{}", outcomes.join("\n"));
+
+    // SIGTERM: a clean, prompt exit that deregisters the plugin.
+    let started = Instant::now();
+    let status = stop(&mut daemon, Signal::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!node.registration_socket().exists());
+    assert!(!node.dra_socket().exists());
+}
+
+#[test]
+fn bad_flags_are_refused_with_the_flag_named() {
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_knd"))
+            .arg("run")
+            .args(args)
+            .env_remove("NODE_NAME")
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(run(&[]).contains("--node-name"));
+    let bad_driver = run(&["--node-name", "n", "--driver-name", "Knd_Dev"]);
+    assert!(
+        bad_driver.contains("--driver-name") && bad_driver.contains("DNS subdomain"),
+        "{bad_driver}"
+    );
+    let bad_addr = run(&["--node-name", "n", "--metrics-addr", "nowhere"]);
+    assert!(bad_addr.contains("--metrics-addr"), "{bad_addr}");
+    let missing_root = run(&["--node-name", "n", "--host-root", "/nonexistent/knd"]);
+    assert!(
+        missing_root.contains("--host-root /nonexistent/knd is not a directory"),
+        "{missing_root}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad_kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&bad_kubeconfig, "clusters: [").unwrap();
+    let state = dir.path().join("state");
+    let message = run(&[
+        "--node-name",
+        "n",
+        "--kubeconfig",
+        bad_kubeconfig.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(
+        message.contains("kubeconfig") && message.contains(bad_kubeconfig.to_str().unwrap()),
+        "{message}"
+    );
+    // NODE_NAME is read from the environment.
+    let from_env = Command::new(env!("CARGO_BIN_EXE_knd"))
+        .args(["run", "--host-root", "/nonexistent/knd"])
+        .env("NODE_NAME", "n")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&from_env.stderr).contains("is not a directory"));
+}
