@@ -1,4 +1,4 @@
-//! `knd run`: the node daemon. Keeps the inventory current and published as ResourceSlices,
+//! `knd run`: the node daemon. Keeps the inventory current and slices_ready as ResourceSlices,
 //! serves kubelet's DRA calls, reports device health, answers `/healthz` and `/readyz`, and
 //! shuts down within a bounded time on SIGTERM.
 
@@ -127,7 +127,7 @@ pub enum Error {
 #[derive(Debug, Clone)]
 struct Health {
     registration: watch::Receiver<Registration>,
-    published: Arc<AtomicBool>,
+    slices_ready: Arc<AtomicBool>,
 }
 
 impl Health {
@@ -137,13 +137,13 @@ impl Health {
         match &*self.registration.borrow() {
             Registration::Registered => {}
             Registration::Pending => {
-                reasons.push("kubelet has not registered the plugin yet".into())
+                reasons.push("kubelet has not registered the plugin yet".into());
             }
             Registration::Refused(why) => {
-                reasons.push(format!("kubelet refused the plugin: {why}"))
+                reasons.push(format!("kubelet refused the plugin: {why}"));
             }
         }
-        if !self.published.load(Ordering::Relaxed) {
+        if !self.slices_ready.load(Ordering::Relaxed) {
             reasons.push("the ResourceSlices are not published yet".to_owned());
         }
         (!reasons.is_empty()).then(|| reasons.join("; "))
@@ -197,13 +197,13 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         "inventory scanned"
     );
     let (health_tx, health_rx) = watch::channel(dra::health_of(&first, &node));
-    let published = Arc::new(AtomicBool::new(false));
+    let slices_ready = Arc::new(AtomicBool::new(false));
     let publisher = tokio::spawn(publish_loop(
         Publisher::new(client.clone(), &driver, &node),
         watcher.inventory.clone(),
         health_tx,
         node.clone(),
-        Arc::clone(&published),
+        Arc::clone(&slices_ready),
         shutdown.clone(),
     ));
 
@@ -215,7 +215,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
 
     let health = Health {
         registration: plugin.registration.clone(),
-        published,
+        slices_ready,
     };
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -250,7 +250,7 @@ async fn publish_loop(
     mut inventory: watch::Receiver<Arc<Inventory>>,
     health: watch::Sender<Vec<dra::DeviceHealth>>,
     node: String,
-    published: Arc<AtomicBool>,
+    slices_ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -276,7 +276,7 @@ async fn publish_loop(
                             "published the pool"
                         );
                     }
-                    published.store(true, Ordering::Relaxed);
+                    slices_ready.store(true, Ordering::Relaxed);
                     break;
                 }
                 Err(err) => {

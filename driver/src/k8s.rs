@@ -173,26 +173,29 @@ impl Publisher {
         }
     }
 
+    /// The Node that owns the slices (read once).
+    async fn owner(&mut self) -> Result<NodeOwner, Error> {
+        if let Some(owner) = &self.owner {
+            return Ok(owner.clone());
+        }
+        let node = self
+            .nodes
+            .get_opt(&self.node)
+            .await
+            .map_err(Error::api(format!("read node {}", self.node)))?
+            .ok_or_else(|| Error::NodeNotFound(self.node.clone()))?;
+        let owner = NodeOwner {
+            name: self.node.clone(),
+            uid: node.metadata.uid.unwrap_or_default(),
+        };
+        self.owner = Some(owner.clone());
+        Ok(owner)
+    }
+
     /// Makes the API's slices for this pool match `inventory`. Safe to repeat: when the API
     /// already holds this content, nothing is written.
     pub async fn publish(&mut self, inventory: &Inventory) -> Result<Published, Error> {
-        let owner = match &self.owner {
-            Some(owner) => owner.clone(),
-            None => {
-                let node = self
-                    .nodes
-                    .get_opt(&self.node)
-                    .await
-                    .map_err(Error::api(format!("read node {}", self.node)))?
-                    .ok_or_else(|| Error::NodeNotFound(self.node.clone()))?;
-                let owner = NodeOwner {
-                    name: self.node.clone(),
-                    uid: node.metadata.uid.unwrap_or_default(),
-                };
-                self.owner = Some(owner.clone());
-                owner
-            }
-        };
+        let owner = self.owner().await?;
         let selector = format!("spec.driver={},spec.nodeName={}", self.driver, self.node);
         let existing: BTreeMap<String, ResourceSlice> = self
             .slices
@@ -235,8 +238,19 @@ impl Publisher {
             devices,
             ..Published::default()
         };
-        // Write the new generation first, then remove what it no longer needs: a reader sees
-        // the old pool or an incomplete new one, which the scheduler waits out.
+        self.write(&existing, &desired, &mut published).await?;
+        self.generation = generation;
+        Ok(published)
+    }
+
+    /// Writes the new generation first, then removes what it no longer needs: a reader sees the
+    /// old pool or an incomplete new one, which the scheduler waits out.
+    async fn write(
+        &self,
+        existing: &BTreeMap<String, ResourceSlice>,
+        desired: &[ResourceSlice],
+        published: &mut Published,
+    ) -> Result<(), Error> {
         for mut slice in desired.iter().cloned() {
             let name = slice.metadata.name.clone().unwrap_or_default();
             if let Some(old) = existing.get(&name) {
@@ -261,7 +275,7 @@ impl Publisher {
             .iter()
             .filter_map(|s| s.metadata.name.as_ref())
             .collect();
-        for (name, old) in &existing {
+        for (name, old) in existing {
             if wanted.contains(&name) {
                 continue;
             }
@@ -278,8 +292,7 @@ impl Publisher {
                 Err(err) => return Err(Error::api(format!("delete ResourceSlice {name}"))(err)),
             }
         }
-        self.generation = generation;
-        Ok(published)
+        Ok(())
     }
 }
 

@@ -196,7 +196,7 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
     let fake = FakeApi::start().await.unwrap();
     fake.add_node("node-1");
     let node = Node::new(&fake);
-    let mut daemon = node.start();
+    let daemon = node.start();
 
     // Alive at once; ready only after kubelet registered the plugin and the pool is published.
     node.wait_for("/healthz", || {
@@ -234,9 +234,25 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
     })
     .await;
 
-    // SIGKILL while 40 new claims are being prepared, at several moments; after each restart
-    // every claim so far prepares to exactly what its allocation says, and no claim whose
-    // answer kubelet received is read from the API again (it was durable before the answer).
+    let mut daemon = kill_during_prepare(&fake, &node, daemon).await;
+
+    // SIGTERM: a clean, prompt exit that deregisters the plugin.
+    let started = Instant::now();
+    let status = stop(&mut daemon, Signal::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!node.registration_socket().exists());
+    assert!(!node.dra_socket().exists());
+}
+
+/// SIGKILL while 40 new claims are being prepared, at several moments; after each restart
+/// every claim so far prepares to exactly what its allocation says, and no claim whose answer
+/// kubelet received is read from the API again (it was durable before the answer).
+async fn kill_during_prepare(fake: &FakeApi, node: &Node, mut daemon: Daemon) -> Daemon {
     let expected = |i: usize| {
         let claim: k8s_openapi::api::resource::v1::ResourceClaim =
             serde_json::from_value(claim_json(i)).unwrap();
@@ -273,9 +289,8 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
         if answered {
             acknowledged.extend(batch.clone());
         }
-        let on_disk = std::fs::read_dir(node.dir.path().join("state/claims"))
-            .map(|d| d.count())
-            .unwrap_or(0);
+        let on_disk =
+            std::fs::read_dir(node.dir.path().join("state/claims")).map_or(0, Iterator::count);
         outcomes.push(format!(
             "kill after {delay_ms} ms: {} ({on_disk} claims on disk)",
             if answered { "answered" } else { "not answered" }
@@ -283,7 +298,7 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
         daemon = node.start();
         node.register().await;
         let requests_before = fake.requests().len();
-        let answer = prepare(&node, claims(0..batch.end)).await.unwrap();
+        let answer = prepare(node, claims(0..batch.end)).await.unwrap();
         for i in 0..batch.end {
             let got = &answer.claims[&format!("uid-{i}")];
             assert_eq!(got.error, "", "claim {i} after a kill at {delay_ms} ms");
@@ -317,17 +332,7 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
     }
     eprintln!("{}", outcomes.join("\n"));
 
-    // SIGTERM: a clean, prompt exit that deregisters the plugin.
-    let started = Instant::now();
-    let status = stop(&mut daemon, Signal::SIGTERM);
-    assert!(status.success(), "{status}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(!node.registration_socket().exists());
-    assert!(!node.dra_socket().exists());
+    daemon
 }
 
 #[test]

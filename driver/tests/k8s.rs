@@ -31,7 +31,7 @@ fn api_status(result: Result<impl std::fmt::Debug, kube::Error>) -> (u16, String
     }
 }
 
-fn slice_json(devices: serde_json::Value) -> serde_json::Value {
+fn slice_json(devices: &serde_json::Value) -> serde_json::Value {
     json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
         "metadata": {"name": "n1-knd.dev-0"},
@@ -41,7 +41,7 @@ fn slice_json(devices: serde_json::Value) -> serde_json::Value {
     })
 }
 
-fn slice(devices: serde_json::Value) -> ResourceSlice {
+fn slice(devices: &serde_json::Value) -> ResourceSlice {
     serde_json::from_value(slice_json(devices)).unwrap()
 }
 
@@ -96,7 +96,7 @@ async fn the_fake_api_enforces_resource_slice_validation() {
         ),
     ];
     for (devices, expected) in cases {
-        let (code, message) = api_status(slices.create(&pp, &slice(devices.clone())).await);
+        let (code, message) = api_status(slices.create(&pp, &slice(&devices)).await);
         assert_eq!(code, 422, "{devices}: {message}");
         assert!(message.contains(expected), "{devices}: {message}");
     }
@@ -107,7 +107,7 @@ async fn the_fake_api_enforces_resource_slice_validation() {
         slices
             .create(
                 &pp,
-                &slice(json!([{"name": "a", "attributes": attributes}])),
+                &slice(&json!([{"name": "a", "attributes": attributes}])),
             )
             .await,
     );
@@ -116,7 +116,7 @@ async fn the_fake_api_enforces_resource_slice_validation() {
         (422, true),
         "{message}"
     );
-    let mut two_selections = slice(json!([]));
+    let mut two_selections = slice(&json!([]));
     two_selections.spec.all_nodes = Some(true);
     let (code, message) = api_status(slices.create(&pp, &two_selections).await);
     assert_eq!(
@@ -128,7 +128,7 @@ async fn the_fake_api_enforces_resource_slice_validation() {
 
     // Updates: resourceVersion required and current, nodeName immutable.
     let created = slices
-        .create(&pp, &slice(json!([{"name": "a"}])))
+        .create(&pp, &slice(&json!([{"name": "a"}])))
         .await
         .unwrap();
     let mut stale = created.clone();
@@ -156,12 +156,12 @@ async fn the_fake_api_enforces_resource_slice_validation() {
         (422, true),
         "{message}"
     );
-    let (code, _) = api_status(slices.create(&pp, &slice(json!([]))).await);
+    let (code, _) = api_status(slices.create(&pp, &slice(&json!([]))).await);
     assert_eq!(code, 409, "a second create of the same name");
 }
 
 #[tokio::test]
-async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
+async fn the_fake_api_requires_the_token() {
     let fake = FakeApi::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = fake.write_kubeconfig(dir.path()).unwrap();
@@ -170,46 +170,61 @@ async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
         .replace(knd::testkit::apiserver::TOKEN, "someone-else");
     std::fs::write(&path, wrong).unwrap();
     let stranger: Api<ResourceSlice> = Api::all(k8s::client(Some(&path)).await.unwrap());
-    assert_eq!(api_status(stranger.list(&Default::default()).await).0, 401);
+    assert_eq!(
+        api_status(stranger.list(&kube::api::ListParams::default()).await).0,
+        401
+    );
+}
 
-    let client = fake.client().await.unwrap();
+fn apply(devices: &serde_json::Value, uid: &str) -> Patch<serde_json::Value> {
+    Patch::Apply(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": "c1", "uid": uid}, "status": {"devices": devices}
+    }))
+}
+
+/// A `status.devices` entry for our device with a Ready condition, plus `extra` fields.
+fn ready(device: &str, extra: &serde_json::Value) -> serde_json::Value {
+    let mut entry = json!({"driver": "knd.dev", "pool": "node-1", "device": device,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Attached",
+                        "message": "", "lastTransitionTime": "2026-11-23T10:00:00Z"}]});
+    entry
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    entry
+}
+
+/// A fake API with claim `ml/c1` (UID `uid-1`) and a client for its claims.
+async fn fake_with_claim() -> (FakeApi, Api<ResourceClaim>) {
+    let fake = FakeApi::start().await.unwrap();
     fake.put_claim(allocated_claim(
         "c1",
         "uid-1",
         &format!("{{{CONFIG_HEAD}}}"),
     ));
-    let claims: Api<ResourceClaim> = Api::namespaced(client, "ml");
-    let apply = |devices: serde_json::Value, uid: &str| {
-        Patch::Apply(json!({
-            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-            "metadata": {"name": "c1", "uid": uid}, "status": {"devices": devices}
-        }))
-    };
-    let ready = |device: &str, extra: serde_json::Value| {
-        let mut entry = json!({"driver": "knd.dev", "pool": "node-1", "device": device,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "Attached",
-                            "message": "", "lastTransitionTime": "2026-11-23T10:00:00Z"}]});
-        entry
-            .as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        entry
-    };
+    let claims = Api::namespaced(fake.client().await.unwrap(), "ml");
+    (fake, claims)
+}
+
+#[tokio::test]
+async fn the_fake_api_enforces_the_claim_status_rules() {
+    let (fake, claims) = fake_with_claim().await;
     let knd = PatchParams::apply("knd.dev");
     let good = ready(
         "pci-0000-b4-00-0",
-        json!({"networkData": {"interfaceName": "net1", "ips": ["10.0.0.2/24"]}}),
+        &json!({"networkData": {"interfaceName": "net1", "ips": ["10.0.0.2/24"]}}),
     );
     let cases = [
         (
-            ready("pci-0000-99-00-0", json!({})),
+            ready("pci-0000-99-00-0", &json!({})),
             422,
             "must be an allocated device",
         ),
         (
             ready(
                 "pci-0000-b4-00-0",
-                json!({"networkData": {"ips": ["10.0.0.300/24"]}}),
+                &json!({"networkData": {"ips": ["10.0.0.300/24"]}}),
             ),
             422,
             "CIDR",
@@ -217,7 +232,7 @@ async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
         (
             ready(
                 "pci-0000-b4-00-0",
-                json!({"networkData": {"ips": ["10.0.0.2"]}}),
+                &json!({"networkData": {"ips": ["10.0.0.2"]}}),
             ),
             422,
             "CIDR",
@@ -233,7 +248,7 @@ async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
     for (entry, code, expected) in cases {
         let (actual, message) = api_status(
             claims
-                .patch_status("c1", &knd, &apply(json!([entry]), "uid-1"))
+                .patch_status("c1", &knd, &apply(&json!([entry]), "uid-1"))
                 .await,
         );
         assert_eq!(actual, code, "{message}");
@@ -241,7 +256,7 @@ async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
     }
     let (code, message) = api_status(
         claims
-            .patch_status("c1", &knd, &apply(json!([good.clone()]), "uid-old"))
+            .patch_status("c1", &knd, &apply(&json!([good.clone()]), "uid-old"))
             .await,
     );
     assert_eq!(
@@ -263,7 +278,16 @@ async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
             .is_none(),
         "nothing written"
     );
+}
 
+#[tokio::test]
+async fn server_side_apply_keeps_other_managers_entries() {
+    let (fake, claims) = fake_with_claim().await;
+    let knd = PatchParams::apply("knd.dev");
+    let good = ready(
+        "pci-0000-b4-00-0",
+        &json!({"networkData": {"interfaceName": "net1", "ips": ["10.0.0.2/24"]}}),
+    );
     // Apply ownership: another manager's entry survives ours being withdrawn.
     let gpu = json!({"driver": "gpu.nvidia.com", "pool": "node-1", "device": "gpu-5",
         "conditions": [{"type": "Ready", "status": "True", "reason": "Ok", "message": "",
@@ -272,12 +296,12 @@ async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
         .patch_status(
             "c1",
             &PatchParams::apply("gpu.nvidia.com"),
-            &apply(json!([gpu]), "uid-1"),
+            &apply(&json!([gpu]), "uid-1"),
         )
         .await
         .unwrap();
     claims
-        .patch_status("c1", &knd, &apply(json!([good]), "uid-1"))
+        .patch_status("c1", &knd, &apply(&json!([good]), "uid-1"))
         .await
         .unwrap();
     let devices = |fake: &FakeApi| -> Vec<String> {
@@ -297,7 +321,7 @@ async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
             .patch_status(
                 "c1",
                 &PatchParams::apply("intruder"),
-                &apply(json!([ready("pci-0000-b4-00-0", json!({}))]), "uid-1"),
+                &apply(&json!([ready("pci-0000-b4-00-0", &json!({}))]), "uid-1"),
             )
             .await,
     );
@@ -307,7 +331,7 @@ async fn the_fake_api_requires_the_token_and_the_status_subresource_rules() {
         "{message}"
     );
     claims
-        .patch_status("c1", &knd, &apply(json!([]), "uid-1"))
+        .patch_status("c1", &knd, &apply(&json!([]), "uid-1"))
         .await
         .unwrap();
     assert_eq!(devices(&fake), ["gpu-5"]);

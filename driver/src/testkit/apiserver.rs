@@ -745,7 +745,19 @@ fn validate_slice(name: &str, slice: &ResourceSlice) -> Vec<String> {
     {
         errors.push(format!("spec.nodeName: Invalid value: \"{node}\""));
     }
-    let devices = spec.devices.as_deref().unwrap_or_default();
+    errors.extend(validate_devices(
+        spec.devices.as_deref().unwrap_or_default(),
+        spec.shared_counters.is_some(),
+    ));
+    errors
+}
+
+/// The devices of a slice: count limits, names, attributes and capacities.
+fn validate_devices(
+    devices: &[k8s_openapi::api::resource::v1::Device],
+    shared_counters: bool,
+) -> Vec<String> {
+    let mut errors = Vec::new();
     let restricted = devices
         .iter()
         .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()) || d.consumes_counters.is_some());
@@ -756,7 +768,7 @@ fn validate_slice(name: &str, slice: &ResourceSlice) -> Vec<String> {
             devices.len()
         ));
     }
-    if !devices.is_empty() && spec.shared_counters.is_some() {
+    if !devices.is_empty() && shared_counters {
         errors
             .push("spec: Invalid value: only one of devices and sharedCounters may be set".into());
     }
@@ -783,44 +795,11 @@ fn validate_slice(name: &str, slice: &ResourceSlice) -> Vec<String> {
             ));
         }
         for (name, attribute) in attributes.into_iter().flatten() {
-            let path = format!("{path}.attributes[{name}]");
-            if let Some(problem) = attribute_name_problem(name) {
-                errors.push(format!("{path}: Invalid value: \"{name}\": {problem}"));
-            }
-            let set = [
-                attribute.int.is_some(),
-                attribute.bool.is_some(),
-                attribute.string.is_some(),
-                attribute.version.is_some(),
-            ]
-            .into_iter()
-            .filter(|s| *s)
-            .count();
-            if set != 1 {
-                errors.push(format!(
-                    "{path}: Invalid value: exactly one value must be specified, found {set}"
-                ));
-            }
-            if let Some(text) = &attribute.string
-                && text.chars().count() > 64
-            {
-                errors.push(format!(
-                    "{path}.string: Too long: may not be more than 64 bytes"
-                ));
-            }
-            if let Some(version) = &attribute.version {
-                if version.len() > 64 {
-                    errors.push(format!(
-                        "{path}.version: Too long: may not be more than 64 bytes"
-                    ));
-                }
-                if semver::Version::parse(version).is_err() {
-                    errors.push(format!(
-                        "{path}.version: Invalid value: \"{version}\": must be a string \
-                         compatible with semver.org spec 2.0.0"
-                    ));
-                }
-            }
+            errors.extend(attribute_problems(
+                &format!("{path}.attributes[{name}]"),
+                name,
+                attribute,
+            ));
         }
         for name in capacity.into_iter().flatten().map(|(name, _)| name) {
             if let Some(problem) = attribute_name_problem(name) {
@@ -828,6 +807,53 @@ fn validate_slice(name: &str, slice: &ResourceSlice) -> Vec<String> {
                     "{path}.capacity[{name}]: Invalid value: \"{name}\": {problem}"
                 ));
             }
+        }
+    }
+    errors
+}
+
+/// One attribute: its name, exactly one value, string and version limits.
+fn attribute_problems(
+    path: &str,
+    name: &str,
+    attribute: &k8s_openapi::api::resource::v1::DeviceAttribute,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Some(problem) = attribute_name_problem(name) {
+        errors.push(format!("{path}: Invalid value: \"{name}\": {problem}"));
+    }
+    let set = [
+        attribute.int.is_some(),
+        attribute.bool.is_some(),
+        attribute.string.is_some(),
+        attribute.version.is_some(),
+    ]
+    .into_iter()
+    .filter(|s| *s)
+    .count();
+    if set != 1 {
+        errors.push(format!(
+            "{path}: Invalid value: exactly one value must be specified, found {set}"
+        ));
+    }
+    if let Some(text) = &attribute.string
+        && text.chars().count() > 64
+    {
+        errors.push(format!(
+            "{path}.string: Too long: may not be more than 64 bytes"
+        ));
+    }
+    if let Some(version) = &attribute.version {
+        if version.len() > 64 {
+            errors.push(format!(
+                "{path}.version: Too long: may not be more than 64 bytes"
+            ));
+        }
+        if semver::Version::parse(version).is_err() {
+            errors.push(format!(
+                "{path}.version: Invalid value: \"{version}\": must be a string \
+                 compatible with semver.org spec 2.0.0"
+            ));
         }
     }
     errors
@@ -953,14 +979,50 @@ fn apply_claim_status(
         None => Vec::new(),
     };
     let owners = store.device_owners.entry(key.clone()).or_default().clone();
-    let mut entries: BTreeMap<DeviceKey, AllocatedDeviceStatus> = claim
+    let current = claim
         .status
         .as_ref()
         .and_then(|s| s.devices.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|d| (device_key(&d), d))
-        .collect();
+        .unwrap_or_default();
+    let (devices, new_owners, mut errors) =
+        merge_applied(current, &owners, &applied, manager, force)?;
+    errors.extend(validate_device_statuses(claim, &devices));
+    if !errors.is_empty() {
+        return Err(Failure::invalid(
+            "ResourceClaim.resource.k8s.io",
+            name,
+            &errors,
+        ));
+    }
+    let revision = store.next_revision();
+    let claim = store.claims.get_mut(&key).expect("checked above");
+    let status = claim.status.get_or_insert_with(Default::default);
+    status.devices = (!devices.is_empty()).then_some(devices);
+    claim.metadata.resource_version = Some(revision);
+    let value = to_value(&*claim);
+    store.device_owners.insert(key, new_owners);
+    Ok((StatusCode::OK, value))
+}
+
+/// The entries after an apply, their owners, and problems found while merging.
+type Merged = (
+    Vec<AllocatedDeviceStatus>,
+    BTreeMap<DeviceKey, String>,
+    Vec<String>,
+);
+
+/// Server-side apply of `manager`'s `status.devices` entries onto the current ones: what the
+/// entries become, who owns each, and duplicate errors; a conflict with another manager's
+/// entry fails unless forced.
+fn merge_applied(
+    current: Vec<AllocatedDeviceStatus>,
+    owners: &BTreeMap<DeviceKey, String>,
+    applied: &[AllocatedDeviceStatus],
+    manager: &str,
+    force: bool,
+) -> Result<Merged, Failure> {
+    let mut entries: BTreeMap<DeviceKey, AllocatedDeviceStatus> =
+        current.into_iter().map(|d| (device_key(&d), d)).collect();
     let mut new_owners = owners.clone();
     let mut applied_keys = BTreeSet::new();
     let mut errors = Vec::new();
@@ -985,32 +1047,16 @@ fn apply_claim_status(
             ));
         }
         entries.insert(device_key.clone(), device.clone());
-        new_owners.insert(device_key, manager.clone());
+        new_owners.insert(device_key, manager.to_owned());
     }
     // Entries this manager applied before and no longer applies are removed.
-    for (device_key, owner) in &owners {
+    for (device_key, owner) in owners {
         if owner == manager && !applied_keys.contains(device_key) {
             entries.remove(device_key);
             new_owners.remove(device_key);
         }
     }
-    let devices: Vec<AllocatedDeviceStatus> = entries.into_values().collect();
-    errors.extend(validate_device_statuses(claim, &devices));
-    if !errors.is_empty() {
-        return Err(Failure::invalid(
-            "ResourceClaim.resource.k8s.io",
-            name,
-            &errors,
-        ));
-    }
-    let revision = store.next_revision();
-    let claim = store.claims.get_mut(&key).expect("checked above");
-    let status = claim.status.get_or_insert_with(Default::default);
-    status.devices = (!devices.is_empty()).then_some(devices);
-    claim.metadata.resource_version = Some(revision);
-    let value = to_value(&*claim);
-    store.device_owners.insert(key, new_owners);
-    Ok((StatusCode::OK, value))
+    Ok((entries.into_values().collect(), new_owners, errors))
 }
 
 /// `status.devices` rules (KEP-4817): each entry names an allocated device; conditions,
