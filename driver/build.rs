@@ -1,15 +1,18 @@
-//! Compiles the kubelet plugin protos (protox, no protoc) for `src/dra/proto.rs`, and builds the
+//! Compiles the kubelet plugin and NRI protos (protox, no protoc) for `src/dra/proto.rs` and
+//! `src/nri/proto.rs`, and builds the
 //! kernel-side programs in `ebpf/` for the BPF target (nightly, `-Z build-std=core`, bpf-linker)
 //! so `src/telemetry` can embed the object; aya-build puts it at `$OUT_DIR/knd-probes`.
 use std::path::Path;
 
 use anyhow::Context as _;
 
-const PROTOS: [&str; 4] = [
+const PROTOS: [&str; 6] = [
     "proto/pluginregistration.proto",
     "proto/dra_v1.proto",
     "proto/dra_v1beta1.proto",
     "proto/dra_health_v1alpha1.proto",
+    "proto/ttrpc.proto",
+    "proto/nri.proto",
 ];
 
 fn main() -> anyhow::Result<()> {

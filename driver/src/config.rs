@@ -9,8 +9,6 @@ use ipnet::IpNet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::topology::Distance;
-
 /// The `apiVersion` knd accepts.
 pub const API_VERSION: &str = "knd.dev/v1alpha1";
 /// The `kind` knd accepts.
@@ -246,33 +244,21 @@ pub struct TopologyConfig {
 /// A distance class as written in configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum DistanceName {
-    /// See [`Distance::Pix`].
+    /// See [`crate::topology::Distance::Pix`].
     #[serde(rename = "PIX")]
     Pix,
-    /// See [`Distance::Pxb`].
+    /// See [`crate::topology::Distance::Pxb`].
     #[serde(rename = "PXB")]
     Pxb,
-    /// See [`Distance::Phb`].
+    /// See [`crate::topology::Distance::Phb`].
     #[serde(rename = "PHB")]
     Phb,
-    /// See [`Distance::Node`].
+    /// See [`crate::topology::Distance::Node`].
     #[serde(rename = "NODE")]
     Node,
-    /// See [`Distance::Sys`].
+    /// See [`crate::topology::Distance::Sys`].
     #[serde(rename = "SYS")]
     Sys,
-}
-
-impl From<DistanceName> for Distance {
-    fn from(name: DistanceName) -> Self {
-        match name {
-            DistanceName::Pix => Self::Pix,
-            DistanceName::Pxb => Self::Pxb,
-            DistanceName::Phb => Self::Phb,
-            DistanceName::Node => Self::Node,
-            DistanceName::Sys => Self::Sys,
-        }
-    }
 }
 
 /// What the device allows, for checks that depend on it.
@@ -692,6 +678,7 @@ pub fn default_config() -> NetworkConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::Distance;
 
     fn parse_validate(json: &str) -> Result<NetworkConfig, ConfigError> {
         let config = parse(json.as_bytes())?;

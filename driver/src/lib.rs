@@ -11,6 +11,7 @@ pub mod inventory;
 pub mod k8s;
 pub mod netlink;
 pub mod netns;
+pub mod nri;
 pub mod resources;
 pub mod selector;
 pub mod state;

@@ -5,7 +5,10 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::inventory::{Inventory, pci::PciDevice};
+use crate::{
+    config::DistanceName,
+    inventory::{Inventory, pci::PciDevice},
+};
 
 /// Distance between two PCI devices, best first (the derived order compares closeness).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -42,6 +45,18 @@ impl Distance {
         Self::ALL
             .into_iter()
             .find(|d| d.as_str().eq_ignore_ascii_case(text))
+    }
+}
+
+impl From<DistanceName> for Distance {
+    fn from(name: DistanceName) -> Self {
+        match name {
+            DistanceName::Pix => Self::Pix,
+            DistanceName::Pxb => Self::Pxb,
+            DistanceName::Phb => Self::Phb,
+            DistanceName::Node => Self::Node,
+            DistanceName::Sys => Self::Sys,
+        }
     }
 }
 

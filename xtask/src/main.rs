@@ -3,6 +3,7 @@
 //! Every command runs `setup` first, so a fresh clone needs nothing else.
 
 mod setup;
+mod testbed;
 
 use std::{
     path::{Path, PathBuf},

@@ -42,6 +42,9 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker(root)?;
     cargo_fuzz(root)?;
+    if is_root() {
+        crate::testbed::install(root)?;
+    }
     eprintln!("xtask: setup: ready in {:.1?}", started.elapsed());
     Ok(())
 }
@@ -240,7 +243,7 @@ fn nightly_llvm_lib(libdir: &Path) -> anyhow::Result<String> {
     )
 }
 
-fn capture(command: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn capture(command: &mut Command) -> anyhow::Result<String> {
     let Output {
         status,
         stdout,
@@ -256,7 +259,7 @@ fn capture(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&stdout).into_owned())
 }
 
-fn run_checked(what: &str, command: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run_checked(what: &str, command: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: setup: {what}");
     let started = Instant::now();
     let status = command

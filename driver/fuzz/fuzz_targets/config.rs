@@ -2,7 +2,11 @@
 //! accepted survives a round trip through JSON and merging.
 #![no_main]
 
-use knd::config::{self, DeviceLimits};
+#[path = "../../src/config.rs"]
+#[allow(dead_code, reason = "the target uses part of the module")]
+mod config;
+
+use config::DeviceLimits;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -18,6 +18,7 @@ use anyhow::{Context as _, bail, ensure};
 pub mod apiserver;
 pub mod claims;
 pub mod machines;
+pub mod runtime;
 pub mod sysfs;
 
 use crate::{
