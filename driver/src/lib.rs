@@ -3,6 +3,7 @@
 //!
 //! This library does the work; `src/main.rs` only parses the command line and calls [`cli::run`].
 
+pub mod attach;
 pub mod cli;
 pub mod config;
 pub mod daemon;

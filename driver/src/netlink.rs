@@ -9,11 +9,14 @@ use std::{
 };
 
 use futures::TryStreamExt as _;
+use ipnet::IpNet;
 use netlink_packet_route::{
-    link::{LinkAttribute, LinkInfo, LinkMessage, MacVlanMode},
-    route::{RouteAttribute, RouteMessage, RouteType},
+    address::AddressAttribute,
+    link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage, MacVlanMode},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
 };
 use rtnetlink::{LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use serde::{Deserialize, Serialize};
 
 use crate::netns::Netns;
 
@@ -36,6 +39,14 @@ pub enum Error {
         /// What the kernel said.
         #[source]
         source: rtnetlink::Error,
+    },
+    /// The request cannot be expressed (e.g. a malformed MAC address).
+    #[error("interface {link}: {reason}")]
+    InvalidRequest {
+        /// The interface.
+        link: String,
+        /// What was wrong.
+        reason: String,
     },
     /// The kernel's reply lacked an attribute every link carries.
     #[error("the kernel's reply for interface {link} has no {attribute}")]
@@ -61,6 +72,68 @@ pub struct LinkStats {
     pub tx_packets: u64,
     /// Bytes sent.
     pub tx_bytes: u64,
+}
+
+/// The settings of an interface that knd changes in a pod and restores on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkSettings {
+    /// Interface index.
+    pub index: u32,
+    /// Name.
+    pub name: String,
+    /// MTU.
+    pub mtu: u32,
+    /// MAC address (`aa:bb:…`), when it has one.
+    pub mac: Option<String>,
+    /// Administratively up.
+    pub up: bool,
+}
+
+/// A route through an interface (the interface itself is implied).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// Destination prefix.
+    pub destination: IpNet,
+    /// Next hop.
+    pub gateway: Option<IpAddr>,
+    /// Preferred source address.
+    pub source: Option<IpAddr>,
+    /// Routing table (254 = main).
+    pub table: u32,
+    /// `link` scope (on-link, no gateway) rather than `universe`.
+    pub link_scope: bool,
+    /// Metric.
+    pub metric: Option<u32>,
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<Vec<u8>> {
+    let bytes: Option<Vec<u8>> = text
+        .split(':')
+        .map(|part| {
+            u8::from_str_radix(part, 16)
+                .ok()
+                .filter(|_| part.len() == 2)
+        })
+        .collect();
+    bytes.filter(|b| b.len() == 6)
+}
+
+fn route_address(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
 }
 
 /// Notifications from [`Link::subscribe`].
@@ -268,6 +341,282 @@ impl Link {
             })
     }
 
+    /// The interface's index, name, MTU, MAC and up flag.
+    pub async fn settings(&self, name: &str) -> Result<LinkSettings> {
+        let link = self.get(name).await?;
+        let mut settings = LinkSettings {
+            index: link.header.index,
+            name: name.to_owned(),
+            mtu: 0,
+            mac: None,
+            up: link.header.flags.contains(LinkFlags::Up),
+        };
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::Mtu(mtu) => settings.mtu = *mtu,
+                LinkAttribute::Address(mac) if !mac.is_empty() => {
+                    settings.mac = Some(format_mac(mac));
+                }
+                _ => {}
+            }
+        }
+        Ok(settings)
+    }
+
+    /// The addresses on the interface `name` (with their prefix lengths).
+    pub async fn addresses(&self, name: &str) -> Result<Vec<IpNet>> {
+        let index = self.index(name).await?;
+        let mut dump = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut addresses = Vec::new();
+        loop {
+            match dump.try_next().await {
+                Ok(Some(message)) => {
+                    let prefix = message.header.prefix_len;
+                    // IFA_ADDRESS is the local address except on point-to-point links, where
+                    // IFA_LOCAL is; prefer IFA_LOCAL when present.
+                    let local = message.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    let address = local.or_else(|| {
+                        message.attributes.iter().find_map(|a| match a {
+                            AddressAttribute::Address(ip) => Some(*ip),
+                            _ => None,
+                        })
+                    });
+                    // IPv6 link-local addresses are the kernel's own, made again on every link.
+                    let link_local = matches!(address, Some(IpAddr::V6(v6)) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                    if let Some(ip) = address
+                        && !link_local
+                        && let Ok(net) = IpNet::new(ip, prefix)
+                        && !addresses.contains(&net)
+                    {
+                        addresses.push(net);
+                    }
+                }
+                Ok(None) => return Ok(addresses),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "list addresses".into(),
+                        link: name.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Routes out of the interface `name` in every table except `local`, leaving out those the
+    /// kernel adds by itself for addresses (protocol `kernel`) and IPv6 multicast/link-local
+    /// routes: what a restore has to put back.
+    pub async fn routes(&self, name: &str) -> Result<Vec<Route>> {
+        let index = self.index(name).await?;
+        let mut routes = Vec::new();
+        for query in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut dump = self.handle.route().get(query).execute();
+            loop {
+                let message = match dump.try_next().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(source) => {
+                        return Err(Error::Kernel {
+                            operation: "list routes".into(),
+                            link: name.to_owned(),
+                            source,
+                        });
+                    }
+                };
+                if let Some(route) = own_route(&message, index) {
+                    routes.push(route);
+                }
+            }
+        }
+        Ok(routes)
+    }
+
+    /// Moves the interface `name` into `target` under the name `new_name`, in one request (a
+    /// pod usually has an `eth0` already, so moving first and renaming after could collide).
+    pub async fn move_renamed(&self, name: &str, target: &Netns, new_name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(
+            name,
+            &format!("move to {target} as {new_name}"),
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(target.as_fd().as_raw_fd())
+                .name(new_name.to_owned()),
+        )
+        .await
+    }
+
+    /// The name of the interface with index `index`.
+    pub async fn name_of(&self, index: u32) -> Result<String> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(link)) => link
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .ok_or(Error::MissingAttribute {
+                    link: format!("#{index}"),
+                    attribute: "IFLA_IFNAME",
+                }),
+            Ok(None) => Err(Error::NoSuchLink(format!("#{index}"))),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                Err(Error::NoSuchLink(format!("#{index}")))
+            }
+            Err(source) => Err(Error::Kernel {
+                operation: "get".into(),
+                link: format!("#{index}"),
+                source,
+            }),
+        }
+    }
+
+    /// The name of the interface with MAC address `mac`, if any.
+    pub async fn name_with_mac(&self, mac: &str) -> Result<Option<String>> {
+        let mut links = self.handle.link().get().execute();
+        loop {
+            match links.try_next().await {
+                Ok(Some(link)) => {
+                    let matches = link.attributes.iter().any(
+                        |a| matches!(a, LinkAttribute::Address(bytes) if format_mac(bytes) == mac),
+                    );
+                    if matches {
+                        return Ok(link.attributes.iter().find_map(|a| match a {
+                            LinkAttribute::IfName(name) => Some(name.clone()),
+                            _ => None,
+                        }));
+                    }
+                }
+                Ok(None) => return Ok(None),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "list interfaces".into(),
+                        link: "*".into(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Renames the interface `name` to `new_name`.
+    pub async fn rename(&self, name: &str, new_name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(
+            name,
+            &format!("rename to {new_name}"),
+            LinkUnspec::new_with_index(index).name(new_name.to_owned()),
+        )
+        .await
+    }
+
+    /// Sets the MTU of the interface `name`.
+    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(
+            name,
+            &format!("set MTU {mtu}"),
+            LinkUnspec::new_with_index(index).mtu(mtu),
+        )
+        .await
+    }
+
+    /// Sets the MAC address of the interface `name`.
+    pub async fn set_mac(&self, name: &str, mac: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        let bytes = parse_mac(mac).ok_or_else(|| Error::InvalidRequest {
+            link: name.to_owned(),
+            reason: format!("{mac} is not a MAC address"),
+        })?;
+        self.set(
+            name,
+            &format!("set MAC {mac}"),
+            LinkUnspec::new_with_index(index).address(bytes),
+        )
+        .await
+    }
+
+    /// Takes the interface `name` down.
+    pub async fn set_down(&self, name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(name, "set down", LinkUnspec::new_with_index(index).down())
+            .await
+    }
+
+    /// Adds `route` out of the interface `name`.
+    pub async fn add_route(&self, name: &str, route: &Route) -> Result<()> {
+        let index = self.index(name).await?;
+        let failed = |reason: String| Error::InvalidRequest {
+            link: name.to_owned(),
+            reason: format!("route to {}: {reason}", route.destination),
+        };
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(route.destination.addr(), route.destination.prefix_len())
+            .map_err(|e| failed(e.to_string()))?
+            .output_interface(index)
+            .table_id(route.table);
+        if let Some(gateway) = route.gateway {
+            builder = builder
+                .gateway(gateway)
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        if let Some(source) = route.source {
+            builder = builder
+                .pref_source(source)
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        if let Some(metric) = route.metric {
+            builder = builder.priority(metric);
+        }
+        if route.link_scope {
+            builder = builder.scope(RouteScope::Link);
+        }
+        self.handle
+            .route()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("add route to {}", route.destination),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Adds a permanent neighbor entry `ip` → `mac` on the interface `name`.
+    pub async fn add_neighbor(&self, name: &str, ip: IpAddr, mac: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        let bytes = parse_mac(mac).ok_or_else(|| Error::InvalidRequest {
+            link: name.to_owned(),
+            reason: format!("{mac} is not a MAC address"),
+        })?;
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(&bytes)
+            .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("add neighbor {ip} at {mac}"),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
     /// Interfaces that carry a default route in the main table, with the address family
     /// (`IPv4`/`IPv6`), multipath next hops included.
     pub async fn default_route_interfaces(&self) -> Result<Vec<(String, &'static str)>> {
@@ -372,6 +721,61 @@ impl Link {
                 source,
             })
     }
+}
+
+/// `message` as a [`Route`] if it goes out of `index` and is one a restore must re-add.
+fn own_route(message: &RouteMessage, index: u32) -> Option<Route> {
+    let header = &message.header;
+    if header.protocol == RouteProtocol::Kernel
+        || header.kind != RouteType::Unicast
+        || header.table == 255
+    {
+        return None;
+    }
+    let mut oif = None;
+    let mut destination = None;
+    let mut gateway = None;
+    let mut source = None;
+    let mut table = u32::from(header.table);
+    let mut metric = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(a) => destination = route_address(a),
+            RouteAttribute::Gateway(a) => gateway = route_address(a),
+            RouteAttribute::PrefSource(a) => source = route_address(a),
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => metric = Some(*p),
+            _ => {}
+        }
+    }
+    if oif != Some(index) {
+        return None;
+    }
+    let unspecified = match header.address_family {
+        netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    };
+    let destination = IpNet::new(
+        destination.unwrap_or(unspecified),
+        header.destination_prefix_length,
+    )
+    .ok()?;
+    // The kernel adds IPv6 link-local and multicast routes itself, with protocol `kernel` or
+    // `boot` in some versions: never restore those.
+    if let IpNet::V6(net) = destination
+        && (net.addr().segments()[0] & 0xffc0 == 0xfe80 || net.addr().is_multicast())
+    {
+        return None;
+    }
+    Some(Route {
+        destination,
+        gateway,
+        source,
+        table,
+        link_scope: header.scope == RouteScope::Link,
+        metric: metric.filter(|m| *m != 0 && !(destination.addr().is_ipv6() && *m == 1024)),
+    })
 }
 
 /// The output interfaces of a route if it is a unicast default route of the main table.

@@ -1,0 +1,419 @@
+//! Moving a claimed interface into a pod's network namespace, configuring it there, and giving
+//! it back to the host exactly as it was.
+//!
+//! Netlink work runs on a dedicated thread that entered the namespace concerned (a netlink
+//! socket belongs to the namespace of the thread that opened it); the async runtime's threads
+//! never change namespace. Every step's error names the interface and the step, and a failed
+//! attachment undoes what it did before reporting.
+
+use std::{future::Future, net::IpAddr, path::PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::NetworkConfig,
+    netlink::{self, Link, LinkSettings, Route},
+    netns::Netns,
+};
+
+/// The host side of an interface, recorded before it is moved: what a restore puts back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSide {
+    /// Index, name, MTU, MAC, up.
+    pub link: LinkSettings,
+    /// Its addresses.
+    pub addresses: Vec<IpNet>,
+    /// The routes out of it (not the kernel's own).
+    pub routes: Vec<Route>,
+}
+
+/// What the pod sees after attachment (for the claim's `networkData`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSide {
+    /// Interface name in the pod.
+    pub name: String,
+    /// Addresses in the pod.
+    pub addresses: Vec<IpNet>,
+    /// MAC address in the pod.
+    pub mac: Option<String>,
+}
+
+/// A failed step: which interface, which step, what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("interface {interface}: {step}: {reason}")]
+pub struct StepError {
+    /// The interface (host name).
+    pub interface: String,
+    /// The step (e.g. `set MTU 9000`, `add route to 10.1.0.0/16`).
+    pub step: String,
+    /// What went wrong.
+    pub reason: String,
+}
+
+impl StepError {
+    fn new(interface: &str, step: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Self {
+            interface: interface.to_owned(),
+            step: step.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Runs `work` with a netlink connection inside `netns`, on a thread of its own.
+async fn in_netns<R, F, Fut>(netns: &Netns, interface: &str, work: F) -> Result<R, StepError>
+where
+    F: FnOnce(Link) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<R, StepError>>,
+    R: Send + 'static,
+{
+    let name = interface.to_owned();
+    let outcome = netns
+        .run_async(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StepError::new(&name, "start a netlink worker", e))?;
+            runtime.block_on(async move {
+                let link = Link::connect().map_err(|e| StepError::new(&name, "open netlink", e))?;
+                work(link).await
+            })
+        })
+        .await;
+    outcome.map_err(|e| StepError::new(interface, format!("enter {netns}"), e))?
+}
+
+fn step(interface: &str, what: &str) -> impl FnOnce(netlink::Error) -> StepError + use<> {
+    let interface = interface.to_owned();
+    let what = what.to_owned();
+    move |e| StepError::new(&interface, what, error_chain(&e))
+}
+
+/// An error with its causes, `a: b: c`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Records the host side of `interface` (in `host`'s namespace).
+pub async fn record(host: &Netns, interface: &str) -> Result<HostSide, StepError> {
+    let name = interface.to_owned();
+    in_netns(host, interface, move |link| async move {
+        let settings = link
+            .settings(&name)
+            .await
+            .map_err(step(&name, "read settings"))?;
+        let addresses = link
+            .addresses(&name)
+            .await
+            .map_err(step(&name, "read addresses"))?;
+        let routes = link
+            .routes(&name)
+            .await
+            .map_err(step(&name, "read routes"))?;
+        Ok(HostSide {
+            link: settings,
+            addresses,
+            routes,
+        })
+    })
+    .await
+}
+
+/// Parts of a configuration this build cannot apply yet: refused by name rather than ignored.
+fn unsupported(config: &NetworkConfig) -> Option<&'static str> {
+    let interface = config.interface.as_ref();
+    if config.rules.as_ref().is_some_and(|r| !r.is_empty()) {
+        return Some("rules");
+    }
+    if config.ethtool.is_some() {
+        return Some("ethtool");
+    }
+    if interface.is_some_and(|i| {
+        i.gso_max_size.is_some()
+            || i.gro_max_size.is_some()
+            || i.gso_ipv4_max_size.is_some()
+            || i.gro_ipv4_max_size.is_some()
+    }) {
+        return Some("interface.gso/groMaxSize");
+    }
+    if interface.is_some_and(|i| i.dhcp == Some(true)) {
+        return Some("interface.dhcp");
+    }
+    None
+}
+
+/// Moves the interface recorded in `host_side` from `host` into `pod` as `pod_name` and applies
+/// `config` there. On failure everything done is undone before the error is returned.
+pub async fn attach(
+    host: &Netns,
+    pod: &Netns,
+    host_side: &HostSide,
+    pod_name: &str,
+    config: &NetworkConfig,
+) -> Result<PodSide, StepError> {
+    let interface = host_side.link.name.clone();
+    if let Some(field) = unsupported(config) {
+        return Err(StepError::new(
+            &interface,
+            "check the configuration",
+            format!("{field} is not supported by this version of knd"),
+        ));
+    }
+    let target = pod
+        .try_clone()
+        .map_err(|e| StepError::new(&interface, "open the pod's namespace", e))?;
+    // The kernel moves first and renames after: a name already used in the pod would leave
+    // the interface in the pod under its host name. Check first.
+    let wanted = pod_name.to_owned();
+    let free = in_netns(pod, &interface, move |link| async move {
+        match link.get(&wanted).await {
+            Err(netlink::Error::NoSuchLink(_)) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) => Err(step(&wanted, "list the pod's interfaces")(e)),
+        }
+    })
+    .await?;
+    if !free {
+        return Err(StepError::new(
+            &interface,
+            format!("move into the pod as {pod_name}"),
+            format!("the pod already has an interface called {pod_name}"),
+        ));
+    }
+    let (name, new_name) = (interface.clone(), pod_name.to_owned());
+    let moved = in_netns(host, &interface, move |link| async move {
+        link.move_renamed(&name, &target, &new_name)
+            .await
+            .map_err(step(&name, &format!("move into the pod as {new_name}")))
+    })
+    .await;
+    if let Err(error) = moved {
+        // Moved but not renamed (the pod raced us to the name): bring it back.
+        if let Err(undo) = detach(host, Some(pod), &interface, host_side).await {
+            tracing::error!(%undo, "undoing a failed move failed too");
+        }
+        return Err(error);
+    }
+    let applied = configure_in_pod(pod, &interface, pod_name, config.clone()).await;
+    match applied {
+        Ok(side) => Ok(side),
+        Err(error) => {
+            if let Err(undo) = detach(host, Some(pod), pod_name, host_side).await {
+                tracing::error!(%undo, "undoing a failed attachment failed too");
+            }
+            Err(error)
+        }
+    }
+}
+
+async fn configure_in_pod(
+    pod: &Netns,
+    interface: &str,
+    pod_name: &str,
+    config: NetworkConfig,
+) -> Result<PodSide, StepError> {
+    let host_name = interface.to_owned();
+    let name = pod_name.to_owned();
+    in_netns(pod, interface, move |link| async move {
+        let fail = |what: &str| step(&host_name, what);
+        let settings = config.interface.clone().unwrap_or_default();
+        if let Some(mtu) = settings.mtu {
+            link.set_mtu(&name, mtu)
+                .await
+                .map_err(fail(&format!("set MTU {mtu}")))?;
+        }
+        if let Some(mac) = &settings.hardware_addr {
+            link.set_mac(&name, mac)
+                .await
+                .map_err(fail(&format!("set MAC {mac}")))?;
+        }
+        let mut addresses = Vec::new();
+        for text in settings.addresses.iter().flatten() {
+            let net: IpNet = text
+                .parse()
+                .map_err(|e| StepError::new(&host_name, format!("add address {text}"), e))?;
+            link.add_address(&name, net.addr(), net.prefix_len())
+                .await
+                .map_err(fail(&format!("add address {net}")))?;
+            addresses.push(net);
+        }
+        link.set_up(&name).await.map_err(fail("set up"))?;
+        for route in config.routes.iter().flatten() {
+            let what = format!("add route to {}", route.destination);
+            let parsed = pod_route(route).map_err(|e| StepError::new(&host_name, &what, e))?;
+            link.add_route(&name, &parsed).await.map_err(fail(&what))?;
+        }
+        for neighbor in config.neighbors.iter().flatten() {
+            let what = format!("add neighbor {}", neighbor.destination);
+            let ip: IpAddr = neighbor
+                .destination
+                .parse()
+                .map_err(|e| StepError::new(&host_name, &what, e))?;
+            link.add_neighbor(&name, ip, &neighbor.hardware_addr)
+                .await
+                .map_err(fail(&what))?;
+        }
+        for (key, value) in config.sysctls.iter().flatten() {
+            write_sysctl(key, value)
+                .map_err(|e| StepError::new(&host_name, format!("set {key}={value}"), e))?;
+        }
+        let mac = link
+            .settings(&name)
+            .await
+            .map_err(fail("read settings"))?
+            .mac;
+        Ok(PodSide {
+            name,
+            addresses,
+            mac,
+        })
+    })
+    .await
+}
+
+fn pod_route(route: &crate::config::RouteConfig) -> Result<Route, String> {
+    let destination: IpNet = route
+        .destination
+        .parse()
+        .map_err(|e| format!("destination: {e}"))?;
+    let parse_ip = |text: &Option<String>, field: &str| {
+        text.as_deref()
+            .map(|t| t.parse::<IpAddr>().map_err(|e| format!("{field}: {e}")))
+            .transpose()
+    };
+    Ok(Route {
+        destination,
+        gateway: parse_ip(&route.gateway, "gateway")?,
+        source: parse_ip(&route.source, "source")?,
+        table: route.table.unwrap_or(254),
+        link_scope: route.scope.as_deref() == Some("link"),
+        metric: None,
+    })
+}
+
+/// Writes `net.ipv4.conf.<if>.<name>` (validated by the config) through this thread's
+/// namespace's view of `/proc/sys/net`.
+fn write_sysctl(key: &str, value: &str) -> std::io::Result<()> {
+    // The interface part may contain dots (eth0.100): only the first three and the last
+    // separators become slashes.
+    let parts: Vec<&str> = key.splitn(4, '.').collect();
+    let [net, family, conf, rest] = parts.as_slice() else {
+        return Err(std::io::Error::other(
+            "not a net.<family>.conf.<if>.<name> key",
+        ));
+    };
+    let Some((interface, name)) = rest.rsplit_once('.') else {
+        return Err(std::io::Error::other("no setting name after the interface"));
+    };
+    let path: PathBuf = ["/proc/sys", net, family, conf, interface, name]
+        .iter()
+        .collect();
+    std::fs::write(path, value)
+}
+
+/// Gives the interface back: moves `pod_name` out of `pod` (when the namespace still exists)
+/// into `host` under its recorded name and restores the recorded settings, addresses and
+/// routes. Idempotent: an interface already back on the host is only restored.
+pub async fn detach(
+    host: &Netns,
+    pod: Option<&Netns>,
+    pod_name: &str,
+    host_side: &HostSide,
+) -> Result<(), StepError> {
+    let interface = host_side.link.name.clone();
+    if let Some(pod) = pod {
+        let target = host
+            .try_clone()
+            .map_err(|e| StepError::new(&interface, "open the host namespace", e))?;
+        let (name, host_name) = (pod_name.to_owned(), interface.clone());
+        in_netns(pod, &interface, move |link| async move {
+            match link.get(&name).await {
+                Err(netlink::Error::NoSuchLink(_)) => return Ok(()),
+                Err(e) => return Err(step(&host_name, "find it in the pod")(e)),
+                Ok(_) => {}
+            }
+            link.set_down(&name)
+                .await
+                .map_err(step(&host_name, "set down in the pod"))?;
+            link.move_renamed(&name, &target, &host_name)
+                .await
+                .map_err(step(&host_name, "move back to the host"))
+        })
+        .await?;
+    }
+    restore(host, host_side).await
+}
+
+/// Puts the recorded host state back on the interface (found by name, or by MAC address if the
+/// kernel renamed it on the way back; interface indexes are per namespace and may change).
+async fn restore(host: &Netns, host_side: &HostSide) -> Result<(), StepError> {
+    let side = host_side.clone();
+    let interface = side.link.name.clone();
+    in_netns(host, &interface, move |link| async move {
+        let name = side.link.name.clone();
+        let fail = |what: &str| step(&name, what);
+        let current = match link.settings(&name).await {
+            Ok(current) => current,
+            Err(netlink::Error::NoSuchLink(_)) => {
+                let missing = || {
+                    StepError::new(
+                        &name,
+                        "find it on the host",
+                        "no interface has its name or MAC address",
+                    )
+                };
+                let mac = side.link.mac.as_deref().ok_or_else(missing)?;
+                let renamed = link
+                    .name_with_mac(mac)
+                    .await
+                    .map_err(fail("find it on the host"))?
+                    .ok_or_else(missing)?;
+                link.rename(&renamed, &name)
+                    .await
+                    .map_err(fail(&format!("rename {renamed} back")))?;
+                link.settings(&name).await.map_err(fail("read settings"))?
+            }
+            Err(e) => return Err(fail("read settings")(e)),
+        };
+        if current.mtu != side.link.mtu {
+            link.set_mtu(&name, side.link.mtu)
+                .await
+                .map_err(fail(&format!("restore MTU {}", side.link.mtu)))?;
+        }
+        if let Some(mac) = &side.link.mac
+            && current.mac.as_ref() != Some(mac)
+        {
+            link.set_mac(&name, mac)
+                .await
+                .map_err(fail(&format!("restore MAC {mac}")))?;
+        }
+        let present = link
+            .addresses(&name)
+            .await
+            .map_err(fail("read addresses"))?;
+        for net in side.addresses.iter().filter(|a| !present.contains(a)) {
+            link.add_address(&name, net.addr(), net.prefix_len())
+                .await
+                .map_err(fail(&format!("restore address {net}")))?;
+        }
+        if side.link.up && !current.up {
+            link.set_up(&name).await.map_err(fail("set up"))?;
+        }
+        let routes = link.routes(&name).await.map_err(fail("read routes"))?;
+        for route in side.routes.iter().filter(|r| !routes.contains(r)) {
+            link.add_route(&name, route)
+                .await
+                .map_err(fail(&format!("restore route to {}", route.destination)))?;
+        }
+        Ok(())
+    })
+    .await
+}

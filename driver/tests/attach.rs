@@ -1,0 +1,173 @@
+//! Attaching a claimed interface to a pod and giving it back, on real namespaces: a node (a
+//! throwaway namespace standing in for the host) with a veth NIC cabled to a switch, and pods
+//! that already have an `eth0`.
+
+use std::net::IpAddr;
+
+use knd::{
+    attach::{self, HostSide},
+    config::{self, NetworkConfig},
+    testkit::{TestHost, veth_pair},
+};
+
+fn config(json: &str) -> NetworkConfig {
+    let text = format!(r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig",{json}}}"#);
+    let parsed = config::parse(text.as_bytes()).unwrap();
+    parsed.validate(config::DeviceLimits::default()).unwrap();
+    parsed
+}
+
+/// The host side without the interface index, which the kernel reassigns when an interface
+/// changes namespace and its index is taken there.
+fn portable(mut side: HostSide) -> HostSide {
+    side.link.index = 0;
+    side
+}
+
+/// A node with NIC `enp1` (MTU 1500, 192.168.50.2/24, a route to 10.50.0.0/16 via the switch)
+/// and a pod with its own `eth0`.
+fn node_and_pod() -> (TestHost, TestHost, TestHost) {
+    let node = TestHost::new("node").unwrap();
+    let switch = TestHost::new("switch").unwrap();
+    let pod = TestHost::new("pod").unwrap();
+    veth_pair(&node, "enp1", &switch, "sw1").unwrap();
+    veth_pair(&pod, "eth0", &switch, "sw2").unwrap();
+    node.configure("enp1", "192.168.50.2".parse().unwrap(), 24)
+        .unwrap();
+    switch
+        .configure("sw1", "192.168.50.1".parse().unwrap(), 24)
+        .unwrap();
+    node.netlink(|link| async move {
+        let route = knd::netlink::Route {
+            destination: "10.50.0.0/16".parse().unwrap(),
+            gateway: Some("192.168.50.1".parse().unwrap()),
+            source: None,
+            table: 254,
+            link_scope: false,
+            metric: None,
+        };
+        link.add_route("enp1", &route).await
+    })
+    .unwrap();
+    (node, switch, pod)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host() {
+    let (node, switch, pod) = tokio::task::spawn_blocking(node_and_pod).await.unwrap();
+    let before = attach::record(node.netns(), "enp1").await.unwrap();
+    assert_eq!(before.link.mtu, 1500);
+    assert_eq!(before.addresses, ["192.168.50.2/24".parse().unwrap()]);
+    assert_eq!(before.routes.len(), 1, "{:?}", before.routes);
+
+    let wanted = config(
+        r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:42","addresses":["10.9.0.2/24"]},
+           "routes":[{"destination":"10.99.0.0/16","gateway":"10.9.0.1"}],
+           "neighbors":[{"destination":"10.9.0.1","hardwareAddr":"02:00:00:00:00:01"}],
+           "sysctls":{"net.ipv4.conf.net1.arp_ignore":"1"}"#,
+    );
+    let side = attach::attach(node.netns(), pod.netns(), &before, "net1", &wanted)
+        .await
+        .unwrap();
+    assert_eq!(side.name, "net1");
+    assert_eq!(side.mac.as_deref(), Some("02:00:00:00:00:42"));
+    let inside = attach::record(pod.netns(), "net1").await.unwrap();
+    assert_eq!(inside.link.mtu, 9000);
+    assert!(inside.link.up);
+    assert_eq!(inside.addresses, ["10.9.0.2/24".parse().unwrap()]);
+    assert_eq!(inside.routes.len(), 1);
+    assert_eq!(
+        inside.routes[0].gateway,
+        Some("10.9.0.1".parse::<IpAddr>().unwrap())
+    );
+    let pod_clone = pod.netns().try_clone().unwrap();
+    let arp_ignore = tokio::task::spawn_blocking(move || {
+        pod_clone
+            .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/net1/arp_ignore").unwrap())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(arp_ignore.trim(), "1");
+    let node_view = attach::record(node.netns(), "enp1").await;
+    assert!(
+        node_view
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"),
+        "gone from the node"
+    );
+
+    attach::detach(node.netns(), Some(pod.netns()), "net1", &before)
+        .await
+        .unwrap();
+    let after = attach::record(node.netns(), "enp1").await.unwrap();
+    assert_eq!(
+        portable(after),
+        portable(before.clone()),
+        "name, MTU, MAC, up, addresses and routes as before"
+    );
+    assert!(attach::record(pod.netns(), "net1").await.is_err());
+    // Detaching again is harmless.
+    attach::detach(node.netns(), Some(pod.netns()), "net1", &before)
+        .await
+        .unwrap();
+    assert_eq!(
+        portable(attach::record(node.netns(), "enp1").await.unwrap()),
+        portable(before.clone())
+    );
+    drop(switch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_failed_step_is_named_and_undone() {
+    let (node, _switch, pod) = tokio::task::spawn_blocking(node_and_pod).await.unwrap();
+    let before = attach::record(node.netns(), "enp1").await.unwrap();
+    // The gateway is not on any connected network: the route step fails after the move.
+    let unreachable = config(
+        r#""interface":{"name":"net1","mtu":4000,"addresses":["10.9.0.2/24"]},
+           "routes":[{"destination":"10.99.0.0/16","gateway":"172.31.0.1"}]"#,
+    );
+    let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &unreachable)
+        .await
+        .unwrap_err();
+    assert_eq!(error.interface, "enp1");
+    assert_eq!(error.step, "add route to 10.99.0.0/16");
+    assert!(!error.reason.is_empty());
+    assert_eq!(
+        portable(attach::record(node.netns(), "enp1").await.unwrap()),
+        portable(before.clone()),
+        "undone"
+    );
+    assert!(attach::record(pod.netns(), "net1").await.is_err());
+
+    // A name the pod already uses: the move itself fails, nothing changes.
+    let taken = config(r#""interface":{"name":"eth0"}"#);
+    let error = attach::attach(node.netns(), pod.netns(), &before, "eth0", &taken)
+        .await
+        .unwrap_err();
+    assert_eq!(error.step, "move into the pod as eth0");
+    assert!(
+        error
+            .reason
+            .contains("already has an interface called eth0"),
+        "{error}"
+    );
+    assert_eq!(
+        portable(attach::record(node.netns(), "enp1").await.unwrap()),
+        portable(before.clone())
+    );
+
+    // What this build cannot apply is refused before anything moves.
+    let rules = config(r#""rules":[{"priority":100,"source":"10.9.0.0/24","table":100}]"#);
+    let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &rules)
+        .await
+        .unwrap_err();
+    assert!(error.reason.contains("rules is not supported"), "{error}");
+    assert_eq!(
+        portable(attach::record(node.netns(), "enp1").await.unwrap()),
+        portable(before.clone())
+    );
+}
