@@ -244,19 +244,19 @@ pub struct TopologyConfig {
 /// A distance class as written in configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum DistanceName {
-    /// See [`crate::topology::Distance::Pix`].
+    /// At most one PCIe switch between the NIC and the GPU.
     #[serde(rename = "PIX")]
     Pix,
-    /// See [`crate::topology::Distance::Pxb`].
+    /// Several PCIe switches between them, below one host bridge.
     #[serde(rename = "PXB")]
     Pxb,
-    /// See [`crate::topology::Distance::Phb`].
+    /// The same root complex, through the host bridge.
     #[serde(rename = "PHB")]
     Phb,
-    /// See [`crate::topology::Distance::Node`].
+    /// The same NUMA node, different root complexes.
     #[serde(rename = "NODE")]
     Node,
-    /// See [`crate::topology::Distance::Sys`].
+    /// Different NUMA nodes.
     #[serde(rename = "SYS")]
     Sys,
 }
