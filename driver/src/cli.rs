@@ -47,7 +47,7 @@ pub enum TopoFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node daemon: publish this node's devices, serve kubelet's DRA calls, report health.
-    Run(crate::daemon::RunArgs),
+    Run(Box<crate::daemon::RunArgs>),
     /// Print the ResourceSlices this node would publish; excluded devices and unreadable files
     /// go to stderr with the reason.
     Discover {
@@ -155,7 +155,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 .enable_all()
                 .build()
                 .map_err(Error::Runtime)?;
-            runtime.block_on(crate::daemon::main(args))?;
+            runtime.block_on(crate::daemon::main(*args))?;
             Ok(())
         }
         Command::Watch {

@@ -24,6 +24,8 @@ use crate::{
         watch::{self as inventory_watch, Pacing},
     },
     k8s::{self, ApiClaims, Backoff, Publisher},
+    netns::Netns,
+    nri,
     selector::{self, Selector},
     state::{self, StateStore},
 };
@@ -62,6 +64,9 @@ pub struct RunArgs {
     /// The container runtime's NRI socket.
     #[arg(long, env = "KND_NRI_SOCKET", default_value = "/var/run/nri/nri.sock")]
     pub nri_socket: PathBuf,
+    /// This plugin's NRI index (two digits; plugins with lower indexes run first).
+    #[arg(long, env = "KND_NRI_INDEX", default_value = "10")]
+    pub nri_index: String,
     /// The host's root as mounted in the container (sysfs, procfs and devfs are read below it).
     #[arg(long, env = "KND_HOST_ROOT", default_value = "/")]
     pub host_root: PathBuf,
@@ -112,6 +117,9 @@ pub enum Error {
     /// The kubelet plugin sockets cannot be served.
     #[error(transparent)]
     Plugin(#[from] dra::Error),
+    /// The NRI plugin cannot be set up.
+    #[error("NRI: {0}")]
+    Nri(String),
     /// The HTTP server cannot listen.
     #[error("--metrics-addr {addr}: {source}")]
     Metrics {
@@ -208,10 +216,22 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     ));
 
     let claims = ApiClaims::new(client, &driver, shutdown.clone());
+    let identity = nri::plugin::Identity::new("knd", &args.nri_index).map_err(Error::Nri)?;
+    let hooks = Arc::new(nri::pods::NodeHooks::new(
+        Arc::clone(&store),
+        watcher.inventory.clone(),
+        Netns::current().map_err(|e| Error::Nri(e.to_string()))?,
+        Arc::new(claims.clone()),
+    ));
+    let nri_task = tokio::spawn(nri::plugin::run(
+        args.nri_socket.clone(),
+        identity,
+        hooks,
+        shutdown.clone(),
+    ));
     let preparer = Arc::new(Preparer::new(driver.clone(), store, claims));
     let sockets = Sockets::new(&driver, &args.plugin_dir, &args.registry_dir);
     let plugin = dra::serve(&driver, sockets, preparer, health_rx, &shutdown)?;
-    tracing::info!(nri_socket = %args.nri_socket.display(), "NRI attachment is not part of this build yet");
 
     let health = Health {
         registration: plugin.registration.clone(),
@@ -232,6 +252,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         plugin.join().await;
         watcher.join().await;
         let _ignored = publisher.await;
+        let _ignored = nri_task.await;
         let _ignored = http.await;
     })
     .await;

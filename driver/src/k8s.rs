@@ -474,6 +474,14 @@ impl ClaimApi for ApiClaims {
         });
     }
 
+    fn attached(&self, claim: &ClaimRef, devices: Vec<DeviceReport>) {
+        let this = self.clone();
+        let claim = claim.clone();
+        tokio::spawn(async move {
+            this.write_status(&claim, &devices).await;
+        });
+    }
+
     fn released(&self, claim: &ClaimRef) {
         let this = self.clone();
         let claim = claim.clone();

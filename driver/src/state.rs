@@ -226,6 +226,8 @@ fn io_error(operation: &'static str, path: &Path, source: io::Error) -> Error {
 pub struct StateStore {
     /// Prepared claims by UID.
     pub claims: Records<PreparedClaim>,
+    /// Pods' attached interfaces by pod UID.
+    pub pods: Records<crate::nri::pods::PodRecord>,
 }
 
 impl StateStore {
@@ -233,6 +235,7 @@ impl StateStore {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         Ok(Self {
             claims: Records::open(dir.as_ref().join("claims"))?,
+            pods: Records::open(dir.as_ref().join("pods"))?,
         })
     }
 }

@@ -28,6 +28,7 @@ use nix::{
 };
 
 struct Node {
+    nri_socket: Option<PathBuf>,
     dir: tempfile::TempDir,
     tree: SysfsTree,
     kubeconfig: PathBuf,
@@ -43,6 +44,7 @@ impl Node {
             .local_addr()
             .unwrap();
         Self {
+            nri_socket: None,
             dir,
             tree: machines::sriov(),
             kubeconfig,
@@ -72,7 +74,7 @@ impl Node {
             .arg("--state-dir")
             .arg(path("state"))
             .arg("--nri-socket")
-            .arg(path("nri.sock"))
+            .arg(self.nri_socket.clone().unwrap_or_else(|| path("nri.sock")))
             .arg("--host-root")
             .arg(self.tree.root())
             .args(["--metrics-addr", &self.metrics.to_string()])
@@ -384,4 +386,21 @@ fn bad_flags_are_refused_with_the_flag_named() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&from_env.stderr).contains("is not a directory"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs a real containerd"]
+async fn the_daemon_registers_with_containerd_over_nri() {
+    let containerd = knd::testkit::runtime::Containerd::start().unwrap();
+    let fake = FakeApi::start().await.unwrap();
+    fake.add_node("node-1");
+    let mut node = Node::new(&fake);
+    node.nri_socket = Some(containerd.nri_socket());
+    let mut daemon = node.start();
+    node.wait_for("containerd to see knd", || {
+        containerd.log().contains("10-knd")
+    })
+    .await;
+    let status = stop(&mut daemon, Signal::SIGTERM);
+    assert!(status.success(), "{status}");
 }

@@ -62,6 +62,10 @@ pub trait ClaimApi: Send + Sync + 'static {
 
     /// Called once for each released claim, after it was forgotten; must not block.
     fn released(&self, _claim: &ClaimRef) {}
+
+    /// Called when a claim's devices were attached to its pod (with what the pod sees); must
+    /// not block.
+    fn attached(&self, _claim: &ClaimRef, _devices: Vec<crate::k8s::DeviceReport>) {}
 }
 
 /// The outcome for one claim: our devices, or an error meant for the claim's owner.

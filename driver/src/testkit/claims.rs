@@ -8,11 +8,17 @@ use std::{
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 
-use crate::dra::prepare::ClaimApi;
+use crate::{
+    dra::prepare::{ClaimApi, ClaimRef},
+    k8s::DeviceReport,
+};
 
-/// Claims by namespace and name, shared between clones.
+type ClaimMap = HashMap<(String, String), ResourceClaim>;
+type Reports = Vec<(ClaimRef, Vec<DeviceReport>)>;
+
+/// Claims by namespace and name, and the status reports they received, shared between clones.
 #[derive(Debug, Clone, Default)]
-pub struct MemoryClaims(Arc<Mutex<HashMap<(String, String), ResourceClaim>>>);
+pub struct MemoryClaims(Arc<Mutex<ClaimMap>>, Arc<Mutex<Reports>>);
 
 impl MemoryClaims {
     /// Adds (or replaces) a claim given as API JSON.
@@ -31,7 +37,21 @@ impl MemoryClaims {
     }
 }
 
+impl MemoryClaims {
+    /// The `attached` reports received so far.
+    pub fn reports(&self) -> Reports {
+        self.1.lock().expect("not poisoned").clone()
+    }
+}
+
 impl ClaimApi for MemoryClaims {
+    fn attached(&self, claim: &ClaimRef, devices: Vec<DeviceReport>) {
+        self.1
+            .lock()
+            .expect("not poisoned")
+            .push((claim.clone(), devices));
+    }
+
     async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
         Ok(self
             .0

@@ -1,0 +1,488 @@
+//! knd's NRI hooks: when a pod sandbox starts, attach the NICs of the claims prepared for it
+//! into its network namespace; when it stops, give them back; refuse to create containers of a
+//! pod whose NICs are not attached; add RDMA character devices to containers.
+//!
+//! Every pod's attachments are recorded before anything moves and after every change, so a
+//! driver restarted after SIGKILL knows what it moved and where.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{plugin::Hooks, proto::nri as api};
+use crate::{
+    attach::{self, HostSide, PodSide},
+    dra::prepare::{ClaimApi, ClaimRef},
+    inventory::Inventory,
+    k8s::DeviceReport,
+    netns::Netns,
+    resources,
+    state::{PreparedClaim, StateStore},
+};
+
+/// One claimed interface of a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentRecord {
+    /// The claim (namespace, name, UID).
+    pub claim_uid: String,
+    /// Claim namespace.
+    pub claim_namespace: String,
+    /// Claim name.
+    pub claim_name: String,
+    /// Pool.
+    pub pool: String,
+    /// Device.
+    pub device: String,
+    /// The host side as it was before the move.
+    pub host: HostSide,
+    /// The pod side once attached.
+    pub pod: Option<PodSide>,
+}
+
+/// A pod's attachments (state store record, keyed by pod UID).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecord {
+    /// Pod UID.
+    pub pod_uid: String,
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    /// The pod's network namespace (stop and remove events do not carry it).
+    pub netns: PathBuf,
+    /// Its interfaces.
+    pub attachments: Vec<AttachmentRecord>,
+    /// Why attaching failed, if it did.
+    pub failure: Option<String>,
+    /// Whether everything was given back.
+    pub detached: bool,
+}
+
+/// The hooks, over the state store, the current inventory and the claims API.
+#[derive(Debug)]
+pub struct NodeHooks<C> {
+    store: Arc<StateStore>,
+    inventory: watch::Receiver<Arc<Inventory>>,
+    host: Netns,
+    claims: Arc<C>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn network_namespace(pod: &api::PodSandbox) -> Option<PathBuf> {
+    pod.linux
+        .as_ref()?
+        .namespaces
+        .iter()
+        .find(|n| n.r#type == "network" && !n.path.is_empty())
+        .map(|n| PathBuf::from(&n.path))
+}
+
+fn claim_label(claim: &PreparedClaim) -> String {
+    format!("claim {}/{}", claim.namespace, claim.name)
+}
+
+impl<C: ClaimApi> NodeHooks<C> {
+    /// Hooks attaching from `host` (the namespace interfaces are given back to).
+    pub fn new(
+        store: Arc<StateStore>,
+        inventory: watch::Receiver<Arc<Inventory>>,
+        host: Netns,
+        claims: Arc<C>,
+    ) -> Self {
+        Self {
+            store,
+            inventory,
+            host,
+            claims,
+            locks: Mutex::default(),
+        }
+    }
+
+    /// One pod's events are handled one at a time.
+    fn lock(&self, pod_uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().expect("pod locks poisoned");
+        Arc::clone(locks.entry(pod_uid.to_owned()).or_default())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&StateStore) -> crate::state::Result<T> + Send + 'static,
+    ) -> Result<T, String> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|e| format!("state store worker failed: {e}"))?
+            .map_err(|e| format!("state store: {e}"))
+    }
+
+    /// The prepared claims reserved for `pod_uid`.
+    async fn claims_of(&self, pod_uid: &str) -> Result<Vec<PreparedClaim>, String> {
+        let uid = pod_uid.to_owned();
+        self.blocking(move |store| {
+            Ok(store
+                .claims
+                .all()?
+                .into_iter()
+                .map(|(_, claim)| claim)
+                .filter(|claim| claim.pod_uids.contains(&uid))
+                .collect())
+        })
+        .await
+    }
+
+    async fn save(&self, record: &PodRecord) -> Result<(), String> {
+        let record = record.clone();
+        self.blocking(move |store| store.pods.put(&record.pod_uid, &record))
+            .await
+    }
+
+    async fn load(&self, pod_uid: &str) -> Result<Option<PodRecord>, String> {
+        let uid = pod_uid.to_owned();
+        self.blocking(move |store| store.pods.get(&uid)).await
+    }
+
+    /// The host interface of `device`, from the current inventory.
+    fn interface_of(&self, device: &str) -> Option<String> {
+        let inventory = self.inventory.borrow();
+        inventory
+            .nics
+            .iter()
+            .find(|nic| resources::device_name(nic) == device)
+            .and_then(|nic| nic.netdev.as_ref())
+            .map(|netdev| netdev.name.clone())
+    }
+
+    async fn attach_pod(&self, pod: &api::PodSandbox, netns_path: &Path) -> Result<(), String> {
+        let claims = self.claims_of(&pod.uid).await?;
+        if claims.is_empty() {
+            return Ok(());
+        }
+        if let Some(existing) = self.load(&pod.uid).await?
+            && existing.failure.is_none()
+            && !existing.detached
+            && existing.attachments.iter().all(|a| a.pod.is_some())
+        {
+            return Ok(());
+        }
+        let pod_label = format!("{}/{}", pod.namespace, pod.name);
+        let mut record = PodRecord {
+            pod_uid: pod.uid.clone(),
+            pod: pod_label.clone(),
+            netns: netns_path.to_path_buf(),
+            attachments: Vec::new(),
+            failure: None,
+            detached: false,
+        };
+        let outcome = self.attach_claims(&claims, netns_path, &mut record).await;
+        if let Err(message) = &outcome {
+            record.failure = Some(message.clone());
+            record.detached = true;
+        }
+        self.save(&record).await?;
+        outcome
+    }
+
+    /// Records every host side first (durably), then moves one interface after the other; on a
+    /// failure gives back what moved and reports which claim and step failed.
+    async fn attach_claims(
+        &self,
+        claims: &[PreparedClaim],
+        netns_path: &Path,
+        record: &mut PodRecord,
+    ) -> Result<(), String> {
+        let pod_ns = Netns::open(netns_path)
+            .map_err(|e| format!("cannot open the pod's network namespace: {e}"))?;
+        let mut plan = Vec::new();
+        for claim in claims {
+            for device in &claim.devices {
+                let Some(interface) = self.interface_of(&device.device) else {
+                    return Err(format!(
+                        "{}: device {} has no network interface on this node",
+                        claim_label(claim),
+                        device.device
+                    ));
+                };
+                let host = attach::record(&self.host, &interface)
+                    .await
+                    .map_err(|e| format!("{}: {e}", claim_label(claim)))?;
+                record.attachments.push(AttachmentRecord {
+                    claim_uid: claim.uid.clone(),
+                    claim_namespace: claim.namespace.clone(),
+                    claim_name: claim.name.clone(),
+                    pool: device.pool.clone(),
+                    device: device.device.clone(),
+                    host,
+                    pod: None,
+                });
+                plan.push((claim, device));
+            }
+        }
+        self.save(record).await?;
+        for (index, (claim, device)) in plan.into_iter().enumerate() {
+            let host = record.attachments[index].host.clone();
+            let pod_name = device
+                .config
+                .interface
+                .as_ref()
+                .and_then(|i| i.name.clone())
+                .unwrap_or_else(|| host.link.name.clone());
+            match attach::attach(&self.host, &pod_ns, &host, &pod_name, &device.config).await {
+                Ok(side) => {
+                    record.attachments[index].pod = Some(side);
+                    self.save(record).await?;
+                }
+                Err(error) => {
+                    self.detach_all(record, Some(&pod_ns)).await;
+                    return Err(format!("{}: {error}", claim_label(claim)));
+                }
+            }
+        }
+        self.report(record);
+        Ok(())
+    }
+
+    /// Gives back every attached interface of `record`; logs what it cannot.
+    async fn detach_all(&self, record: &mut PodRecord, pod_ns: Option<&Netns>) -> bool {
+        let mut complete = true;
+        for attachment in &mut record.attachments {
+            let pod_name = attachment
+                .pod
+                .as_ref()
+                .map_or_else(|| attachment.host.link.name.clone(), |p| p.name.clone());
+            match attach::detach(&self.host, pod_ns, &pod_name, &attachment.host).await {
+                Ok(()) => attachment.pod = None,
+                Err(error) => {
+                    complete = false;
+                    tracing::error!(pod = %record.pod, %error, "cannot give an interface back");
+                }
+            }
+        }
+        complete
+    }
+
+    async fn release_pod(&self, pod_uid: &str, forget: bool) -> Result<(), String> {
+        let Some(mut record) = self.load(pod_uid).await? else {
+            return Ok(());
+        };
+        if !record.detached {
+            let pod_ns = Netns::open(&record.netns).ok();
+            if !self.detach_all(&mut record, pod_ns.as_ref()).await {
+                self.save(&record).await?;
+                return Err(format!(
+                    "pod {}: some interfaces could not be given back",
+                    record.pod
+                ));
+            }
+            record.detached = true;
+            self.save(&record).await?;
+        }
+        if forget {
+            let uid = pod_uid.to_owned();
+            self.blocking(move |store| store.pods.remove(&uid)).await?;
+        }
+        Ok(())
+    }
+
+    /// Tells the API the pod's interfaces are ready, with their network data.
+    fn report(&self, record: &PodRecord) {
+        let mut by_claim: HashMap<&str, (ClaimRef, Vec<DeviceReport>)> = HashMap::new();
+        for attachment in &record.attachments {
+            let Some(side) = &attachment.pod else {
+                continue;
+            };
+            let entry = by_claim.entry(&attachment.claim_uid).or_insert_with(|| {
+                (
+                    ClaimRef {
+                        namespace: attachment.claim_namespace.clone(),
+                        uid: attachment.claim_uid.clone(),
+                        name: attachment.claim_name.clone(),
+                    },
+                    Vec::new(),
+                )
+            });
+            entry.1.push(DeviceReport {
+                pool: attachment.pool.clone(),
+                device: attachment.device.clone(),
+                ready: true,
+                reason: "Attached".into(),
+                message: format!("{} in pod {}", side.name, record.pod),
+                network: Some(k8s_openapi::api::resource::v1::NetworkDeviceData {
+                    interface_name: Some(side.name.clone()),
+                    ips: Some(side.addresses.iter().map(ToString::to_string).collect()),
+                    hardware_address: side.mac.clone(),
+                }),
+            });
+        }
+        for (claim, devices) in by_claim.into_values() {
+            self.claims.attached(&claim, devices);
+        }
+    }
+
+    /// Character devices for the RDMA devices of the pod's claims.
+    fn rdma_devices(&self, claims: &[PreparedClaim]) -> Vec<api::LinuxDevice> {
+        let inventory = self.inventory.borrow();
+        let mut devices = Vec::new();
+        let char_device = |path: &str, major: u32, minor: u32| api::LinuxDevice {
+            path: path.to_owned(),
+            r#type: "c".into(),
+            major: i64::from(major),
+            minor: i64::from(minor),
+            file_mode: Some(api::OptionalFileMode { value: 0o666 }),
+            uid: Some(api::OptionalUInt32 { value: 0 }),
+            gid: Some(api::OptionalUInt32 { value: 0 }),
+        };
+        for device in claims.iter().flat_map(|c| &c.devices) {
+            let Some(nic) = inventory
+                .nics
+                .iter()
+                .find(|nic| resources::device_name(nic) == device.device)
+            else {
+                continue;
+            };
+            for rdma in &nic.rdma {
+                if let Some(uverbs) = &rdma.uverbs {
+                    devices.push(char_device(&uverbs.path, uverbs.major, uverbs.minor));
+                }
+            }
+        }
+        if !devices.is_empty()
+            && let Some(cm) = &inventory.rdma_cm
+        {
+            devices.push(char_device(&cm.path, cm.major, cm.minor));
+        }
+        devices.dedup_by(|a, b| a.path == b.path);
+        devices
+    }
+}
+
+impl<C: ClaimApi> Hooks for NodeHooks<C> {
+    async fn synchronize(
+        &self,
+        pods: Vec<api::PodSandbox>,
+        _containers: Vec<api::Container>,
+    ) -> Result<(), String> {
+        // Pods that started while knd was away: attach now.
+        for pod in &pods {
+            if let Some(netns) = network_namespace(pod) {
+                let lock = self.lock(&pod.uid);
+                let _guard = lock.lock().await;
+                if let Err(error) = self.attach_pod(pod, &netns).await {
+                    tracing::error!(pod = %pod.name, %error, "cannot attach to a running pod");
+                }
+            }
+        }
+        // Pods that went away while knd was away: give their interfaces back.
+        let live: Vec<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+        let recorded = self
+            .blocking(|store| store.pods.all())
+            .await?
+            .into_iter()
+            .map(|(uid, _)| uid)
+            .filter(|uid| !live.contains(&uid.as_str()));
+        for uid in recorded.collect::<Vec<_>>() {
+            if let Err(error) = self.release_pod(&uid, true).await {
+                tracing::error!(pod_uid = %uid, %error, "cannot release a pod that is gone");
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+        let lock = self.lock(&pod.uid);
+        let _guard = lock.lock().await;
+        let Some(netns) = network_namespace(&pod) else {
+            let claims = self.claims_of(&pod.uid).await?;
+            return match claims.first() {
+                Some(claim) => Err(format!(
+                    "{}: pod {}/{} has no network namespace of its own (host network?)",
+                    claim_label(claim),
+                    pod.namespace,
+                    pod.name
+                )),
+                None => Ok(()),
+            };
+        };
+        self.attach_pod(&pod, &netns).await
+    }
+
+    async fn stop_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+        let lock = self.lock(&pod.uid);
+        let _guard = lock.lock().await;
+        self.release_pod(&pod.uid, false).await
+    }
+
+    async fn remove_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+        let lock = self.lock(&pod.uid);
+        let _guard = lock.lock().await;
+        let outcome = self.release_pod(&pod.uid, true).await;
+        self.locks
+            .lock()
+            .expect("pod locks poisoned")
+            .remove(&pod.uid);
+        outcome
+    }
+
+    async fn create_container(
+        &self,
+        pod: api::PodSandbox,
+        _container: api::Container,
+    ) -> Result<api::ContainerAdjustment, String> {
+        let claims = self.claims_of(&pod.uid).await?;
+        if claims.is_empty() {
+            return Ok(api::ContainerAdjustment::default());
+        }
+        let lock = self.lock(&pod.uid);
+        let _guard = lock.lock().await;
+        let record = self.load(&pod.uid).await?;
+        for claim in &claims {
+            let attached = record.as_ref().is_some_and(|r| {
+                !r.detached
+                    && r.failure.is_none()
+                    && r.attachments
+                        .iter()
+                        .filter(|a| a.claim_uid == claim.uid)
+                        .all(|a| a.pod.is_some())
+            });
+            if !attached {
+                let why = record
+                    .as_ref()
+                    .and_then(|r| r.failure.clone())
+                    .unwrap_or_else(|| "knd was not connected when the pod sandbox started".into());
+                return Err(format!(
+                    "{}: its network device is not attached to pod {}/{}: {why}",
+                    claim_label(claim),
+                    pod.namespace,
+                    pod.name
+                ));
+            }
+        }
+        let devices = self.rdma_devices(&claims);
+        let cgroup_rules = devices
+            .iter()
+            .map(|d| api::LinuxDeviceCgroup {
+                allow: true,
+                r#type: "c".into(),
+                major: Some(api::OptionalInt64 { value: d.major }),
+                minor: Some(api::OptionalInt64 { value: d.minor }),
+                access: "rwm".into(),
+            })
+            .collect::<Vec<_>>();
+        if devices.is_empty() {
+            return Ok(api::ContainerAdjustment::default());
+        }
+        Ok(api::ContainerAdjustment {
+            linux: Some(api::LinuxContainerAdjustment {
+                devices,
+                resources: Some(api::LinuxResources {
+                    devices: cgroup_rules,
+                }),
+            }),
+            ..api::ContainerAdjustment::default()
+        })
+    }
+}

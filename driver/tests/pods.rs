@@ -1,0 +1,245 @@
+//! knd's NRI hooks on real namespaces: a pod sandbox gets the NIC of the claim prepared for it,
+//! gives it back when it stops, a failed attachment fails the pod's containers with the claim
+//! named, and a restarted driver finishes the job from its state store.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::Arc,
+};
+
+use knd::{
+    attach, config,
+    inventory::{Inventory, Nic, netdev::Netdev},
+    nri::{plugin::Hooks as _, pods::NodeHooks, proto::nri as api},
+    state::{PreparedClaim, PreparedDevice, StateStore},
+    testkit::{TestHost, claims::MemoryClaims, veth_pair},
+};
+use tokio::sync::watch;
+
+struct Node {
+    host: TestHost,
+    _switch: TestHost,
+    pod: TestHost,
+    store: Arc<StateStore>,
+    _dir: tempfile::TempDir,
+    inventory: watch::Sender<Arc<Inventory>>,
+    claims: Arc<MemoryClaims>,
+}
+
+impl Node {
+    fn new() -> Self {
+        let node = TestHost::new("node").unwrap();
+        let switch = TestHost::new("switch").unwrap();
+        let pod = TestHost::new("pod").unwrap();
+        for (nic, port) in [("enp1", "sw1"), ("enp2", "sw2")] {
+            veth_pair(&node, nic, &switch, port).unwrap();
+        }
+        veth_pair(&pod, "eth0", &switch, "sw9").unwrap();
+        node.configure("enp1", "192.168.50.2".parse().unwrap(), 24)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(StateStore::open(dir.path()).unwrap());
+        let nics = ["enp1", "enp2"]
+            .map(|name| Nic {
+                netdev: Some(Netdev {
+                    name: name.into(),
+                    ..Netdev::default()
+                }),
+                ..Nic::default()
+            })
+            .to_vec();
+        let (inventory, _) = watch::channel(Arc::new(Inventory {
+            nics,
+            ..Inventory::default()
+        }));
+        Self {
+            host: node,
+            _switch: switch,
+            pod,
+            store,
+            _dir: dir,
+            inventory,
+            claims: Arc::new(MemoryClaims::default()),
+        }
+    }
+
+    /// Hooks as a freshly started driver has them.
+    fn hooks(&self) -> NodeHooks<MemoryClaims> {
+        NodeHooks::new(
+            Arc::clone(&self.store),
+            self.inventory.subscribe(),
+            self.host.netns().try_clone().unwrap(),
+            Arc::clone(&self.claims),
+        )
+    }
+
+    fn prepare(&self, uid: &str, device: &str, config_json: &str) {
+        let text =
+            format!(r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig",{config_json}}}"#);
+        let claim = PreparedClaim {
+            uid: uid.into(),
+            namespace: "ml".into(),
+            name: format!("claim-{uid}"),
+            pod_uids: vec!["pod-1".into()],
+            devices: vec![PreparedDevice {
+                requests: vec!["nic".into()],
+                pool: "node-1".into(),
+                device: device.into(),
+                config: config::parse(text.as_bytes()).unwrap(),
+            }],
+        };
+        self.store.claims.put(uid, &claim).unwrap();
+    }
+
+    fn sandbox(&self) -> api::PodSandbox {
+        api::PodSandbox {
+            id: "sandbox-1".into(),
+            name: "trainer-0".into(),
+            uid: "pod-1".into(),
+            namespace: "ml".into(),
+            linux: Some(api::LinuxPodSandbox {
+                namespaces: vec![api::LinuxNamespace {
+                    r#type: "network".into(),
+                    path: format!("/proc/self/fd/{}", self.pod.netns().as_fd().as_raw_fd()),
+                }],
+                ..api::LinuxPodSandbox::default()
+            }),
+            ..api::PodSandbox::default()
+        }
+    }
+}
+
+fn without_index(mut side: attach::HostSide) -> attach::HostSide {
+    side.link.index = 0;
+    side
+}
+
+fn container() -> api::Container {
+    api::Container {
+        name: "main".into(),
+        ..api::Container::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_pod_gets_its_claimed_nic_and_gives_it_back_even_after_a_restart() {
+    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    node.prepare(
+        "c1",
+        "enp1",
+        r#""interface":{"name":"net1","addresses":["10.9.0.2/24"]}"#,
+    );
+    let before = attach::record(node.host.netns(), "enp1").await.unwrap();
+
+    let hooks = node.hooks();
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+    let inside = attach::record(node.pod.netns(), "net1").await.unwrap();
+    assert_eq!(inside.addresses, ["10.9.0.2/24".parse().unwrap()]);
+    assert!(attach::record(node.host.netns(), "enp1").await.is_err());
+    // Again (a retried hook): nothing changes.
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+    let adjust = hooks
+        .create_container(node.sandbox(), container())
+        .await
+        .unwrap();
+    assert!(adjust.linux.is_none(), "no RDMA devices to add");
+    let reports = node.claims.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].0.name, "claim-c1");
+    let network = reports[0].1[0].network.clone().unwrap();
+    assert_eq!(network.interface_name.as_deref(), Some("net1"));
+    assert_eq!(network.ips, Some(vec!["10.9.0.2/24".to_owned()]));
+    assert!(reports[0].1[0].ready);
+
+    // The driver restarts: the new hooks know from the store where enp1 went.
+    drop(hooks);
+    let restarted = node.hooks();
+    restarted
+        .stop_pod_sandbox(api::PodSandbox {
+            linux: None,
+            ..node.sandbox()
+        })
+        .await
+        .unwrap();
+    let after = attach::record(node.host.netns(), "enp1").await.unwrap();
+    assert_eq!(without_index(after), without_index(before.clone()));
+    assert!(attach::record(node.pod.netns(), "net1").await.is_err());
+    restarted.remove_pod_sandbox(node.sandbox()).await.unwrap();
+    assert!(
+        node.store.pods.get("pod-1").unwrap().is_none(),
+        "forgotten after removal"
+    );
+    // Stop and remove again: nothing to do, no error.
+    restarted.stop_pod_sandbox(node.sandbox()).await.unwrap();
+    restarted.remove_pod_sandbox(node.sandbox()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_failed_attachment_fails_the_pod_and_its_containers_naming_the_claim() {
+    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
+    node.prepare(
+        "c2",
+        "enp2",
+        r#""interface":{"name":"net2","addresses":["10.8.0.2/24"]},"routes":[{"destination":"10.99.0.0/16","gateway":"172.31.0.1"}]"#,
+    );
+    let before: Vec<_> = host_sides(&node, &["enp1", "enp2"]).await;
+    let hooks = node.hooks();
+    let error = hooks.run_pod_sandbox(node.sandbox()).await.unwrap_err();
+    assert!(error.contains("claim ml/claim-c2"), "{error}");
+    assert!(
+        error.contains("interface enp2: add route to 10.99.0.0/16"),
+        "{error}"
+    );
+    // Everything given back, including the NIC of the claim that had worked.
+    assert_eq!(host_sides(&node, &["enp1", "enp2"]).await, before);
+    assert!(attach::record(node.pod.netns(), "net1").await.is_err());
+    let refused = hooks
+        .create_container(node.sandbox(), container())
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("claim ml/claim-c1") && refused.contains("not attached"),
+        "{refused}"
+    );
+    assert!(node.claims.reports().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_pod_started_while_knd_was_away_is_refused_then_attached_at_synchronize() {
+    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
+    let hooks = node.hooks();
+    let refused = hooks
+        .create_container(node.sandbox(), container())
+        .await
+        .unwrap_err();
+    assert!(refused.contains("knd was not connected"), "{refused}");
+    hooks
+        .synchronize(vec![node.sandbox()], Vec::new())
+        .await
+        .unwrap();
+    assert!(attach::record(node.pod.netns(), "net1").await.is_ok());
+    hooks
+        .create_container(node.sandbox(), container())
+        .await
+        .unwrap();
+    // The pod disappears while knd is away: the next synchronize gives the NIC back.
+    let restarted = node.hooks();
+    restarted.synchronize(Vec::new(), Vec::new()).await.unwrap();
+    assert!(attach::record(node.host.netns(), "enp1").await.is_ok());
+    assert!(node.store.pods.all().unwrap().is_empty());
+}
+
+async fn host_sides(node: &Node, names: &[&str]) -> Vec<attach::HostSide> {
+    let mut sides = Vec::new();
+    for name in names {
+        sides.push(without_index(
+            attach::record(node.host.netns(), name).await.unwrap(),
+        ));
+    }
+    sides
+}
