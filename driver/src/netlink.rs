@@ -72,6 +72,9 @@ pub struct LinkStats {
     pub tx_packets: u64,
     /// Bytes sent.
     pub tx_bytes: u64,
+    /// Frames the interface dropped on transmit (after the egress hook saw them; e.g. a veth
+    /// whose peer's backlog was full).
+    pub tx_dropped: u64,
 }
 
 /// The settings of an interface that knd changes in a pod and restores on the host.
@@ -229,6 +232,7 @@ impl Link {
                     rx_bytes: stats.rx_bytes,
                     tx_packets: stats.tx_packets,
                     tx_bytes: stats.tx_bytes,
+                    tx_dropped: stats.tx_dropped,
                 }),
                 _ => None,
             })

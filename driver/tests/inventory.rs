@@ -429,3 +429,40 @@ fn garbage_in_any_file_never_panics() {
         std::fs::write(file, original).unwrap();
     }
 }
+
+#[test]
+#[ignore = "needs root: mounts file systems"]
+fn discovery_is_stable_while_the_node_mounts_and_unmounts() {
+    // Pods starting and stopping mount all the time; confined lookups (openat2 with
+    // RESOLVE_IN_ROOT) fail with EAGAIN when a mount races them, and must be retried.
+    let tree = machines::gpu_8x8();
+    let expected = inventory_of(&tree).nics.len();
+    let target = tempfile::tempdir().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = std::sync::Arc::clone(&stop);
+        let target = target.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut mounts = 0_u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &target,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::empty(),
+                    None::<&str>,
+                )
+                .unwrap();
+                nix::mount::umount(&target).unwrap();
+                mounts += 1;
+            }
+            mounts
+        })
+    };
+    for round in 0..30 {
+        assert_eq!(inventory_of(&tree).nics.len(), expected, "scan {round}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mounts = churn.join().unwrap();
+    assert!(mounts > 30, "the mounts really raced the scans ({mounts})");
+}

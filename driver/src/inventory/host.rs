@@ -93,7 +93,7 @@ impl HostRoot {
         let how = OpenHow::new()
             .flags(flags | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        openat2(fd.as_ref(), relative, how)
+        openat2_retrying(fd.as_ref(), relative, how)
     }
 
     /// Opens a host directory to read many of its entries cheaply.
@@ -219,7 +219,7 @@ impl HostDir {
         let how = OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        match openat2(&self.fd, relative, how) {
+        match openat2_retrying(&self.fd, relative, how) {
             Ok(fd) => Ok(HostDir {
                 host: self.host.clone(),
                 path: self.entry(relative),
@@ -407,5 +407,23 @@ mod tests {
         assert!(!root.exists("/sys/class/net/dangling"));
         assert_eq!(root.list("/sys/class/nothing"), Vec::<String>::new());
         assert_eq!(root.list("/sys/class/net"), ["dangling", "eth1", "loop"]);
+    }
+}
+
+/// `openat2`, retried when the kernel reports that a rename or mount elsewhere on the system
+/// raced with a confined lookup (`EAGAIN` from `RESOLVE_IN_ROOT`/`RESOLVE_BENEATH`): on a node
+/// where pods start and stop, mounts happen all the time, and a scan must not lose devices to
+/// them.
+fn openat2_retrying<Fd: std::os::fd::AsFd>(
+    dirfd: Fd,
+    path: &str,
+    how: OpenHow,
+) -> Result<OwnedFd, Errno> {
+    let mut attempts = 0;
+    loop {
+        match openat2(dirfd.as_fd(), path, how) {
+            Err(Errno::EAGAIN) if attempts < 100 => attempts += 1,
+            other => return other,
+        }
     }
 }
