@@ -320,6 +320,24 @@ fn problem(host_path: &str, reason: &str) -> FileProblem {
     }
 }
 
+/// `openat2`, retried when the kernel reports that a rename or mount elsewhere on the system
+/// raced with a confined lookup (`EAGAIN` from `RESOLVE_IN_ROOT`/`RESOLVE_BENEATH`): on a node
+/// where pods start and stop, mounts happen all the time, and a scan must not lose devices to
+/// them.
+fn openat2_retrying<Fd: std::os::fd::AsFd>(
+    dirfd: Fd,
+    path: &str,
+    how: OpenHow,
+) -> Result<OwnedFd, Errno> {
+    let mut attempts = 0;
+    loop {
+        match openat2(dirfd.as_fd(), path, how) {
+            Err(Errno::EAGAIN) if attempts < 100 => attempts += 1,
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
@@ -407,23 +425,5 @@ mod tests {
         assert!(!root.exists("/sys/class/net/dangling"));
         assert_eq!(root.list("/sys/class/nothing"), Vec::<String>::new());
         assert_eq!(root.list("/sys/class/net"), ["dangling", "eth1", "loop"]);
-    }
-}
-
-/// `openat2`, retried when the kernel reports that a rename or mount elsewhere on the system
-/// raced with a confined lookup (`EAGAIN` from `RESOLVE_IN_ROOT`/`RESOLVE_BENEATH`): on a node
-/// where pods start and stop, mounts happen all the time, and a scan must not lose devices to
-/// them.
-fn openat2_retrying<Fd: std::os::fd::AsFd>(
-    dirfd: Fd,
-    path: &str,
-    how: OpenHow,
-) -> Result<OwnedFd, Errno> {
-    let mut attempts = 0;
-    loop {
-        match openat2(dirfd.as_fd(), path, how) {
-            Err(Errno::EAGAIN) if attempts < 100 => attempts += 1,
-            other => return other,
-        }
     }
 }
