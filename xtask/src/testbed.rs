@@ -3,7 +3,7 @@
 //!
 //! containerd, its shims, `ctr` and the CNI plugins come from Debian trixie through a private apt
 //! configuration; runc comes from bookworm (trixie's needs a newer glibc). A static pause binary
-//! is built with gcc. Everything is checked first, so a second run costs milliseconds.
+//! is built with gcc and packed as an OCI image archive for containerd's sandbox image. Everything is checked first, so a second run costs milliseconds.
 
 use std::{
     path::{Path, PathBuf},
@@ -32,6 +32,7 @@ pub(crate) const BINARIES: &[&str] = &[
     "usr/lib/cni/host-local",
     "usr/lib/cni/loopback",
     "pause",
+    "pause-image.tar",
 ];
 
 const PAUSE_C: &str = r"
@@ -107,6 +108,7 @@ pub(crate) fn install(root: &Path) -> anyhow::Result<()> {
             .arg(prefix.join("pause"))
             .arg(&source),
     )?;
+    pause_image(&testbed, &prefix)?;
     for binary in BINARIES {
         ensure!(
             prefix.join(binary).exists(),
@@ -156,4 +158,67 @@ fn system_mirror() -> Option<String> {
         .map(str::trim)
         .find(|uri| uri.ends_with("/debian"))
         .map(str::to_owned)
+}
+
+/// The image name the testbed's containerd uses as its sandbox image.
+pub(crate) const PAUSE_IMAGE: &str = "knd.test/pause:1";
+
+/// Packs `pause` as a one-layer OCI image archive (`pause-image.tar` in `prefix`) that
+/// `ctr images import` accepts without a registry.
+fn pause_image(testbed: &Path, prefix: &Path) -> anyhow::Result<()> {
+    let work = testbed.join("image");
+    let _ignored = std::fs::remove_dir_all(&work);
+    let blobs = work.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let layer = testbed.join("layer.tar");
+    run_checked(
+        "tar the pause binary as an image layer",
+        Command::new("tar")
+            .arg("-C")
+            .arg(prefix)
+            .args(["--owner=0", "--group=0", "-cf"])
+            .arg(&layer)
+            .arg("pause"),
+    )?;
+    let (layer_digest, layer_size) = add_blob(&blobs, &std::fs::read(&layer)?)?;
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Entrypoint":["/pause"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
+    );
+    let (config_digest, config_size) = add_blob(&blobs, config.as_bytes())?;
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_digest}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_digest}","size":{layer_size}}}]}}"#
+    );
+    let (manifest_digest, manifest_size) = add_blob(&blobs, manifest.as_bytes())?;
+    std::fs::write(work.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    std::fs::write(
+        work.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_digest}","size":{manifest_size},"annotations":{{"io.containerd.image.name":"{PAUSE_IMAGE}","org.opencontainers.image.ref.name":"1"}}}}]}}"#
+        ),
+    )?;
+    run_checked(
+        "pack the pause image",
+        Command::new("tar")
+            .arg("-C")
+            .arg(&work)
+            .arg("-cf")
+            .arg(prefix.join("pause-image.tar"))
+            .args(["oci-layout", "index.json", "blobs"]),
+    )?;
+    let _ignored = std::fs::remove_file(&layer);
+    Ok(())
+}
+
+/// Stores `content` under its SHA-256 in `blobs`; returns the hex digest and the size.
+fn add_blob(blobs: &Path, content: &[u8]) -> anyhow::Result<(String, usize)> {
+    let scratch = blobs.join("incoming");
+    std::fs::write(&scratch, content)?;
+    let sum = capture(Command::new("sha256sum").arg(&scratch))?;
+    let digest = sum
+        .split_whitespace()
+        .next()
+        .context("sha256sum printed nothing")?
+        .to_owned();
+    std::fs::rename(&scratch, blobs.join(&digest))?;
+    Ok((digest, content.len()))
 }

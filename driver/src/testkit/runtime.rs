@@ -37,6 +37,7 @@ impl Containerd {
             .tempdir()?;
         let mut this = Self { dir, child: None };
         this.spawn()?;
+        this.import_pause_image()?;
         Ok(this)
     }
 
@@ -48,6 +49,32 @@ impl Containerd {
     /// The CRI (gRPC) socket.
     pub fn cri_socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
+    }
+
+    /// A CRI client, as kubelet has.
+    pub async fn cri(&self) -> anyhow::Result<CriClient> {
+        let channel = super::claims::unix_channel(self.cri_socket()).await?;
+        Ok(cri::runtime_service_client::RuntimeServiceClient::new(
+            channel,
+        ))
+    }
+
+    /// Imports the testbed's pause image (the sandbox image) into the CRI namespace.
+    fn import_pause_image(&self) -> anyhow::Result<()> {
+        let testbed = testbed_root();
+        let output = Command::new(testbed.join("usr/bin/ctr"))
+            .arg("-a")
+            .arg(self.cri_socket())
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(testbed.join("pause-image.tar"))
+            .output()
+            .context("running ctr images import")?;
+        ensure!(
+            output.status.success(),
+            "ctr images import failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
     }
 
     /// containerd's log so far.
@@ -87,6 +114,7 @@ impl Containerd {
         let dir = self.dir.path();
         let config = dir.join("config.toml");
         std::fs::create_dir_all(dir.join("cni"))?;
+        std::fs::write(dir.join("cni/10-knd-test.conflist"), cni_conflist(dir))?;
         std::fs::write(&config, config_toml(dir, &testbed))
             .with_context(|| format!("writing {}", config.display()))?;
         let log = std::fs::File::create(dir.join("containerd.log"))?;
@@ -127,6 +155,21 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A bridge network for the pods' `eth0` (no gateway, no masquerading: iptables is not
+/// needed), with a bridge name of its own per containerd.
+fn cni_conflist(dir: &Path) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let bridge = format!(
+        "kndt{:x}{:x}",
+        std::process::id() & 0xffff,
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    format!(
+        r#"{{"cniVersion":"1.0.0","name":"knd-test","plugins":[{{"type":"bridge","bridge":"{bridge}","isGateway":false,"ipMasq":false,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.254.0.0/16"}}]],"dataDir":"{}/cni-ipam"}}}}]}}"#,
+        dir.display()
+    )
 }
 
 fn config_toml(dir: &Path, testbed: &Path) -> String {
@@ -171,4 +214,37 @@ state = "{d}/state"
         SystemdCgroup = false
 "#
     )
+}
+
+/// The CRI client (k8s.io/cri-api `runtime.v1`, the subset in `driver/proto/cri.proto`).
+pub mod cri {
+    #![allow(
+        clippy::all,
+        clippy::pedantic,
+        clippy::allow_attributes_without_reason,
+        missing_docs,
+        missing_debug_implementations,
+        unreachable_pub,
+        unused_qualifications,
+        reason = "generated code"
+    )]
+    tonic::include_proto!("runtime.v1");
+}
+
+/// A CRI client of `containerd`, as kubelet has.
+pub type CriClient = cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>;
+
+/// A pod sandbox configuration as kubelet sends it (metadata and labels only).
+pub fn pod_config(namespace: &str, name: &str, uid: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            namespace: namespace.to_owned(),
+            attempt: 0,
+        }),
+        hostname: name.to_owned(),
+        labels: [("app".to_owned(), "knd-test".to_owned())].into(),
+        ..cri::PodSandboxConfig::default()
+    }
 }
