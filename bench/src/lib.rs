@@ -19,6 +19,8 @@ pub struct Summary {
     pub samples: u64,
     /// Median, microseconds.
     pub p50_us: u64,
+    /// 90th percentile, microseconds.
+    pub p90_us: u64,
     /// 99th percentile, microseconds.
     pub p99_us: u64,
     /// Slowest sample, microseconds.
@@ -68,6 +70,7 @@ pub fn summarize(
         name: name.to_owned(),
         samples: histogram.len(),
         p50_us: histogram.value_at_quantile(0.5),
+        p90_us: histogram.value_at_quantile(0.9),
         p99_us,
         max_us: histogram.max(),
         mean_us: histogram.mean(),
@@ -79,8 +82,8 @@ pub fn summarize(
 /// Prints summaries as a table and writes them to `bench-results/<suite>.json`.
 pub fn report(suite: &str, summaries: &[Summary]) -> anyhow::Result<PathBuf> {
     println!(
-        "{:<44} {:>8} {:>10} {:>10} {:>10}  goal",
-        "benchmark", "samples", "p50 µs", "p99 µs", "max µs"
+        "{:<44} {:>8} {:>10} {:>10} {:>10} {:>10}  goal",
+        "benchmark", "samples", "p50 µs", "p90 µs", "p99 µs", "max µs"
     );
     for s in summaries {
         let goal = match (s.goal_p99_us, s.met) {
@@ -89,8 +92,8 @@ pub fn report(suite: &str, summaries: &[Summary]) -> anyhow::Result<PathBuf> {
             _ => String::new(),
         };
         println!(
-            "{:<44} {:>8} {:>10} {:>10} {:>10}  {goal}",
-            s.name, s.samples, s.p50_us, s.p99_us, s.max_us
+            "{:<44} {:>8} {:>10} {:>10} {:>10} {:>10}  {goal}",
+            s.name, s.samples, s.p50_us, s.p90_us, s.p99_us, s.max_us
         );
     }
     let dir = results_dir();
