@@ -243,3 +243,53 @@ async fn host_sides(node: &Node, names: &[&str]) -> Vec<attach::HostSide> {
     }
     sides
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
+    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    node.prepare("c1", "enp1", r#""interface":{"name":"net1","mtu":1400}"#);
+    let before = attach::record(node.host.netns(), "enp1").await.unwrap();
+    // What a driver killed right after the move leaves: the NIC in the pod, the record saying
+    // it was about to move.
+    let claim = node.store.claims.get("c1").unwrap().unwrap();
+    attach::attach(
+        node.host.netns(),
+        node.pod.netns(),
+        &before,
+        "net1",
+        &claim.devices[0].config,
+    )
+    .await
+    .unwrap();
+    let sandbox = node.sandbox();
+    let netns = sandbox.linux.as_ref().unwrap().namespaces[0].path.clone();
+    let record = knd::nri::pods::PodRecord {
+        pod_uid: "pod-1".into(),
+        pod: "ml/trainer-0".into(),
+        netns: netns.into(),
+        attachments: vec![knd::nri::pods::AttachmentRecord {
+            claim_uid: "c1".into(),
+            claim_namespace: "ml".into(),
+            claim_name: "claim-c1".into(),
+            pool: "node-1".into(),
+            device: "enp1".into(),
+            host: before.clone(),
+            pod_name: "net1".into(),
+            pod: None,
+        }],
+        failure: None,
+        detached: false,
+    };
+    node.store.pods.put("pod-1", &record).unwrap();
+
+    let restarted = node.hooks();
+    restarted.run_pod_sandbox(node.sandbox()).await.unwrap();
+    let inside = attach::record(node.pod.netns(), "net1").await.unwrap();
+    assert_eq!(inside.link.mtu, 1400);
+    let stored = node.store.pods.get("pod-1").unwrap().unwrap();
+    assert!(stored.attachments[0].pod.is_some(), "{stored:?}");
+    restarted.stop_pod_sandbox(node.sandbox()).await.unwrap();
+    let after = attach::record(node.host.netns(), "enp1").await.unwrap();
+    assert_eq!(without_index(after), without_index(before));
+}

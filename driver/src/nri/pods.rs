@@ -41,6 +41,8 @@ pub struct AttachmentRecord {
     pub device: String,
     /// The host side as it was before the move.
     pub host: HostSide,
+    /// The name it gets in the pod (recorded before the move, so a restart can find it).
+    pub pod_name: String,
     /// The pod side once attached.
     pub pod: Option<PodSide>,
 }
@@ -162,12 +164,22 @@ impl<C: ClaimApi> NodeHooks<C> {
         if claims.is_empty() {
             return Ok(());
         }
-        if let Some(existing) = self.load(&pod.uid).await?
-            && existing.failure.is_none()
-            && !existing.detached
-            && existing.attachments.iter().all(|a| a.pod.is_some())
-        {
-            return Ok(());
+        if let Some(mut existing) = self.load(&pod.uid).await? {
+            let complete =
+                existing.failure.is_none() && existing.attachments.iter().all(|a| a.pod.is_some());
+            if complete && !existing.detached {
+                return Ok(());
+            }
+            if !existing.detached {
+                // A crash interrupted an earlier attempt: give back what it moved first.
+                let pod_ns = Netns::open(&existing.netns).ok();
+                if !self.detach_all(&mut existing, pod_ns.as_ref()).await {
+                    return Err(format!(
+                        "pod {}: an interrupted attachment could not be undone",
+                        existing.pod
+                    ));
+                }
+            }
         }
         let pod_label = format!("{}/{}", pod.namespace, pod.name);
         let mut record = PodRecord {
@@ -210,6 +222,12 @@ impl<C: ClaimApi> NodeHooks<C> {
                 let host = attach::record(&self.host, &interface)
                     .await
                     .map_err(|e| format!("{}: {e}", claim_label(claim)))?;
+                let pod_name = device
+                    .config
+                    .interface
+                    .as_ref()
+                    .and_then(|i| i.name.clone())
+                    .unwrap_or_else(|| host.link.name.clone());
                 record.attachments.push(AttachmentRecord {
                     claim_uid: claim.uid.clone(),
                     claim_namespace: claim.namespace.clone(),
@@ -217,6 +235,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                     pool: device.pool.clone(),
                     device: device.device.clone(),
                     host,
+                    pod_name,
                     pod: None,
                 });
                 plan.push((claim, device));
@@ -225,12 +244,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         self.save(record).await?;
         for (index, (claim, device)) in plan.into_iter().enumerate() {
             let host = record.attachments[index].host.clone();
-            let pod_name = device
-                .config
-                .interface
-                .as_ref()
-                .and_then(|i| i.name.clone())
-                .unwrap_or_else(|| host.link.name.clone());
+            let pod_name = record.attachments[index].pod_name.clone();
             match attach::attach(&self.host, &pod_ns, &host, &pod_name, &device.config).await {
                 Ok(side) => {
                     record.attachments[index].pod = Some(side);
@@ -250,11 +264,7 @@ impl<C: ClaimApi> NodeHooks<C> {
     async fn detach_all(&self, record: &mut PodRecord, pod_ns: Option<&Netns>) -> bool {
         let mut complete = true;
         for attachment in &mut record.attachments {
-            let pod_name = attachment
-                .pod
-                .as_ref()
-                .map_or_else(|| attachment.host.link.name.clone(), |p| p.name.clone());
-            match attach::detach(&self.host, pod_ns, &pod_name, &attachment.host).await {
+            match attach::detach(&self.host, pod_ns, &attachment.pod_name, &attachment.host).await {
                 Ok(()) => attachment.pod = None,
                 Err(error) => {
                     complete = false;
