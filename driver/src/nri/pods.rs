@@ -246,10 +246,9 @@ impl<C: ClaimApi> NodeHooks<C> {
             let host = record.attachments[index].host.clone();
             let pod_name = record.attachments[index].pod_name.clone();
             match attach::attach(&self.host, &pod_ns, &host, &pod_name, &device.config).await {
-                Ok(side) => {
-                    record.attachments[index].pod = Some(side);
-                    self.save(record).await?;
-                }
+                // Recorded once all are attached (by the caller); a crash before that is
+                // undone from the intended names recorded above.
+                Ok(side) => record.attachments[index].pod = Some(side),
                 Err(error) => {
                     self.detach_all(record, Some(&pod_ns)).await;
                     return Err(format!("{}: {error}", claim_label(claim)));
