@@ -130,9 +130,6 @@ pub async fn record(host: &Netns, interface: &str) -> Result<HostSide, StepError
 /// Parts of a configuration this build cannot apply yet: refused by name rather than ignored.
 fn unsupported(config: &NetworkConfig) -> Option<&'static str> {
     let interface = config.interface.as_ref();
-    if config.rules.as_ref().is_some_and(|r| !r.is_empty()) {
-        return Some("rules");
-    }
     if config.ethtool.is_some() {
         return Some("ethtool");
     }
@@ -250,6 +247,25 @@ async fn configure_in_pod(
             let what = format!("add route to {}", route.destination);
             let parsed = pod_route(route).map_err(|e| StepError::new(&host_name, &what, e))?;
             link.add_route(&name, &parsed).await.map_err(fail(&what))?;
+        }
+        for rule in config.rules.iter().flatten() {
+            let parse = |text: &Option<String>| {
+                text.as_deref()
+                    .map(|t| t.parse::<IpNet>().map_err(|e| format!("{t}: {e}")))
+                    .transpose()
+            };
+            let what = "add rule";
+            let source = parse(&rule.source).map_err(|e| StepError::new(&host_name, what, e))?;
+            let destination =
+                parse(&rule.destination).map_err(|e| StepError::new(&host_name, what, e))?;
+            link.add_rule(
+                rule.priority,
+                source,
+                destination,
+                rule.table.unwrap_or(254),
+            )
+            .await
+            .map_err(fail(what))?;
         }
         for neighbor in config.neighbors.iter().flatten() {
             let what = format!("add neighbor {}", neighbor.destination);

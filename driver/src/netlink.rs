@@ -599,6 +599,66 @@ impl Link {
             })
     }
 
+    /// Adds a policy routing rule: traffic from `source` and/or to `destination` (at least one,
+    /// of one address family) looks up `table`.
+    pub async fn add_rule(
+        &self,
+        priority: Option<u32>,
+        source: Option<IpNet>,
+        destination: Option<IpNet>,
+        table: u32,
+    ) -> Result<()> {
+        use netlink_packet_route::rule::RuleAction;
+        let what = format!(
+            "add rule{}{} lookup {table}",
+            source.map(|s| format!(" from {s}")).unwrap_or_default(),
+            destination.map(|d| format!(" to {d}")).unwrap_or_default()
+        );
+        let invalid = |reason: &str| Error::InvalidRequest {
+            link: "*".into(),
+            reason: format!("{what}: {reason}"),
+        };
+        let base = self
+            .handle
+            .rule()
+            .add()
+            .table_id(table)
+            .action(RuleAction::ToTable);
+        let base = match priority {
+            Some(priority) => base.priority(priority),
+            None => base,
+        };
+        let outcome = match (source, destination) {
+            (None, None) => return Err(invalid("needs a source or a destination")),
+            (Some(IpNet::V4(_)) | None, Some(IpNet::V4(_)) | None) => {
+                let mut request = base.v4();
+                if let Some(IpNet::V4(net)) = source {
+                    request = request.source_prefix(net.addr(), net.prefix_len());
+                }
+                if let Some(IpNet::V4(net)) = destination {
+                    request = request.destination_prefix(net.addr(), net.prefix_len());
+                }
+                request.execute().await
+            }
+            (Some(IpNet::V6(_)) | None, Some(IpNet::V6(_)) | None) => {
+                let mut request = base.v6();
+                if let Some(IpNet::V6(net)) = source {
+                    request = request.source_prefix(net.addr(), net.prefix_len());
+                }
+                if let Some(IpNet::V6(net)) = destination {
+                    request = request.destination_prefix(net.addr(), net.prefix_len());
+                }
+                request.execute().await
+            }
+            _ => return Err(invalid("source and destination are of different families")),
+        };
+        outcome.map_err(|source| Error::Kernel {
+            operation: what,
+            link: "*".into(),
+            source,
+        })
+    }
+
     /// Adds a permanent neighbor entry `ip` → `mac` on the interface `name`.
     pub async fn add_neighbor(&self, name: &str, ip: IpAddr, mac: &str) -> Result<()> {
         let index = self.index(name).await?;

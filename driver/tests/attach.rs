@@ -65,6 +65,7 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
         r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:42","addresses":["10.9.0.2/24"]},
            "routes":[{"destination":"10.99.0.0/16","gateway":"10.9.0.1"}],
            "neighbors":[{"destination":"10.9.0.1","hardwareAddr":"02:00:00:00:00:01"}],
+           "rules":[{"priority":100,"source":"10.9.0.0/24","table":100}],
            "sysctls":{"net.ipv4.conf.net1.arp_ignore":"1"}"#,
     );
     let side = attach::attach(node.netns(), pod.netns(), &before, "net1", &wanted)
@@ -90,6 +91,23 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
     .unwrap()
     .unwrap();
     assert_eq!(arp_ignore.trim(), "1");
+    let pod_clone = pod.netns().try_clone().unwrap();
+    let rules = tokio::task::spawn_blocking(move || {
+        pod_clone.run(|| {
+            std::process::Command::new("ip")
+                .args(["-4", "rule", "show"])
+                .output()
+                .unwrap()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(
+        rules.contains("100:\tfrom 10.9.0.0/24 lookup 100"),
+        "{rules}"
+    );
     let node_view = attach::record(node.netns(), "enp1").await;
     assert!(
         node_view
@@ -161,11 +179,11 @@ async fn a_failed_step_is_named_and_undone() {
     );
 
     // What this build cannot apply is refused before anything moves.
-    let rules = config(r#""rules":[{"priority":100,"source":"10.9.0.0/24","table":100}]"#);
-    let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &rules)
+    let ethtool = config(r#""ethtool":{"features":{"tx-checksumming":false}}"#);
+    let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &ethtool)
         .await
         .unwrap_err();
-    assert!(error.reason.contains("rules is not supported"), "{error}");
+    assert!(error.reason.contains("ethtool is not supported"), "{error}");
     assert_eq!(
         portable(attach::record(node.netns(), "enp1").await.unwrap()),
         portable(before.clone())
