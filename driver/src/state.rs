@@ -79,6 +79,9 @@ pub struct PreparedDevice {
     pub config: NetworkConfig,
 }
 
+/// The records that could be read (by key), and an error for each that could not.
+pub type Readable<T> = (Vec<(String, T)>, Vec<Error>);
+
 /// A directory of records of one type, keyed by a file-name-safe string.
 #[derive(Debug)]
 pub struct Records<T> {
@@ -189,6 +192,16 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
 
     /// Every record, by key, sorted.
     pub fn all(&self) -> Result<Vec<(String, T)>> {
+        let (records, mut problems) = self.all_readable()?;
+        match problems.pop() {
+            Some(problem) => Err(problem),
+            None => Ok(records),
+        }
+    }
+
+    /// Every record that can be read, and an error for each that cannot (a corrupt record must
+    /// not stop the work on all the others).
+    pub fn all_readable(&self) -> Result<Readable<T>> {
         let mut keys: Vec<String> = fs::read_dir(&self.dir)
             .map_err(|source| io_error("listing", &self.dir, source))?
             .filter_map(|entry| {
@@ -198,12 +211,15 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
             .collect();
         keys.sort();
         let mut records = Vec::with_capacity(keys.len());
+        let mut problems = Vec::new();
         for key in keys {
-            if let Some(value) = self.get(&key)? {
-                records.push((key, value));
+            match self.get(&key) {
+                Ok(Some(value)) => records.push((key, value)),
+                Ok(None) => {}
+                Err(problem) => problems.push(problem),
             }
         }
-        Ok(records)
+        Ok((records, problems))
     }
 
     fn sync_dir(&self) -> Result<()> {

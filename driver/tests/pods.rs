@@ -21,7 +21,7 @@ struct Node {
     _switch: TestHost,
     pod: TestHost,
     store: Arc<StateStore>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     inventory: watch::Sender<Arc<Inventory>>,
     claims: Arc<MemoryClaims>,
 }
@@ -57,7 +57,7 @@ impl Node {
             _switch: switch,
             pod,
             store,
-            _dir: dir,
+            dir,
             inventory,
             claims: Arc::new(MemoryClaims::default()),
         }
@@ -292,4 +292,21 @@ async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
     restarted.stop_pod_sandbox(node.sandbox()).await.unwrap();
     let after = attach::record(node.host.netns(), "enp1").await.unwrap();
     assert_eq!(without_index(after), without_index(before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_corrupt_record_of_another_claim_does_not_stop_the_pod() {
+    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
+    let claims_dir = node.dir.path().join("claims");
+    std::fs::write(claims_dir.join("broken.json"), b"{ not json").unwrap();
+    let hooks = node.hooks();
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+    hooks
+        .create_container(node.sandbox(), container())
+        .await
+        .unwrap();
+    assert!(attach::record(node.pod.netns(), "net1").await.is_ok());
+    hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
 }

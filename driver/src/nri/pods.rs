@@ -126,9 +126,11 @@ impl<C: ClaimApi> NodeHooks<C> {
     async fn claims_of(&self, pod_uid: &str) -> Result<Vec<PreparedClaim>, String> {
         let uid = pod_uid.to_owned();
         self.blocking(move |store| {
-            Ok(store
-                .claims
-                .all()?
+            let (claims, problems) = store.claims.all_readable()?;
+            for problem in problems {
+                tracing::error!(%problem, "skipping an unreadable claim record");
+            }
+            Ok(claims
                 .into_iter()
                 .map(|(_, claim)| claim)
                 .filter(|claim| claim.pod_uids.contains(&uid))
