@@ -195,7 +195,8 @@ impl<C: ClaimApi> NodeHooks<C> {
         let outcome = self.attach_claims(&claims, netns_path, &mut record).await;
         if let Err(message) = &outcome {
             record.failure = Some(message.clone());
-            record.detached = true;
+            // Whatever could not be given back stays recorded as attached, for stop to retry.
+            record.detached = record.attachments.iter().all(|a| a.pod.is_none());
         }
         self.save(&record).await?;
         outcome
