@@ -306,15 +306,19 @@ pub async fn session<H: Hooks>(
         plugin_idx: identity.index.clone(),
         nri_version: String::new(),
     };
-    client
+    let registered = client
         .call(
             RUNTIME_SERVICE,
             "RegisterPlugin",
             &register,
             Duration::from_secs(5),
         )
-        .await
-        .map_err(SessionError::Register)?;
+        .await;
+    if let Err(status) = registered {
+        trunk.reader.abort();
+        server.abort();
+        return Err(SessionError::Register(status));
+    }
     tracing::info!(name = %identity.name, index = %identity.index, "NRI: registered with the runtime");
     let outcome = tokio::select! {
         () = session_end.cancelled() => Ok(()),
