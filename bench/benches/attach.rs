@@ -177,16 +177,11 @@ async fn kernel_moves(node: &TestHost) -> anyhow::Result<Vec<Duration>> {
         for (from, to) in [(&node_ns, &there), (&other_ns, &back)] {
             let to = to.try_clone()?;
             let elapsed = from
-                .run_async(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    runtime.block_on(async move {
-                        let link = knd::netlink::Link::connect()?;
-                        let started = Instant::now();
-                        link.move_to("nic0", &to).await?;
-                        anyhow::Ok(started.elapsed())
-                    })
+                .block_on_async(move || async move {
+                    let link = knd::netlink::Link::connect()?;
+                    let started = Instant::now();
+                    link.move_to("nic0", &to).await?;
+                    anyhow::Ok(started.elapsed())
                 })
                 .await??;
             samples.push(elapsed);

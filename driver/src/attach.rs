@@ -70,15 +70,9 @@ where
 {
     let name = interface.to_owned();
     let outcome = netns
-        .run_async(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| StepError::new(&name, "start a netlink worker", e))?;
-            runtime.block_on(async move {
-                let link = Link::connect().map_err(|e| StepError::new(&name, "open netlink", e))?;
-                work(link).await
-            })
+        .block_on_async(move || async move {
+            let link = Link::connect().map_err(|e| StepError::new(&name, "open netlink", e))?;
+            work(link).await
         })
         .await;
     outcome.map_err(|e| StepError::new(interface, format!("enter {netns}"), e))?

@@ -460,33 +460,6 @@ impl Link {
         .await
     }
 
-    /// The name of the interface with index `index`.
-    pub async fn name_of(&self, index: u32) -> Result<String> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        match links.try_next().await {
-            Ok(Some(link)) => link
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    LinkAttribute::IfName(name) => Some(name.clone()),
-                    _ => None,
-                })
-                .ok_or(Error::MissingAttribute {
-                    link: format!("#{index}"),
-                    attribute: "IFLA_IFNAME",
-                }),
-            Ok(None) => Err(Error::NoSuchLink(format!("#{index}"))),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
-                Err(Error::NoSuchLink(format!("#{index}")))
-            }
-            Err(source) => Err(Error::Kernel {
-                operation: "get".into(),
-                link: format!("#{index}"),
-                source,
-            }),
-        }
-    }
-
     /// The name of the interface with MAC address `mac`, if any.
     pub async fn name_with_mac(&self, mac: &str) -> Result<Option<String>> {
         let mut links = self.handle.link().get().execute();

@@ -235,6 +235,26 @@ impl Netns {
         })?
     }
 
+    /// [`Netns::block_on`] for async callers: async `work` runs on a dedicated thread inside
+    /// this namespace with its own single-threaded runtime, and the caller's runtime is never
+    /// blocked and never enters the namespace.
+    pub async fn block_on_async<R, F, Fut>(&self, work: F) -> Result<R>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = R>,
+        R: Send + 'static,
+    {
+        let namespace = self.to_string();
+        self.run_async(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| Error::Runtime { namespace, source })?;
+            Ok(runtime.block_on(work()))
+        })
+        .await?
+    }
+
     /// The namespace's cookie: a 64-bit identifier that the kernel never reuses while the system
     /// runs, and that eBPF programs read with `bpf_get_netns_cookie`.
     pub fn cookie(&self) -> Result<u64> {
