@@ -13,12 +13,12 @@ use std::{
 use knd::{
     dra::{
         prepare::{ClaimRef, plan},
-        proto::{dra_v1, registration as reg},
+        proto::dra_v1,
     },
     testkit::{
         apiserver::FakeApi,
         claims::{CONFIG_HEAD, allocated_claim, unix_channel},
-        machines,
+        kubelet, machines,
         sysfs::SysfsTree,
     },
 };
@@ -106,42 +106,11 @@ impl Node {
         }
     }
 
-    /// Kubelet's side of registration: dial the registration socket until it answers (a killed
-    /// daemon leaves a stale one behind), read the info, accept.
+    /// Kubelet's side of registration.
     async fn register(&self) {
-        let socket = self.registration_socket();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let info = loop {
-            let attempt = async {
-                let channel = unix_channel(socket.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut client = reg::registration_client::RegistrationClient::new(channel);
-                let info = client
-                    .get_info(reg::InfoRequest {})
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner();
-                client
-                    .notify_registration_status(reg::RegistrationStatus {
-                        plugin_registered: true,
-                        error: String::new(),
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(info)
-            };
-            match attempt.await {
-                Ok(info) => break info,
-                Err(err) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "registration never succeeded: {err}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
+        let info = kubelet::register(&self.registration_socket(), Duration::from_secs(20))
+            .await
+            .unwrap();
         assert_eq!(Path::new(&info.endpoint), self.dra_socket());
     }
 }
@@ -178,14 +147,9 @@ async fn prepare(
     node: &Node,
     claims: Vec<dra_v1::Claim>,
 ) -> Result<dra_v1::NodePrepareResourcesResponse, String> {
-    let channel = unix_channel(node.dra_socket())
+    kubelet::prepare(&node.dra_socket(), claims)
         .await
-        .map_err(|e| e.to_string())?;
-    dra_v1::dra_plugin_client::DraPluginClient::new(channel)
-        .node_prepare_resources(dra_v1::NodePrepareResourcesRequest { claims })
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("{e:#}"))
 }
 
 fn stop(daemon: &mut Daemon, signal: Signal) -> std::process::ExitStatus {

@@ -87,6 +87,14 @@ impl FakeApi {
     /// Starts the server on a free loopback port in the current tokio runtime.
     pub async fn start() -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(listener.into_std()?)
+    }
+
+    /// Starts the server on `listener` (bound by the caller, e.g. inside another network
+    /// namespace: a socket stays in the namespace it was created in) in the current runtime.
+    pub fn start_on(listener: std::net::TcpListener) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let store = Arc::new(Mutex::new(Store::default()));
         let shutdown = CancellationToken::new();

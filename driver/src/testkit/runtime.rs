@@ -46,6 +46,13 @@ impl Containerd {
         self.dir.path().join("nri.sock")
     }
 
+    /// Where containerd mounts the pods' network namespaces (one file per sandbox).
+    pub fn netns_dir(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("state/io.containerd.grpc.v1.cri/netns")
+    }
+
     /// The CRI (gRPC) socket.
     pub fn cri_socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
