@@ -64,36 +64,27 @@ impl StepError {
 /// Runs `work` with a netlink connection inside `netns`, on a thread of its own.
 async fn in_netns<R, F, Fut>(netns: &Netns, interface: &str, work: F) -> Result<R, StepError>
 where
-    F: FnOnce(Link) -> Fut + Send + 'static,
+    F: FnOnce(Link) -> Fut,
     Fut: Future<Output = Result<R, StepError>>,
-    R: Send + 'static,
 {
-    let name = interface.to_owned();
-    let outcome = netns
-        .block_on_async(move || async move {
-            let link = Link::connect().map_err(|e| StepError::new(&name, "open netlink", e))?;
-            work(link).await
-        })
-        .await;
-    outcome.map_err(|e| StepError::new(interface, format!("enter {netns}"), e))?
+    work(connect(netns, interface).await?).await
+}
+
+/// A netlink connection inside `netns` (its socket made there; driven by the caller's runtime).
+async fn connect(netns: &Netns, interface: &str) -> Result<Link, StepError> {
+    Link::connect_in(netns).await.map_err(|e| {
+        StepError::new(
+            interface,
+            format!("open netlink in {netns}"),
+            crate::error_chain(&e),
+        )
+    })
 }
 
 fn step(interface: &str, what: &str) -> impl FnOnce(netlink::Error) -> StepError + use<> {
     let interface = interface.to_owned();
     let what = what.to_owned();
-    move |e| StepError::new(&interface, what, error_chain(&e))
-}
-
-/// An error with its causes, `a: b: c`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    move |e| StepError::new(&interface, what, crate::error_chain(&e))
 }
 
 /// Records the host side of `interface` (in `host`'s namespace).
@@ -163,15 +154,12 @@ pub async fn attach(
         .map_err(|e| StepError::new(&interface, "open the pod's namespace", e))?;
     // The kernel moves first and renames after: a name already used in the pod would leave
     // the interface in the pod under its host name. Check first.
-    let wanted = pod_name.to_owned();
-    let free = in_netns(pod, &interface, move |link| async move {
-        match link.get(&wanted).await {
-            Err(netlink::Error::NoSuchLink(_)) => Ok(true),
-            Ok(_) => Ok(false),
-            Err(e) => Err(step(&wanted, "list the pod's interfaces")(e)),
-        }
-    })
-    .await?;
+    let pod_link = connect(pod, &interface).await?;
+    let free = match pod_link.get(pod_name).await {
+        Err(netlink::Error::NoSuchLink(_)) => true,
+        Ok(_) => false,
+        Err(e) => return Err(step(pod_name, "list the pod's interfaces")(e)),
+    };
     if !free {
         return Err(StepError::new(
             &interface,
@@ -193,7 +181,7 @@ pub async fn attach(
         }
         return Err(error);
     }
-    let applied = configure_in_pod(pod, &interface, pod_name, config.clone()).await;
+    let applied = configure_in_pod(pod, pod_link, &interface, pod_name, config).await;
     match applied {
         Ok(side) => Ok(side),
         Err(error) => {
@@ -207,86 +195,92 @@ pub async fn attach(
 
 async fn configure_in_pod(
     pod: &Netns,
+    link: Link,
     interface: &str,
     pod_name: &str,
-    config: NetworkConfig,
+    config: &NetworkConfig,
 ) -> Result<PodSide, StepError> {
     let host_name = interface.to_owned();
     let name = pod_name.to_owned();
-    in_netns(pod, interface, move |link| async move {
-        let fail = |what: &str| step(&host_name, what);
-        let settings = config.interface.clone().unwrap_or_default();
-        if let Some(mtu) = settings.mtu {
-            link.set_mtu(&name, mtu)
-                .await
-                .map_err(fail(&format!("set MTU {mtu}")))?;
-        }
-        if let Some(mac) = &settings.hardware_addr {
-            link.set_mac(&name, mac)
-                .await
-                .map_err(fail(&format!("set MAC {mac}")))?;
-        }
-        let mut addresses = Vec::new();
-        for text in settings.addresses.iter().flatten() {
-            let net: IpNet = text
-                .parse()
-                .map_err(|e| StepError::new(&host_name, format!("add address {text}"), e))?;
-            link.add_address(&name, net.addr(), net.prefix_len())
-                .await
-                .map_err(fail(&format!("add address {net}")))?;
-            addresses.push(net);
-        }
-        link.set_up(&name).await.map_err(fail("set up"))?;
-        for route in config.routes.iter().flatten() {
-            let what = format!("add route to {}", route.destination);
-            let parsed = pod_route(route).map_err(|e| StepError::new(&host_name, &what, e))?;
-            link.add_route(&name, &parsed).await.map_err(fail(&what))?;
-        }
-        for rule in config.rules.iter().flatten() {
-            let parse = |text: &Option<String>| {
-                text.as_deref()
-                    .map(|t| t.parse::<IpNet>().map_err(|e| format!("{t}: {e}")))
-                    .transpose()
-            };
-            let what = "add rule";
-            let source = parse(&rule.source).map_err(|e| StepError::new(&host_name, what, e))?;
-            let destination =
-                parse(&rule.destination).map_err(|e| StepError::new(&host_name, what, e))?;
-            link.add_rule(
-                rule.priority,
-                source,
-                destination,
-                rule.table.unwrap_or(254),
-            )
+    let fail = |what: &str| step(&host_name, what);
+    let settings = config.interface.clone().unwrap_or_default();
+    if let Some(mtu) = settings.mtu {
+        link.set_mtu(&name, mtu)
             .await
-            .map_err(fail(what))?;
-        }
-        for neighbor in config.neighbors.iter().flatten() {
-            let what = format!("add neighbor {}", neighbor.destination);
-            let ip: IpAddr = neighbor
-                .destination
-                .parse()
-                .map_err(|e| StepError::new(&host_name, &what, e))?;
-            link.add_neighbor(&name, ip, &neighbor.hardware_addr)
-                .await
-                .map_err(fail(&what))?;
-        }
-        for (key, value) in config.sysctls.iter().flatten() {
-            write_sysctl(key, value)
-                .map_err(|e| StepError::new(&host_name, format!("set {key}={value}"), e))?;
-        }
-        let mac = link
-            .settings(&name)
+            .map_err(fail(&format!("set MTU {mtu}")))?;
+    }
+    if let Some(mac) = &settings.hardware_addr {
+        link.set_mac(&name, mac)
             .await
-            .map_err(fail("read settings"))?
-            .mac;
-        Ok(PodSide {
-            name,
-            addresses,
-            mac,
-        })
+            .map_err(fail(&format!("set MAC {mac}")))?;
+    }
+    let mut addresses = Vec::new();
+    for text in settings.addresses.iter().flatten() {
+        let net: IpNet = text
+            .parse()
+            .map_err(|e| StepError::new(&host_name, format!("add address {text}"), e))?;
+        link.add_address(&name, net.addr(), net.prefix_len())
+            .await
+            .map_err(fail(&format!("add address {net}")))?;
+        addresses.push(net);
+    }
+    link.set_up(&name).await.map_err(fail("set up"))?;
+    for route in config.routes.iter().flatten() {
+        let what = format!("add route to {}", route.destination);
+        let parsed = pod_route(route).map_err(|e| StepError::new(&host_name, &what, e))?;
+        link.add_route(&name, &parsed).await.map_err(fail(&what))?;
+    }
+    for rule in config.rules.iter().flatten() {
+        let parse = |text: &Option<String>| {
+            text.as_deref()
+                .map(|t| t.parse::<IpNet>().map_err(|e| format!("{t}: {e}")))
+                .transpose()
+        };
+        let what = "add rule";
+        let source = parse(&rule.source).map_err(|e| StepError::new(&host_name, what, e))?;
+        let destination =
+            parse(&rule.destination).map_err(|e| StepError::new(&host_name, what, e))?;
+        link.add_rule(
+            rule.priority,
+            source,
+            destination,
+            rule.table.unwrap_or(254),
+        )
+        .await
+        .map_err(fail(what))?;
+    }
+    for neighbor in config.neighbors.iter().flatten() {
+        let what = format!("add neighbor {}", neighbor.destination);
+        let ip: IpAddr = neighbor
+            .destination
+            .parse()
+            .map_err(|e| StepError::new(&host_name, &what, e))?;
+        link.add_neighbor(&name, ip, &neighbor.hardware_addr)
+            .await
+            .map_err(fail(&what))?;
+    }
+    if let Some(sysctls) = config.sysctls.clone().filter(|s| !s.is_empty()) {
+        // /proc/sys/net resolves against the writing thread's namespace: a thread in the pod.
+        let written = pod
+            .run_async(move || {
+                sysctls.iter().try_for_each(|(key, value)| {
+                    write_sysctl(key, value).map_err(|e| format!("set {key}={value}: {e}"))
+                })
+            })
+            .await
+            .map_err(|e| StepError::new(&host_name, "enter the pod for sysctls", e))?;
+        written.map_err(|e| StepError::new(&host_name, "set sysctls", e))?;
+    }
+    let mac = link
+        .settings(&name)
+        .await
+        .map_err(fail("read settings"))?
+        .mac;
+    Ok(PodSide {
+        name,
+        addresses,
+        mac,
     })
-    .await
 }
 
 fn pod_route(route: &crate::config::RouteConfig) -> Result<Route, String> {

@@ -21,3 +21,15 @@ pub mod topology;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+/// An error with its causes, `a: b: c`.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

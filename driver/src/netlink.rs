@@ -171,6 +171,30 @@ impl Link {
         Ok(Self { handle })
     }
 
+    /// Opens a connection in `netns` that the caller's runtime drives: a netlink socket belongs
+    /// to the namespace it was created in, whichever thread uses it, so only the socket's
+    /// creation runs on a thread inside `netns` (none when the caller is already there). Not
+    /// for `/proc/sys/net`, which resolves against the reading thread's namespace.
+    pub async fn connect_in(netns: &Netns) -> Result<Self> {
+        use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+        if netns.is_current() {
+            return Self::connect();
+        }
+        let socket = netns
+            .run_async(|| rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE))
+            .await
+            .map_err(|e| Error::Connect(std::io::Error::other(e)))?
+            .map_err(Error::Connect)?;
+        socket.set_non_blocking(true).map_err(Error::Connect)?;
+        let fd = socket.into_raw_fd();
+        // SAFETY: `fd` is an open netlink socket that nothing else owns (`into_raw_fd` gave up
+        // ownership) and it is non-blocking, so `from_raw_fd` cannot fail on that account.
+        let socket = unsafe { rtnetlink::sys::TokioSocket::from_raw_fd(fd) };
+        let (connection, handle, _) = rtnetlink::from_socket(socket);
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
     /// Opens a connection in the calling thread's namespace that also receives the kernel's
     /// link and route notifications (`RTNLGRP_LINK`, `RTNLGRP_IPV4_ROUTE`,
     /// `RTNLGRP_IPV6_ROUTE`): interfaces added, removed, renamed, changed or moved to another

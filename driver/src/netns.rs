@@ -155,6 +155,18 @@ impl Netns {
         })
     }
 
+    /// Whether the calling thread is in this namespace (same nsfs inode).
+    pub fn is_current(&self) -> bool {
+        let inode = |stat: nix::sys::stat::FileStat| (stat.st_dev, stat.st_ino);
+        match (
+            nix::sys::stat::fstat(&self.fd),
+            nix::sys::stat::stat("/proc/thread-self/ns/net"),
+        ) {
+            (Ok(this), Ok(current)) => inode(this) == inode(current),
+            _ => false,
+        }
+    }
+
     /// Another handle to the same namespace.
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(Self {

@@ -7,11 +7,13 @@
 //! the new record, never a torn one; leftover temporary files from a crash are removed at open.
 
 use std::{
+    collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::{self, Write as _},
     marker::PhantomData,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
 };
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -82,14 +84,38 @@ pub struct PreparedDevice {
 /// The records that could be read (by key), and an error for each that could not.
 pub type Readable<T> = (Vec<(String, T)>, Vec<Error>);
 
-/// A directory of records of one type, keyed by a file-name-safe string.
+/// A directory of records of one type, keyed by a file-name-safe string; optionally with every
+/// record also held in memory (for records read on hot paths, written only through this value).
 #[derive(Debug)]
 pub struct Records<T> {
     dir: PathBuf,
+    cache: Option<Mutex<BTreeMap<String, T>>>,
     _type: PhantomData<fn() -> T>,
 }
 
-impl<T: Serialize + DeserializeOwned> Records<T> {
+impl<T: Serialize + DeserializeOwned + Clone> Records<T> {
+    /// Opens the directory and keeps every record in memory as well: reads are served from
+    /// memory, writes go to disk first and then to memory. Only for a directory this process
+    /// alone writes. A record that cannot be read at open is logged (naming the file) and left
+    /// out, as if it did not exist.
+    pub fn open_cached(dir: impl Into<PathBuf>) -> Result<Self> {
+        let mut records = Self::open(dir)?;
+        let (readable, problems) = records.all_readable()?;
+        for problem in problems {
+            tracing::error!(problem = %crate::error_chain(&problem), "ignoring an unreadable record");
+        }
+        records.cache = Some(Mutex::new(readable.into_iter().collect()));
+        Ok(records)
+    }
+
+    fn cached(&self) -> Option<MutexGuard<'_, BTreeMap<String, T>>> {
+        self.cache.as_ref().map(|cache| {
+            cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        })
+    }
+
     /// Opens (creating, mode 0700) the directory and removes temporary files a crash left.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
@@ -108,6 +134,7 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
         }
         Ok(Self {
             dir,
+            cache: None,
             _type: PhantomData,
         })
     }
@@ -129,7 +156,11 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     /// Stores `value` under `key`, replacing any earlier record atomically and durably.
     pub fn put(&self, key: &str, value: &T) -> Result<()> {
         self.write(key, value)?;
-        self.sync_dir()
+        self.sync_dir()?;
+        if let Some(mut cache) = self.cached() {
+            cache.insert(key.to_owned(), value.clone());
+        }
+        Ok(())
     }
 
     /// Stores several records, each atomically; all are durable when this returns (one
@@ -138,12 +169,21 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     where
         T: 'a,
     {
-        let mut any = false;
+        let mut written = Vec::new();
         for (key, value) in records {
             self.write(key, value)?;
-            any = true;
+            written.push((key, value));
         }
-        if any { self.sync_dir() } else { Ok(()) }
+        if written.is_empty() {
+            return Ok(());
+        }
+        self.sync_dir()?;
+        if let Some(mut cache) = self.cached() {
+            for (key, value) in written {
+                cache.insert(key.to_owned(), value.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Writes one record to a temporary file, syncs it, and renames it into place.
@@ -171,6 +211,9 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     /// The record under `key`, if any.
     pub fn get(&self, key: &str) -> Result<Option<T>> {
         let path = self.path(key)?;
+        if let Some(cache) = self.cached() {
+            return Ok(cache.get(key).cloned());
+        }
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -184,10 +227,29 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     pub fn remove(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
         match fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(io_error("removing", &path, source)),
+            Ok(()) => self.sync_dir()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io_error("removing", &path, source)),
         }
+        if let Some(mut cache) = self.cached() {
+            cache.remove(key);
+        }
+        Ok(())
+    }
+
+    /// The records (by key, sorted) for which `wanted` holds; from memory when cached.
+    pub fn matching(&self, wanted: impl Fn(&T) -> bool) -> Result<Readable<T>> {
+        if let Some(cache) = self.cached() {
+            let records = cache
+                .iter()
+                .filter(|(_, value)| wanted(value))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            return Ok((records, Vec::new()));
+        }
+        let (mut records, problems) = self.all_readable()?;
+        records.retain(|(_, value)| wanted(value));
+        Ok((records, problems))
     }
 
     /// Every record, by key, sorted.
@@ -202,6 +264,10 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     /// Every record that can be read, and an error for each that cannot (a corrupt record must
     /// not stop the work on all the others).
     pub fn all_readable(&self) -> Result<Readable<T>> {
+        if let Some(cache) = self.cached() {
+            let records = cache.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            return Ok((records, Vec::new()));
+        }
         let mut keys: Vec<String> = fs::read_dir(&self.dir)
             .map_err(|source| io_error("listing", &self.dir, source))?
             .filter_map(|entry| {
@@ -237,7 +303,9 @@ fn io_error(operation: &'static str, path: &Path, source: io::Error) -> Error {
     }
 }
 
-/// Everything the driver keeps across restarts, under its state directory.
+/// Everything the driver keeps across restarts, under its state directory. Claims are also held
+/// in memory (the NRI hooks look up a pod's claims on every sandbox and container start), so
+/// one process at a time owns a state directory; others may read `pods`.
 #[derive(Debug)]
 pub struct StateStore {
     /// Prepared claims by UID.
@@ -250,7 +318,7 @@ impl StateStore {
     /// Opens the store under `dir` (e.g. `/var/lib/knd`).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         Ok(Self {
-            claims: Records::open(dir.as_ref().join("claims"))?,
+            claims: Records::open_cached(dir.as_ref().join("claims"))?,
             pods: Records::open(dir.as_ref().join("pods"))?,
         })
     }
@@ -312,8 +380,33 @@ mod tests {
                 "{key}"
             );
         }
-        fs::write(dir.path().join("claims/uid-9.json"), "not json").unwrap();
-        let err = store.claims.get("uid-9").unwrap_err().to_string();
+        fs::write(dir.path().join("pods/uid-9.json"), "not json").unwrap();
+        let err = store.pods.get("uid-9").unwrap_err().to_string();
         assert!(err.contains("uid-9.json"), "{err}");
+    }
+
+    #[test]
+    fn cached_records_follow_writes_and_skip_what_they_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("claims")).unwrap();
+        fs::write(dir.path().join("claims/bad.json"), "not json").unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        assert_eq!(store.claims.get("bad").unwrap(), None);
+        store.claims.put("uid-1", &claim("uid-1", 1)).unwrap();
+        let mut other = claim("uid-2", 1);
+        other.pod_uids = vec!["pod-2".into()];
+        store.claims.put_all([("uid-2", &other)]).unwrap();
+        let (for_pod_2, _) = store
+            .claims
+            .matching(|c| c.pod_uids.iter().any(|p| p == "pod-2"))
+            .unwrap();
+        assert_eq!(for_pod_2, vec![("uid-2".to_owned(), other)]);
+        store.claims.remove("uid-1").unwrap();
+        assert_eq!(store.claims.get("uid-1").unwrap(), None);
+        // What is in memory is what is on disk.
+        let fresh = Records::<PreparedClaim>::open(dir.path().join("claims")).unwrap();
+        let (on_disk, problems) = fresh.all_readable().unwrap();
+        assert_eq!(on_disk, store.claims.all().unwrap());
+        assert_eq!(problems.len(), 1, "the unreadable record is still there");
     }
 }

@@ -122,21 +122,17 @@ impl<C: ClaimApi> NodeHooks<C> {
             .map_err(|e| format!("state store: {e}"))
     }
 
-    /// The prepared claims reserved for `pod_uid`.
-    async fn claims_of(&self, pod_uid: &str) -> Result<Vec<PreparedClaim>, String> {
-        let uid = pod_uid.to_owned();
-        self.blocking(move |store| {
-            let (claims, problems) = store.claims.all_readable()?;
-            for problem in problems {
-                tracing::error!(%problem, "skipping an unreadable claim record");
-            }
-            Ok(claims
-                .into_iter()
-                .map(|(_, claim)| claim)
-                .filter(|claim| claim.pod_uids.contains(&uid))
-                .collect())
-        })
-        .await
+    /// The prepared claims reserved for `pod_uid` (from memory: the store caches claims).
+    fn claims_of(&self, pod_uid: &str) -> Result<Vec<PreparedClaim>, String> {
+        let (claims, problems) = self
+            .store
+            .claims
+            .matching(|claim| claim.pod_uids.iter().any(|uid| uid == pod_uid))
+            .map_err(|e| format!("state store: {e}"))?;
+        for problem in problems {
+            tracing::error!(%problem, "skipping an unreadable claim record");
+        }
+        Ok(claims.into_iter().map(|(_, claim)| claim).collect())
     }
 
     async fn save(&self, record: &PodRecord) -> Result<(), String> {
@@ -162,7 +158,7 @@ impl<C: ClaimApi> NodeHooks<C> {
     }
 
     async fn attach_pod(&self, pod: &api::PodSandbox, netns_path: &Path) -> Result<(), String> {
-        let claims = self.claims_of(&pod.uid).await?;
+        let claims = self.claims_of(&pod.uid)?;
         if claims.is_empty() {
             return Ok(());
         }
@@ -408,7 +404,7 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
         let lock = self.lock(&pod.uid);
         let _guard = lock.lock().await;
         let Some(netns) = network_namespace(&pod) else {
-            let claims = self.claims_of(&pod.uid).await?;
+            let claims = self.claims_of(&pod.uid)?;
             return match claims.first() {
                 Some(claim) => Err(format!(
                     "{}: pod {}/{} has no network namespace of its own (host network?)",
@@ -444,7 +440,7 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
         pod: api::PodSandbox,
         _container: api::Container,
     ) -> Result<api::ContainerAdjustment, String> {
-        let claims = self.claims_of(&pod.uid).await?;
+        let claims = self.claims_of(&pod.uid)?;
         if claims.is_empty() {
             return Ok(api::ContainerAdjustment::default());
         }
