@@ -1,7 +1,9 @@
 //! What knd adds to pod start-up on a real containerd 1.7: RunPodSandbox latency through CRI
 //! without any NRI plugin, then with knd connected and one NIC claimed by every pod (moved into
 //! the pod, renamed, MTU, address and a route set, state recorded durably), in the same run.
-//! Every pod is stopped and removed between samples, which gives the NIC back. Needs root.
+//! Every pod is stopped and removed between samples, which gives the NIC back. The conditions
+//! are interleaved in rounds so that the machine's drift over the run hits all of them alike.
+//! Needs root.
 //!
 //! Also measured in the same run, to show where the time goes: sandboxes with knd connected but
 //! no claim (the runtime's NRI round trip), and the kernel's own cost of moving an interface to
@@ -34,7 +36,33 @@ use knd_bench::{report, summarize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-const SANDBOXES: usize = 100;
+const ROUNDS: usize = 10;
+const PER_ROUND: usize = 10;
+const SANDBOXES: usize = ROUNDS * PER_ROUND;
+
+/// Connects knd's NRI plugin with `hooks`; returns once containerd has synchronized it.
+async fn connect(
+    containerd: &Containerd,
+    hooks: &Arc<NodeHooks<MemoryClaims>>,
+) -> anyhow::Result<CancellationToken> {
+    let synchronized = || containerd.log().matches("Synchronizing NRI (plugin)").count();
+    let before = synchronized();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(plugin::run(
+        containerd.nri_socket(),
+        Identity::new("knd", "10").map_err(anyhow::Error::msg)?,
+        Arc::clone(hooks),
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while synchronized() == before {
+        anyhow::ensure!(Instant::now() < deadline, "knd never connected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Synchronize is logged before it is sent; give the reply a moment to land.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(shutdown)
+}
 
 async fn sandbox_once(client: &mut CriClient, index: usize, uid: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
@@ -75,16 +103,6 @@ async fn main() -> anyhow::Result<()> {
     })
     .await??;
 
-    // Warm-up, then without any plugin.
-    for i in 0..3 {
-        sandbox_once(&mut client, i, &format!("warm-{i}")).await?;
-    }
-    let mut without = Vec::with_capacity(SANDBOXES);
-    for i in 0..SANDBOXES {
-        without.push(sandbox_once(&mut client, i, &format!("plain-{i}")).await?);
-    }
-
-    // With knd and one NIC per pod.
     let dir = tempfile::tempdir()?;
     let store = Arc::new(StateStore::open(dir.path())?);
     let (_inventory, inventory) = watch::channel(Arc::new(Inventory {
@@ -103,50 +121,52 @@ async fn main() -> anyhow::Result<()> {
         node.netns().try_clone()?,
         Arc::new(MemoryClaims::default()),
     ));
-    let shutdown = CancellationToken::new();
-    tokio::spawn(plugin::run(
-        containerd.nri_socket(),
-        Identity::new("knd", "10").map_err(anyhow::Error::msg)?,
-        hooks,
-        shutdown.clone(),
-    ));
-    while !containerd.log().contains("10-knd") {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut connected = Vec::with_capacity(SANDBOXES);
-    for i in 0..SANDBOXES {
-        connected.push(sandbox_once(&mut client, i, &format!("unclaimed-{i}")).await?);
-    }
     let network = config::parse(
         br#"{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig",
              "interface":{"name":"net1","mtu":1450,"addresses":["10.7.0.2/24"]},
              "routes":[{"destination":"10.7.128.0/17","gateway":"10.7.0.1"}]}"#,
     )?;
-    let mut with = Vec::with_capacity(SANDBOXES);
-    for i in 0..SANDBOXES + 3 {
-        let uid = format!("knd-{i}");
-        let claim = PreparedClaim {
-            uid: format!("claim-{i}"),
-            namespace: "bench".into(),
-            name: format!("nic-{i}"),
-            pod_uids: vec![uid.clone()],
-            devices: vec![PreparedDevice {
-                requests: vec!["nic".into()],
-                pool: "node-1".into(),
-                device: "nic0".into(),
-                config: network.clone(),
-            }],
-        };
-        store.claims.put(&claim.uid, &claim)?;
-        let elapsed = sandbox_once(&mut client, i, &uid).await?;
-        let record = store.pods.get(&uid)?;
-        anyhow::ensure!(record.is_none(), "pod {uid} was not cleaned up: {record:?}");
-        store.claims.remove(&claim.uid)?;
-        if i >= 3 {
-            with.push(elapsed);
-        }
+
+    // The machine drifts over a run (another tenant, page cache, containerd's own state): the
+    // three conditions are interleaved in rounds, so each sees the same drift. Per round: pods
+    // without any plugin; then knd connects and pods alternate between no claim and one NIC;
+    // then knd disconnects.
+    for i in 0..3 {
+        sandbox_once(&mut client, i, &format!("warm-{i}")).await?;
     }
-    shutdown.cancel();
+    let (mut without, mut connected, mut with) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        for i in 0..PER_ROUND {
+            let n = round * PER_ROUND + i;
+            without.push(sandbox_once(&mut client, n, &format!("plain-{n}")).await?);
+        }
+        let shutdown = connect(&containerd, &hooks).await?;
+        for i in 0..PER_ROUND {
+            let n = round * PER_ROUND + i;
+            connected.push(sandbox_once(&mut client, n, &format!("unclaimed-{n}")).await?);
+            let uid = format!("knd-{n}");
+            let claim = PreparedClaim {
+                uid: format!("claim-{n}"),
+                namespace: "bench".into(),
+                name: format!("nic-{n}"),
+                pod_uids: vec![uid.clone()],
+                devices: vec![PreparedDevice {
+                    requests: vec!["nic".into()],
+                    pool: "node-1".into(),
+                    device: "nic0".into(),
+                    config: network.clone(),
+                }],
+            };
+            store.claims.put(&claim.uid, &claim)?;
+            with.push(sandbox_once(&mut client, n, &uid).await?);
+            let record = store.pods.get(&uid)?;
+            anyhow::ensure!(record.is_none(), "pod {uid} was not cleaned up: {record:?}");
+            store.claims.remove(&claim.uid)?;
+        }
+        shutdown.cancel();
+        // Let containerd see the plugin go before the next pods without it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let moves = kernel_moves(&node).await?;
 
     let plain = summarize("RunPodSandbox, no NRI plugin", &without, None)?;
