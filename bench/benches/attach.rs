@@ -45,7 +45,12 @@ async fn connect(
     containerd: &Containerd,
     hooks: &Arc<NodeHooks<MemoryClaims>>,
 ) -> anyhow::Result<CancellationToken> {
-    let synchronized = || containerd.log().matches("Synchronizing NRI (plugin)").count();
+    let synchronized = || {
+        containerd
+            .log()
+            .matches("Synchronizing NRI (plugin)")
+            .count()
+    };
     let before = synchronized();
     let shutdown = CancellationToken::new();
     tokio::spawn(plugin::run(

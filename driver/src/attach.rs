@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::NetworkConfig,
-    netlink::{self, Link, LinkSettings, Route},
+    netlink::{self, Link, LinkSettings, Neighbor, OffloadSizes, Route},
     netns::Netns,
 };
 
@@ -26,6 +26,10 @@ pub struct HostSide {
     pub addresses: Vec<IpNet>,
     /// The routes out of it (not the kernel's own).
     pub routes: Vec<Route>,
+    /// Its static neighbor entries (policy rules name interfaces and outlive them, so they
+    /// need no restore; these are flushed when the interface leaves).
+    #[serde(default)]
+    pub neighbors: Vec<Neighbor>,
 }
 
 /// What the pod sees after attachment (for the claim's `networkData`).
@@ -103,10 +107,15 @@ pub async fn record(host: &Netns, interface: &str) -> Result<HostSide, StepError
             .routes(&name)
             .await
             .map_err(step(&name, "read routes"))?;
+        let neighbors = link
+            .permanent_neighbors(&name)
+            .await
+            .map_err(step(&name, "read neighbors"))?;
         Ok(HostSide {
             link: settings,
             addresses,
             routes,
+            neighbors,
         })
     })
     .await
@@ -117,14 +126,6 @@ fn unsupported(config: &NetworkConfig) -> Option<&'static str> {
     let interface = config.interface.as_ref();
     if config.ethtool.is_some() {
         return Some("ethtool");
-    }
-    if interface.is_some_and(|i| {
-        i.gso_max_size.is_some()
-            || i.gro_max_size.is_some()
-            || i.gso_ipv4_max_size.is_some()
-            || i.gro_ipv4_max_size.is_some()
-    }) {
-        return Some("interface.gso/groMaxSize");
     }
     if interface.is_some_and(|i| i.dhcp == Some(true)) {
         return Some("interface.dhcp");
@@ -176,7 +177,7 @@ pub async fn attach(
     .await;
     if let Err(error) = moved {
         // Moved but not renamed (the pod raced us to the name): bring it back.
-        if let Err(undo) = detach(host, Some(pod), &interface, host_side).await {
+        if let Err(undo) = detach(host, Some(pod), &interface, host_side, None).await {
             tracing::error!(%undo, "undoing a failed move failed too");
         }
         return Err(error);
@@ -185,7 +186,18 @@ pub async fn attach(
     match applied {
         Ok(side) => Ok(side),
         Err(error) => {
-            if let Err(undo) = detach(host, Some(pod), pod_name, host_side).await {
+            if let Err(undo) = detach(
+                host,
+                Some(pod),
+                pod_name,
+                host_side,
+                config
+                    .interface
+                    .as_ref()
+                    .and_then(|i| i.hardware_addr.as_deref()),
+            )
+            .await
+            {
                 tracing::error!(%undo, "undoing a failed attachment failed too");
             }
             Err(error)
@@ -208,6 +220,17 @@ async fn configure_in_pod(
         link.set_mtu(&name, mtu)
             .await
             .map_err(fail(&format!("set MTU {mtu}")))?;
+    }
+    let sizes = OffloadSizes {
+        gso_max_size: settings.gso_max_size,
+        gro_max_size: settings.gro_max_size,
+        gso_ipv4_max_size: settings.gso_ipv4_max_size,
+        gro_ipv4_max_size: settings.gro_ipv4_max_size,
+    };
+    if sizes != OffloadSizes::default() {
+        link.set_offload_sizes(&name, sizes)
+            .await
+            .map_err(fail("set GSO/GRO sizes"))?;
     }
     if let Some(mac) = &settings.hardware_addr {
         link.set_mac(&name, mac)
@@ -326,11 +349,16 @@ fn write_sysctl(key: &str, value: &str) -> std::io::Result<()> {
 /// Gives the interface back: moves `pod_name` out of `pod` (when the namespace still exists)
 /// into `host` under its recorded name and restores the recorded settings, addresses and
 /// routes. Idempotent: an interface already back on the host is only restored.
+///
+/// When the pod's namespace died with the interface inside, the kernel handed a physical NIC
+/// back to the host under whatever name was free: it is found by its MAC address, the host's
+/// or, if the pod changed it, `pod_mac`.
 pub async fn detach(
     host: &Netns,
     pod: Option<&Netns>,
     pod_name: &str,
     host_side: &HostSide,
+    pod_mac: Option<&str>,
 ) -> Result<(), StepError> {
     let interface = host_side.link.name.clone();
     if let Some(pod) = pod {
@@ -353,13 +381,24 @@ pub async fn detach(
         })
         .await?;
     }
-    restore(host, host_side).await
+    restore(host, host_side, pod_mac).await
 }
 
 /// Puts the recorded host state back on the interface (found by name, or by MAC address if the
 /// kernel renamed it on the way back; interface indexes are per namespace and may change).
-async fn restore(host: &Netns, host_side: &HostSide) -> Result<(), StepError> {
+async fn restore(
+    host: &Netns,
+    host_side: &HostSide,
+    pod_mac: Option<&str>,
+) -> Result<(), StepError> {
     let side = host_side.clone();
+    let macs: Vec<String> = side
+        .link
+        .mac
+        .iter()
+        .cloned()
+        .chain(pod_mac.map(str::to_owned))
+        .collect();
     let interface = side.link.name.clone();
     in_netns(host, &interface, move |link| async move {
         let name = side.link.name.clone();
@@ -374,12 +413,17 @@ async fn restore(host: &Netns, host_side: &HostSide) -> Result<(), StepError> {
                         "no interface has its name or MAC address",
                     )
                 };
-                let mac = side.link.mac.as_deref().ok_or_else(missing)?;
-                let renamed = link
-                    .name_with_mac(mac)
-                    .await
-                    .map_err(fail("find it on the host"))?
-                    .ok_or_else(missing)?;
+                let mut renamed = None;
+                for mac in &macs {
+                    renamed = link
+                        .name_with_mac(mac)
+                        .await
+                        .map_err(fail("find it on the host"))?;
+                    if renamed.is_some() {
+                        break;
+                    }
+                }
+                let renamed = renamed.ok_or_else(missing)?;
                 link.rename(&renamed, &name)
                     .await
                     .map_err(fail(&format!("rename {renamed} back")))?;
@@ -399,6 +443,13 @@ async fn restore(host: &Netns, host_side: &HostSide) -> Result<(), StepError> {
                 .await
                 .map_err(fail(&format!("restore MAC {mac}")))?;
         }
+        let host_sizes = side.link.offload_sizes;
+        if current.offload_sizes != host_sizes {
+            // Only what the host had recorded; a kernel that reports none keeps its own.
+            link.set_offload_sizes(&name, host_sizes)
+                .await
+                .map_err(fail("restore GSO/GRO sizes"))?;
+        }
         let present = link
             .addresses(&name)
             .await
@@ -416,6 +467,15 @@ async fn restore(host: &Netns, host_side: &HostSide) -> Result<(), StepError> {
             link.add_route(&name, route)
                 .await
                 .map_err(fail(&format!("restore route to {}", route.destination)))?;
+        }
+        let neighbors = link
+            .permanent_neighbors(&name)
+            .await
+            .map_err(fail("read neighbors"))?;
+        for neighbor in side.neighbors.iter().filter(|n| !neighbors.contains(n)) {
+            link.add_neighbor(&name, neighbor.ip, &neighbor.mac)
+                .await
+                .map_err(fail(&format!("restore neighbor {}", neighbor.ip)))?;
         }
         Ok(())
     })

@@ -90,6 +90,34 @@ pub struct LinkSettings {
     pub mac: Option<String>,
     /// Administratively up.
     pub up: bool,
+    /// Segmentation and aggregation limits (a device property: it follows the device across
+    /// namespaces, so a restore puts the host's values back).
+    #[serde(default)]
+    pub offload_sizes: OffloadSizes,
+}
+
+/// A static neighbor entry: this IP address is at this MAC address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Neighbor {
+    /// The neighbor's IP address.
+    pub ip: IpAddr,
+    /// Its MAC address (`aa:bb:…`).
+    pub mac: String,
+}
+
+/// The largest GSO/GRO packets the stack builds for (and receives from) the device, bytes:
+/// `gso_max_size`, `gro_max_size` and their IPv4 variants (BIG TCP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OffloadSizes {
+    /// `gso_max_size`.
+    pub gso_max_size: Option<u32>,
+    /// `gro_max_size`.
+    pub gro_max_size: Option<u32>,
+    /// `gso_ipv4_max_size`.
+    pub gso_ipv4_max_size: Option<u32>,
+    /// `gro_ipv4_max_size`.
+    pub gro_ipv4_max_size: Option<u32>,
 }
 
 /// A route through an interface (the interface itself is implied).
@@ -378,10 +406,16 @@ impl Link {
             mtu: 0,
             mac: None,
             up: link.header.flags.contains(LinkFlags::Up),
+            offload_sizes: OffloadSizes::default(),
         };
+        let sizes = &mut settings.offload_sizes;
         for attribute in &link.attributes {
             match attribute {
                 LinkAttribute::Mtu(mtu) => settings.mtu = *mtu,
+                LinkAttribute::GsoMaxSize(size) => sizes.gso_max_size = Some(*size),
+                LinkAttribute::GroMaxSize(size) => sizes.gro_max_size = Some(*size),
+                LinkAttribute::GsoIpv4MaxSize(size) => sizes.gso_ipv4_max_size = Some(*size),
+                LinkAttribute::GroIpv4MaxSize(size) => sizes.gro_ipv4_max_size = Some(*size),
                 LinkAttribute::Address(mac) if !mac.is_empty() => {
                     settings.mac = Some(format_mac(mac));
                 }
@@ -521,6 +555,24 @@ impl Link {
             LinkUnspec::new_with_index(index).name(new_name.to_owned()),
         )
         .await
+    }
+
+    /// Sets the GSO/GRO limits of the interface `name` that `sizes` names (others unchanged),
+    /// in one request.
+    pub async fn set_offload_sizes(&self, name: &str, sizes: OffloadSizes) -> Result<()> {
+        let index = self.index(name).await?;
+        let mut message = LinkUnspec::new_with_index(index);
+        let wanted = [
+            sizes.gso_max_size.map(LinkAttribute::GsoMaxSize),
+            sizes.gro_max_size.map(LinkAttribute::GroMaxSize),
+            sizes.gso_ipv4_max_size.map(LinkAttribute::GsoIpv4MaxSize),
+            sizes.gro_ipv4_max_size.map(LinkAttribute::GroIpv4MaxSize),
+        ];
+        for attribute in wanted.into_iter().flatten() {
+            message = message.append_extra_attribute(attribute);
+        }
+        self.set(name, &format!("set GSO/GRO sizes {sizes:?}"), message)
+            .await
     }
 
     /// Sets the MTU of the interface `name`.
@@ -676,6 +728,53 @@ impl Link {
                 link: name.to_owned(),
                 source,
             })
+    }
+
+    /// The permanent neighbor entries (static ARP/NDP) on the interface `name`, as
+    /// `(address, MAC)`: the kernel drops them when the interface leaves the namespace.
+    pub async fn permanent_neighbors(&self, name: &str) -> Result<Vec<Neighbor>> {
+        use netlink_packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourState,
+        };
+        let index = self.index(name).await?;
+        let mut dump = self.handle.neighbours().get().execute();
+        let mut found = Vec::new();
+        loop {
+            let message = match dump.try_next().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(found),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "list neighbors".into(),
+                        link: name.to_owned(),
+                        source,
+                    });
+                }
+            };
+            if message.header.ifindex != index || message.header.state != NeighbourState::Permanent
+            {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for attribute in &message.attributes {
+                match attribute {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        ip = Some(IpAddr::V4(*v4));
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        ip = Some(IpAddr::V6(*v6));
+                    }
+                    NeighbourAttribute::LinkLayerAddress(bytes) if !bytes.is_empty() => {
+                        mac = Some(format_mac(bytes));
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                found.push(Neighbor { ip, mac });
+            }
+        }
     }
 
     /// Interfaces that carry a default route in the main table, with the address family

@@ -24,8 +24,8 @@ fn portable(mut side: HostSide) -> HostSide {
     side
 }
 
-/// A node with NIC `enp1` (MTU 1500, 192.168.50.2/24, a route to 10.50.0.0/16 via the switch)
-/// and a pod with its own `eth0`.
+/// A node with NIC `enp1` (MTU 1500, 192.168.50.2/24, a route to 10.50.0.0/16 via the switch,
+/// a static neighbor) and a pod with its own `eth0`.
 fn node_and_pod() -> (TestHost, TestHost, TestHost) {
     let node = TestHost::new("node").unwrap();
     let switch = TestHost::new("switch").unwrap();
@@ -46,7 +46,13 @@ fn node_and_pod() -> (TestHost, TestHost, TestHost) {
             link_scope: false,
             metric: None,
         };
-        link.add_route("enp1", &route).await
+        link.add_route("enp1", &route).await?;
+        link.add_neighbor(
+            "enp1",
+            "192.168.50.77".parse().unwrap(),
+            "02:00:00:00:50:77",
+        )
+        .await
     })
     .unwrap();
     (node, switch, pod)
@@ -60,9 +66,12 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
     assert_eq!(before.link.mtu, 1500);
     assert_eq!(before.addresses, ["192.168.50.2/24".parse().unwrap()]);
     assert_eq!(before.routes.len(), 1, "{:?}", before.routes);
+    assert_eq!(before.neighbors.len(), 1, "{:?}", before.neighbors);
+    assert_eq!(before.link.offload_sizes.gso_max_size, Some(65536));
 
     let wanted = config(
-        r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:42","addresses":["10.9.0.2/24"]},
+        r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:42","addresses":["10.9.0.2/24"],
+                        "gsoMaxSize":131072,"groMaxSize":131072},
            "routes":[{"destination":"10.99.0.0/16","gateway":"10.9.0.1"}],
            "neighbors":[{"destination":"10.9.0.1","hardwareAddr":"02:00:00:00:00:01"}],
            "rules":[{"priority":100,"source":"10.9.0.0/24","table":100}],
@@ -77,6 +86,9 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
     assert_eq!(inside.link.mtu, 9000);
     assert!(inside.link.up);
     assert_eq!(inside.addresses, ["10.9.0.2/24".parse().unwrap()]);
+    assert_eq!(inside.link.offload_sizes.gso_max_size, Some(131_072));
+    assert_eq!(inside.link.offload_sizes.gro_max_size, Some(131_072));
+    assert_eq!(inside.neighbors.len(), 1, "the pod's static neighbor");
     assert_eq!(inside.routes.len(), 1);
     assert_eq!(
         inside.routes[0].gateway,
@@ -117,18 +129,18 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
         "gone from the node"
     );
 
-    attach::detach(node.netns(), Some(pod.netns()), "net1", &before)
+    attach::detach(node.netns(), Some(pod.netns()), "net1", &before, None)
         .await
         .unwrap();
     let after = attach::record(node.netns(), "enp1").await.unwrap();
     assert_eq!(
         portable(after),
         portable(before.clone()),
-        "name, MTU, MAC, up, addresses and routes as before"
+        "name, MTU, MAC, up, GSO/GRO sizes, addresses, routes and neighbors as before"
     );
     assert!(attach::record(pod.netns(), "net1").await.is_err());
     // Detaching again is harmless.
-    attach::detach(node.netns(), Some(pod.netns()), "net1", &before)
+    attach::detach(node.netns(), Some(pod.netns()), "net1", &before, None)
         .await
         .unwrap();
     assert_eq!(
@@ -187,5 +199,41 @@ async fn a_failed_step_is_named_and_undone() {
     assert_eq!(
         portable(attach::record(node.netns(), "enp1").await.unwrap()),
         portable(before.clone())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_nic_handed_back_by_a_dying_pod_is_found_by_its_pod_mac_and_restored() {
+    let (node, _switch, pod) = tokio::task::spawn_blocking(node_and_pod).await.unwrap();
+    let before = attach::record(node.netns(), "enp1").await.unwrap();
+    let wanted = config(
+        r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:43","addresses":["10.9.0.2/24"]}"#,
+    );
+    attach::attach(node.netns(), pod.netns(), &before, "net1", &wanted)
+        .await
+        .unwrap();
+    // The pod's namespace dies: the kernel hands a physical NIC back to the host, under a name
+    // of its choosing and with the pod's MAC (emulated here; a veth would be destroyed).
+    let node_ns = node.netns().try_clone().unwrap();
+    pod.netlink(|link| async move { link.move_renamed("net1", &node_ns, "dev77").await })
+        .unwrap();
+    let missing = attach::detach(node.netns(), None, "net1", &before, None)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.step, "find it on the host", "{missing}");
+    attach::detach(
+        node.netns(),
+        None,
+        "net1",
+        &before,
+        Some("02:00:00:00:00:43"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        portable(attach::record(node.netns(), "enp1").await.unwrap()),
+        portable(before),
+        "renamed back, host MAC, MTU, addresses, routes and neighbors restored"
     );
 }

@@ -276,6 +276,7 @@ async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
             device: "enp1".into(),
             host: before.clone(),
             pod_name: "net1".into(),
+            pod_mac: None,
             pod: None,
         }],
         failure: None,

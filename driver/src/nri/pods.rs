@@ -43,6 +43,10 @@ pub struct AttachmentRecord {
     pub host: HostSide,
     /// The name it gets in the pod (recorded before the move, so a restart can find it).
     pub pod_name: String,
+    /// The MAC address the configuration gives it in the pod, if any (recorded before the move:
+    /// a NIC the kernel hands back from a dead pod keeps it).
+    #[serde(default)]
+    pub pod_mac: Option<String>,
     /// The pod side once attached.
     pub pod: Option<PodSide>,
 }
@@ -235,6 +239,11 @@ impl<C: ClaimApi> NodeHooks<C> {
                     device: device.device.clone(),
                     host,
                     pod_name,
+                    pod_mac: device
+                        .config
+                        .interface
+                        .as_ref()
+                        .and_then(|i| i.hardware_addr.clone()),
                     pod: None,
                 });
                 plan.push((claim, device));
@@ -262,7 +271,15 @@ impl<C: ClaimApi> NodeHooks<C> {
     async fn detach_all(&self, record: &mut PodRecord, pod_ns: Option<&Netns>) -> bool {
         let mut complete = true;
         for attachment in &mut record.attachments {
-            match attach::detach(&self.host, pod_ns, &attachment.pod_name, &attachment.host).await {
+            let pod_mac = attachment.pod_mac.as_deref();
+            let detached = attach::detach(
+                &self.host,
+                pod_ns,
+                &attachment.pod_name,
+                &attachment.host,
+                pod_mac,
+            );
+            match detached.await {
                 Ok(()) => attachment.pod = None,
                 Err(error) => {
                     complete = false;
