@@ -6,13 +6,14 @@
 //! never change namespace. Every step's error names the interface and the step, and a failed
 //! attachment undoes what it did before reporting.
 
-use std::{future::Future, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, future::Future, net::IpAddr, path::PathBuf};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::NetworkConfig,
+    ethtool::{self, Ethtool},
     netlink::{self, Link, LinkSettings, Neighbor, OffloadSizes, Route},
     netns::Netns,
 };
@@ -30,6 +31,9 @@ pub struct HostSide {
     /// need no restore; these are flushed when the interface leaves).
     #[serde(default)]
     pub neighbors: Vec<Neighbor>,
+    /// The host's state of the device features a claim changes (see [`record_for`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub features: BTreeMap<String, bool>,
 }
 
 /// What the pod sees after attachment (for the claim's `networkData`).
@@ -116,16 +120,70 @@ pub async fn record(host: &Netns, interface: &str) -> Result<HostSide, StepError
             addresses,
             routes,
             neighbors,
+            features: BTreeMap::new(),
         })
     })
     .await
 }
 
+/// The features `config` changes, by name.
+fn wanted_features(config: &NetworkConfig) -> Option<&BTreeMap<String, bool>> {
+    config
+        .ethtool
+        .as_ref()
+        .and_then(|e| e.features.as_ref())
+        .filter(|f| !f.is_empty())
+}
+
+/// Runs ethtool work on a thread inside `netns` (the family's socket must be made there).
+async fn with_ethtool<R: Send + 'static>(
+    netns: &Netns,
+    interface: &str,
+    work: impl AsyncFnOnce(&mut Ethtool) -> Result<R, ethtool::Error> + Send + 'static,
+) -> Result<R, StepError> {
+    let name = interface.to_owned();
+    let outcome = netns
+        .block_on_async(move || async move {
+            let mut ethtool = Ethtool::connect(&name)?;
+            work(&mut ethtool).await
+        })
+        .await
+        .map_err(|e| StepError::new(interface, format!("enter {netns}"), e))?;
+    outcome.map_err(|e| StepError::new(interface, "ethtool", e))
+}
+
+/// [`record`], plus the host's state of every feature `config` will change in the pod (device
+/// features follow the device across namespaces, so they must be put back).
+pub async fn record_for(
+    host: &Netns,
+    interface: &str,
+    config: &NetworkConfig,
+) -> Result<HostSide, StepError> {
+    let mut side = record(host, interface).await?;
+    if let Some(wanted) = wanted_features(config) {
+        let (name, names): (String, Vec<String>) =
+            (interface.to_owned(), wanted.keys().cloned().collect());
+        let features = with_ethtool(host, interface, async move |ethtool| {
+            ethtool.features(&name).await
+        })
+        .await?;
+        side.features = names
+            .into_iter()
+            .filter_map(|n| features.changeable.get(&n).map(|on| (n, *on)))
+            .collect();
+    }
+    Ok(side)
+}
+
 /// Parts of a configuration this build cannot apply yet: refused by name rather than ignored.
 fn unsupported(config: &NetworkConfig) -> Option<&'static str> {
     let interface = config.interface.as_ref();
-    if config.ethtool.is_some() {
-        return Some("ethtool");
+    if config
+        .ethtool
+        .as_ref()
+        .is_some_and(|e| e.private_flags.as_ref().is_some_and(|f| !f.is_empty()))
+    {
+        return Some("ethtool.privateFlags");
     }
     if interface.is_some_and(|i| i.dhcp == Some(true)) {
         return Some("interface.dhcp");
@@ -231,6 +289,13 @@ async fn configure_in_pod(
         link.set_offload_sizes(&name, sizes)
             .await
             .map_err(fail("set GSO/GRO sizes"))?;
+    }
+    if let Some(features) = wanted_features(config).cloned() {
+        let name = name.clone();
+        with_ethtool(pod, &host_name, async move |ethtool| {
+            ethtool.set_features(&name, &features).await
+        })
+        .await?;
     }
     if let Some(mac) = &settings.hardware_addr {
         link.set_mac(&name, mac)
@@ -479,5 +544,13 @@ async fn restore(
         }
         Ok(())
     })
-    .await
+    .await?;
+    if !host_side.features.is_empty() {
+        let (name, features) = (host_side.link.name.clone(), host_side.features.clone());
+        with_ethtool(host, &host_side.link.name, async move |ethtool| {
+            ethtool.set_features(&name, &features).await
+        })
+        .await?;
+    }
+    Ok(())
 }

@@ -198,7 +198,9 @@ pub struct NeighborConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EthtoolConfig {
-    /// Features (`tx-checksumming`, `rx-gro-hw`, ...) on or off.
+    /// Features on or off, by their kernel names as `ethtool -k` prints them
+    /// (`tx-checksum-ip-generic`, `rx-gro-hw`, `tx-tcp-segmentation`, ...). The host's state of
+    /// each is recorded and restored when the interface comes back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<BTreeMap<String, bool>>,
     /// Driver private flags on or off.

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dra;
+pub mod ethtool;
 pub mod inventory;
 pub mod k8s;
 pub mod netlink;

@@ -2,13 +2,25 @@
 //! throwaway namespace standing in for the host) with a veth NIC cabled to a switch, and pods
 //! that already have an `eth0`.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use knd::{
     attach::{self, HostSide},
     config::{self, NetworkConfig},
     testkit::{TestHost, veth_pair},
 };
+
+/// The changeable device features of `interface` in `netns`, with their wanted state.
+async fn features_of(netns: &knd::netns::Netns, interface: &str) -> BTreeMap<String, bool> {
+    let name = interface.to_owned();
+    netns
+        .block_on_async(move || async move {
+            let mut ethtool = knd::ethtool::Ethtool::connect(&name).unwrap();
+            ethtool.features(&name).await.unwrap().changeable
+        })
+        .await
+        .unwrap()
+}
 
 fn config(json: &str) -> NetworkConfig {
     let text = format!(r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig",{json}}}"#);
@@ -58,25 +70,41 @@ fn node_and_pod() -> (TestHost, TestHost, TestHost) {
     (node, switch, pod)
 }
 
+fn wanted_config() -> NetworkConfig {
+    config(
+        r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:42","addresses":["10.9.0.2/24"],
+                        "gsoMaxSize":131072,"groMaxSize":131072},
+           "ethtool":{"features":{"rx-gro":true,"tx-checksum-ip-generic":false}},
+           "routes":[{"destination":"10.99.0.0/16","gateway":"10.9.0.1"}],
+           "neighbors":[{"destination":"10.9.0.1","hardwareAddr":"02:00:00:00:00:01"}],
+           "rules":[{"priority":100,"source":"10.9.0.0/24","table":100}],
+           "sysctls":{"net.ipv4.conf.net1.arp_ignore":"1"}"#,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces"]
 async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host() {
     let (node, switch, pod) = tokio::task::spawn_blocking(node_and_pod).await.unwrap();
-    let before = attach::record(node.netns(), "enp1").await.unwrap();
+    let wanted = wanted_config();
+    let before = attach::record_for(node.netns(), "enp1", &wanted)
+        .await
+        .unwrap();
+    assert_eq!(
+        before.features,
+        [
+            ("rx-gro".to_owned(), false),
+            ("tx-checksum-ip-generic".to_owned(), true)
+        ]
+        .into(),
+        "the host's state of the features the claim changes"
+    );
     assert_eq!(before.link.mtu, 1500);
     assert_eq!(before.addresses, ["192.168.50.2/24".parse().unwrap()]);
     assert_eq!(before.routes.len(), 1, "{:?}", before.routes);
     assert_eq!(before.neighbors.len(), 1, "{:?}", before.neighbors);
     assert_eq!(before.link.offload_sizes.gso_max_size, Some(65536));
 
-    let wanted = config(
-        r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:42","addresses":["10.9.0.2/24"],
-                        "gsoMaxSize":131072,"groMaxSize":131072},
-           "routes":[{"destination":"10.99.0.0/16","gateway":"10.9.0.1"}],
-           "neighbors":[{"destination":"10.9.0.1","hardwareAddr":"02:00:00:00:00:01"}],
-           "rules":[{"priority":100,"source":"10.9.0.0/24","table":100}],
-           "sysctls":{"net.ipv4.conf.net1.arp_ignore":"1"}"#,
-    );
     let side = attach::attach(node.netns(), pod.netns(), &before, "net1", &wanted)
         .await
         .unwrap();
@@ -103,6 +131,9 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
     .unwrap()
     .unwrap();
     assert_eq!(arp_ignore.trim(), "1");
+    let features = features_of(pod.netns(), "net1").await;
+    assert_eq!(features.get("rx-gro"), Some(&true));
+    assert_eq!(features.get("tx-checksum-ip-generic"), Some(&false));
     let pod_clone = pod.netns().try_clone().unwrap();
     let rules = tokio::task::spawn_blocking(move || {
         pod_clone.run(|| {
@@ -132,19 +163,32 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
     attach::detach(node.netns(), Some(pod.netns()), "net1", &before, None)
         .await
         .unwrap();
-    let after = attach::record(node.netns(), "enp1").await.unwrap();
+    let after = attach::record_for(node.netns(), "enp1", &wanted)
+        .await
+        .unwrap();
     assert_eq!(
         portable(after),
         portable(before.clone()),
         "name, MTU, MAC, up, GSO/GRO sizes, addresses, routes and neighbors as before"
     );
     assert!(attach::record(pod.netns(), "net1").await.is_err());
+    let features = features_of(node.netns(), "enp1").await;
+    assert_eq!(
+        features.get("rx-gro"),
+        Some(&false),
+        "host features restored"
+    );
+    assert_eq!(features.get("tx-checksum-ip-generic"), Some(&true));
     // Detaching again is harmless.
     attach::detach(node.netns(), Some(pod.netns()), "net1", &before, None)
         .await
         .unwrap();
     assert_eq!(
-        portable(attach::record(node.netns(), "enp1").await.unwrap()),
+        portable(
+            attach::record_for(node.netns(), "enp1", &wanted)
+                .await
+                .unwrap()
+        ),
         portable(before.clone())
     );
     drop(switch);
@@ -190,12 +234,32 @@ async fn a_failed_step_is_named_and_undone() {
         portable(before.clone())
     );
 
-    // What this build cannot apply is refused before anything moves.
-    let ethtool = config(r#""ethtool":{"features":{"tx-checksumming":false}}"#);
-    let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &ethtool)
+    // A feature the device cannot change: named, and everything undone.
+    let fixed = config(r#""ethtool":{"features":{"hw-tc-offload":true}}"#);
+    let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &fixed)
         .await
         .unwrap_err();
-    assert!(error.reason.contains("ethtool is not supported"), "{error}");
+    assert_eq!(error.step, "ethtool", "{error}");
+    assert!(
+        error.reason.contains("cannot change feature hw-tc-offload"),
+        "{error}"
+    );
+    assert_eq!(
+        portable(attach::record(node.netns(), "enp1").await.unwrap()),
+        portable(before.clone())
+    );
+
+    // What this build cannot apply is refused before anything moves.
+    let private = config(r#""ethtool":{"privateFlags":{"legacy-rx":true}}"#);
+    let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &private)
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .reason
+            .contains("ethtool.privateFlags is not supported"),
+        "{error}"
+    );
     assert_eq!(
         portable(attach::record(node.netns(), "enp1").await.unwrap()),
         portable(before.clone())

@@ -222,7 +222,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                         device.device
                     ));
                 };
-                let host = attach::record(&self.host, &interface)
+                let host = attach::record_for(&self.host, &interface, &device.config)
                     .await
                     .map_err(|e| format!("{}: {e}", claim_label(claim)))?;
                 let pod_name = device
