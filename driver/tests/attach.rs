@@ -82,34 +82,8 @@ fn wanted_config() -> NetworkConfig {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root: creates network namespaces"]
-async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host() {
-    let (node, switch, pod) = tokio::task::spawn_blocking(node_and_pod).await.unwrap();
-    let wanted = wanted_config();
-    let before = attach::record_for(node.netns(), "enp1", &wanted)
-        .await
-        .unwrap();
-    assert_eq!(
-        before.features,
-        [
-            ("rx-gro".to_owned(), false),
-            ("tx-checksum-ip-generic".to_owned(), true)
-        ]
-        .into(),
-        "the host's state of the features the claim changes"
-    );
-    assert_eq!(before.link.mtu, 1500);
-    assert_eq!(before.addresses, ["192.168.50.2/24".parse().unwrap()]);
-    assert_eq!(before.routes.len(), 1, "{:?}", before.routes);
-    assert_eq!(before.neighbors.len(), 1, "{:?}", before.neighbors);
-    assert_eq!(before.link.offload_sizes.gso_max_size, Some(65536));
-
-    let side = attach::attach(node.netns(), pod.netns(), &before, "net1", &wanted)
-        .await
-        .unwrap();
-    assert_eq!(side.name, "net1");
-    assert_eq!(side.mac.as_deref(), Some("02:00:00:00:00:42"));
+/// What the wanted configuration makes of `net1` inside the pod.
+async fn check_inside_the_pod(pod: &TestHost) {
     let inside = attach::record(pod.netns(), "net1").await.unwrap();
     assert_eq!(inside.link.mtu, 9000);
     assert!(inside.link.up);
@@ -151,6 +125,37 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
         rules.contains("100:\tfrom 10.9.0.0/24 lookup 100"),
         "{rules}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host() {
+    let (node, switch, pod) = tokio::task::spawn_blocking(node_and_pod).await.unwrap();
+    let wanted = wanted_config();
+    let before = attach::record_for(node.netns(), "enp1", &wanted)
+        .await
+        .unwrap();
+    assert_eq!(
+        before.features,
+        [
+            ("rx-gro".to_owned(), false),
+            ("tx-checksum-ip-generic".to_owned(), true)
+        ]
+        .into(),
+        "the host's state of the features the claim changes"
+    );
+    assert_eq!(before.link.mtu, 1500);
+    assert_eq!(before.addresses, ["192.168.50.2/24".parse().unwrap()]);
+    assert_eq!(before.routes.len(), 1, "{:?}", before.routes);
+    assert_eq!(before.neighbors.len(), 1, "{:?}", before.neighbors);
+    assert_eq!(before.link.offload_sizes.gso_max_size, Some(65536));
+
+    let side = attach::attach(node.netns(), pod.netns(), &before, "net1", &wanted)
+        .await
+        .unwrap();
+    assert_eq!(side.name, "net1");
+    assert_eq!(side.mac.as_deref(), Some("02:00:00:00:00:42"));
+    check_inside_the_pod(&pod).await;
     let node_view = attach::record(node.netns(), "enp1").await;
     assert!(
         node_view
