@@ -13,18 +13,150 @@ pub mod direction {
     pub const EGRESS: u32 = 1;
 }
 
+/// Traffic classes, by what the frame carries.
+pub mod class {
+    /// TCP over IPv4 or IPv6.
+    pub const TCP: u32 = 0;
+    /// UDP other than RoCEv2.
+    pub const UDP: u32 = 1;
+    /// RoCEv2: UDP to port 4791, an InfiniBand BTH inside.
+    pub const ROCE: u32 = 2;
+    /// Everything else (ARP, ICMP, other protocols, frames too short to tell).
+    pub const OTHER: u32 = 3;
+    /// How many classes there are.
+    pub const COUNT: u32 = 4;
+    /// Their names, by index (metric label values).
+    pub const NAMES: [&str; COUNT as usize] = ["tcp", "udp", "roce", "other"];
+}
+
+/// The UDP destination port of RoCEv2.
+pub const ROCEV2_PORT: u16 = 4791;
+
+/// RoCEv2 packets by BTH opcode class (`opcode >> 5`, IBA 9.2): reliable connection,
+/// unreliable connection, reliable datagram, unreliable datagram, congestion notification
+/// (CNP, opcode 0x81), extended reliable connection; 6 and 7 are reserved.
+pub mod roce {
+    /// Opcode classes (`opcode >> 5`).
+    pub const CLASSES: u32 = 8;
+    /// Their names, by index (metric label values).
+    pub const NAMES: [&str; CLASSES as usize] =
+        ["rc", "uc", "rd", "ud", "cnp", "xrc", "reserved6", "reserved7"];
+}
+
+/// Frame-size histogram: bucket `i` counts frames of at most `64 << i` bytes (the last bucket
+/// also takes everything larger): 64 B up to 512 KiB (BIG TCP super-frames).
+pub const SIZE_BUCKETS: u32 = 14;
+/// Smallest bucket bound, as a power of two (64 B).
+pub const SIZE_MIN_SHIFT: u32 = 6;
+
 /// Names of the maps and programs in the eBPF object, shared so a rename cannot drift.
 pub mod names {
-    /// Per-CPU array of [`super::TrafficCounters`], indexed by [`super::direction`].
-    pub const IFACE_TRAFFIC_MAP: &str = "IFACE_TRAFFIC";
+    /// Per-CPU array of [`super::TrafficCounters`], indexed by
+    /// `direction * class::COUNT + class`.
+    pub const IFACE_CLASSES_MAP: &str = "IFACE_CLASSES";
+    /// Per-CPU array of frame counts, indexed by `direction * SIZE_BUCKETS + bucket`.
+    pub const IFACE_SIZES_MAP: &str = "IFACE_SIZES";
+    /// Per-CPU array of [`super::TrafficCounters`] for RoCEv2, indexed by
+    /// `direction * roce::CLASSES + opcode class`.
+    pub const IFACE_ROCE_MAP: &str = "IFACE_ROCE";
+    /// Per-CPU hash of [`super::RttStats`] by network-namespace cookie: only namespaces the
+    /// driver put in are measured.
+    pub const NETNS_RTT_MAP: &str = "NETNS_RTT";
     /// TCX ingress classifier that counts received traffic.
     pub const TRAFFIC_INGRESS_PROG: &str = "knd_traffic_ingress";
     /// TCX egress classifier that counts sent traffic.
     pub const TRAFFIC_EGRESS_PROG: &str = "knd_traffic_egress";
+    /// sock_ops program (on a cgroup v2 directory) that records TCP RTT and retransmits.
+    pub const SOCKOPS_PROG: &str = "knd_sockops";
 }
 
-/// Entries in [`names::IFACE_TRAFFIC_MAP`]: one per [`direction`].
-pub const IFACE_TRAFFIC_ENTRIES: u32 = 2;
+/// Entries in [`names::IFACE_CLASSES_MAP`].
+pub const IFACE_CLASSES_ENTRIES: u32 = 2 * class::COUNT;
+/// Entries in [`names::IFACE_SIZES_MAP`].
+pub const IFACE_SIZES_ENTRIES: u32 = 2 * SIZE_BUCKETS;
+/// Entries in [`names::IFACE_ROCE_MAP`].
+pub const IFACE_ROCE_ENTRIES: u32 = 2 * roce::CLASSES;
+/// Namespaces [`names::NETNS_RTT_MAP`] can hold (pods with claims on one node).
+pub const NETNS_RTT_ENTRIES: u32 = 1024;
+
+/// RTT histogram: bucket `i` counts samples of a smoothed RTT of at most `2^i` microseconds
+/// (the last bucket also takes everything slower): 1 µs up to about 8 s.
+pub const RTT_BUCKETS: usize = 24;
+
+/// TCP round-trip times and retransmissions of one network namespace on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RttStats {
+    /// Samples per bucket (see [`RTT_BUCKETS`]).
+    pub buckets: [u64; RTT_BUCKETS],
+    /// Samples taken (one per RTT measurement the kernel makes).
+    pub samples: u64,
+    /// Sum of the sampled smoothed RTTs, microseconds.
+    pub sum_us: u64,
+    /// Segments retransmitted.
+    pub retransmits: u64,
+}
+
+impl Default for RttStats {
+    fn default() -> Self {
+        Self {
+            buckets: [0; RTT_BUCKETS],
+            samples: 0,
+            sum_us: 0,
+            retransmits: 0,
+        }
+    }
+}
+
+impl RttStats {
+    /// Adds another set (e.g. another CPU's) to this one.
+    #[must_use]
+    pub fn add(mut self, other: &Self) -> Self {
+        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *mine = mine.wrapping_add(*theirs);
+        }
+        self.samples = self.samples.wrapping_add(other.samples);
+        self.sum_us = self.sum_us.wrapping_add(other.sum_us);
+        self.retransmits = self.retransmits.wrapping_add(other.retransmits);
+        self
+    }
+}
+
+const _: () = assert!(size_of::<RttStats>() == 8 * (RTT_BUCKETS + 3));
+
+/// The bucket of a `len`-byte frame in the size histogram.
+#[inline]
+#[must_use]
+pub const fn size_bucket(len: u32) -> u32 {
+    // ceil(log2(len)), from 64 B (bucket 0) up.
+    let bits = if len <= 1 {
+        0
+    } else {
+        32 - (len - 1).leading_zeros()
+    };
+    let bucket = bits.saturating_sub(SIZE_MIN_SHIFT);
+    if bucket >= SIZE_BUCKETS {
+        SIZE_BUCKETS - 1
+    } else {
+        bucket
+    }
+}
+
+/// The bucket of a smoothed RTT of `us` microseconds in the RTT histogram.
+#[inline]
+#[must_use]
+pub const fn rtt_bucket(us: u32) -> usize {
+    let bits = if us <= 1 {
+        0
+    } else {
+        32 - (us - 1).leading_zeros()
+    };
+    if bits as usize >= RTT_BUCKETS {
+        RTT_BUCKETS - 1
+    } else {
+        bits as usize
+    }
+}
 
 /// Packets and bytes counted for one direction of one interface on one CPU.
 ///
@@ -61,4 +193,27 @@ mod user {
     // padding (the size assertion above), so every bit pattern is valid and all its bytes are
     // initialised.
     unsafe impl aya::Pod for super::TrafficCounters {}
+    // SAFETY: as above: `#[repr(C)]`, `Copy`, only `u64`s, no padding (size assertion).
+    unsafe impl aya::Pod for super::RttStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_powers_of_two_with_open_ends() {
+        assert_eq!(size_bucket(0), 0);
+        assert_eq!(size_bucket(60), 0);
+        assert_eq!(size_bucket(64), 0);
+        assert_eq!(size_bucket(65), 1);
+        assert_eq!(size_bucket(1514), 5, "1514 B is at most 2048 = 64 << 5");
+        assert_eq!(size_bucket(65_536), 10);
+        assert_eq!(size_bucket(u32::MAX), SIZE_BUCKETS - 1);
+        assert_eq!(rtt_bucket(0), 0);
+        assert_eq!(rtt_bucket(1), 0);
+        assert_eq!(rtt_bucket(2), 1);
+        assert_eq!(rtt_bucket(30), 5, "30 µs is at most 32 = 2^5");
+        assert_eq!(rtt_bucket(u32::MAX), RTT_BUCKETS - 1);
+    }
 }

@@ -1,14 +1,20 @@
-//! In-kernel telemetry: loads knd's eBPF programs, attaches them to interfaces in any network
-//! namespace, and reads their per-CPU counters back.
+//! In-kernel telemetry: loads knd's eBPF programs, attaches the traffic classifiers to
+//! interfaces in any network namespace and the sock_ops program to a cgroup v2 directory, and
+//! reads their per-CPU maps back.
 
-use std::{collections::HashMap, fmt};
+use std::{collections::HashMap, fmt, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::PerCpuArray,
-    programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+    maps::{PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::{
+        CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType,
+        tc::TcAttachOptions,
+    },
 };
-use knd_common::{TrafficCounters, direction, names};
+use knd_common::{
+    RttStats, SIZE_BUCKETS, TrafficCounters, class, direction, names, roce,
+};
 
 use crate::netns::{self, Netns};
 
@@ -107,6 +113,35 @@ impl fmt::Display for AttachmentId {
     }
 }
 
+/// One direction of an interface's traffic in detail, summed over all CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionDetail {
+    /// Frames and bytes by [`class`] (TCP, UDP, RoCEv2, other).
+    pub classes: [TrafficCounters; class::COUNT as usize],
+    /// Frames by size bucket (see [`knd_common::size_bucket`]).
+    pub sizes: [u64; SIZE_BUCKETS as usize],
+    /// RoCEv2 frames and bytes by BTH opcode class ([`roce`]).
+    pub roce: [TrafficCounters; roce::CLASSES as usize],
+}
+
+impl DirectionDetail {
+    /// Every class together.
+    pub fn total(&self) -> TrafficCounters {
+        self.classes
+            .iter()
+            .fold(TrafficCounters::default(), |sum, c| sum.add(*c))
+    }
+}
+
+/// An interface's traffic in detail, both directions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficDetail {
+    /// What the interface received.
+    pub rx: DirectionDetail,
+    /// What the interface sent.
+    pub tx: DirectionDetail,
+}
+
 /// Traffic counted on one interface since it was attached, summed over all CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceTraffic {
@@ -160,7 +195,9 @@ impl TrafficProbes {
         }
         let namespace = netns.to_string();
         raise_memlock_limit();
+        // The RTT map belongs to the node-wide sock_ops instance: one entry is enough here.
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::NETNS_RTT_MAP, 1)
             .load(PROBES_OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
         let attachments = &self.attachments;
@@ -238,35 +275,40 @@ impl TrafficProbes {
 
     /// Traffic counted on the attachment so far, summed over CPUs.
     pub fn traffic(&self, id: AttachmentId) -> Result<InterfaceTraffic> {
+        let detail = self.detail(id)?;
+        Ok(InterfaceTraffic {
+            rx: detail.rx.total(),
+            tx: detail.tx.total(),
+        })
+    }
+
+    /// Traffic counted on the attachment so far by class, frame size and RoCEv2 opcode class.
+    pub fn detail(&self, id: AttachmentId) -> Result<TrafficDetail> {
         let attachment = self
             .attachments
             .get(&id)
             .ok_or(Error::UnknownAttachment(id))?;
-        let map = attachment
-            .ebpf
-            .map(names::IFACE_TRAFFIC_MAP)
-            .ok_or(Error::Missing {
-                kind: "map",
-                name: names::IFACE_TRAFFIC_MAP,
-            })?;
-        let map_error = |operation| {
-            move |source| Error::Map {
-                operation,
-                map: names::IFACE_TRAFFIC_MAP,
-                source: Box::new(source),
+        let ebpf = &attachment.ebpf;
+        let classes = read_array::<TrafficCounters>(ebpf, names::IFACE_CLASSES_MAP)?;
+        let sizes = read_array::<u64>(ebpf, names::IFACE_SIZES_MAP)?;
+        let roce = read_array::<TrafficCounters>(ebpf, names::IFACE_ROCE_MAP)?;
+        let direction = |d: u32| {
+            let mut detail = DirectionDetail::default();
+            let pick = |per: u32, i: usize| (d * per) as usize + i;
+            for (i, slot) in detail.classes.iter_mut().enumerate() {
+                *slot = classes[pick(class::COUNT, i)];
             }
+            for (i, slot) in detail.sizes.iter_mut().enumerate() {
+                *slot = sizes[pick(SIZE_BUCKETS, i)];
+            }
+            for (i, slot) in detail.roce.iter_mut().enumerate() {
+                *slot = roce[pick(roce::CLASSES, i)];
+            }
+            detail
         };
-        let map: PerCpuArray<_, TrafficCounters> =
-            PerCpuArray::try_from(map).map_err(map_error("open"))?;
-        let read = |direction: u32| -> Result<TrafficCounters> {
-            let per_cpu = map.get(&direction, 0).map_err(map_error("lookup"))?;
-            Ok(per_cpu
-                .iter()
-                .fold(TrafficCounters::default(), |sum, cpu| sum.add(*cpu)))
-        };
-        Ok(InterfaceTraffic {
-            rx: read(direction::INGRESS)?,
-            tx: read(direction::EGRESS)?,
+        Ok(TrafficDetail {
+            rx: direction(direction::INGRESS),
+            tx: direction(direction::EGRESS),
         })
     }
 
@@ -276,6 +318,174 @@ impl TrafficProbes {
             .get(&id)
             .map(|a| (a.interface.as_str(), a.namespace.as_str()))
     }
+}
+
+/// Values that sum over CPUs.
+trait PerCpuSum: aya::Pod + Default {
+    fn plus(self, other: &Self) -> Self;
+}
+
+impl PerCpuSum for u64 {
+    fn plus(self, other: &Self) -> Self {
+        self.wrapping_add(*other)
+    }
+}
+
+impl PerCpuSum for TrafficCounters {
+    fn plus(self, other: &Self) -> Self {
+        self.add(*other)
+    }
+}
+
+impl PerCpuSum for RttStats {
+    fn plus(self, other: &Self) -> Self {
+        self.add(other)
+    }
+}
+
+fn map_error(operation: &'static str, map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map {
+        operation,
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// Every entry of a per-CPU array, each summed over CPUs.
+fn read_array<T: PerCpuSum>(ebpf: &Ebpf, name: &'static str) -> Result<Vec<T>> {
+    let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+    let map: PerCpuArray<_, T> = PerCpuArray::try_from(map).map_err(map_error("open", name))?;
+    (0..map.len())
+        .map(|index| {
+            let per_cpu = map.get(&index, 0).map_err(map_error("lookup", name))?;
+            Ok(per_cpu.iter().fold(T::default(), |sum, cpu| sum.plus(cpu)))
+        })
+        .collect()
+}
+
+/// The node-wide sock_ops program: attached once to a cgroup v2 directory (the root sees every
+/// TCP socket of the node), it measures only the network namespaces put in with
+/// [`SocketProbes::watch`] — a pod's sockets are told apart by their namespace's cookie, which
+/// works whether or not the pod has a cgroup v2 directory of its own.
+pub struct SocketProbes {
+    ebpf: Ebpf,
+    cgroup: String,
+}
+
+impl fmt::Debug for SocketProbes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SocketProbes")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SocketProbes {
+    /// Loads the sock_ops program and attaches it to the cgroup v2 directory `cgroup`
+    /// (alongside any other sock_ops programs there). Detached when dropped.
+    pub fn attach(cgroup: &Path) -> Result<Self> {
+        if PROBES_OBJECT.is_empty() {
+            return Err(Error::NotBuilt);
+        }
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .load(PROBES_OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        let program = names::SOCKOPS_PROG;
+        let sock_ops: &mut SockOps = ebpf
+            .program_mut(program)
+            .ok_or(Error::Missing {
+                kind: "program",
+                name: program,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        sock_ops.load().map_err(|source| Error::Program {
+            program,
+            source: Box::new(source),
+        })?;
+        let directory = std::fs::File::open(cgroup).map_err(|e| Error::Attach {
+            program,
+            interface: String::new(),
+            namespace: cgroup.display().to_string(),
+            source: Box::new(aya::programs::ProgramError::IOError(e)),
+        })?;
+        // Through a BPF link (what aya uses where the kernel has them) the kernel takes no mode
+        // flags and always lets other programs on the cgroup keep running.
+        sock_ops
+            .attach(directory, CgroupAttachMode::Single)
+            .map_err(|source| Error::Attach {
+                program,
+                interface: String::new(),
+                namespace: cgroup.display().to_string(),
+                source: Box::new(source),
+            })?;
+        Ok(Self {
+            ebpf,
+            cgroup: cgroup.display().to_string(),
+        })
+    }
+
+    fn map(&mut self) -> Result<PerCpuHashMap<&mut aya::maps::MapData, u64, RttStats>> {
+        let name = names::NETNS_RTT_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        PerCpuHashMap::try_from(map).map_err(map_error("open", name))
+    }
+
+    /// Starts measuring the sockets of the namespace with `cookie` (from zero). Connections
+    /// established from now on are measured.
+    pub fn watch(&mut self, cookie: u64) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Map {
+            operation: "count CPUs",
+            map: names::NETNS_RTT_MAP,
+            source: Box::new(aya::maps::MapError::IoError(e)),
+        })?;
+        let zero = PerCpuValues::try_from(vec![RttStats::default(); cpus])
+            .map_err(|e| map_error("prepare", names::NETNS_RTT_MAP)(aya::maps::MapError::IoError(e)))?;
+        self.map()?
+            .insert(cookie, zero, 0)
+            .map_err(map_error("insert", names::NETNS_RTT_MAP))
+    }
+
+    /// Stops measuring the namespace with `cookie` and forgets its statistics.
+    pub fn unwatch(&mut self, cookie: u64) -> Result<()> {
+        match self.map()?.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error("remove", names::NETNS_RTT_MAP)(e)),
+        }
+    }
+
+    /// The namespace's RTT statistics so far, summed over CPUs; `None` if it is not watched.
+    pub fn rtt(&mut self, cookie: u64) -> Result<Option<RttStats>> {
+        match self.map()?.get(&cookie, 0) {
+            Ok(per_cpu) => Ok(Some(
+                per_cpu
+                    .iter()
+                    .fold(RttStats::default(), |sum, cpu| sum.plus(cpu)),
+            )),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_error("lookup", names::NETNS_RTT_MAP)(e)),
+        }
+    }
+}
+
+/// The cgroup v2 directory to attach sock_ops to: the unified hierarchy of a hybrid layout
+/// (`/sys/fs/cgroup/unified`) or the root of a pure cgroup v2 node (`/sys/fs/cgroup`).
+pub fn default_cgroup_root() -> Option<std::path::PathBuf> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|path| {
+            nix::sys::statfs::statfs(path.as_path())
+                .is_ok_and(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+        })
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {

@@ -15,7 +15,7 @@ const A_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1));
 const B_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2));
 
 #[test]
-fn embedded_object_carries_btf_and_both_programs() {
+fn embedded_object_carries_btf_and_every_program_and_map() {
     let object = object::File::parse(probes_object()).expect("the embedded object is ELF");
     assert_eq!(object.architecture(), object::Architecture::Bpf);
     let btf = object.section_by_name(".BTF").expect("a .BTF section");
@@ -25,7 +25,15 @@ fn embedded_object_carries_btf_and_both_programs() {
         .symbols()
         .filter_map(|s| object::ObjectSymbol::name(&s).ok().map(str::to_owned))
         .collect();
-    for name in ["knd_traffic_ingress", "knd_traffic_egress", "IFACE_TRAFFIC"] {
+    for name in [
+        "knd_traffic_ingress",
+        "knd_traffic_egress",
+        "knd_sockops",
+        "IFACE_CLASSES",
+        "IFACE_SIZES",
+        "IFACE_ROCE",
+        "NETNS_RTT",
+    ] {
         assert!(
             symbols.iter().any(|s| s == name),
             "{name} missing from {symbols:?}"
@@ -182,4 +190,72 @@ fn counters_work_on_a_macvlan_moved_into_another_namespace() {
     assert_exact(ours, kernel);
     assert!(ours.tx.bytes > 2 << 20, "{ours:?}");
     assert!(ours.rx.packets > 3, "{ours:?}");
+}
+
+/// Sends one UDP datagram from `from` to `to:port` with `payload`.
+fn udp(from: &TestHost, to: IpAddr, port: u16, payload: &[u8]) {
+    from.run(|| {
+        let socket = std::net::UdpSocket::bind((A_ADDR, 0)).unwrap();
+        socket.send_to(payload, (to, port)).unwrap();
+    })
+    .unwrap();
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+fn traffic_is_split_by_class_size_and_roce_opcode_and_tcp_rtt_is_sampled() {
+    let (a, b) = two_hosts();
+    bring_up(&a, &b);
+    let mut probes = TrafficProbes::new();
+    let id = probes.attach(a.netns(), "veth-a").unwrap();
+    let cgroup = knd::telemetry::default_cgroup_root().expect("a cgroup v2 mount");
+    let mut sockets = knd::telemetry::SocketProbes::attach(&cgroup).unwrap();
+    let cookie = a.netns().cookie().unwrap();
+    sockets.watch(cookie).unwrap();
+
+    // ARP resolution first, so that the datagrams below are the only UDP frames.
+    a.ping(B_ADDR, 1).unwrap();
+    // A RoCEv2 congestion notification (BTH opcode 0x81) and a plain UDP datagram.
+    let mut cnp = [0_u8; 28];
+    cnp[0] = 0x81;
+    udp(&a, B_ADDR, 4791, &cnp);
+    udp(&a, B_ADDR, 5000, b"hello");
+    let payload = 4 << 20;
+    tcp_transfer(&a, &b, B_ADDR, payload).unwrap();
+
+    let detail = probes.detail(id).unwrap();
+    let totals = probes.traffic(id).unwrap();
+    let (tx, rx) = (&detail.tx, &detail.rx);
+    let (tcp, udp_class, roce_class) = (
+        knd_common::class::TCP as usize,
+        knd_common::class::UDP as usize,
+        knd_common::class::ROCE as usize,
+    );
+    assert!(tx.classes[tcp].bytes > payload as u64, "{detail:?}");
+    assert!(rx.classes[tcp].packets > 0, "the ACKs: {detail:?}");
+    assert_eq!(tx.classes[udp_class].packets, 1, "{detail:?}");
+    assert_eq!(tx.classes[roce_class].packets, 1, "{detail:?}");
+    assert_eq!(tx.roce[4].packets, 1, "the CNP's opcode class: {detail:?}");
+    assert_eq!(tx.roce.iter().map(|c| c.packets).sum::<u64>(), 1);
+    assert_eq!(tx.total(), totals.tx, "classes add up to the totals");
+    assert_eq!(rx.total(), totals.rx);
+    assert_eq!(tx.sizes.iter().sum::<u64>(), totals.tx.packets);
+    assert_eq!(rx.sizes.iter().sum::<u64>(), totals.rx.packets);
+    assert!(
+        tx.sizes[knd_common::size_bucket(1514) as usize..]
+            .iter()
+            .sum::<u64>()
+            > 0,
+        "full-size (or GSO) frames carried the transfer: {:?}",
+        tx.sizes
+    );
+
+    let rtt = sockets.rtt(cookie).unwrap().expect("watched");
+    assert!(rtt.samples > 0, "{rtt:?}");
+    assert_eq!(rtt.buckets.iter().sum::<u64>(), rtt.samples);
+    assert!(rtt.sum_us > 0);
+    // The other end's namespace is not watched: nothing recorded for it.
+    assert_eq!(sockets.rtt(b.netns().cookie().unwrap()).unwrap(), None);
+    sockets.unwatch(cookie).unwrap();
+    assert_eq!(sockets.rtt(cookie).unwrap(), None);
 }
