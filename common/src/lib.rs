@@ -39,8 +39,16 @@ pub mod roce {
     /// Opcode classes (`opcode >> 5`).
     pub const CLASSES: u32 = 8;
     /// Their names, by index (metric label values).
-    pub const NAMES: [&str; CLASSES as usize] =
-        ["rc", "uc", "rd", "ud", "cnp", "xrc", "reserved6", "reserved7"];
+    pub const NAMES: [&str; CLASSES as usize] = [
+        "rc",
+        "uc",
+        "rd",
+        "ud",
+        "cnp",
+        "xrc",
+        "reserved6",
+        "reserved7",
+    ];
 }
 
 /// Frame-size histogram: bucket `i` counts frames of at most `64 << i` bytes (the last bucket
@@ -111,7 +119,7 @@ impl Default for RttStats {
 impl RttStats {
     /// Adds another set (e.g. another CPU's) to this one.
     #[must_use]
-    pub fn add(mut self, other: &Self) -> Self {
+    pub fn merged(mut self, other: &Self) -> Self {
         for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
             *mine = mine.wrapping_add(*theirs);
         }

@@ -24,6 +24,7 @@ use crate::{
         watch::{self as inventory_watch, Pacing},
     },
     k8s::{self, ApiClaims, Backoff, Publisher},
+    metrics::{self, Telemetry},
     netns::Netns,
     nri,
     selector::{self, Selector},
@@ -79,6 +80,14 @@ pub struct RunArgs {
     /// Publish only devices this CEL expression accepts.
     #[arg(long, env = "KND_FILTER")]
     pub filter: Option<String>,
+    /// The cgroup v2 directory the TCP RTT program attaches to (default: the unified hierarchy,
+    /// `/sys/fs/cgroup/unified` on hybrid nodes, else `/sys/fs/cgroup` when it is cgroup v2).
+    #[arg(long, env = "KND_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// At most this many claimed interfaces are measured and exported (the metrics'
+    /// cardinality guard); more are counted in `knd_telemetry_refused_total`.
+    #[arg(long, env = "KND_METRICS_MAX_INTERFACES", default_value_t = 1000)]
+    pub metrics_max_interfaces: usize,
     /// Seconds to finish in-flight work after SIGTERM before exiting anyway.
     #[arg(long, env = "KND_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
@@ -131,11 +140,12 @@ pub enum Error {
     },
 }
 
-/// What `/readyz` looks at.
+/// What `/readyz` and `/metrics` look at.
 #[derive(Debug, Clone)]
 struct Health {
     registration: watch::Receiver<Registration>,
     slices_ready: Arc<AtomicBool>,
+    metrics: Arc<prometheus_client::registry::Registry>,
 }
 
 impl Health {
@@ -206,8 +216,17 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     );
     let (health_tx, health_rx) = watch::channel(dra::health_of(&first, &node));
     let slices_ready = Arc::new(AtomicBool::new(false));
+    let cgroup = args
+        .cgroup_root
+        .clone()
+        .or_else(crate::telemetry::default_cgroup_root);
+    let telemetry = Arc::new(Telemetry::new(
+        cgroup.as_deref(),
+        args.metrics_max_interfaces,
+    ));
     let publisher = tokio::spawn(publish_loop(
         Publisher::new(client.clone(), &driver, &node),
+        telemetry.published_devices.clone(),
         watcher.inventory.clone(),
         health_tx,
         node.clone(),
@@ -217,12 +236,15 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
 
     let claims = ApiClaims::new(client, &driver, shutdown.clone());
     let identity = nri::plugin::Identity::new("knd", &args.nri_index).map_err(Error::Nri)?;
-    let hooks = Arc::new(nri::pods::NodeHooks::new(
-        Arc::clone(&store),
-        watcher.inventory.clone(),
-        Netns::current().map_err(|e| Error::Nri(e.to_string()))?,
-        Arc::new(claims.clone()),
-    ));
+    let hooks = Arc::new(
+        nri::pods::NodeHooks::new(
+            Arc::clone(&store),
+            watcher.inventory.clone(),
+            Netns::current().map_err(|e| Error::Nri(e.to_string()))?,
+            Arc::new(claims.clone()),
+        )
+        .with_telemetry(Arc::clone(&telemetry)),
+    );
     let nri_task = tokio::spawn(nri::plugin::run(
         args.nri_socket.clone(),
         identity,
@@ -236,6 +258,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     let health = Health {
         registration: plugin.registration.clone(),
         slices_ready,
+        metrics: Arc::new(telemetry.registry()),
     };
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -268,6 +291,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
 /// keeps the health stream in step with the inventory.
 async fn publish_loop(
     mut publisher: Publisher,
+    published_devices: prometheus_client::metrics::gauge::Gauge,
     mut inventory: watch::Receiver<Arc<Inventory>>,
     health: watch::Sender<Vec<dra::DeviceHealth>>,
     node: String,
@@ -297,6 +321,7 @@ async fn publish_loop(
                             "published the pool"
                         );
                     }
+                    published_devices.set(i64::try_from(result.devices).unwrap_or(i64::MAX));
                     slices_ready.store(true, Ordering::Relaxed);
                     break;
                 }
@@ -323,6 +348,15 @@ async fn serve_http(
 ) {
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(|State(health): State<Health>| async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                    metrics::encode(&health.metrics),
+                )
+            }),
+        )
         .route(
             "/readyz",
             get(|State(health): State<Health>| async move {

@@ -11,6 +11,7 @@ pub mod dra;
 pub mod ethtool;
 pub mod inventory;
 pub mod k8s;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod nri;

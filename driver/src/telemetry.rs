@@ -8,13 +8,10 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
-        CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType,
-        tc::TcAttachOptions,
+        CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, tc::TcAttachOptions,
     },
 };
-use knd_common::{
-    RttStats, SIZE_BUCKETS, TrafficCounters, class, direction, names, roce,
-};
+use knd_common::{RttStats, SIZE_BUCKETS, TrafficCounters, class, direction, names, roce};
 
 use crate::netns::{self, Netns};
 
@@ -339,7 +336,7 @@ impl PerCpuSum for TrafficCounters {
 
 impl PerCpuSum for RttStats {
     fn plus(self, other: &Self) -> Self {
-        self.add(other)
+        self.merged(other)
     }
 }
 
@@ -358,7 +355,7 @@ fn read_array<T: PerCpuSum>(ebpf: &Ebpf, name: &'static str) -> Result<Vec<T>> {
     (0..map.len())
         .map(|index| {
             let per_cpu = map.get(&index, 0).map_err(map_error("lookup", name))?;
-            Ok(per_cpu.iter().fold(T::default(), |sum, cpu| sum.plus(cpu)))
+            Ok(per_cpu.iter().fold(T::default(), PerCpuSum::plus))
         })
         .collect()
 }
@@ -446,8 +443,9 @@ impl SocketProbes {
             map: names::NETNS_RTT_MAP,
             source: Box::new(aya::maps::MapError::IoError(e)),
         })?;
-        let zero = PerCpuValues::try_from(vec![RttStats::default(); cpus])
-            .map_err(|e| map_error("prepare", names::NETNS_RTT_MAP)(aya::maps::MapError::IoError(e)))?;
+        let zero = PerCpuValues::try_from(vec![RttStats::default(); cpus]).map_err(|e| {
+            map_error("prepare", names::NETNS_RTT_MAP)(aya::maps::MapError::IoError(e))
+        })?;
         self.map()?
             .insert(cookie, zero, 0)
             .map_err(map_error("insert", names::NETNS_RTT_MAP))
@@ -465,9 +463,7 @@ impl SocketProbes {
     pub fn rtt(&mut self, cookie: u64) -> Result<Option<RttStats>> {
         match self.map()?.get(&cookie, 0) {
             Ok(per_cpu) => Ok(Some(
-                per_cpu
-                    .iter()
-                    .fold(RttStats::default(), |sum, cpu| sum.plus(cpu)),
+                per_cpu.iter().fold(RttStats::default(), PerCpuSum::plus),
             )),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_error("lookup", names::NETNS_RTT_MAP)(e)),

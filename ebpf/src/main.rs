@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::{SockOpsContext, TcContext},
 };
 use knd_common::{
-    IFACE_CLASSES_ENTRIES, IFACE_ROCE_ENTRIES, IFACE_SIZES_ENTRIES, NETNS_RTT_ENTRIES,
-    ROCEV2_PORT, RTT_BUCKETS, RttStats, SIZE_BUCKETS, TrafficCounters, class, direction, roce, rtt_bucket,
+    IFACE_CLASSES_ENTRIES, IFACE_ROCE_ENTRIES, IFACE_SIZES_ENTRIES, NETNS_RTT_ENTRIES, ROCEV2_PORT,
+    RTT_BUCKETS, RttStats, SIZE_BUCKETS, TrafficCounters, class, direction, roce, rtt_bucket,
     size_bucket,
 };
 

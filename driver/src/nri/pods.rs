@@ -20,6 +20,7 @@ use crate::{
     dra::prepare::{ClaimApi, ClaimRef},
     inventory::Inventory,
     k8s::DeviceReport,
+    metrics::{ClaimLabels, Telemetry},
     netns::Netns,
     resources,
     state::{PreparedClaim, StateStore},
@@ -77,6 +78,7 @@ pub struct NodeHooks<C> {
     host: Netns,
     claims: Arc<C>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 fn network_namespace(pod: &api::PodSandbox) -> Option<PathBuf> {
@@ -106,7 +108,71 @@ impl<C: ClaimApi> NodeHooks<C> {
             host,
             claims,
             locks: Mutex::default(),
+            telemetry: None,
         }
+    }
+
+    /// Measures every attached interface with `telemetry` (programs attached in the background
+    /// once the pod's interfaces are in place, off the runtime's hook).
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    /// Starts measuring the attached interfaces of `record` in the background. The task holds
+    /// the pod's lock, so a stop that follows waits for it and then removes what it attached.
+    fn watch(&self, record: &PodRecord) {
+        let Some(telemetry) = self.telemetry.clone() else {
+            return;
+        };
+        let lock = self.lock(&record.pod_uid);
+        let store = Arc::clone(&self.store);
+        let record = record.clone();
+        tokio::spawn(async move {
+            let _guard = lock.lock().await;
+            let current = store.pods.get(&record.pod_uid).ok().flatten();
+            if !current.is_some_and(|r| !r.detached && r.netns == record.netns) {
+                return; // gone, or re-attached elsewhere, meanwhile
+            }
+            let (claims, _) = store
+                .claims
+                .matching(|c| c.pod_uids.contains(&record.pod_uid))
+                .unwrap_or_default();
+            let pod_name = record.pod.rsplit('/').next().unwrap_or_default().to_owned();
+            let watched = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                let pod_ns = Netns::open(&record.netns).map_err(|e| e.to_string())?;
+                for attachment in &record.attachments {
+                    let Some(side) = &attachment.pod else {
+                        continue;
+                    };
+                    let request = claims
+                        .iter()
+                        .find(|(uid, _)| *uid == attachment.claim_uid)
+                        .and_then(|(_, c)| c.devices.iter().find(|d| d.device == attachment.device))
+                        .map(|d| d.requests.join(","))
+                        .unwrap_or_default();
+                    let labels = ClaimLabels {
+                        namespace: attachment.claim_namespace.clone(),
+                        pod: pod_name.clone(),
+                        claim: attachment.claim_name.clone(),
+                        request,
+                        device: attachment.device.clone(),
+                        interface: side.name.clone(),
+                    };
+                    telemetry
+                        .watch(&record.pod_uid, &pod_ns, labels)
+                        .map_err(|e| crate::error_chain(&e))?;
+                }
+                Ok(())
+            })
+            .await;
+            match watched {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "cannot measure a pod's interfaces"),
+                Err(error) => tracing::error!(%error, "the telemetry worker failed"),
+            }
+        });
     }
 
     /// One pod's events are handled one at a time.
@@ -170,6 +236,14 @@ impl<C: ClaimApi> NodeHooks<C> {
             let complete =
                 existing.failure.is_none() && existing.attachments.iter().all(|a| a.pod.is_some());
             if complete && !existing.detached {
+                // Already attached (e.g. before a restart): make sure it is measured.
+                if self
+                    .telemetry
+                    .as_ref()
+                    .is_some_and(|t| !t.watches(&pod.uid))
+                {
+                    self.watch(&existing);
+                }
                 return Ok(());
             }
             if !existing.detached {
@@ -192,6 +266,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             failure: None,
             detached: false,
         };
+        let started = std::time::Instant::now();
         let outcome = self.attach_claims(&claims, netns_path, &mut record).await;
         if let Err(message) = &outcome {
             record.failure = Some(message.clone());
@@ -199,6 +274,14 @@ impl<C: ClaimApi> NodeHooks<C> {
             record.detached = record.attachments.iter().all(|a| a.pod.is_none());
         }
         self.save(&record).await?;
+        if outcome.is_ok() {
+            if let Some(telemetry) = &self.telemetry {
+                telemetry
+                    .attach_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            self.watch(&record);
+        }
         outcome
     }
 
@@ -294,6 +377,9 @@ impl<C: ClaimApi> NodeHooks<C> {
         let Some(mut record) = self.load(pod_uid).await? else {
             return Ok(());
         };
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.unwatch_pod(pod_uid);
+        }
         if !record.detached {
             let pod_ns = Netns::open(&record.netns).ok();
             if !self.detach_all(&mut record, pod_ns.as_ref()).await {

@@ -1,0 +1,343 @@
+//! Per-claim telemetry end to end, on a real kernel: two pods get their claimed NICs through
+//! knd's hooks, the eBPF programs are attached to them in the background, a known TCP transfer
+//! runs between the pods, and the exported metrics are compared with the kernel's own numbers:
+//! byte and packet counters with the interfaces' statistics (exactly), the RTT histogram with
+//! what `ss -ti` reports for a live connection. The series go when the pods stop.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, TcpListener, TcpStream},
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use knd::{
+    config,
+    inventory::{Inventory, Nic, netdev::Netdev},
+    metrics::{self, Telemetry},
+    nri::{plugin::Hooks as _, pods::NodeHooks, proto::nri as api},
+    state::{PreparedClaim, PreparedDevice, StateStore},
+    testkit::{TestHost, bridge, claims::MemoryClaims, tcp_transfer, veth_pair},
+};
+use tokio::sync::watch;
+
+const A_ADDR: &str = "10.60.0.1";
+const B_ADDR: &str = "10.60.0.2";
+
+struct Pods {
+    node: TestHost,
+    _switch: TestHost,
+    a: TestHost,
+    b: TestHost,
+    _dir: tempfile::TempDir,
+    hooks: NodeHooks<MemoryClaims>,
+    telemetry: Arc<Telemetry>,
+    registry: prometheus_client::registry::Registry,
+}
+
+fn pod_host(name: &str) -> TestHost {
+    let pod = TestHost::new(name).unwrap();
+    // No IPv6 on interfaces that arrive: no background frames in the exact comparison.
+    pod.run(|| {
+        for key in ["default", "all"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1").unwrap();
+        }
+    })
+    .unwrap();
+    pod
+}
+
+fn claim(uid: &str, pod: &str, device: &str, address: &str) -> PreparedClaim {
+    let text = format!(
+        r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig","interface":{{"name":"net1","addresses":["{address}/24"]}}}}"#
+    );
+    PreparedClaim {
+        uid: uid.into(),
+        namespace: "ml".into(),
+        name: format!("nic-{pod}"),
+        pod_uids: vec![format!("uid-{pod}")],
+        devices: vec![PreparedDevice {
+            requests: vec!["nic".into()],
+            pool: "node-1".into(),
+            device: device.into(),
+            config: config::parse(text.as_bytes()).unwrap(),
+        }],
+    }
+}
+
+impl Pods {
+    fn new() -> Self {
+        let node = TestHost::new("node").unwrap();
+        let switch = TestHost::new("switch").unwrap();
+        veth_pair(&node, "enp1", &switch, "sw1").unwrap();
+        veth_pair(&node, "enp2", &switch, "sw2").unwrap();
+        for port in ["sw1", "sw2"] {
+            switch.disable_ipv6(port).unwrap();
+        }
+        bridge(&switch, "br0", &["sw1", "sw2"]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(StateStore::open(dir.path()).unwrap());
+        store
+            .claims
+            .put("claim-a", &claim("claim-a", "a", "enp1", A_ADDR))
+            .unwrap();
+        store
+            .claims
+            .put("claim-b", &claim("claim-b", "b", "enp2", B_ADDR))
+            .unwrap();
+        let nics = ["enp1", "enp2"]
+            .map(|name| Nic {
+                netdev: Some(Netdev {
+                    name: name.into(),
+                    ..Netdev::default()
+                }),
+                ..Nic::default()
+            })
+            .to_vec();
+        let (_inventory, inventory) = watch::channel(Arc::new(Inventory {
+            nics,
+            ..Inventory::default()
+        }));
+        let cgroup = knd::telemetry::default_cgroup_root();
+        let telemetry = Arc::new(Telemetry::new(cgroup.as_deref(), 100));
+        assert!(telemetry.measures_rtt(), "the sock_ops program attached");
+        let hooks = NodeHooks::new(
+            store,
+            inventory,
+            node.netns().try_clone().unwrap(),
+            Arc::new(MemoryClaims::default()),
+        )
+        .with_telemetry(Arc::clone(&telemetry));
+        let registry = telemetry.registry();
+        Self {
+            node,
+            _switch: switch,
+            a: pod_host("a"),
+            b: pod_host("b"),
+            _dir: dir,
+            hooks,
+            telemetry,
+            registry,
+        }
+    }
+
+    fn sandbox(pod: &TestHost, name: &str) -> api::PodSandbox {
+        api::PodSandbox {
+            id: format!("sandbox-{name}"),
+            name: format!("trainer-{name}"),
+            uid: format!("uid-{name}"),
+            namespace: "ml".into(),
+            linux: Some(api::LinuxPodSandbox {
+                namespaces: vec![api::LinuxNamespace {
+                    r#type: "network".into(),
+                    path: format!("/proc/self/fd/{}", pod.netns().as_fd().as_raw_fd()),
+                }],
+                ..api::LinuxPodSandbox::default()
+            }),
+            ..api::PodSandbox::default()
+        }
+    }
+
+    fn scrape(&self) -> String {
+        metrics::encode(&self.registry)
+    }
+}
+
+/// The value of the series `metric` whose labels include every `label="value"` in `labels`.
+fn value(text: &str, metric: &str, labels: &[&str]) -> Option<u64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{metric}{{")))
+        .find(|line| labels.iter().all(|l| line.contains(l)))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// `(upper bound, samples in that bucket)` of a histogram series, from its cumulative buckets.
+fn histogram(text: &str, metric: &str, labels: &[&str]) -> Vec<(f64, f64)> {
+    let mut cumulative: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|line| line.starts_with(&format!("{metric}_bucket{{")))
+        .filter(|line| labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, line.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    cumulative.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let mut previous = 0.0;
+    cumulative
+        .into_iter()
+        .map(|(bound, count)| {
+            let here = count - previous;
+            previous = count;
+            (bound, here)
+        })
+        .collect()
+}
+
+/// A connection from pod a to pod b that stays open: the smoothed RTT `ss -ti` reports for it
+/// in pod a, seconds, after a few round trips.
+fn ss_rtt(pods: &Pods) -> f64 {
+    let listener = pods
+        .b
+        .run(|| TcpListener::bind((B_ADDR.parse::<IpAddr>().unwrap(), 0)).unwrap())
+        .unwrap();
+    let target = listener.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buffer = [0_u8; 64];
+        while let Ok(n) = stream.read(&mut buffer) {
+            if n == 0 || stream.write_all(&buffer[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let report = pods
+        .a
+        .run(|| {
+            let mut stream = TcpStream::connect(target).unwrap();
+            let mut buffer = [0_u8; 5];
+            for _ in 0..20 {
+                stream.write_all(b"ping!").unwrap();
+                stream.read_exact(&mut buffer).unwrap();
+            }
+            let output = std::process::Command::new("ss")
+                .args(["-tin", "state", "established", "dst", B_ADDR])
+                .output()
+                .unwrap();
+            drop(stream);
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        })
+        .unwrap();
+    echo.join().unwrap();
+    let rtt_ms: f64 = report
+        .split("rtt:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no rtt in ss output: {report}"));
+    rtt_ms / 1000.0
+}
+
+/// The claim's exported counters equal the kernel's statistics of its interface since `before`.
+fn check_counters(text: &str, pod: &TestHost, claim: &str, before: &knd::netlink::LinkStats) {
+    let kernel = pod.link_stats("net1").unwrap();
+    let labels = [
+        &*format!("claim=\"{claim}\""),
+        "interface=\"net1\"",
+        "namespace=\"ml\"",
+        "request=\"nic\"",
+    ];
+    let ours = |metric: &str| {
+        value(text, metric, &labels).unwrap_or_else(|| panic!("{metric} for {claim}:\n{text}"))
+    };
+    assert_eq!(
+        ours("knd_claim_tx_bytes_total"),
+        kernel.tx_bytes - before.tx_bytes,
+        "{claim}"
+    );
+    assert_eq!(
+        ours("knd_claim_rx_bytes_total"),
+        kernel.rx_bytes - before.rx_bytes,
+        "{claim}"
+    );
+    assert_eq!(
+        ours("knd_claim_tx_packets_total"),
+        kernel.tx_packets - before.tx_packets,
+        "{claim}"
+    );
+    assert_eq!(
+        ours("knd_claim_rx_packets_total"),
+        kernel.rx_packets - before.rx_packets,
+        "{claim}"
+    );
+    assert!(
+        kernel.tx_packets > before.tx_packets,
+        "{claim} carried traffic"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
+    let pods = tokio::task::spawn_blocking(Pods::new).await.unwrap();
+    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
+        pods.hooks
+            .run_pod_sandbox(Pods::sandbox(pod, name))
+            .await
+            .unwrap();
+    }
+    // The programs are attached in the background, off the runtime's hook.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(pods.telemetry.watches("uid-a") && pods.telemetry.watches("uid-b")) {
+        assert!(Instant::now() < deadline, "never measured");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before_a = pods.a.link_stats("net1").unwrap();
+    let before_b = pods.b.link_stats("net1").unwrap();
+
+    let payload = 8 << 20;
+    let (a, b) = (&pods.a, &pods.b);
+    let sent = tokio::task::block_in_place(|| {
+        tcp_transfer(a, b, B_ADDR.parse().unwrap(), payload).unwrap()
+    });
+    assert_eq!(sent, payload);
+    let ss = tokio::task::block_in_place(|| ss_rtt(&pods));
+
+    let text = pods.scrape();
+    for (pod, claim, before) in [(&pods.a, "nic-a", before_a), (&pods.b, "nic-b", before_b)] {
+        check_counters(&text, pod, claim, &before);
+    }
+    let a_sent = value(
+        &text,
+        "knd_claim_class_bytes_total",
+        &["claim=\"nic-a\"", "direction=\"tx\"", "class=\"tcp\""],
+    )
+    .unwrap();
+    assert!(a_sent > payload as u64, "the transfer is TCP: {a_sent}");
+
+    // RTT: samples, and the kernel's own smoothed RTT falls inside the histogram's range.
+    let rtt = histogram(&text, "knd_claim_tcp_rtt_seconds", &["claim=\"nic-a\""]);
+    let samples: f64 = rtt.iter().map(|(_, n)| n).sum();
+    assert!(samples > 0.0, "RTT samples for pod a:\n{text}");
+    let lowest = rtt.iter().position(|(_, n)| *n > 0.0).unwrap();
+    let highest = rtt.iter().rposition(|(_, n)| *n > 0.0).unwrap();
+    let floor = if lowest == 0 { 0.0 } else { rtt[lowest - 1].0 };
+    let ceiling = rtt[highest].0;
+    assert!(
+        floor <= ss && ss <= ceiling,
+        "ss -ti says {ss} s; the histogram spans ({floor}, {ceiling}] s: {rtt:?}"
+    );
+    eprintln!(
+        "ss -ti: srtt {:.1} µs; histogram: {samples} samples in ({:.1}, {:.1}] µs",
+        ss * 1e6,
+        floor * 1e6,
+        ceiling * 1e6
+    );
+
+    // Pod a stops: its series go, pod b's stay.
+    pods.hooks
+        .stop_pod_sandbox(Pods::sandbox(&pods.a, "a"))
+        .await
+        .unwrap();
+    let text = pods.scrape();
+    assert!(!text.contains("claim=\"nic-a\""), "{text}");
+    assert!(text.contains("claim=\"nic-b\""), "{text}");
+    assert!(!pods.telemetry.watches("uid-a"));
+    pods.hooks
+        .stop_pod_sandbox(Pods::sandbox(&pods.b, "b"))
+        .await
+        .unwrap();
+    let text = pods.scrape();
+    assert!(!text.contains("knd_claim_"), "{text}");
+    assert!(
+        text.contains("knd_telemetry_watched_interfaces 0"),
+        "{text}"
+    );
+    drop(pods.node);
+}
