@@ -251,7 +251,10 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         hooks,
         shutdown.clone(),
     ));
-    let preparer = Arc::new(Preparer::new(driver.clone(), store, claims));
+    let preparer = Arc::new(
+        Preparer::new(driver.clone(), store, claims)
+            .with_durations(telemetry.prepare_seconds.clone()),
+    );
     let sockets = Sockets::new(&driver, &args.plugin_dir, &args.registry_dir);
     let plugin = dra::serve(&driver, sockets, preparer, health_rx, &shutdown)?;
 

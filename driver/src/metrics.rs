@@ -77,7 +77,7 @@ struct Probes {
 pub struct Telemetry {
     probes: Mutex<Probes>,
     max_claims: usize,
-    /// NodePrepareResources, per claim, seconds.
+    /// NodePrepareResources calls, seconds.
     pub prepare_seconds: Histogram,
     /// Attaching one pod's interfaces (RunPodSandbox's work), seconds.
     pub attach_seconds: Histogram,
@@ -215,7 +215,7 @@ impl Telemetry {
         let mut registry = Registry::default();
         registry.register(
             "knd_prepare_duration_seconds",
-            "NodePrepareResources work per claim",
+            "NodePrepareResources calls from kubelet",
             self.prepare_seconds.clone(),
         );
         registry.register(

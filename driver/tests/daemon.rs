@@ -200,6 +200,16 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
     })
     .await;
 
+    // The daemon's own metrics.
+    let (code, metrics) = node.get("/metrics").unwrap();
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics.contains("\nknd_prepare_duration_seconds_count 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\nknd_published_devices 5\n"), "{metrics}");
+    assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text");
+
     let mut daemon = kill_during_prepare(&fake, &node, daemon).await;
 
     // SIGTERM: a clean, prompt exit that deregisters the plugin.

@@ -87,6 +87,7 @@ pub struct Preparer<S> {
     driver: String,
     store: Arc<StateStore>,
     source: S,
+    durations: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl<S: ClaimApi> Preparer<S> {
@@ -96,12 +97,35 @@ impl<S: ClaimApi> Preparer<S> {
             driver: driver.into(),
             store,
             source,
+            durations: None,
         }
+    }
+
+    /// Records how long each call takes in `durations`.
+    #[must_use]
+    pub fn with_durations(
+        mut self,
+        durations: prometheus_client::metrics::histogram::Histogram,
+    ) -> Self {
+        self.durations = Some(durations);
+        self
     }
 
     /// Prepares every claim concurrently, then records the newly prepared ones durably in one
     /// batch before answering. Only internal failures fail the whole call.
     pub async fn prepare(
+        &self,
+        claims: &[ClaimRef],
+    ) -> Result<BTreeMap<String, ClaimOutcome>, InternalError> {
+        let started = std::time::Instant::now();
+        let answers = self.prepare_all(claims).await;
+        if let Some(durations) = &self.durations {
+            durations.observe(started.elapsed().as_secs_f64());
+        }
+        answers
+    }
+
+    async fn prepare_all(
         &self,
         claims: &[ClaimRef],
     ) -> Result<BTreeMap<String, ClaimOutcome>, InternalError> {
