@@ -207,7 +207,8 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     let driver = args.driver_name.clone();
     let node = args.node_name.clone();
 
-    let watcher = inventory_watch::spawn(host, filter, Pacing::default(), shutdown.clone()).await?;
+    let watcher =
+        inventory_watch::spawn(host.clone(), filter, Pacing::default(), shutdown.clone()).await?;
     let first = Arc::clone(&watcher.inventory.borrow());
     tracing::info!(
         devices = first.nics.len(),
@@ -220,10 +221,9 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         .cgroup_root
         .clone()
         .or_else(crate::telemetry::default_cgroup_root);
-    let telemetry = Arc::new(Telemetry::new(
-        cgroup.as_deref(),
-        args.metrics_max_interfaces,
-    ));
+    let telemetry = Arc::new(
+        Telemetry::new(cgroup.as_deref(), args.metrics_max_interfaces).with_host_root(host.clone()),
+    );
     let publisher = tokio::spawn(publish_loop(
         Publisher::new(client.clone(), &driver, &node),
         telemetry.published_devices.clone(),

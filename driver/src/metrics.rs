@@ -22,8 +22,9 @@ use prometheus_client::{
 };
 
 use crate::{
+    inventory::host::HostRoot,
     netns::Netns,
-    telemetry::{self, AttachmentId, SocketProbes, TrafficDetail, TrafficProbes},
+    telemetry::{self, AttachmentId, RdmaPortCounters, SocketProbes, TrafficDetail, TrafficProbes},
 };
 
 /// Who a watched interface belongs to: the label values of its series.
@@ -62,6 +63,7 @@ struct Watched {
     labels: ClaimLabels,
     attachment: AttachmentId,
     cookie: u64,
+    rdma: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +79,7 @@ struct Probes {
 pub struct Telemetry {
     probes: Mutex<Probes>,
     max_claims: usize,
+    host: HostRoot,
     /// NodePrepareResources calls, seconds.
     pub prepare_seconds: Histogram,
     /// Attaching one pod's interfaces (RunPodSandbox's work), seconds.
@@ -114,11 +117,19 @@ impl Telemetry {
                 ..Probes::default()
             }),
             max_claims,
+            host: HostRoot::new("/"),
             // 100 µs … ~3.3 s.
             prepare_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             attach_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             published_devices: Gauge::default(),
         }
+    }
+
+    /// Reads RDMA counters below `host` instead of `/` (the daemon's `--host-root`).
+    #[must_use]
+    pub fn with_host_root(mut self, host: HostRoot) -> Self {
+        self.host = host;
+        self
     }
 
     fn probes(&self) -> MutexGuard<'_, Probes> {
@@ -131,13 +142,15 @@ impl Telemetry {
     }
 
     /// Starts watching `labels.interface` inside `pod_ns` for pod `pod_uid` (programs loaded
-    /// and attached there; counting starts now). Blocking: loads eBPF programs. Watching an
-    /// interface already watched for this pod is a no-op.
+    /// and attached there; counting starts now), and the hardware counters of the RDMA devices
+    /// `rdma` behind it. Blocking: loads eBPF programs. Watching an interface already watched for
+    /// this pod is a no-op.
     pub fn watch(
         &self,
         pod_uid: &str,
         pod_ns: &Netns,
         labels: ClaimLabels,
+        rdma: Vec<String>,
     ) -> telemetry::Result<()> {
         let mut probes = self.probes();
         if probes
@@ -170,6 +183,7 @@ impl Telemetry {
             labels,
             attachment,
             cookie,
+            rdma,
         });
         Ok(())
     }
@@ -253,6 +267,7 @@ struct Reading {
     labels: Vec<(&'static str, String)>,
     detail: TrafficDetail,
     rtt: Option<RttStats>,
+    rdma: Vec<(String, RdmaPortCounters)>,
 }
 
 fn with(labels: &[(&'static str, String)], more: &[(&'static str, &str)]) -> Vec<(String, String)> {
@@ -340,6 +355,15 @@ impl Collector for ClaimCollector {
                         labels: w.labels.pairs(),
                         detail,
                         rtt,
+                        rdma: w
+                            .rdma
+                            .iter()
+                            .flat_map(|device| {
+                                telemetry::rdma_counters(&self.0.host, device)
+                                    .into_iter()
+                                    .map(|port| (device.clone(), port))
+                            })
+                            .collect(),
                     })
                 })
                 .collect()
@@ -364,6 +388,7 @@ impl Collector for ClaimCollector {
         Counter::new(refused).encode(counter)?;
 
         encode_traffic(&mut encoder, &readings)?;
+        encode_rdma(&mut encoder, &readings)?;
         encode_rtt(&mut encoder, &readings)
     }
 }
@@ -492,6 +517,79 @@ fn encode_traffic(
     )?;
 
     Ok(())
+}
+
+/// The RDMA devices' port and hardware counters (sysfs), by device and port.
+fn encode_rdma(
+    encoder: &mut DescriptorEncoder,
+    readings: &[Reading],
+) -> Result<(), std::fmt::Error> {
+    type Series = Vec<(Vec<(String, String)>, u64)>;
+    let (mut tx_bytes, mut rx_bytes, mut tx_packets, mut rx_packets): (
+        Series,
+        Series,
+        Series,
+        Series,
+    ) = Default::default();
+    let (mut cnp, mut hw): (Series, Series) = Default::default();
+    for r in readings {
+        for (device, port) in &r.rdma {
+            let number = port.port.to_string();
+            let labels = with(&r.labels, &[("rdma_device", device), ("port", &number)]);
+            tx_bytes.push((labels.clone(), port.tx_bytes));
+            rx_bytes.push((labels.clone(), port.rx_bytes));
+            tx_packets.push((labels.clone(), port.tx_packets));
+            rx_packets.push((labels.clone(), port.rx_packets));
+            for (kind, counter) in [("sent", "np_cnp_sent"), ("handled", "rp_cnp_handled")] {
+                if let Some(value) = port.hw.get(counter) {
+                    let mut labels = labels.clone();
+                    labels.push(("kind".to_owned(), kind.to_owned()));
+                    cnp.push((labels, *value));
+                }
+            }
+            for (name, value) in &port.hw {
+                let mut labels = labels.clone();
+                labels.push(("counter".to_owned(), name.clone()));
+                hw.push((labels, *value));
+            }
+        }
+    }
+    counter_family(
+        encoder,
+        "knd_claim_rdma_tx_bytes",
+        "Bytes the claimed RDMA port sent (port_xmit_data x 4)",
+        &tx_bytes,
+    )?;
+    counter_family(
+        encoder,
+        "knd_claim_rdma_rx_bytes",
+        "Bytes the claimed RDMA port received (port_rcv_data x 4)",
+        &rx_bytes,
+    )?;
+    counter_family(
+        encoder,
+        "knd_claim_rdma_tx_packets",
+        "Packets the claimed RDMA port sent",
+        &tx_packets,
+    )?;
+    counter_family(
+        encoder,
+        "knd_claim_rdma_rx_packets",
+        "Packets the claimed RDMA port received",
+        &rx_packets,
+    )?;
+    counter_family(
+        encoder,
+        "knd_claim_rdma_cnp",
+        "RoCE congestion notifications sent (as notification point) and handled (as reaction point)",
+        &cnp,
+    )?;
+    counter_family(
+        encoder,
+        "knd_claim_rdma_hw_events",
+        "Every hardware counter of the claimed RDMA port, by name",
+        &hw,
+    )
 }
 
 /// TCP round-trip times and retransmissions of each claim's pod.

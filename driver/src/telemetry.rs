@@ -512,3 +512,60 @@ fn raise_memlock_limit() {
         );
     }
 }
+
+/// One RDMA port's counters, from sysfs (`ports/<n>/counters`, `ports/<n>/hw_counters`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RdmaPortCounters {
+    /// Port number.
+    pub port: u32,
+    /// Bytes sent (`port_xmit_data` × 4: the counter is in 4-byte words).
+    pub tx_bytes: u64,
+    /// Bytes received (`port_rcv_data` × 4).
+    pub rx_bytes: u64,
+    /// Packets sent (`port_xmit_packets`).
+    pub tx_packets: u64,
+    /// Packets received (`port_rcv_packets`).
+    pub rx_packets: u64,
+    /// Every hardware counter the driver exposes (`np_cnp_sent`, `rp_cnp_handled`,
+    /// `out_of_sequence`, `local_ack_timeout_err`, …), by name.
+    pub hw: std::collections::BTreeMap<String, u64>,
+}
+
+/// The counters of every port of RDMA device `device` (e.g. `mlx5_0`) under `host`. A counter
+/// that is missing or unreadable is left out (and a port without any is still listed).
+pub fn rdma_counters(
+    host: &crate::inventory::host::HostRoot,
+    device: &str,
+) -> Vec<RdmaPortCounters> {
+    let base = format!("/sys/class/infiniband/{device}/ports");
+    let number = |path: &str| -> Option<u64> {
+        host.read(path)
+            .ok()
+            .flatten()
+            .and_then(|text| text.trim().parse().ok())
+    };
+    let mut ports: Vec<RdmaPortCounters> = host
+        .list(&base)
+        .into_iter()
+        .filter_map(|name| name.parse::<u32>().ok())
+        .map(|port| {
+            let counter = |name: &str| number(&format!("{base}/{port}/counters/{name}"));
+            let hw_dir = format!("{base}/{port}/hw_counters");
+            let hw = host
+                .list(&hw_dir)
+                .into_iter()
+                .filter_map(|name| Some((name.clone(), number(&format!("{hw_dir}/{name}"))?)))
+                .collect();
+            RdmaPortCounters {
+                port,
+                tx_bytes: counter("port_xmit_data").unwrap_or(0).saturating_mul(4),
+                rx_bytes: counter("port_rcv_data").unwrap_or(0).saturating_mul(4),
+                tx_packets: counter("port_xmit_packets").unwrap_or(0),
+                rx_packets: counter("port_rcv_packets").unwrap_or(0),
+                hw,
+            }
+        })
+        .collect();
+    ports.sort_by_key(|p| p.port);
+    ports
+}

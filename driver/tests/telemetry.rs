@@ -14,11 +14,11 @@ use std::{
 
 use knd::{
     config,
-    inventory::{Inventory, Nic, netdev::Netdev},
+    inventory::{Inventory, Nic, netdev::Netdev, rdma::RdmaDevice},
     metrics::{self, Telemetry},
     nri::{plugin::Hooks as _, pods::NodeHooks, proto::nri as api},
     state::{PreparedClaim, PreparedDevice, StateStore},
-    testkit::{TestHost, bridge, claims::MemoryClaims, tcp_transfer, veth_pair},
+    testkit::{TestHost, bridge, claims::MemoryClaims, sysfs::SysfsTree, tcp_transfer, veth_pair},
 };
 use tokio::sync::watch;
 
@@ -31,9 +31,29 @@ struct Pods {
     a: TestHost,
     b: TestHost,
     _dir: tempfile::TempDir,
+    _tree: SysfsTree,
     hooks: NodeHooks<MemoryClaims>,
     telemetry: Arc<Telemetry>,
     registry: prometheus_client::registry::Registry,
+}
+
+/// A host root with the counters of RDMA device `mlx5_0` (port 1) as mlx5 shows them.
+fn rdma_counters_tree() -> SysfsTree {
+    let tree = SysfsTree::new();
+    let dir = "/sys/devices/pci0000:00/0000:00:02.0/infiniband/mlx5_0";
+    for (name, value) in [
+        ("counters/port_xmit_data", "2500"),
+        ("counters/port_rcv_data", "1250"),
+        ("counters/port_xmit_packets", "40"),
+        ("counters/port_rcv_packets", "20"),
+        ("hw_counters/np_cnp_sent", "7"),
+        ("hw_counters/rp_cnp_handled", "3"),
+        ("hw_counters/out_of_sequence", "2"),
+    ] {
+        tree.file(&format!("{dir}/ports/1/{name}"), &format!("{value}\n"));
+    }
+    tree.link("/sys/class/infiniband/mlx5_0", dir);
+    tree
 }
 
 fn pod_host(name: &str) -> TestHost {
@@ -86,7 +106,7 @@ impl Pods {
             .claims
             .put("claim-b", &claim("claim-b", "b", "enp2", B_ADDR))
             .unwrap();
-        let nics = ["enp1", "enp2"]
+        let mut nics = ["enp1", "enp2"]
             .map(|name| Nic {
                 netdev: Some(Netdev {
                     name: name.into(),
@@ -95,12 +115,19 @@ impl Pods {
                 ..Nic::default()
             })
             .to_vec();
+        // enp1 stands in for a RoCE NIC: an RDMA device whose counters sysfs shows.
+        nics[0].rdma = vec![RdmaDevice {
+            name: "mlx5_0".into(),
+            ..RdmaDevice::default()
+        }];
+        let tree = rdma_counters_tree();
         let (_inventory, inventory) = watch::channel(Arc::new(Inventory {
             nics,
             ..Inventory::default()
         }));
         let cgroup = knd::telemetry::default_cgroup_root();
-        let telemetry = Arc::new(Telemetry::new(cgroup.as_deref(), 100));
+        let telemetry =
+            Arc::new(Telemetry::new(cgroup.as_deref(), 100).with_host_root(tree.host()));
         assert!(telemetry.measures_rtt(), "the sock_ops program attached");
         let hooks = NodeHooks::new(
             store,
@@ -116,6 +143,7 @@ impl Pods {
             a: pod_host("a"),
             b: pod_host("b"),
             _dir: dir,
+            _tree: tree,
             hooks,
             telemetry,
             registry,
@@ -300,6 +328,31 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
     )
     .unwrap();
     assert!(a_sent > payload as u64, "the transfer is TCP: {a_sent}");
+
+    // The RDMA device behind pod a's NIC: sysfs counters, data in 4-byte words.
+    let rdma = |metric: &str, extra: &[&str]| {
+        let mut labels = vec!["claim=\"nic-a\"", "rdma_device=\"mlx5_0\"", "port=\"1\""];
+        labels.extend_from_slice(extra);
+        value(&text, metric, &labels).unwrap_or_else(|| panic!("{metric}:\n{text}"))
+    };
+    assert_eq!(rdma("knd_claim_rdma_tx_bytes_total", &[]), 10_000);
+    assert_eq!(rdma("knd_claim_rdma_rx_bytes_total", &[]), 5_000);
+    assert_eq!(rdma("knd_claim_rdma_tx_packets_total", &[]), 40);
+    assert_eq!(rdma("knd_claim_rdma_cnp_total", &["kind=\"sent\""]), 7);
+    assert_eq!(rdma("knd_claim_rdma_cnp_total", &["kind=\"handled\""]), 3);
+    assert_eq!(
+        rdma(
+            "knd_claim_rdma_hw_events_total",
+            &["counter=\"out_of_sequence\""]
+        ),
+        2
+    );
+    assert!(
+        !text.contains(
+            "claim=\"nic-b\",request=\"nic\",device=\"enp2\",interface=\"net1\",rdma_device"
+        ),
+        "pod b's NIC has no RDMA device"
+    );
 
     // RTT: samples, and the kernel's own smoothed RTT falls inside the histogram's range.
     let rtt = histogram(&text, "knd_claim_tcp_rtt_seconds", &["claim=\"nic-a\""]);

@@ -128,6 +128,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         };
         let lock = self.lock(&record.pod_uid);
         let store = Arc::clone(&self.store);
+        let inventory = self.inventory.clone();
         let record = record.clone();
         tokio::spawn(async move {
             let _guard = lock.lock().await;
@@ -140,6 +141,22 @@ impl<C: ClaimApi> NodeHooks<C> {
                 .matching(|c| c.pod_uids.contains(&record.pod_uid))
                 .unwrap_or_default();
             let pod_name = record.pod.rsplit('/').next().unwrap_or_default().to_owned();
+            let rdma: HashMap<String, Vec<String>> = {
+                let inventory = inventory.borrow();
+                record
+                    .attachments
+                    .iter()
+                    .map(|a| {
+                        let names = inventory
+                            .nics
+                            .iter()
+                            .find(|nic| resources::device_name(nic) == a.device)
+                            .map(|nic| nic.rdma.iter().map(|r| r.name.clone()).collect())
+                            .unwrap_or_default();
+                        (a.device.clone(), names)
+                    })
+                    .collect()
+            };
             let watched = tokio::task::spawn_blocking(move || -> Result<(), String> {
                 let pod_ns = Netns::open(&record.netns).map_err(|e| e.to_string())?;
                 for attachment in &record.attachments {
@@ -160,8 +177,9 @@ impl<C: ClaimApi> NodeHooks<C> {
                         device: attachment.device.clone(),
                         interface: side.name.clone(),
                     };
+                    let devices = rdma.get(&attachment.device).cloned().unwrap_or_default();
                     telemetry
-                        .watch(&record.pod_uid, &pod_ns, labels)
+                        .watch(&record.pod_uid, &pod_ns, labels, devices)
                         .map_err(|e| crate::error_chain(&e))?;
                 }
                 Ok(())
