@@ -74,6 +74,8 @@ pub mod names {
     pub const TRAFFIC_INGRESS_PROG: &str = "knd_traffic_ingress";
     /// TCX egress classifier that counts sent traffic.
     pub const TRAFFIC_EGRESS_PROG: &str = "knd_traffic_egress";
+    /// TCX classifier that does nothing (the baseline for measuring the others' cost).
+    pub const NOOP_PROG: &str = "knd_noop";
     /// sock_ops program (on a cgroup v2 directory) that records TCP RTT and retransmits.
     pub const SOCKOPS_PROG: &str = "knd_sockops";
 }

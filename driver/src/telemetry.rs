@@ -156,6 +156,27 @@ struct Attachment {
     netns_cookie: u64,
     ifindex: u32,
     ebpf: Ebpf,
+    programs: Vec<&'static str>,
+}
+
+/// One program's run-time statistics from the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The program's name.
+    pub program: &'static str,
+    /// Total time spent running it.
+    pub run_time: std::time::Duration,
+    /// Times it ran.
+    pub runs: u64,
+}
+
+/// Turns on the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`) for as long as
+/// the returned descriptor lives; they cost every program some nanoseconds per run.
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|source| Error::Program {
+        program: "(statistics)",
+        source: Box::new(aya::programs::ProgramError::SyscallError(source)),
+    })
 }
 
 /// Every interface the traffic programs are attached to.
@@ -187,6 +208,54 @@ impl TrafficProbes {
     /// inside `netns`. Counting starts at zero now. Other TC programs on the interface keep
     /// running (ours return "next").
     pub fn attach(&mut self, netns: &Netns, interface: &str) -> Result<AttachmentId> {
+        self.attach_programs(
+            netns,
+            interface,
+            [names::TRAFFIC_INGRESS_PROG, names::TRAFFIC_EGRESS_PROG],
+        )
+    }
+
+    /// Attaches the do-nothing program, ingress and egress, the way [`Self::attach`] attaches
+    /// the counting ones: the baseline for measuring what counting costs per packet (see
+    /// [`Self::program_stats`]). Its counters stay at zero.
+    pub fn attach_baseline(&mut self, netns: &Netns, interface: &str) -> Result<AttachmentId> {
+        self.attach_programs(netns, interface, [names::NOOP_PROG, names::NOOP_PROG])
+    }
+
+    /// The kernel's run-time statistics of an attachment's programs (ingress, egress): total
+    /// run time and runs. They only count while statistics are enabled ([`enable_run_stats`]).
+    pub fn program_stats(&self, id: AttachmentId) -> Result<Vec<ProgramStats>> {
+        let attachment = self
+            .attachments
+            .get(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        attachment
+            .programs
+            .iter()
+            .map(|&name| {
+                let program = attachment.ebpf.program(name).ok_or(Error::Missing {
+                    kind: "program",
+                    name,
+                })?;
+                let info = program.info().map_err(|source| Error::Program {
+                    program: name,
+                    source: Box::new(source),
+                })?;
+                Ok(ProgramStats {
+                    program: name,
+                    run_time: info.run_time(),
+                    runs: info.run_count(),
+                })
+            })
+            .collect()
+    }
+
+    fn attach_programs(
+        &mut self,
+        netns: &Netns,
+        interface: &str,
+        [ingress, egress]: [&'static str; 2],
+    ) -> Result<AttachmentId> {
         if PROBES_OBJECT.is_empty() {
             return Err(Error::NotBuilt);
         }
@@ -222,14 +291,17 @@ impl TrafficProbes {
                 });
             }
             for (program, attach_type) in [
-                (names::TRAFFIC_INGRESS_PROG, TcAttachType::Ingress),
-                (names::TRAFFIC_EGRESS_PROG, TcAttachType::Egress),
+                (ingress, TcAttachType::Ingress),
+                (egress, TcAttachType::Egress),
             ] {
                 let classifier = classifier(&mut ebpf, program)?;
-                classifier.load().map_err(|source| Error::Program {
-                    program,
-                    source: Box::new(source),
-                })?;
+                // The same program both ways (the baseline) is loaded once.
+                if classifier.fd().is_err() {
+                    classifier.load().map_err(|source| Error::Program {
+                        program,
+                        source: Box::new(source),
+                    })?;
+                }
                 // On error, dropping `ebpf` detaches whatever was attached already.
                 classifier
                     .attach_with_options(
@@ -257,6 +329,11 @@ impl TrafficProbes {
                 netns_cookie,
                 ifindex,
                 ebpf,
+                programs: if ingress == egress {
+                    vec![ingress]
+                } else {
+                    vec![ingress, egress]
+                },
             },
         );
         Ok(id)

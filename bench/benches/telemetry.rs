@@ -1,0 +1,262 @@
+//! What knd's in-kernel telemetry costs the data path: TCP throughput between two namespaces
+//! over a veth with the counting programs attached (TCX both ends, sock_ops RTT for both
+//! namespaces) versus an identical pair without, both set up at once and measured in alternating
+//! short runs pinned to one CPU; the median of the pairwise throughput ratios; CPU time per
+//! packet of the sending and receiving threads from perf-event software counters (task clock);
+//! and the programs' own cost per run from the kernel's BPF run-time statistics, net of a
+//! do-nothing TC program measured the same way. Needs root.
+//!
+//! Goals: throughput ratio ≥ 0.98; program cost ≤ 50 ns per packet.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use knd::{
+    telemetry::{self, AttachmentId, SocketProbes, TrafficProbes},
+    testkit::{TestHost, is_root, veth_pair},
+};
+use perf_event::{Builder, events::Software};
+use serde::Serialize;
+
+const RUNS: usize = 15;
+const RUN_TIME: Duration = Duration::from_secs(1);
+const CPU: usize = 0;
+
+/// Two namespaces joined by a veth pair (`eth1` in a, `eth2` in b), addressed, IPv6 off.
+struct Pair {
+    a: TestHost,
+    b: TestHost,
+    b_addr: IpAddr,
+}
+
+impl Pair {
+    fn new(name: &str, subnet: u8) -> anyhow::Result<Self> {
+        let a = TestHost::new(&format!("{name}-a"))?;
+        let b = TestHost::new(&format!("{name}-b"))?;
+        veth_pair(&a, "eth1", &b, "eth2")?;
+        let a_addr: IpAddr = format!("10.{subnet}.0.1").parse()?;
+        let b_addr: IpAddr = format!("10.{subnet}.0.2").parse()?;
+        a.configure("eth1", a_addr, 24)?;
+        b.configure("eth2", b_addr, 24)?;
+        Ok(Self { a, b, b_addr })
+    }
+}
+
+/// One run: throughput, and the sender's and receiver's CPU time per packet sent.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Run {
+    gbit_per_s: f64,
+    sender_ns_per_packet: f64,
+    receiver_ns_per_packet: f64,
+}
+
+fn pin() -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(CPU)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// This thread's CPU time (task clock), counting from now.
+fn task_clock() -> anyhow::Result<perf_event::Counter> {
+    let mut counter = Builder::new(Software::TASK_CLOCK)
+        .observe_self()
+        .any_cpu()
+        .build()
+        .context("perf_event_open(task-clock)")?;
+    counter.enable()?;
+    Ok(counter)
+}
+
+#[expect(clippy::cast_precision_loss, reason = "rates for a report")]
+fn run_once(pair: &Pair) -> anyhow::Result<Run> {
+    let listener = pair
+        .b
+        .run(|| TcpListener::bind(SocketAddr::new(pair.b_addr, 0)))??;
+    let target = listener.local_addr()?;
+    let receiver = std::thread::spawn(move || -> anyhow::Result<(u64, u64)> {
+        pin()?;
+        let (mut stream, _) = listener.accept()?;
+        let mut clock = task_clock()?;
+        let mut buffer = vec![0_u8; 128 * 1024];
+        let mut received = 0_u64;
+        loop {
+            match stream.read(&mut buffer)? {
+                0 => break,
+                n => received += n as u64,
+            }
+        }
+        Ok((received, clock.read()?))
+    });
+    let before = pair.a.link_stats("eth1")?;
+    let (sent_cpu, elapsed) = pair.a.run(|| -> anyhow::Result<(u64, Duration)> {
+        pin()?;
+        let mut stream = TcpStream::connect(target)?;
+        let chunk = vec![0x5a_u8; 128 * 1024];
+        let mut clock = task_clock()?;
+        let started = Instant::now();
+        while started.elapsed() < RUN_TIME {
+            stream.write_all(&chunk)?;
+        }
+        stream.shutdown(std::net::Shutdown::Write)?;
+        Ok((clock.read()?, started.elapsed()))
+    })??;
+    let Ok(outcome) = receiver.join() else {
+        anyhow::bail!("the receiver panicked");
+    };
+    let (bytes_in, received_cpu) = outcome?;
+    let after = pair.a.link_stats("eth1")?;
+    let packets = (after.tx_packets - before.tx_packets).max(1) as f64;
+    Ok(Run {
+        gbit_per_s: bytes_in as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
+        sender_ns_per_packet: sent_cpu as f64 / packets,
+        receiver_ns_per_packet: received_cpu as f64 / packets,
+    })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    runs: usize,
+    run_seconds: f64,
+    throughput_ratio_median: f64,
+    throughput_ratio_goal: f64,
+    on: Vec<Run>,
+    off: Vec<Run>,
+    programs: Vec<ProgramCost>,
+    baseline_ns_per_run: f64,
+    net_ns_per_packet: f64,
+    net_ns_per_packet_goal: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ProgramCost {
+    program: String,
+    runs: u64,
+    ns_per_run: f64,
+}
+
+#[expect(clippy::cast_precision_loss, reason = "nanosecond averages")]
+fn costs(probes: &TrafficProbes, ids: &[AttachmentId]) -> anyhow::Result<Vec<ProgramCost>> {
+    let mut costs = Vec::new();
+    for &id in ids {
+        for stats in probes.program_stats(id)? {
+            costs.push(ProgramCost {
+                program: stats.program.to_owned(),
+                runs: stats.runs,
+                ns_per_run: stats.run_time.as_nanos() as f64 / stats.runs.max(1) as f64,
+            });
+        }
+    }
+    Ok(costs)
+}
+
+fn main() -> anyhow::Result<()> {
+    anyhow::ensure!(is_root(), "the telemetry benchmark loads eBPF programs: run it as root");
+    let on = Pair::new("on", 81)?;
+    let off = Pair::new("off", 82)?;
+    let mut probes = TrafficProbes::new();
+    let counting = [
+        probes.attach(on.a.netns(), "eth1")?,
+        probes.attach(on.b.netns(), "eth2")?,
+    ];
+    let cgroup = telemetry::default_cgroup_root().context("no cgroup v2 mount")?;
+    let mut sockets = SocketProbes::attach(&cgroup)?;
+    for host in [&on.a, &on.b] {
+        sockets.watch(host.netns().cookie()?)?;
+    }
+    let stats = telemetry::enable_run_stats()?;
+
+    // Warm-up, then alternate (which pair goes first alternates too).
+    run_once(&on)?;
+    run_once(&off)?;
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for i in 0..RUNS {
+        if i % 2 == 0 {
+            with.push(run_once(&on)?);
+            without.push(run_once(&off)?);
+        } else {
+            without.push(run_once(&off)?);
+            with.push(run_once(&on)?);
+        }
+    }
+    let programs = costs(&probes, &counting)?;
+
+    // The baseline: the do-nothing program on the other pair, measured the same way.
+    let baseline = [
+        probes.attach_baseline(off.a.netns(), "eth1")?,
+        probes.attach_baseline(off.b.netns(), "eth2")?,
+    ];
+    for _ in 0..RUNS / 3 {
+        run_once(&off)?;
+    }
+    let baseline_costs = costs(&probes, &baseline)?;
+    drop(stats);
+
+    let mut ratios: Vec<f64> = with
+        .iter()
+        .zip(&without)
+        .map(|(w, o)| w.gbit_per_s / o.gbit_per_s)
+        .collect();
+    let ratio = median(&mut ratios);
+    #[expect(clippy::cast_precision_loss, reason = "run counts")]
+    let weighted = |costs: &[ProgramCost]| {
+        let runs: u64 = costs.iter().map(|c| c.runs).sum();
+        let time: f64 = costs.iter().map(|c| c.ns_per_run * c.runs as f64).sum();
+        time / runs.max(1) as f64
+    };
+    let ours = weighted(&programs);
+    let base = weighted(&baseline_costs);
+    let net = ours - base;
+    for (name, runs) in [("telemetry on ", &with), ("telemetry off", &without)] {
+        let mut gbps: Vec<f64> = runs.iter().map(|r| r.gbit_per_s).collect();
+        let mut tx: Vec<f64> = runs.iter().map(|r| r.sender_ns_per_packet).collect();
+        let mut rx: Vec<f64> = runs.iter().map(|r| r.receiver_ns_per_packet).collect();
+        println!(
+            "{name}: median {:.2} Gbit/s; CPU per packet: sender {:.0} ns, receiver {:.0} ns",
+            median(&mut gbps),
+            median(&mut tx),
+            median(&mut rx)
+        );
+    }
+    println!(
+        "throughput ratio (median of {RUNS} pairs): {ratio:.3} (goal ≥ 0.98: {})",
+        if ratio >= 0.98 { "met" } else { "MISSED" }
+    );
+    for cost in &programs {
+        println!(
+            "  {}: {:.1} ns/run over {} runs",
+            cost.program, cost.ns_per_run, cost.runs
+        );
+    }
+    println!(
+        "programs: {ours:.1} ns/run raw, do-nothing baseline {base:.1} ns/run, net {net:.1} ns per packet (goal ≤ 50 ns: {})",
+        if net <= 50.0 { "met" } else { "MISSED" }
+    );
+    let report = Report {
+        runs: RUNS,
+        run_seconds: RUN_TIME.as_secs_f64(),
+        throughput_ratio_median: ratio,
+        throughput_ratio_goal: 0.98,
+        on: with,
+        off: without,
+        programs,
+        baseline_ns_per_run: base,
+        net_ns_per_packet: net,
+        net_ns_per_packet_goal: 50.0,
+    };
+    let dir = knd_bench::results_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("telemetry.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("results: {}", path.display());
+    Ok(())
+}
