@@ -59,14 +59,9 @@ pub const SIZE_MIN_SHIFT: u32 = 6;
 
 /// Names of the maps and programs in the eBPF object, shared so a rename cannot drift.
 pub mod names {
-    /// Per-CPU array of [`super::TrafficCounters`], indexed by
-    /// `direction * class::COUNT + class`.
-    pub const IFACE_CLASSES_MAP: &str = "IFACE_CLASSES";
-    /// Per-CPU array of frame counts, indexed by `direction * SIZE_BUCKETS + bucket`.
-    pub const IFACE_SIZES_MAP: &str = "IFACE_SIZES";
-    /// Per-CPU array of [`super::TrafficCounters`] for RoCEv2, indexed by
-    /// `direction * roce::CLASSES + opcode class`.
-    pub const IFACE_ROCE_MAP: &str = "IFACE_ROCE";
+    /// Per-CPU array of [`super::DirectionStats`], indexed by [`super::direction`]: everything
+    /// one frame updates is in one entry, so a frame costs one map lookup.
+    pub const IFACE_STATS_MAP: &str = "IFACE_STATS";
     /// Per-CPU hash of [`super::RttStats`] by network-namespace cookie: only namespaces the
     /// driver put in are measured.
     pub const NETNS_RTT_MAP: &str = "NETNS_RTT";
@@ -80,14 +75,55 @@ pub mod names {
     pub const SOCKOPS_PROG: &str = "knd_sockops";
 }
 
-/// Entries in [`names::IFACE_CLASSES_MAP`].
-pub const IFACE_CLASSES_ENTRIES: u32 = 2 * class::COUNT;
-/// Entries in [`names::IFACE_SIZES_MAP`].
-pub const IFACE_SIZES_ENTRIES: u32 = 2 * SIZE_BUCKETS;
-/// Entries in [`names::IFACE_ROCE_MAP`].
-pub const IFACE_ROCE_ENTRIES: u32 = 2 * roce::CLASSES;
+/// Entries in [`names::IFACE_STATS_MAP`]: one per [`direction`].
+pub const IFACE_STATS_ENTRIES: u32 = 2;
 /// Namespaces [`names::NETNS_RTT_MAP`] can hold (pods with claims on one node).
 pub const NETNS_RTT_ENTRIES: u32 = 1024;
+
+/// One direction of one interface on one CPU: frames and bytes by class, RoCEv2 by BTH opcode
+/// class, frames by size bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectionStats {
+    /// By [`class`].
+    pub classes: [TrafficCounters; class::COUNT as usize],
+    /// RoCEv2 by opcode class ([`roce`]).
+    pub roce: [TrafficCounters; roce::CLASSES as usize],
+    /// Frames by size bucket ([`size_bucket`]).
+    pub sizes: [u64; SIZE_BUCKETS as usize],
+}
+
+impl Default for DirectionStats {
+    fn default() -> Self {
+        Self {
+            classes: [TrafficCounters::default(); class::COUNT as usize],
+            roce: [TrafficCounters::default(); roce::CLASSES as usize],
+            sizes: [0; SIZE_BUCKETS as usize],
+        }
+    }
+}
+
+impl DirectionStats {
+    /// Adds another set (e.g. another CPU's) to this one.
+    #[must_use]
+    pub fn merged(mut self, other: &Self) -> Self {
+        for (mine, theirs) in self.classes.iter_mut().zip(other.classes.iter()) {
+            *mine = mine.add(*theirs);
+        }
+        for (mine, theirs) in self.roce.iter_mut().zip(other.roce.iter()) {
+            *mine = mine.add(*theirs);
+        }
+        for (mine, theirs) in self.sizes.iter_mut().zip(other.sizes.iter()) {
+            *mine = mine.wrapping_add(*theirs);
+        }
+        self
+    }
+}
+
+const _: () = assert!(
+    size_of::<DirectionStats>()
+        == 16 * (class::COUNT as usize + roce::CLASSES as usize) + 8 * SIZE_BUCKETS as usize
+);
 
 /// RTT histogram: bucket `i` counts samples of a smoothed RTT of at most `2^i` microseconds
 /// (the last bucket also takes everything slower): 1 µs up to about 8 s.
@@ -205,6 +241,8 @@ mod user {
     unsafe impl aya::Pod for super::TrafficCounters {}
     // SAFETY: as above: `#[repr(C)]`, `Copy`, only `u64`s, no padding (size assertion).
     unsafe impl aya::Pod for super::RttStats {}
+    // SAFETY: as above: `#[repr(C)]`, `Copy`, only `u64`s, no padding (size assertion).
+    unsafe impl aya::Pod for super::DirectionStats {}
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use aya::{
         CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, tc::TcAttachOptions,
     },
 };
-use knd_common::{RttStats, SIZE_BUCKETS, TrafficCounters, class, direction, names, roce};
+use knd_common::{
+    DirectionStats, RttStats, SIZE_BUCKETS, TrafficCounters, class, direction, names, roce,
+};
 
 use crate::netns::{self, Netns};
 
@@ -362,23 +364,14 @@ impl TrafficProbes {
             .attachments
             .get(&id)
             .ok_or(Error::UnknownAttachment(id))?;
-        let ebpf = &attachment.ebpf;
-        let classes = read_array::<TrafficCounters>(ebpf, names::IFACE_CLASSES_MAP)?;
-        let sizes = read_array::<u64>(ebpf, names::IFACE_SIZES_MAP)?;
-        let roce = read_array::<TrafficCounters>(ebpf, names::IFACE_ROCE_MAP)?;
+        let stats = read_array::<DirectionStats>(&attachment.ebpf, names::IFACE_STATS_MAP)?;
         let direction = |d: u32| {
-            let mut detail = DirectionDetail::default();
-            let pick = |per: u32, i: usize| (d * per) as usize + i;
-            for (i, slot) in detail.classes.iter_mut().enumerate() {
-                *slot = classes[pick(class::COUNT, i)];
+            let stats = stats.get(d as usize).copied().unwrap_or_default();
+            DirectionDetail {
+                classes: stats.classes,
+                sizes: stats.sizes,
+                roce: stats.roce,
             }
-            for (i, slot) in detail.sizes.iter_mut().enumerate() {
-                *slot = sizes[pick(SIZE_BUCKETS, i)];
-            }
-            for (i, slot) in detail.roce.iter_mut().enumerate() {
-                *slot = roce[pick(roce::CLASSES, i)];
-            }
-            detail
         };
         Ok(TrafficDetail {
             rx: direction(direction::INGRESS),
@@ -408,6 +401,12 @@ impl PerCpuSum for u64 {
 impl PerCpuSum for TrafficCounters {
     fn plus(self, other: &Self) -> Self {
         self.add(*other)
+    }
+}
+
+impl PerCpuSum for DirectionStats {
+    fn plus(self, other: &Self) -> Self {
+        self.merged(other)
     }
 }
 

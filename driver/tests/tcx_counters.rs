@@ -29,9 +29,7 @@ fn embedded_object_carries_btf_and_every_program_and_map() {
         "knd_traffic_ingress",
         "knd_traffic_egress",
         "knd_sockops",
-        "IFACE_CLASSES",
-        "IFACE_SIZES",
-        "IFACE_ROCE",
+        "IFACE_STATS",
         "NETNS_RTT",
     ] {
         assert!(
