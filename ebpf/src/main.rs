@@ -62,10 +62,6 @@ fn knd_traffic_egress(ctx: TcContext) -> i32 {
 /// Does nothing: the baseline against which the cost of the counting programs is measured (the
 /// kernel's run-time statistics charge their own timing to every program).
 #[classifier]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the #[classifier] entry point receives its context by value"
-)]
 fn knd_noop(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
