@@ -18,7 +18,6 @@ use std::{
 
 use knd::{
     config,
-    inventory::{Inventory, Nic, netdev::Netdev},
     nri::{
         plugin::{self, Identity},
         pods::NodeHooks,
@@ -27,7 +26,7 @@ use knd::{
     testkit::{
         TestHost,
         claims::MemoryClaims,
-        is_root,
+        inventory_of, is_root,
         runtime::{Containerd, CriClient, cri, pod_config},
         veth_pair,
     },
@@ -110,16 +109,7 @@ async fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let store = Arc::new(StateStore::open(dir.path())?);
-    let (_inventory, inventory) = watch::channel(Arc::new(Inventory {
-        nics: vec![Nic {
-            netdev: Some(Netdev {
-                name: "nic0".into(),
-                ..Netdev::default()
-            }),
-            ..Nic::default()
-        }],
-        ..Inventory::default()
-    }));
+    let (_inventory, inventory) = watch::channel(Arc::new(inventory_of(["nic0"])));
     let hooks = Arc::new(NodeHooks::new(
         Arc::clone(&store),
         inventory,

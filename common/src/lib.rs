@@ -104,6 +104,16 @@ impl Default for DirectionStats {
 }
 
 impl DirectionStats {
+    /// Every class together.
+    #[must_use]
+    pub fn total(&self) -> TrafficCounters {
+        let mut sum = TrafficCounters::default();
+        for class in &self.classes {
+            sum = sum.add(*class);
+        }
+        sum
+    }
+
     /// Adds another set (e.g. another CPU's) to this one.
     #[must_use]
     pub fn merged(mut self, other: &Self) -> Self {

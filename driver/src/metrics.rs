@@ -331,15 +331,17 @@ fn buckets(counts: &[u64], bound: impl Fn(usize) -> f64) -> Vec<(f64, u64)> {
 
 impl Collector for ClaimCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let readings: Vec<Reading> = {
+        // The maps under the lock; sysfs (RDMA counters) after it, so a slow read never holds
+        // up a pod's watch or unwatch.
+        let (mut readings, watched, refused) = {
             let mut probes = self.0.probes();
             let Probes {
                 traffic,
                 sockets,
                 watched,
-                ..
+                refused,
             } = &mut *probes;
-            watched
+            let readings: Vec<(Reading, Vec<String>)> = watched
                 .iter()
                 .filter_map(|w| {
                     let detail = traffic
@@ -351,27 +353,28 @@ impl Collector for ClaimCollector {
                     let rtt = sockets
                         .as_mut()
                         .and_then(|s| s.rtt(w.cookie).ok().flatten());
-                    Some(Reading {
+                    let reading = Reading {
                         labels: w.labels.pairs(),
                         detail,
                         rtt,
-                        rdma: w
-                            .rdma
-                            .iter()
-                            .flat_map(|device| {
-                                telemetry::rdma_counters(&self.0.host, device)
-                                    .into_iter()
-                                    .map(|port| (device.clone(), port))
-                            })
-                            .collect(),
-                    })
+                        rdma: Vec::new(),
+                    };
+                    Some((reading, w.rdma.clone()))
                 })
-                .collect()
+                .collect();
+            (readings, watched.len(), *refused)
         };
-        let (watched, refused) = {
-            let probes = self.0.probes();
-            (probes.watched.len(), probes.refused)
-        };
+        for (reading, devices) in &mut readings {
+            reading.rdma = devices
+                .iter()
+                .flat_map(|device| {
+                    telemetry::rdma_counters(&self.0.host, device)
+                        .into_iter()
+                        .map(|port| (device.clone(), port))
+                })
+                .collect();
+        }
+        let readings: Vec<Reading> = readings.into_iter().map(|(r, _)| r).collect();
         let gauge = encoder.encode_descriptor(
             "knd_telemetry_watched_interfaces",
             "Claimed interfaces whose traffic is measured",

@@ -11,9 +11,7 @@ use aya::{
         CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, tc::TcAttachOptions,
     },
 };
-use knd_common::{
-    DirectionStats, RttStats, SIZE_BUCKETS, TrafficCounters, class, direction, names, roce,
-};
+use knd_common::{DirectionStats, RttStats, TrafficCounters, direction, names};
 
 use crate::netns::{self, Netns};
 
@@ -112,33 +110,13 @@ impl fmt::Display for AttachmentId {
     }
 }
 
-/// One direction of an interface's traffic in detail, summed over all CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DirectionDetail {
-    /// Frames and bytes by [`class`] (TCP, UDP, RoCEv2, other).
-    pub classes: [TrafficCounters; class::COUNT as usize],
-    /// Frames by size bucket (see [`knd_common::size_bucket`]).
-    pub sizes: [u64; SIZE_BUCKETS as usize],
-    /// RoCEv2 frames and bytes by BTH opcode class ([`roce`]).
-    pub roce: [TrafficCounters; roce::CLASSES as usize],
-}
-
-impl DirectionDetail {
-    /// Every class together.
-    pub fn total(&self) -> TrafficCounters {
-        self.classes
-            .iter()
-            .fold(TrafficCounters::default(), |sum, c| sum.add(*c))
-    }
-}
-
 /// An interface's traffic in detail, both directions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficDetail {
-    /// What the interface received.
-    pub rx: DirectionDetail,
+    /// What the interface received (summed over CPUs).
+    pub rx: DirectionStats,
     /// What the interface sent.
-    pub tx: DirectionDetail,
+    pub tx: DirectionStats,
 }
 
 /// Traffic counted on one interface since it was attached, summed over all CPUs.
@@ -365,17 +343,10 @@ impl TrafficProbes {
             .get(&id)
             .ok_or(Error::UnknownAttachment(id))?;
         let stats = read_array::<DirectionStats>(&attachment.ebpf, names::IFACE_STATS_MAP)?;
-        let direction = |d: u32| {
-            let stats = stats.get(d as usize).copied().unwrap_or_default();
-            DirectionDetail {
-                classes: stats.classes,
-                sizes: stats.sizes,
-                roce: stats.roce,
-            }
-        };
+        let of = |d: u32| stats.get(d as usize).copied().unwrap_or_default();
         Ok(TrafficDetail {
-            rx: direction(direction::INGRESS),
-            tx: direction(direction::EGRESS),
+            rx: of(direction::INGRESS),
+            tx: of(direction::EGRESS),
         })
     }
 
@@ -390,18 +361,6 @@ impl TrafficProbes {
 /// Values that sum over CPUs.
 trait PerCpuSum: aya::Pod + Default {
     fn plus(self, other: &Self) -> Self;
-}
-
-impl PerCpuSum for u64 {
-    fn plus(self, other: &Self) -> Self {
-        self.wrapping_add(*other)
-    }
-}
-
-impl PerCpuSum for TrafficCounters {
-    fn plus(self, other: &Self) -> Self {
-        self.add(*other)
-    }
 }
 
 impl PerCpuSum for DirectionStats {

@@ -7,14 +7,14 @@ use std::{sync::Arc, time::Duration};
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use knd::{
     dra::prepare::{ClaimApi as _, ClaimRef, Preparer},
-    inventory::{self, Inventory, Nic, netdev::Netdev},
+    inventory::{self, Inventory},
     k8s::{self, ApiClaims, DeviceReport, Publisher, StatusOutcome},
     resources,
     state::StateStore,
     testkit::{
         apiserver::FakeApi,
         claims::{CONFIG_HEAD, allocated_claim},
-        machines,
+        inventory_of, machines,
     },
 };
 use kube::{
@@ -46,18 +46,7 @@ fn slice(devices: &serde_json::Value) -> ResourceSlice {
 }
 
 fn virtual_nics(count: usize) -> Inventory {
-    Inventory {
-        nics: (0..count)
-            .map(|i| Nic {
-                netdev: Some(Netdev {
-                    name: format!("vnic{i}"),
-                    ..Netdev::default()
-                }),
-                ..Nic::default()
-            })
-            .collect(),
-        ..Inventory::default()
-    }
+    inventory_of((0..count).map(|i| format!("vnic{i}")))
 }
 
 #[tokio::test]

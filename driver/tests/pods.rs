@@ -9,10 +9,10 @@ use std::{
 
 use knd::{
     attach, config,
-    inventory::{Inventory, Nic, netdev::Netdev},
+    inventory::Inventory,
     nri::{plugin::Hooks as _, pods::NodeHooks, proto::nri as api},
     state::{PreparedClaim, PreparedDevice, StateStore},
-    testkit::{TestHost, claims::MemoryClaims, veth_pair},
+    testkit::{TestHost, claims::MemoryClaims, inventory_of, veth_pair},
 };
 use tokio::sync::watch;
 
@@ -39,19 +39,7 @@ impl Node {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(StateStore::open(dir.path()).unwrap());
-        let nics = ["enp1", "enp2"]
-            .map(|name| Nic {
-                netdev: Some(Netdev {
-                    name: name.into(),
-                    ..Netdev::default()
-                }),
-                ..Nic::default()
-            })
-            .to_vec();
-        let (inventory, _) = watch::channel(Arc::new(Inventory {
-            nics,
-            ..Inventory::default()
-        }));
+        let (inventory, _) = watch::channel(Arc::new(inventory_of(["enp1", "enp2"])));
         Self {
             host: node,
             _switch: switch,

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use knd::{
     attach::{self, HostSide},
     config,
-    inventory::{Inventory, Nic, netdev::Netdev},
+    inventory::Inventory,
     netns::Netns,
     nri::{
         plugin::{self, Identity},
@@ -20,6 +20,7 @@ use knd::{
     testkit::{
         TestHost,
         claims::MemoryClaims,
+        inventory_of,
         runtime::{Containerd, cri, pod_config},
         veth_pair,
     },
@@ -58,19 +59,11 @@ async fn node_with_nics(count: usize) -> (TestHost, TestHost) {
 /// and route); returns the NICs' host sides before anything moved and the inventory.
 async fn prepare_claims(node: &TestHost, store: &StateStore) -> (Vec<HostSide>, Inventory) {
     let mut before = Vec::new();
-    let mut nics = Vec::new();
     for i in 0..PODS {
         let name = format!("nic{i}");
         before.push(without_index(
             attach::record(node.netns(), &name).await.unwrap(),
         ));
-        nics.push(Nic {
-            netdev: Some(Netdev {
-                name: name.clone(),
-                ..Netdev::default()
-            }),
-            ..Nic::default()
-        });
         let text = format!(
             r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig","interface":{{"name":"net1","mtu":{mtu},"addresses":["10.{i}.0.2/24"]}},"routes":[{{"destination":"10.{i}.128.0/17","gateway":"10.{i}.0.1"}}]}}"#,
             mtu = 1400 + i
@@ -89,13 +82,7 @@ async fn prepare_claims(node: &TestHost, store: &StateStore) -> (Vec<HostSide>, 
         };
         store.claims.put(&claim.uid, &claim).unwrap();
     }
-    (
-        before,
-        Inventory {
-            nics,
-            ..Inventory::default()
-        },
-    )
+    (before, inventory_of((0..PODS).map(|i| format!("nic{i}"))))
 }
 
 /// knd's NRI plugin, connected to `containerd`.

@@ -14,11 +14,14 @@ use std::{
 
 use knd::{
     config,
-    inventory::{Inventory, Nic, netdev::Netdev, rdma::RdmaDevice},
+    inventory::rdma::RdmaDevice,
     metrics::{self, Telemetry},
     nri::{plugin::Hooks as _, pods::NodeHooks, proto::nri as api},
     state::{PreparedClaim, PreparedDevice, StateStore},
-    testkit::{TestHost, bridge, claims::MemoryClaims, sysfs::SysfsTree, tcp_transfer, veth_pair},
+    testkit::{
+        TestHost, bridge, claims::MemoryClaims, inventory_of, sysfs::SysfsTree, tcp_transfer,
+        veth_pair,
+    },
 };
 use tokio::sync::watch;
 
@@ -106,25 +109,14 @@ impl Pods {
             .claims
             .put("claim-b", &claim("claim-b", "b", "enp2", B_ADDR))
             .unwrap();
-        let mut nics = ["enp1", "enp2"]
-            .map(|name| Nic {
-                netdev: Some(Netdev {
-                    name: name.into(),
-                    ..Netdev::default()
-                }),
-                ..Nic::default()
-            })
-            .to_vec();
+        let mut inventory = inventory_of(["enp1", "enp2"]);
         // enp1 stands in for a RoCE NIC: an RDMA device whose counters sysfs shows.
-        nics[0].rdma = vec![RdmaDevice {
+        inventory.nics[0].rdma = vec![RdmaDevice {
             name: "mlx5_0".into(),
             ..RdmaDevice::default()
         }];
         let tree = rdma_counters_tree();
-        let (_inventory, inventory) = watch::channel(Arc::new(Inventory {
-            nics,
-            ..Inventory::default()
-        }));
+        let (_inventory, inventory) = watch::channel(Arc::new(inventory));
         let cgroup = knd::telemetry::default_cgroup_root();
         let telemetry =
             Arc::new(Telemetry::new(cgroup.as_deref(), 100).with_host_root(tree.host()));

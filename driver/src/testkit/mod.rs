@@ -23,9 +23,28 @@ pub mod runtime;
 pub mod sysfs;
 
 use crate::{
+    inventory::{Inventory, Nic, netdev::Netdev},
     netlink::{Link, LinkStats},
     netns::Netns,
 };
+
+/// An inventory of NICs known only by their interface names (virtual stand-ins for hardware;
+/// their device names are the interface names).
+pub fn inventory_of<S: Into<String>>(interfaces: impl IntoIterator<Item = S>) -> Inventory {
+    Inventory {
+        nics: interfaces
+            .into_iter()
+            .map(|name| Nic {
+                netdev: Some(Netdev {
+                    name: name.into(),
+                    ..Netdev::default()
+                }),
+                ..Nic::default()
+            })
+            .collect(),
+        ..Inventory::default()
+    }
+}
 
 /// True when the process may create namespaces and load eBPF programs.
 pub fn is_root() -> bool {
