@@ -6,11 +6,12 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-const PROTOS: [&str; 7] = [
+const PROTOS: [&str; 8] = [
     "proto/pluginregistration.proto",
     "proto/dra_v1.proto",
     "proto/dra_v1beta1.proto",
     "proto/dra_health_v1alpha1.proto",
+    "proto/dra_health_v1.proto",
     "proto/ttrpc.proto",
     "proto/nri.proto",
     "proto/cri.proto",

@@ -1,11 +1,13 @@
 //! What knd's in-kernel telemetry costs the data path: TCP throughput between two namespaces
-//! over a veth with the counting programs attached (TCX both ends, sock_ops RTT for both
-//! namespaces) versus an identical pair without, both set up at once and measured in alternating
-//! short runs pinned to one CPU; the median of the pairwise throughput ratios, corrected by an
-//! A/A control run first (both pairs without programs); CPU time per
-//! packet of the sending and receiving threads from perf-event software counters (task clock);
-//! and the programs' own cost per run from the kernel's BPF run-time statistics, net of a
-//! do-nothing TC program measured the same way. Needs root.
+//! over a veth, in short runs pinned to one CPU on the same namespaces and veth, in rounds that
+//! run each condition once in rotated order — nothing installed (twice: the second is the A/A
+//! control), the do-nothing TC program on both ends (the hook's own cost), the counting TC
+//! programs, and everything knd installs for a pod (counting programs plus the sock_ops RTT
+//! program watching both namespaces) — each installed before its run and removed after it; the
+//! median of the per-round throughput ratios to "nothing". CPU time per packet of the sending
+//! and receiving threads from perf-event software counters (task clock); the programs' own cost
+//! per run from the kernel's BPF run-time statistics, net of the do-nothing program measured the
+//! same way. Needs root.
 //!
 //! Goals: throughput ratio ≥ 0.98; program cost ≤ 50 ns per packet.
 
@@ -23,7 +25,7 @@ use knd::{
 use perf_event::{Builder, events::Software};
 use serde::Serialize;
 
-const RUNS: usize = 80;
+const RUNS: usize = 60;
 const RUN_TIME: Duration = Duration::from_millis(250);
 const CPU: usize = 0;
 
@@ -126,14 +128,15 @@ fn median(values: &mut [f64]) -> f64 {
 
 #[derive(Debug, Serialize)]
 struct Report {
-    runs: usize,
+    rounds: usize,
     run_seconds: f64,
     throughput_ratio_median: f64,
     control_ratio_median: f64,
     throughput_ratio_corrected: f64,
     throughput_ratio_goal: f64,
-    on: Vec<Run>,
-    off: Vec<Run>,
+    conditions: Vec<Condition>,
+    /// Per condition (same order as `conditions`), every run.
+    runs: Vec<Vec<Run>>,
     programs: Vec<ProgramCost>,
     baseline_ns_per_run: f64,
     net_ns_per_packet: f64,
@@ -163,33 +166,91 @@ fn costs(probes: &TrafficProbes, ids: &[AttachmentId]) -> anyhow::Result<Vec<Pro
     Ok(costs)
 }
 
-/// `RUNS` alternating pairs of runs (which pair goes first alternates too).
-fn alternate(on: &Pair, off: &Pair) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
-    let (mut with, mut without) = (Vec::new(), Vec::new());
-    for i in 0..RUNS {
-        if i % 2 == 0 {
-            with.push(run_once(on)?);
-            without.push(run_once(off)?);
-        } else {
-            without.push(run_once(off)?);
-            with.push(run_once(on)?);
-        }
-    }
-    Ok((with, without))
+/// What is installed for a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+enum Condition {
+    /// Nothing (a second "off" is the A/A control).
+    Off,
+    /// The do-nothing TC program on both ends: the cost of the TCX hook itself.
+    Noop,
+    /// The counting TC programs on both ends, no sock_ops.
+    Counting,
+    /// What knd installs for a pod's NIC: counting programs and the sock_ops RTT program
+    /// watching both namespaces.
+    Full,
 }
 
-fn print_runs(with: &[Run], without: &[Run]) {
-    for (name, runs) in [("telemetry on ", with), ("telemetry off", without)] {
-        let mut gbps: Vec<f64> = runs.iter().map(|r| r.gbit_per_s).collect();
-        let mut tx: Vec<f64> = runs.iter().map(|r| r.sender_ns_per_packet).collect();
-        let mut rx: Vec<f64> = runs.iter().map(|r| r.receiver_ns_per_packet).collect();
-        println!(
-            "{name}: median {:.2} Gbit/s; CPU per packet: sender {:.0} ns, receiver {:.0} ns",
-            median(&mut gbps),
-            median(&mut tx),
-            median(&mut rx)
-        );
+const CONDITIONS: [Condition; 5] = [
+    Condition::Off,
+    Condition::Off,
+    Condition::Noop,
+    Condition::Counting,
+    Condition::Full,
+];
+
+/// Installed for one run; dropping it removes everything.
+struct Installed {
+    _probes: TrafficProbes,
+    _sockets: Option<SocketProbes>,
+}
+
+impl Installed {
+    fn new(pair: &Pair, condition: Condition, cgroup: &std::path::Path) -> anyhow::Result<Self> {
+        let mut probes = TrafficProbes::new();
+        let mut sockets = None;
+        for (host, interface) in [(&pair.a, "eth1"), (&pair.b, "eth2")] {
+            match condition {
+                Condition::Off => {}
+                Condition::Noop => {
+                    probes.attach_baseline(host.netns(), interface)?;
+                }
+                Condition::Counting | Condition::Full => {
+                    probes.attach(host.netns(), interface)?;
+                }
+            }
+        }
+        if condition == Condition::Full {
+            let mut rtt = SocketProbes::attach(cgroup)?;
+            for host in [&pair.a, &pair.b] {
+                rtt.watch(host.netns().cookie()?)?;
+            }
+            sockets = Some(rtt);
+        }
+        Ok(Self {
+            _probes: probes,
+            _sockets: sockets,
+        })
     }
+}
+
+/// `RUNS` rounds on the same namespaces; each round runs every condition once, installing what
+/// it needs before its run and removing it after, in an order rotated from round to round.
+/// Returns the runs per condition (indexes of `CONDITIONS`).
+fn rounds(pair: &Pair, cgroup: &std::path::Path) -> anyhow::Result<Vec<Vec<Run>>> {
+    let mut runs = vec![Vec::new(); CONDITIONS.len()];
+    for round in 0..RUNS {
+        for step in 0..CONDITIONS.len() {
+            let index = (round + step) % CONDITIONS.len();
+            let installed = Installed::new(pair, CONDITIONS[index], cgroup)?;
+            runs[index].push(run_once(pair)?);
+            drop(installed);
+        }
+    }
+    Ok(runs)
+}
+
+fn print_runs(name: &str, runs: &[Run], off: &[Run]) {
+    let mut gbps: Vec<f64> = runs.iter().map(|r| r.gbit_per_s).collect();
+    let mut tx: Vec<f64> = runs.iter().map(|r| r.sender_ns_per_packet).collect();
+    let mut rx: Vec<f64> = runs.iter().map(|r| r.receiver_ns_per_packet).collect();
+    println!(
+        "{name:<28} median {:>6.2} Gbit/s, ratio to off {:.3}; CPU per packet: sender {:.0} ns, \
+         receiver {:.0} ns",
+        median(&mut gbps),
+        ratio(runs, off),
+        median(&mut tx),
+        median(&mut rx)
+    );
 }
 
 /// Sends 64-byte UDP datagrams from a to b for a run's time, as fast as one thread can.
@@ -211,6 +272,21 @@ fn udp_flood(pair: &Pair) -> anyhow::Result<()> {
     })??;
     drop(receiver);
     Ok(())
+}
+
+/// What the programs `ids` cost during five short floods of small UDP datagrams.
+fn small_frames(
+    pair: &Pair,
+    probes: &TrafficProbes,
+    ids: &[AttachmentId],
+) -> anyhow::Result<Vec<ProgramCost>> {
+    let mut costs_seen = Vec::new();
+    for _ in 0..5 {
+        let before = costs(probes, ids)?;
+        udp_flood(pair)?;
+        costs_seen.extend(delta(&before, &costs(probes, ids)?));
+    }
+    Ok(costs_seen)
 }
 
 /// What ran between two snapshots of the same programs.
@@ -252,68 +328,64 @@ fn main() -> anyhow::Result<()> {
         is_root(),
         "the telemetry benchmark loads eBPF programs: run it as root"
     );
-    let on = Pair::new("on", 81)?;
-    let off = Pair::new("off", 82)?;
-    // Warm-up, then an A/A control: both pairs without programs. Two pairs are never exactly
-    // alike (where their memory landed, their interface indexes); the control measures that.
-    run_once(&on)?;
-    run_once(&off)?;
-    let (control_on, control_off) = alternate(&on, &off)?;
-    let control = ratio(&control_on, &control_off);
+    let pair = Pair::new("bench", 81)?;
+    let cgroup = telemetry::default_cgroup_root().context("no cgroup v2 mount")?;
+    // Warm-up, then the rounds, the kernel's run-time statistics off (they time every run).
+    run_once(&pair)?;
+    let runs = rounds(&pair, &cgroup)?;
+    let [off, off_again, noop, counting_only, full] = &runs[..] else {
+        unreachable!("one list of runs per condition");
+    };
 
+    // Then the programs' own cost, statistics on: a few bulk runs with the counting programs,
+    // then the same runs with the do-nothing program in their place.
+    let stats = telemetry::enable_run_stats()?;
     let mut probes = TrafficProbes::new();
     let counting = [
-        probes.attach(on.a.netns(), "eth1")?,
-        probes.attach(on.b.netns(), "eth2")?,
+        probes.attach(pair.a.netns(), "eth1")?,
+        probes.attach(pair.b.netns(), "eth2")?,
     ];
-    let cgroup = telemetry::default_cgroup_root().context("no cgroup v2 mount")?;
-    let mut sockets = SocketProbes::attach(&cgroup)?;
-    for host in [&on.a, &on.b] {
-        sockets.watch(host.netns().cookie()?)?;
-    }
-    // Throughput with the kernel's run-time statistics off (they time every program run).
-    let (with, without) = alternate(&on, &off)?;
-
-    // Then the programs' own cost, statistics on: a few bulk runs on the counting pair.
-    let stats = telemetry::enable_run_stats()?;
     for _ in 0..RUNS / 8 {
-        run_once(&on)?;
+        run_once(&pair)?;
     }
     let programs = costs(&probes, &counting)?;
-
-    // The baseline: the do-nothing program on the other pair, measured the same way.
+    // Small frames at a high rate (the regime where a per-packet cost matters: the maps stay in
+    // cache between frames, as at 400G), deltas only.
+    let small_ours = small_frames(&pair, &probes, &counting)?;
+    for id in counting {
+        probes.detach(id)?;
+    }
     let baseline = [
-        probes.attach_baseline(off.a.netns(), "eth1")?,
-        probes.attach_baseline(off.b.netns(), "eth2")?,
+        probes.attach_baseline(pair.a.netns(), "eth1")?,
+        probes.attach_baseline(pair.b.netns(), "eth2")?,
     ];
     for _ in 0..RUNS / 8 {
-        run_once(&off)?;
+        run_once(&pair)?;
     }
     let baseline_costs = costs(&probes, &baseline)?;
-
-    // Small frames at a high rate (the regime where a per-packet cost matters: the maps stay in
-    // cache between frames, as at 400G): both pairs, counting vs do-nothing, deltas only.
-    let (mut small_ours, mut small_base) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        let before = (costs(&probes, &counting)?, costs(&probes, &baseline)?);
-        udp_flood(&on)?;
-        udp_flood(&off)?;
-        let after = (costs(&probes, &counting)?, costs(&probes, &baseline)?);
-        small_ours.extend(delta(&before.0, &after.0));
-        small_base.extend(delta(&before.1, &after.1));
-    }
+    let small_base = small_frames(&pair, &probes, &baseline)?;
     drop(stats);
     let small_net = weighted(&small_ours) - weighted(&small_base);
 
-    let raw = ratio(&with, &without);
+    let control = ratio(off_again, off);
+    let raw = ratio(full, off);
     let corrected = raw / control;
     let ours = weighted(&programs);
     let base = weighted(&baseline_costs);
     let net = ours - base;
-    print_runs(&with, &without);
+    for (name, condition) in [
+        ("off", off),
+        ("off again (A/A control)", off_again),
+        ("do-nothing TC program", noop),
+        ("counting TC programs", counting_only),
+        ("full telemetry (TC + RTT)", full),
+    ] {
+        print_runs(name, condition, off);
+    }
     println!(
-        "throughput ratio on/off (median of {RUNS} pairs): {raw:.3}; A/A control without \
-         programs: {control:.3}; corrected: {corrected:.3} (goal ≥ 0.98: {})",
+        "throughput ratio full telemetry/off (median of {RUNS} rounds, same namespaces): \
+         {raw:.3}; A/A control (off/off): {control:.3}; corrected: {corrected:.3} (goal ≥ 0.98: \
+         {})",
         if corrected >= 0.98 { "met" } else { "MISSED" }
     );
     for cost in &programs {
@@ -337,14 +409,14 @@ fn main() -> anyhow::Result<()> {
     );
     println!("(bulk TCP: one run per GSO/GRO super-frame, the maps cold after each 64 KiB copy)");
     let report = Report {
-        runs: RUNS,
+        rounds: RUNS,
         run_seconds: RUN_TIME.as_secs_f64(),
         throughput_ratio_median: raw,
         control_ratio_median: control,
         throughput_ratio_corrected: corrected,
         throughput_ratio_goal: 0.98,
-        on: with,
-        off: without,
+        conditions: CONDITIONS.to_vec(),
+        runs: runs.clone(),
         programs,
         baseline_ns_per_run: base,
         net_ns_per_packet: net,

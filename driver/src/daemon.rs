@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     dra::{self, Registration, Sockets, prepare::Preparer},
+    health,
     inventory::{
         Inventory,
         host::HostRoot,
@@ -88,6 +89,19 @@ pub struct RunArgs {
     /// cardinality guard); more are counted in `knd_telemetry_refused_total`.
     #[arg(long, env = "KND_METRICS_MAX_INTERFACES", default_value_t = 1000)]
     pub metrics_max_interfaces: usize,
+    /// Seconds between device health checks (link state, carrier changes, error counters).
+    #[arg(long, env = "KND_HEALTH_INTERVAL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub health_interval: u64,
+    /// Seconds over which carrier flaps and error-counter rises are counted; a device is healthy
+    /// again after this long without either.
+    #[arg(long, env = "KND_HEALTH_WINDOW", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub health_window: u64,
+    /// Carrier changes within the window that make a device unhealthy (flapping).
+    #[arg(long, env = "KND_HEALTH_FLAPS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    pub health_flaps: u64,
+    /// Rise of one error counter within the window that makes a device unhealthy.
+    #[arg(long, env = "KND_HEALTH_ERRORS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub health_errors: u64,
     /// Seconds to finish in-flight work after SIGTERM before exiting anyway.
     #[arg(long, env = "KND_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
@@ -215,7 +229,17 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         excluded = first.excluded.len(),
         "inventory scanned"
     );
-    let (health_tx, health_rx) = watch::channel(dra::health_of(&first, &node));
+    let (health_rx, health_task) = start_health(
+        &args,
+        HealthSources {
+            host: host.clone(),
+            inventory: watcher.inventory.clone(),
+            store: Arc::clone(&store),
+            pool: node.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await;
     let slices_ready = Arc::new(AtomicBool::new(false));
     let cgroup = args
         .cgroup_root
@@ -228,8 +252,6 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         Publisher::new(client.clone(), &driver, &node),
         telemetry.published_devices.clone(),
         watcher.inventory.clone(),
-        health_tx,
-        node.clone(),
         Arc::clone(&slices_ready),
         shutdown.clone(),
     ));
@@ -274,12 +296,29 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
 
     shutdown.cancelled().await;
     let grace = Duration::from_secs(args.shutdown_timeout);
+    stop(
+        grace,
+        plugin,
+        watcher,
+        [publisher, health_task, nri_task, http],
+    )
+    .await;
+    Ok(())
+}
+
+/// Waits up to `grace` for everything to finish after shutdown was requested.
+async fn stop(
+    grace: Duration,
+    plugin: dra::Plugin,
+    watcher: inventory_watch::Watcher,
+    tasks: [tokio::task::JoinHandle<()>; 4],
+) {
     let stopped = tokio::time::timeout(grace, async {
         plugin.join().await;
         watcher.join().await;
-        let _ignored = publisher.await;
-        let _ignored = nri_task.await;
-        let _ignored = http.await;
+        for task in tasks {
+            let _ignored = task.await;
+        }
     })
     .await;
     if stopped.is_err() {
@@ -287,28 +326,102 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     } else {
         tracing::info!("stopped");
     }
-    Ok(())
 }
 
-/// Publishes every new inventory (and re-checks the API once a minute), retrying with backoff;
-/// keeps the health stream in step with the inventory.
+/// What the health loop reads devices from.
+struct HealthSources {
+    host: HostRoot,
+    inventory: watch::Receiver<Arc<Inventory>>,
+    store: Arc<StateStore>,
+    pool: String,
+}
+
+/// Judges every device once, then starts [`health_loop`].
+async fn start_health(
+    args: &RunArgs,
+    sources: HealthSources,
+    shutdown: CancellationToken,
+) -> (
+    watch::Receiver<Vec<dra::DeviceHealth>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut tracker = health::Tracker::new(health::Policy {
+        window: Duration::from_secs(args.health_window),
+        flaps: args.health_flaps,
+        errors: args.health_errors,
+    });
+    let inventory = Arc::clone(&sources.inventory.borrow());
+    let initial = health::assess(
+        &mut tracker,
+        &sources.host,
+        &inventory,
+        &health::attached(&sources.store),
+        &sources.pool,
+    )
+    .await;
+    let (sender, receiver) = watch::channel(initial);
+    let interval = Duration::from_secs(args.health_interval);
+    let task = tokio::spawn(health_loop(tracker, sources, sender, interval, shutdown));
+    (receiver, task)
+}
+
+/// Judges every device's health every `interval` and whenever the inventory changes; kubelet's
+/// stream gets the list whenever a device's health or reason changes.
+async fn health_loop(
+    mut tracker: health::Tracker,
+    mut sources: HealthSources,
+    health: watch::Sender<Vec<dra::DeviceHealth>>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = sources.inventory.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(interval) => {}
+        }
+        let inventory = Arc::clone(&sources.inventory.borrow_and_update());
+        let store = Arc::clone(&sources.store);
+        let attached = tokio::task::spawn_blocking(move || health::attached(&store))
+            .await
+            .unwrap_or_default();
+        let now = health::assess(
+            &mut tracker,
+            &sources.host,
+            &inventory,
+            &attached,
+            &sources.pool,
+        )
+        .await;
+        health.send_if_modified(|devices| {
+            for device in &now {
+                let before = devices.iter().find(|d| d.device == device.device);
+                if before.is_none_or(|b| b.healthy != device.healthy) {
+                    tracing::info!(
+                        device = %device.device,
+                        healthy = device.healthy,
+                        reason = %device.reason,
+                        "device health changed"
+                    );
+                }
+            }
+            let changed = *devices != now;
+            *devices = now;
+            changed
+        });
+    }
+}
+
+/// Publishes every new inventory (and re-checks the API once a minute), retrying with backoff.
 async fn publish_loop(
     mut publisher: Publisher,
     published_devices: prometheus_client::metrics::gauge::Gauge,
     mut inventory: watch::Receiver<Arc<Inventory>>,
-    health: watch::Sender<Vec<dra::DeviceHealth>>,
-    node: String,
     slices_ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     loop {
         let current = Arc::clone(&inventory.borrow_and_update());
-        health.send_if_modified(|devices| {
-            let now = dra::health_of(&current, &node);
-            let changed = *devices != now;
-            *devices = now;
-            changed
-        });
         let mut backoff = Backoff::new(Duration::from_secs(30));
         loop {
             match publisher.publish(&current).await {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod dra;
 pub mod ethtool;
+pub mod health;
 pub mod inventory;
 pub mod k8s;
 pub mod metrics;

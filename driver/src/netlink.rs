@@ -294,6 +294,61 @@ impl Link {
             })
     }
 
+    /// The interface's operational state, carrier changes and error counters, as the health
+    /// monitor reads them (the same values sysfs shows for an interface on the node).
+    pub async fn health(&self, name: &str) -> Result<crate::health::LinkReading> {
+        use netlink_packet_route::link::State;
+        let link = self.get(name).await?;
+        let mut reading = crate::health::LinkReading {
+            interface: name.to_owned(),
+            operstate: "unknown".to_owned(),
+            ..crate::health::LinkReading::default()
+        };
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::OperState(state) => {
+                    match state {
+                        State::NotPresent => "notpresent",
+                        State::Down => "down",
+                        State::LowerLayerDown => "lowerlayerdown",
+                        State::Testing => "testing",
+                        State::Dormant => "dormant",
+                        State::Up => "up",
+                        _ => "unknown",
+                    }
+                    .clone_into(&mut reading.operstate);
+                }
+                LinkAttribute::CarrierChanges(changes) => {
+                    reading.carrier_changes = Some(u64::from(*changes));
+                }
+                LinkAttribute::Stats64(stats) => {
+                    let values = [
+                        stats.rx_errors,
+                        stats.tx_errors,
+                        stats.rx_crc_errors,
+                        stats.rx_frame_errors,
+                        stats.rx_fifo_errors,
+                        stats.rx_missed_errors,
+                        stats.rx_length_errors,
+                        stats.rx_over_errors,
+                        stats.tx_aborted_errors,
+                        stats.tx_carrier_errors,
+                        stats.tx_fifo_errors,
+                        stats.tx_heartbeat_errors,
+                        stats.tx_window_errors,
+                    ];
+                    reading.errors = crate::health::LINK_ERRORS
+                        .iter()
+                        .zip(values)
+                        .map(|(name, value)| ((*name).to_owned(), value))
+                        .collect();
+                }
+                _ => {}
+            }
+        }
+        Ok(reading)
+    }
+
     /// Creates a veth pair `name` ↔ `peer` in this namespace (both ends down).
     pub async fn add_veth(&self, name: &str, peer: &str) -> Result<()> {
         self.handle

@@ -78,6 +78,7 @@ impl Node {
             .arg("--host-root")
             .arg(self.tree.root())
             .args(["--metrics-addr", &self.metrics.to_string()])
+            .args(["--health-interval", "1"])
             .env_remove("KUBECONFIG")
             .env("RUST_LOG", "knd=debug")
             .stdout(Stdio::null())
@@ -223,6 +224,78 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
     );
     assert!(!node.registration_socket().exists());
     assert!(!node.dra_socket().exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_tells_kubelet_which_device_is_unhealthy_and_why() {
+    use knd::dra::proto::health_v1 as health;
+    let fake = FakeApi::start().await.unwrap();
+    fake.add_node("node-1");
+    let node = Node::new(&fake);
+    let _daemon = node.start();
+    node.register().await;
+    let inventory = knd::inventory::scan(&node.tree.host(), None);
+    let vf2 = inventory
+        .nics
+        .iter()
+        .find(|n| n.netdev.as_ref().is_some_and(|d| d.name == "ens1f0v2"))
+        .map(knd::resources::device_name)
+        .unwrap();
+    let mut stream = health::dra_resource_health_client::DraResourceHealthClient::new(
+        unix_channel(node.dra_socket()).await.unwrap(),
+    )
+    .node_watch_resources(health::NodeWatchResourcesRequest {})
+    .await
+    .unwrap()
+    .into_inner();
+    let status_of = |message: &health::NodeWatchResourcesResponse| {
+        message
+            .devices
+            .iter()
+            .find(|d| d.device.as_ref().is_some_and(|id| id.device_name == vf2))
+            .map(|d| (d.health, d.message.clone()))
+    };
+    let next = async |stream: &mut tonic::Streaming<health::NodeWatchResourcesResponse>| {
+        tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("a health update within 10 s")
+            .unwrap()
+            .unwrap()
+    };
+    let first = next(&mut stream).await;
+    assert_eq!(first.devices.len(), 5, "{first:?}");
+    assert!(
+        first
+            .devices
+            .iter()
+            .all(|d| d.health == health::HealthStatus::Healthy as i32),
+        "{first:?}"
+    );
+
+    // The VF's link goes down on the node: kubelet hears it, with the reason.
+    node.tree
+        .file("/sys/class/net/ens1f0v2/operstate", "down\n");
+    let down = next(&mut stream).await;
+    assert_eq!(
+        status_of(&down),
+        Some((
+            health::HealthStatus::Unhealthy as i32,
+            "link ens1f0v2 is down (operstate)".to_owned()
+        ))
+    );
+    assert_eq!(
+        down.devices
+            .iter()
+            .filter(|d| d.health == health::HealthStatus::Healthy as i32)
+            .count(),
+        4
+    );
+    node.tree.file("/sys/class/net/ens1f0v2/operstate", "up\n");
+    let up = next(&mut stream).await;
+    assert_eq!(
+        status_of(&up),
+        Some((health::HealthStatus::Healthy as i32, String::new()))
+    );
 }
 
 /// SIGKILL while 40 new claims are being prepared, at several moments; after each restart

@@ -12,7 +12,7 @@ use knd::{
     dra::{
         self, DeviceHealth, Registration, Sockets,
         prepare::Preparer,
-        proto::{dra_v1, dra_v1beta1, health_v1alpha1 as health, registration as reg},
+        proto::{dra_v1, dra_v1beta1, health_v1, health_v1alpha1 as health, registration as reg},
     },
     state::StateStore,
     testkit::claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel},
@@ -50,6 +50,7 @@ fn start(dir: &Path, claims: &Claims) -> Running {
         pool: "node-1".into(),
         device: "pci-0000-b4-00-0".into(),
         healthy: true,
+        reason: String::new(),
     }]);
     let shutdown = CancellationToken::new();
     let plugin = dra::serve("knd.dev", sockets.clone(), preparer, health_rx, &shutdown).unwrap();
@@ -67,7 +68,7 @@ fn prepare_request<T>(uid: &str, name: &str, make: impl Fn(String, String, Strin
 }
 
 #[tokio::test]
-async fn registration_advertises_the_three_services_and_takes_kubelets_answer() {
+async fn registration_advertises_the_four_services_and_takes_kubelets_answer() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(dir.path(), &Claims::default());
     for socket in [&running.sockets.registration, &running.sockets.dra] {
@@ -96,7 +97,8 @@ async fn registration_advertises_the_three_services_and_takes_kubelets_answer() 
         [
             "v1.DRAPlugin",
             "v1beta1.DRAPlugin",
-            "v1alpha1.DRAResourceHealth"
+            "v1alpha1.DRAResourceHealth",
+            "v1.DRAResourceHealth"
         ]
     );
     let mut registration = running.plugin.registration.clone();
@@ -332,10 +334,25 @@ async fn health_stream_sends_the_device_list_and_every_change() {
         first.devices[0].device.as_ref().unwrap().device_name,
         "pci-0000-b4-00-0"
     );
+    // The v1 stream (newer kubelets) carries the reason as the device's message.
+    let mut v1 = health_v1::dra_resource_health_client::DraResourceHealthClient::new(
+        channel(running.sockets.dra.clone()).await,
+    )
+    .node_watch_resources(health_v1::NodeWatchResourcesRequest {})
+    .await
+    .unwrap()
+    .into_inner();
+    let first_v1 = v1.message().await.unwrap().unwrap();
+    assert_eq!(
+        first_v1.devices[0].health,
+        health_v1::HealthStatus::Healthy as i32
+    );
+    assert_eq!(first_v1.devices[0].message, "");
     running.health.send_replace(vec![DeviceHealth {
         pool: "node-1".into(),
         device: "pci-0000-b4-00-0".into(),
         healthy: false,
+        reason: "link enp180s0 is down (operstate)".into(),
     }]);
     let second = tokio::time::timeout(Duration::from_secs(2), stream.message())
         .await
@@ -347,8 +364,22 @@ async fn health_stream_sends_the_device_list_and_every_change() {
         health::HealthStatus::Unhealthy as i32
     );
     assert!(second.devices[0].last_updated_time > 1_700_000_000);
+    let second_v1 = tokio::time::timeout(Duration::from_secs(2), v1.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second_v1.devices[0].health,
+        health_v1::HealthStatus::Unhealthy as i32
+    );
+    assert_eq!(
+        second_v1.devices[0].message,
+        "link enp180s0 is down (operstate)"
+    );
     running.shutdown.cancel();
     drop(stream);
+    drop(v1);
     running.plugin.join().await;
 }
 

@@ -16,13 +16,13 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use self::prepare::{ClaimApi, Preparer};
-use crate::inventory::Inventory;
 
 /// The service names kubelet accepts in `PluginInfo.supported_versions`.
-pub const SUPPORTED_VERSIONS: [&str; 3] = [
+pub const SUPPORTED_VERSIONS: [&str; 4] = [
     "v1.DRAPlugin",
     "v1beta1.DRAPlugin",
     "v1alpha1.DRAResourceHealth",
+    "v1.DRAResourceHealth",
 ];
 
 /// Errors that stop the plugin from serving.
@@ -79,36 +79,10 @@ pub struct DeviceHealth {
     pub pool: String,
     /// Device name.
     pub device: String,
-    /// Healthy when its link is up.
+    /// Healthy or not (see [`crate::health`]).
     pub healthy: bool,
-}
-
-/// Device health from an inventory: a device is healthy when its interface is up (RDMA-only
-/// devices: when a port is active).
-pub fn health_of(inventory: &Inventory, pool: &str) -> Vec<DeviceHealth> {
-    inventory
-        .nics
-        .iter()
-        .map(|nic| {
-            let link_up = nic
-                .netdev
-                .as_ref()
-                .and_then(|n| n.operstate.as_deref())
-                .map(|state| state == "up");
-            let port_active = || {
-                nic.rdma.iter().any(|r| {
-                    r.ports
-                        .iter()
-                        .any(|p| p.state.as_deref().is_some_and(|s| s.ends_with("ACTIVE")))
-                })
-            };
-            DeviceHealth {
-                pool: pool.to_owned(),
-                device: crate::resources::device_name(nic),
-                healthy: link_up.unwrap_or_else(port_active),
-            }
-        })
-        .collect()
+    /// Why it is unhealthy (empty when healthy); sent to kubelets that take a message.
+    pub reason: String,
 }
 
 /// The running plugin.

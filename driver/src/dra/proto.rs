@@ -32,3 +32,8 @@ pub mod dra_v1beta1 {
 pub mod health_v1alpha1 {
     tonic::include_proto!("v1alpha1");
 }
+
+/// `v1` DRAResourceHealth: v1alpha1 plus a message per device (kubelets after 1.36).
+pub mod health_v1 {
+    tonic::include_proto!("v1");
+}

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, transport::Server};
 use super::{
     DeviceHealth, Registration, SUPPORTED_VERSIONS,
     prepare::{ClaimApi, ClaimRef, InternalError, Preparer},
-    proto::{dra_v1, dra_v1beta1, health_v1alpha1 as health, registration as reg},
+    proto::{dra_v1, dra_v1beta1, health_v1, health_v1alpha1 as health, registration as reg},
 };
 
 /// The one place where internal failures become gRPC statuses: kubelet retries on any error.
@@ -154,10 +154,14 @@ struct HealthService {
     health: watch::Receiver<Vec<DeviceHealth>>,
 }
 
-fn health_message(devices: &[DeviceHealth]) -> health::NodeWatchResourcesResponse {
-    let now = SystemTime::now()
+fn unix_now() -> i64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn health_v1alpha1(devices: &[DeviceHealth]) -> health::NodeWatchResourcesResponse {
+    let now = unix_now();
     health::NodeWatchResourcesResponse {
         devices: devices
             .iter()
@@ -179,6 +183,53 @@ fn health_message(devices: &[DeviceHealth]) -> health::NodeWatchResourcesRespons
     }
 }
 
+fn health_v1(devices: &[DeviceHealth]) -> health_v1::NodeWatchResourcesResponse {
+    let now = unix_now();
+    health_v1::NodeWatchResourcesResponse {
+        devices: devices
+            .iter()
+            .map(|d| health_v1::DeviceHealth {
+                device: Some(health_v1::DeviceIdentifier {
+                    pool_name: d.pool.clone(),
+                    device_name: d.device.clone(),
+                }),
+                health: if d.healthy {
+                    health_v1::HealthStatus::Healthy
+                } else {
+                    health_v1::HealthStatus::Unhealthy
+                }
+                .into(),
+                last_updated_time: now,
+                health_check_timeout_seconds: 0,
+                message: d.reason.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The full device list now and after every change, until kubelet goes away.
+fn health_stream<M: Send + 'static>(
+    mut health: watch::Receiver<Vec<DeviceHealth>>,
+    message: fn(&[DeviceHealth]) -> M,
+) -> ReceiverStream<Result<M, Status>> {
+    let (sender, receiver) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let next = message(&health.borrow_and_update());
+            if sender.send(Ok(next)).await.is_err() {
+                return; // kubelet went away
+            }
+            if health.changed().await.is_err() {
+                // No more updates (shutting down): hold the stream open until kubelet
+                // closes it, rather than ending it and making kubelet retry in a loop.
+                sender.closed().await;
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(receiver)
+}
+
 #[tonic::async_trait]
 impl health::dra_resource_health_server::DraResourceHealth for HealthService {
     type NodeWatchResourcesStream =
@@ -188,24 +239,23 @@ impl health::dra_resource_health_server::DraResourceHealth for HealthService {
         &self,
         _request: Request<health::NodeWatchResourcesRequest>,
     ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
-        let (sender, receiver) = mpsc::channel(4);
-        let mut health = self.health.clone();
-        tokio::spawn(async move {
-            loop {
-                // The full list, now and after every change.
-                let message = health_message(&health.borrow_and_update());
-                if sender.send(Ok(message)).await.is_err() {
-                    return; // kubelet went away
-                }
-                if health.changed().await.is_err() {
-                    // No more updates (shutting down): hold the stream open until kubelet
-                    // closes it, rather than ending it and making kubelet retry in a loop.
-                    sender.closed().await;
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(health_stream(
+            self.health.clone(),
+            health_v1alpha1,
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl health_v1::dra_resource_health_server::DraResourceHealth for HealthService {
+    type NodeWatchResourcesStream =
+        ReceiverStream<Result<health_v1::NodeWatchResourcesResponse, Status>>;
+
+    async fn node_watch_resources(
+        &self,
+        _request: Request<health_v1::NodeWatchResourcesRequest>,
+    ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
+        Ok(Response::new(health_stream(self.health.clone(), health_v1)))
     }
 }
 
@@ -225,6 +275,11 @@ pub(super) fn dra_router<S: ClaimApi>(
         ))
         .add_service(
             health::dra_resource_health_server::DraResourceHealthServer::new(HealthService {
+                health: health.clone(),
+            }),
+        )
+        .add_service(
+            health_v1::dra_resource_health_server::DraResourceHealthServer::new(HealthService {
                 health,
             }),
         )
