@@ -79,6 +79,27 @@ pub enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Every claimed interface on this node, live: rx/tx Gbit/s and packets/s, TCP RTT p50/p99
+    /// and retransmits, RDMA Gbit/s and CNPs/s, from the daemon's metrics endpoint.
+    Top {
+        /// The daemon's metrics endpoint.
+        #[arg(
+            long,
+            env = "KND_METRICS_URL",
+            default_value = "http://127.0.0.1:9177/metrics"
+        )]
+        metrics_url: String,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+        /// Stop after this many refreshes (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Print each table below the last instead of redrawing the screen (the default when
+        /// the output is not a terminal).
+        #[arg(long)]
+        no_redraw: bool,
+    },
     /// Attach knd's traffic counters to one interface and print its rates every interval.
     Watch {
         /// The interface to watch.
@@ -115,6 +136,9 @@ pub enum Error {
     /// The daemon failed.
     #[error(transparent)]
     Daemon(#[from] crate::daemon::Error),
+    /// Reading the daemon's metrics failed.
+    #[error(transparent)]
+    Scrape(#[from] crate::top::ScrapeError),
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -164,6 +188,12 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             interval,
             count,
         } => watch(&interface, netns.as_deref(), interval, count),
+        Command::Top {
+            metrics_url,
+            interval,
+            count,
+            no_redraw,
+        } => top(&metrics_url, interval, count, no_redraw),
         Command::Discover {
             host_root,
             node_name,
@@ -267,6 +297,39 @@ fn node_name_of(host: &HostRoot) -> String {
         })
         .unwrap_or_else(|| "localhost".to_owned())
         .to_lowercase()
+}
+
+fn top(url: &str, interval: f64, count: Option<u64>, no_redraw: bool) -> Result<(), Error> {
+    use std::io::{IsTerminal as _, Write as _};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let redraw = !no_redraw && std::io::stdout().is_terminal();
+    let period = Duration::from_secs_f64(interval);
+    runtime.block_on(async {
+        let mut previous = crate::top::scrape(url).await?;
+        let mut taken = std::time::Instant::now();
+        for _ in 0..count.unwrap_or(u64::MAX) {
+            tokio::time::sleep(period).await;
+            let now = crate::top::scrape(url).await?;
+            let elapsed = taken.elapsed();
+            taken = std::time::Instant::now();
+            let table = crate::top::render(&crate::top::rows(&previous, &now, elapsed));
+            let mut out = std::io::stdout().lock();
+            let written = if redraw {
+                // Home and clear, then the table.
+                write!(out, "\x1b[H\x1b[2J{table}")
+            } else {
+                writeln!(out, "{table}")
+            };
+            written
+                .and_then(|()| out.flush())
+                .map_err(|e| Error::Output(Box::new(e)))?;
+            previous = now;
+        }
+        Ok(())
+    })
 }
 
 fn watch(

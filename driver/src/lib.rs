@@ -20,6 +20,7 @@ pub mod resources;
 pub mod selector;
 pub mod state;
 pub mod telemetry;
+pub mod top;
 pub mod topology;
 
 #[cfg(feature = "testkit")]

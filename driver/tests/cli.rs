@@ -189,3 +189,73 @@ fn both_commands_work_on_every_fixture() {
         assert!(table.starts_with("GPU"), "{name}: {table}");
     }
 }
+
+#[test]
+fn top_reads_a_metrics_endpoint_and_names_what_is_wrong_with_it() {
+    use std::io::{Read as _, Write as _};
+    // A one-connection-per-scrape endpoint serving a fixed exposition: two scrapes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let body = "# TYPE knd_claim_rx_bytes counter\n\
+        knd_claim_rx_bytes_total{namespace=\"ml\",pod=\"p-0\",claim=\"c\",request=\"a,b\",device=\"nic-0\",interface=\"net1\"} 1000\n\
+        # EOF\n";
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0_u8; 1024];
+            let _read = stream.read(&mut request).unwrap();
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        }
+    });
+    let url = format!("http://{address}/metrics");
+    let output = knd(&[
+        "top",
+        "--metrics-url",
+        &url,
+        "--count",
+        "1",
+        "--interval",
+        "0.1",
+    ]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.starts_with("POD"), "{stdout}");
+    assert!(stdout.contains("ml/p-0"), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "no screen control codes when piped: {stdout:?}"
+    );
+    server.join().unwrap();
+
+    let refused = knd(&[
+        "top",
+        "--metrics-url",
+        "http://127.0.0.1:1/metrics",
+        "--count",
+        "1",
+    ]);
+    let stderr = String::from_utf8(refused.stderr).unwrap();
+    assert!(!refused.status.success());
+    assert!(stderr.contains("http://127.0.0.1:1/metrics"), "{stderr}");
+    let bad_url = knd(&["top", "--metrics-url", "ftp://node/metrics"]);
+    let stderr = String::from_utf8(bad_url.stderr).unwrap();
+    assert!(
+        stderr.contains("--metrics-url ftp://node/metrics: expected http://HOST:PORT/PATH"),
+        "{stderr}"
+    );
+    let bad_interval = knd(&["top", "--interval", "0"]);
+    assert!(
+        String::from_utf8(bad_interval.stderr)
+            .unwrap()
+            .contains("outside 0.05..=3600")
+    );
+}

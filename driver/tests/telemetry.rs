@@ -300,6 +300,7 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
     }
     let before_a = pods.a.link_stats("net1").unwrap();
     let before_b = pods.b.link_stats("net1").unwrap();
+    let text_before = pods.scrape();
 
     let payload = 8 << 20;
     let (a, b) = (&pods.a, &pods.b);
@@ -320,6 +321,32 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
     )
     .unwrap();
     assert!(a_sent > payload as u64, "the transfer is TCP: {a_sent}");
+
+    // `knd top`'s view of the same interval: rates × interval are the kernel's deltas.
+    let rows = knd::top::rows(
+        &knd::top::parse(&text_before).unwrap(),
+        &knd::top::parse(&text).unwrap(),
+        Duration::from_secs(1),
+    );
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let row_a = rows.iter().find(|r| r.interface.claim == "nic-a").unwrap();
+    let after_a = pods.a.link_stats("net1").unwrap();
+    #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
+    let tx_bits = ((after_a.tx_bytes - before_a.tx_bytes) * 8) as f64;
+    assert!(
+        (row_a.tx_gbps * 1e9 - tx_bits).abs() < 0.5,
+        "{} vs {tx_bits}",
+        row_a.tx_gbps * 1e9
+    );
+    assert!(
+        row_a.rtt_p50.is_some() && row_a.rtt_p99 >= row_a.rtt_p50,
+        "{row_a:?}"
+    );
+    assert!(
+        knd::top::render(&rows).contains("ml/trainer-a"),
+        "{}",
+        knd::top::render(&rows)
+    );
 
     // The RDMA device behind pod a's NIC: sysfs counters, data in 4-byte words.
     let rdma = |metric: &str, extra: &[&str]| {
