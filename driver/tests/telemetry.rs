@@ -282,6 +282,35 @@ fn check_counters(text: &str, pod: &TestHost, claim: &str, before: &knd::netlink
     );
 }
 
+/// `knd top`'s view of the interval between two scrapes: pod a's send rate × the interval is
+/// exactly what the kernel counted.
+fn check_top(text_before: &str, text: &str, pod_a: &TestHost, before_a: &knd::netlink::LinkStats) {
+    let rows = knd::top::rows(
+        &knd::top::parse(text_before).unwrap(),
+        &knd::top::parse(text).unwrap(),
+        Duration::from_secs(1),
+    );
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let row_a = rows.iter().find(|r| r.interface.claim == "nic-a").unwrap();
+    let after_a = pod_a.link_stats("net1").unwrap();
+    #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
+    let tx_bits = ((after_a.tx_bytes - before_a.tx_bytes) * 8) as f64;
+    assert!(
+        (row_a.tx_gbps * 1e9 - tx_bits).abs() < 0.5,
+        "{} vs {tx_bits}",
+        row_a.tx_gbps * 1e9
+    );
+    assert!(
+        row_a.rtt_p50.is_some() && row_a.rtt_p99 >= row_a.rtt_p50,
+        "{row_a:?}"
+    );
+    assert!(
+        knd::top::render(&rows).contains("ml/trainer-a"),
+        "{}",
+        knd::top::render(&rows)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces and loads eBPF programs"]
 async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
@@ -322,31 +351,7 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
     .unwrap();
     assert!(a_sent > payload as u64, "the transfer is TCP: {a_sent}");
 
-    // `knd top`'s view of the same interval: rates × interval are the kernel's deltas.
-    let rows = knd::top::rows(
-        &knd::top::parse(&text_before).unwrap(),
-        &knd::top::parse(&text).unwrap(),
-        Duration::from_secs(1),
-    );
-    assert_eq!(rows.len(), 2, "{rows:?}");
-    let row_a = rows.iter().find(|r| r.interface.claim == "nic-a").unwrap();
-    let after_a = pods.a.link_stats("net1").unwrap();
-    #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
-    let tx_bits = ((after_a.tx_bytes - before_a.tx_bytes) * 8) as f64;
-    assert!(
-        (row_a.tx_gbps * 1e9 - tx_bits).abs() < 0.5,
-        "{} vs {tx_bits}",
-        row_a.tx_gbps * 1e9
-    );
-    assert!(
-        row_a.rtt_p50.is_some() && row_a.rtt_p99 >= row_a.rtt_p50,
-        "{row_a:?}"
-    );
-    assert!(
-        knd::top::render(&rows).contains("ml/trainer-a"),
-        "{}",
-        knd::top::render(&rows)
-    );
+    check_top(&text_before, &text, &pods.a, &before_a);
 
     // The RDMA device behind pod a's NIC: sysfs counters, data in 4-byte words.
     let rdma = |metric: &str, extra: &[&str]| {
@@ -411,5 +416,34 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
         text.contains("knd_telemetry_watched_interfaces 0"),
         "{text}"
     );
+    drop(pods.node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn a_pod_stopped_while_its_programs_load_leaves_nothing_measured() {
+    let pods = tokio::task::spawn_blocking(Pods::new).await.unwrap();
+    for round in 0..3 {
+        pods.hooks
+            .run_pod_sandbox(Pods::sandbox(&pods.a, "a"))
+            .await
+            .unwrap();
+        // Stopped at once: the programs are still loading in the background (they do so
+        // without the pod's lock), and what they attach must be removed again.
+        pods.hooks
+            .stop_pod_sandbox(Pods::sandbox(&pods.a, "a"))
+            .await
+            .unwrap();
+        pods.hooks
+            .remove_pod_sandbox(Pods::sandbox(&pods.a, "a"))
+            .await
+            .unwrap();
+        // Loading takes ~50 ms; a second is plenty for the background work to finish.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!pods.telemetry.watches("uid-a"), "round {round}");
+        let text = pods.scrape();
+        assert!(!text.contains("claim=\"nic-a\""), "round {round}: {text}");
+        assert!(pods.node.link_stats("enp1").is_ok(), "the NIC is back");
+    }
     drop(pods.node);
 }

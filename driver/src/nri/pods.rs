@@ -130,10 +130,16 @@ impl<C: ClaimApi> NodeHooks<C> {
         let store = Arc::clone(&self.store);
         let inventory = self.inventory.clone();
         let record = record.clone();
-        tokio::spawn(async move {
-            let _guard = lock.lock().await;
+        // Loading the programs takes tens of milliseconds: done without the pod's lock, so the
+        // pod's next event (its first CreateContainer) does not wait for it. Whether the pod
+        // still has these interfaces is checked under the lock after, and what was attached
+        // for a pod released meanwhile is removed again.
+        let still_attached = move |store: &StateStore, record: &PodRecord| {
             let current = store.pods.get(&record.pod_uid).ok().flatten();
-            if !current.is_some_and(|r| !r.detached && r.netns == record.netns) {
+            current.is_some_and(|r| !r.detached && r.netns == record.netns)
+        };
+        tokio::spawn(async move {
+            if !still_attached(&store, &record) {
                 return; // gone, or re-attached elsewhere, meanwhile
             }
             let (claims, _) = store
@@ -157,9 +163,10 @@ impl<C: ClaimApi> NodeHooks<C> {
                     })
                     .collect()
             };
+            let (ours, worker) = (record.clone(), Arc::clone(&telemetry));
             let watched = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                let pod_ns = Netns::open(&record.netns).map_err(|e| e.to_string())?;
-                for attachment in &record.attachments {
+                let pod_ns = Netns::open(&ours.netns).map_err(|e| e.to_string())?;
+                for attachment in &ours.attachments {
                     let Some(side) = &attachment.pod else {
                         continue;
                     };
@@ -178,8 +185,8 @@ impl<C: ClaimApi> NodeHooks<C> {
                         interface: side.name.clone(),
                     };
                     let devices = rdma.get(&attachment.device).cloned().unwrap_or_default();
-                    telemetry
-                        .watch(&record.pod_uid, &pod_ns, labels, devices)
+                    worker
+                        .watch(&ours.pod_uid, &pod_ns, labels, devices)
                         .map_err(|e| crate::error_chain(&e))?;
                 }
                 Ok(())
@@ -189,6 +196,10 @@ impl<C: ClaimApi> NodeHooks<C> {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::warn!(%error, "cannot measure a pod's interfaces"),
                 Err(error) => tracing::error!(%error, "the telemetry worker failed"),
+            }
+            let _guard = lock.lock().await;
+            if !still_attached(&store, &record) {
+                telemetry.unwatch_pod(&record.pod_uid);
             }
         });
     }
