@@ -298,21 +298,6 @@ fn udp_flood(pair: &Pair) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the programs `ids` cost during five short floods of small UDP datagrams.
-fn small_frames(
-    pair: &Pair,
-    probes: &TrafficProbes,
-    ids: &[AttachmentId],
-) -> anyhow::Result<Vec<ProgramCost>> {
-    let mut costs_seen = Vec::new();
-    for _ in 0..5 {
-        let before = costs(probes, ids)?;
-        udp_flood(pair)?;
-        costs_seen.extend(delta(&before, &costs(probes, ids)?));
-    }
-    Ok(costs_seen)
-}
-
 /// What ran between two snapshots of the same programs.
 #[expect(clippy::cast_precision_loss, reason = "nanosecond averages")]
 fn delta(before: &[ProgramCost], after: &[ProgramCost]) -> Vec<ProgramCost> {
@@ -361,33 +346,33 @@ fn main() -> anyhow::Result<()> {
         unreachable!("one list of runs per condition");
     };
 
-    // Then the programs' own cost, statistics on: a few bulk runs with the counting programs,
-    // then the same runs with the do-nothing program in their place.
+    // Then the programs' own cost, statistics on: the counting programs and the do-nothing
+    // one attached side by side (TCX runs both on every frame), so both are timed on the same
+    // frames at the same moments; first bulk TCP, then small frames.
     let stats = telemetry::enable_run_stats()?;
-    let mut probes = TrafficProbes::new();
+    let (mut probes, mut noops) = (TrafficProbes::new(), TrafficProbes::new());
     let counting = [
         probes.attach(pair.a.netns(), "eth1")?,
         probes.attach(pair.b.netns(), "eth2")?,
+    ];
+    let baseline = [
+        noops.attach_baseline(pair.a.netns(), "eth1")?,
+        noops.attach_baseline(pair.b.netns(), "eth2")?,
     ];
     for _ in 0..RUNS / 8 {
         run_once(&pair)?;
     }
     let programs = costs(&probes, &counting)?;
+    let baseline_costs = costs(&noops, &baseline)?;
     // Small frames at a high rate (the regime where a per-packet cost matters: the maps stay in
     // cache between frames, as at 400G), deltas only.
-    let small_ours = small_frames(&pair, &probes, &counting)?;
-    for id in counting {
-        probes.detach(id)?;
+    let (mut small_ours, mut small_base) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let before = (costs(&probes, &counting)?, costs(&noops, &baseline)?);
+        udp_flood(&pair)?;
+        small_ours.extend(delta(&before.0, &costs(&probes, &counting)?));
+        small_base.extend(delta(&before.1, &costs(&noops, &baseline)?));
     }
-    let baseline = [
-        probes.attach_baseline(pair.a.netns(), "eth1")?,
-        probes.attach_baseline(pair.b.netns(), "eth2")?,
-    ];
-    for _ in 0..RUNS / 8 {
-        run_once(&pair)?;
-    }
-    let baseline_costs = costs(&probes, &baseline)?;
-    let small_base = small_frames(&pair, &probes, &baseline)?;
     drop(stats);
     let small_net = weighted(&small_ours) - weighted(&small_base);
 

@@ -1,13 +1,20 @@
-//! `cargo xtask demo`: knd's in-kernel telemetry on stand-in NICs, end to end, on this machine.
+//! `cargo xtask demo`: knd end to end on this machine, no cluster needed.
 //!
-//! A node with two NIC-like parent devices cabled to a switch, a macvlan "NIC" on each moved into
-//! its own pod namespace (as knd's NRI hook will do), knd's TCX counters attached inside the pods, real TCP and ICMP
-//! traffic between them, live per-NIC rates, and a final check against the kernel's own
-//! counters. Every namespace is anonymous: the kernel removes all of it when the demo exits, even
-//! on Ctrl-C or a kill.
+//! A node (a network namespace) with four stand-in NICs (veths cabled to a switch) and a
+//! simulated GPU topology (a fixture host root: two GPUs, each with a NIC on its PCIe switch);
+//! the real containerd (CRI + NRI, from the testbed) and the real daemon (`knd run`) inside the
+//! node, publishing to an in-process API server and registered with a kubelet stand-in. For two
+//! "trainer" pods, a scheduler stand-in picks the NIC aligned with the pod's GPU by evaluating
+//! the claim's CEL selector (`pcieRoot` equal to the GPU's) against what knd published; the
+//! kubelet stand-in prepares the claims and creates the pods through CRI; knd moves each NIC
+//! into its pod and configures it. Then real TCP between the pods over those NICs, shown live
+//! from knd's metrics as `knd top` shows them, checked against the kernel's own counters, and
+//! everything is taken down again — also on Ctrl-C.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,148 +22,604 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, ensure};
+use anyhow::{Context as _, bail, ensure};
 use knd::{
-    cli::RateLine,
-    telemetry::{AttachmentId, InterfaceTraffic, TrafficProbes},
-    testkit::{TestHost, bridge, macvlan, tcp_transfer, veth_pair},
+    dra::proto::dra_v1,
+    inventory,
+    netns::Netns,
+    resources,
+    selector::Selector,
+    state::StateStore,
+    testkit::{
+        TestHost,
+        apiserver::FakeApi,
+        bridge,
+        claims::CONFIG_HEAD,
+        kubelet, machines,
+        runtime::{Containerd, CriClient, cri, pod_config},
+        tcp_transfer, veth_pair,
+    },
+    top, topology,
 };
+use tokio_util::sync::CancellationToken;
 
-const POD_A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
-const POD_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11));
-const SECONDS: u32 = 5;
+const NICS: [&str; 4] = ["nic0", "nic1", "nic2", "nic3"];
+/// The pods: name, the PCIe root of "its" GPU, its address on the claimed NIC.
+const PODS: [(&str, &str, &str); 2] = [
+    ("trainer-0", "pci0000:10", "10.77.0.10"),
+    ("trainer-1", "pci0000:30", "10.77.0.11"),
+];
+const TRAFFIC_SECONDS: u32 = 6;
 
 fn main() -> anyhow::Result<()> {
-    println!("knd demo: in-kernel per-NIC telemetry on stand-in NICs (no cluster needed)\n");
-
-    let started = Instant::now();
-    let node = Arc::new(TestHost::new("node")?);
-    let switch = TestHost::new("switch")?;
-    let pod_a = Arc::new(TestHost::new("pod-a")?);
-    let pod_b = Arc::new(TestHost::new("pod-b")?);
-    for (pf, port) in [("pf0", "port0"), ("pf1", "port1")] {
-        veth_pair(&node, pf, &switch, port)?;
-        node.disable_ipv6(pf)?;
-        node.set_up(pf)?;
-    }
-    bridge(&switch, "switch", &["port0", "port1"])?;
-    for (nic, pf, pod, address) in [
-        ("nic-a", "pf0", &pod_a, POD_A),
-        ("nic-b", "pf1", &pod_b, POD_B),
-    ] {
-        macvlan(&node, nic, pf)?;
-        node.move_link(nic, pod)?;
-        pod.configure(nic, address, 24)?;
-    }
-    println!(
-        "  node: NIC parents pf0, pf1 cabled to a switch; nic-a (on pf0) moved into pod-a \
-         ({POD_A}), nic-b (on pf1) into pod-b ({POD_B}) in {:.0?}",
-        started.elapsed()
-    );
-
-    let mut probes = TrafficProbes::new();
-    let attach_started = Instant::now();
-    let on_a = probes.attach(pod_a.netns(), "nic-a")?;
-    let on_b = probes.attach(pod_b.netns(), "nic-b")?;
-    println!(
-        "  knd: TCX ingress+egress counters attached inside both pods in {:.1?}\n",
-        attach_started.elapsed()
-    );
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let (stop, pod_a, pod_b) = (Arc::clone(&stop), Arc::clone(&pod_a), Arc::clone(&pod_b));
-        std::thread::spawn(move || -> anyhow::Result<u64> {
-            let mut sent = 0_u64;
-            while !stop.load(Ordering::Relaxed) {
-                pod_b.ping(POD_A, 2)?;
-                sent += tcp_transfer(&pod_a, &pod_b, POD_B, 32 << 20)? as u64;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let interrupted = CancellationToken::new();
+        tokio::spawn({
+            let interrupted = interrupted.clone();
+            async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("\ninterrupted: taking everything down");
+                    interrupted.cancel();
+                }
             }
-            Ok(sent)
-        })
-    };
-
-    println!("  {:<6}{}", "NIC", RateLine::header());
-    let mut last = [(on_a, probes.traffic(on_a)?), (on_b, probes.traffic(on_b)?)];
-    let mut last_at = Instant::now();
-    for _ in 0..SECONDS {
-        std::thread::sleep(Duration::from_secs(1));
-        let seconds = last_at.elapsed().as_secs_f64();
-        last_at = Instant::now();
-        for (id, previous) in &mut last {
-            let now = probes.traffic(*id)?;
-            let (interface, _) = probes.describe(*id).context("attachment vanished")?;
-            println!(
-                "  {interface:<6}{}",
-                RateLine::between(previous, &now, seconds)
-            );
-            *previous = now;
+        });
+        let started = Instant::now();
+        let mut demo = Demo::start().await?;
+        let outcome = tokio::select! {
+            outcome = demo.run() => outcome,
+            () = interrupted.cancelled() => Err(anyhow::anyhow!("interrupted")),
+        };
+        let teardown = demo.teardown().await;
+        if let Err(error) = &teardown {
+            eprintln!("teardown: {error:#}");
         }
-    }
-    stop.store(true, Ordering::Relaxed);
-    let sent = traffic
-        .join()
-        .map_err(|_| anyhow::anyhow!("the traffic thread panicked"))??;
-    println!(
-        "\n  traffic: {} MiB of TCP from pod-a to pod-b, plus pings",
-        sent >> 20
-    );
-
-    println!("\n  check: knd's eBPF counters vs the kernel's own interface statistics");
-    check(&probes, on_a, &pod_a, "nic-a")?;
-    check(&probes, on_b, &pod_b, "nic-b")?;
-
-    probes.detach(on_a)?;
-    probes.detach(on_b)?;
-    println!(
-        "\n  done in {:.1?}; the namespaces and NICs vanish with this process",
-        started.elapsed()
-    );
-    Ok(())
+        outcome?;
+        teardown?;
+        println!(
+            "\ndone in {:.1?}: pods removed, NICs back on the node, daemon and containerd stopped",
+            started.elapsed()
+        );
+        Ok(())
+    })
 }
 
-/// Prints and verifies that our counters equal the kernel's, once traffic has settled.
-fn check(
-    probes: &TrafficProbes,
-    id: AttachmentId,
-    pod: &TestHost,
-    interface: &str,
-) -> anyhow::Result<()> {
-    for _ in 0..20 {
-        let before = pod.link_stats(interface)?;
-        let ours: InterfaceTraffic = probes.traffic(id)?;
-        let after = pod.link_stats(interface)?;
-        if before != after {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
+/// `knd run` inside the node.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn stop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ignored = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
-        println!(
-            "  {interface:<6} rx {:>8} pkts {:>12} B | tx {:>8} pkts {:>12} B   kernel: rx {} / {} B, tx {} / {} B",
-            ours.rx.packets,
-            ours.rx.bytes,
-            ours.tx.packets,
-            ours.tx.bytes,
-            after.rx_packets,
-            after.rx_bytes,
-            after.tx_packets,
-            after.tx_bytes
-        );
-        ensure!(
-            (
-                ours.rx.packets,
-                ours.rx.bytes,
-                ours.tx.packets,
-                ours.tx.bytes
-            ) == (
-                after.rx_packets,
-                after.rx_bytes,
-                after.tx_packets,
-                after.tx_bytes
-            ),
-            "{interface}: knd's counters differ from the kernel's"
-        );
-        println!("  {interface:<6} exact match");
-        return Ok(());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ignored = self.child.kill();
+        let _ignored = self.child.wait();
     }
-    anyhow::bail!("traffic on {interface} never settled")
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Demo {
+    node: Arc<TestHost>,
+    _switch: TestHost,
+    /// The host root the daemon reads (kept until the end).
+    _tree: knd::testkit::sysfs::SysfsTree,
+    dir: tempfile::TempDir,
+    containerd: Containerd,
+    fake: FakeApi,
+    daemon: Daemon,
+    metrics_url: String,
+    cri: CriClient,
+    /// Sandbox ids of the pods created so far.
+    sandboxes: Vec<String>,
+}
+
+impl Demo {
+    async fn start() -> anyhow::Result<Self> {
+        println!(
+            "knd demo: a GPU node with stand-in NICs, real containerd + NRI, the real daemon\n"
+        );
+        let (node, switch, api_listener, metrics_port) = tokio::task::spawn_blocking(|| {
+            let node = TestHost::new("node")?;
+            let switch = TestHost::new("switch")?;
+            let mut ports = Vec::new();
+            for (i, nic) in NICS.iter().enumerate() {
+                let port = format!("port{i}");
+                veth_pair(&node, nic, &switch, &port)?;
+                switch.disable_ipv6(&port)?;
+                // Jumbo frames on the switch, as on a GPU cluster's fabric.
+                let name = port.clone();
+                switch.netlink(|link| async move { link.set_mtu(&name, 9000).await })?;
+                ports.push(port);
+            }
+            let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+            bridge(&switch, "switch", &ports)?;
+            // The API server and the metrics endpoint live on the node's loopback.
+            let (api, metrics) = node.run(|| -> std::io::Result<_> {
+                let api = std::net::TcpListener::bind("127.0.0.1:0")?;
+                let metrics = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                Ok((api, metrics))
+            })??;
+            anyhow::Ok((node, switch, api, metrics))
+        })
+        .await??;
+        let tree = machines::two_gpu_rails(NICS);
+        println!(
+            "node: NICs {} cabled to a switch; simulated GPU topology:",
+            NICS.join(", ")
+        );
+        let scanned = inventory::discover(&tree.host());
+        for line in topology::Report::new(&scanned).table().lines() {
+            println!("  {line}");
+        }
+
+        let containerd = tokio::task::spawn_blocking(Containerd::start)
+            .await?
+            .context("starting containerd (run `cargo xtask setup` as root first)")?;
+        let fake = FakeApi::start_on(api_listener)?;
+        fake.add_node("node-1");
+        let dir = tempfile::Builder::new().prefix("knd-demo-").tempdir()?;
+        let kubeconfig = fake.write_kubeconfig(dir.path())?;
+        let daemon = start_daemon(
+            &node,
+            dir.path(),
+            &tree,
+            &kubeconfig,
+            &containerd,
+            metrics_port,
+        )?;
+        let cri = containerd.cri().await?;
+        println!(
+            "\ncontainerd 1.7 (CRI + NRI) and `knd run` are up; daemon log: {}",
+            daemon.log.display()
+        );
+        Ok(Self {
+            node: Arc::new(node),
+            _switch: switch,
+            _tree: tree,
+            dir,
+            containerd,
+            fake,
+            daemon,
+            metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
+            cri,
+            sandboxes: Vec::new(),
+        })
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let info = kubelet::register(
+            &self.dir.path().join("registry/knd.dev-reg.sock"),
+            Duration::from_secs(20),
+        )
+        .await?;
+        println!(
+            "kubelet stand-in: registered {} ({})",
+            info.name,
+            info.supported_versions.join(", ")
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.fake.slices().is_empty() {
+            ensure!(Instant::now() < deadline, "knd published nothing");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let devices: usize = self
+            .fake
+            .slices()
+            .iter()
+            .map(|s| s.spec.devices.as_ref().map_or(0, Vec::len))
+            .sum();
+        println!("knd published {devices} devices in ResourceSlices of pool node-1");
+
+        // The scheduler's part: each pod's claim asks for the NIC on its GPU's PCIe root.
+        let mut claims = Vec::new();
+        for (i, (pod, root, address)) in PODS.iter().enumerate() {
+            let selector =
+                format!("device.attributes[\"resource.kubernetes.io\"].pcieRoot == \"{root}\"");
+            let device = self.allocate(&selector)?;
+            println!("scheduler stand-in: {pod}'s claim selector `{selector}` → {device}");
+            self.fake.put_claim(claim(i, pod, &device, address));
+            claims.push(dra_v1::Claim {
+                namespace: "ml".into(),
+                uid: format!("claim-uid-{i}"),
+                name: format!("{pod}-nic"),
+            });
+        }
+        kubelet::prepare(&self.dir.path().join("plugins/dra.sock"), claims).await?;
+        println!("kubelet stand-in: NodePrepareResources for both claims: ok");
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.containerd.log().contains("10-knd") {
+            ensure!(
+                Instant::now() < deadline,
+                "knd never connected to containerd over NRI"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (i, (pod, _, _)) in PODS.iter().enumerate() {
+            let started = Instant::now();
+            let id = self
+                .cri
+                .run_pod_sandbox(cri::RunPodSandboxRequest {
+                    config: Some(pod_config("ml", pod, &format!("pod-uid-{i}"))),
+                    runtime_handler: String::new(),
+                })
+                .await
+                .with_context(|| format!("creating pod {pod}"))?
+                .into_inner()
+                .pod_sandbox_id;
+            self.sandboxes.push(id);
+            println!(
+                "CRI: pod ml/{pod} running in {:.0?} (knd's NRI hook attached its NIC)",
+                started.elapsed()
+            );
+        }
+        for (pod, _, _) in PODS {
+            let status = self.wait_for_status(&format!("{pod}-nic")).await?;
+            println!("claim ml/{pod}-nic status: {status}");
+        }
+
+        let pods = self.pod_hosts()?;
+        let mut baseline = Vec::new();
+        for (i, pod) in pods.iter().enumerate() {
+            baseline.push(self.counters(i, pod).await?);
+        }
+        self.traffic(&pods).await?;
+        self.check_counters(&pods, &baseline).await
+    }
+
+    /// The first published device the selector accepts.
+    fn allocate(&self, expression: &str) -> anyhow::Result<String> {
+        let selector = Selector::compile(expression)?;
+        for slice in self.fake.slices() {
+            for device in slice.spec.devices.unwrap_or_default() {
+                let attributes = device
+                    .attributes
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(name, value)| {
+                        let value = if let Some(s) = value.string {
+                            resources::Value::Str(s)
+                        } else if let Some(b) = value.bool {
+                            resources::Value::Bool(b)
+                        } else {
+                            resources::Value::Int(value.int?)
+                        };
+                        let name = if name.contains('/') {
+                            name
+                        } else {
+                            format!("knd.dev/{name}")
+                        };
+                        Some((name, value))
+                    })
+                    .collect();
+                if selector.matches_own(&device.name, &attributes)? {
+                    return Ok(device.name);
+                }
+            }
+        }
+        bail!("no published device matches `{expression}`")
+    }
+
+    /// The claim's status once knd wrote it: interface, addresses, MAC, condition.
+    async fn wait_for_status(&self, name: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let devices = self
+                .fake
+                .claim("ml", name)
+                .and_then(|c| c.status)
+                .and_then(|s| s.devices)
+                .unwrap_or_default();
+            if let Some(device) = devices.iter().find(|d| {
+                d.network_data
+                    .as_ref()
+                    .is_some_and(|n| n.interface_name.is_some())
+            }) {
+                let data = device.network_data.clone().unwrap_or_default();
+                let ready = device
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .map(|c| format!("{}={}", c.type_, c.status))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                return Ok(format!(
+                    "device {} → interface {} ips {} mac {} [{ready}]",
+                    device.device,
+                    data.interface_name.unwrap_or_default(),
+                    data.ips.unwrap_or_default().join(","),
+                    data.hardware_address.unwrap_or_default()
+                ));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "claim {name} never got its network data"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The pods' network namespaces, from knd's records.
+    fn pod_hosts(&self) -> anyhow::Result<Vec<Arc<TestHost>>> {
+        let store = StateStore::open(self.dir.path().join("state"))?;
+        (0..PODS.len())
+            .map(|i| {
+                let record = store
+                    .pods
+                    .get(&format!("pod-uid-{i}"))?
+                    .with_context(|| format!("no record of pod {i}"))?;
+                Ok(Arc::new(TestHost::adopt(
+                    PODS[i].0,
+                    Netns::open(&record.netns)?,
+                )))
+            })
+            .collect()
+    }
+
+    /// TCP both ways between the pods over their claimed NICs, with the live view.
+    async fn traffic(&self, pods: &[Arc<TestHost>]) -> anyhow::Result<()> {
+        println!(
+            "\ntraffic: TCP trainer-0 ⇄ trainer-1 over net1 for {TRAFFIC_SECONDS} s; knd top:\n"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut senders = Vec::new();
+        for (from, to, address) in [(0, 1, PODS[1].2), (1, 0, PODS[0].2)] {
+            let (stop, client, server) = (
+                Arc::clone(&stop),
+                Arc::clone(&pods[from]),
+                Arc::clone(&pods[to]),
+            );
+            let address: IpAddr = address.parse()?;
+            senders.push(std::thread::spawn(move || -> anyhow::Result<u64> {
+                let mut sent = 0_u64;
+                while !stop.load(Ordering::Relaxed) {
+                    sent += tcp_transfer(&client, &server, address, 64 << 20)? as u64;
+                }
+                Ok(sent)
+            }));
+        }
+        let mut previous = self.scrape()?;
+        let mut taken = Instant::now();
+        for _ in 0..TRAFFIC_SECONDS {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = self.scrape()?;
+            let rows = top::rows(&previous, &now, taken.elapsed());
+            taken = Instant::now();
+            print!("{}", top::render(&rows));
+            println!();
+            previous = now;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for sender in senders {
+            total += sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("a sender panicked"))??;
+        }
+        println!("sent {} MiB in total", total >> 20);
+        Ok(())
+    }
+
+    fn scrape(&self) -> anyhow::Result<Vec<top::Sample>> {
+        let url = self.metrics_url.clone();
+        Ok(self
+            .node
+            .netns()
+            .block_on(|| async move { top::scrape(&url).await })??)
+    }
+
+    /// For pod `i`: knd's exported rx/tx bytes/packets of its net1 and the kernel's statistics
+    /// of net1, read while the latter do not move (a late ACK may still be on its way).
+    async fn counters(&self, i: usize, pod: &TestHost) -> anyhow::Result<([f64; 4], [f64; 4])> {
+        let name = PODS[i].0;
+        for _ in 0..50 {
+            let before = pod.link_stats("net1")?;
+            let samples = self.scrape()?;
+            let after = pod.link_stats("net1")?;
+            if before != after {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let value = |metric: &str| {
+                samples
+                    .iter()
+                    .find(|s| {
+                        s.name == metric && s.labels.get("pod").map(String::as_str) == Some(name)
+                    })
+                    .map_or(f64::NAN, |s| s.value)
+            };
+            let ours = [
+                "knd_claim_rx_bytes_total",
+                "knd_claim_tx_bytes_total",
+                "knd_claim_rx_packets_total",
+                "knd_claim_tx_packets_total",
+            ]
+            .map(value);
+            #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+            let kernel = [
+                after.rx_bytes,
+                after.tx_bytes,
+                after.rx_packets,
+                after.tx_packets,
+            ]
+            .map(|v| v as f64);
+            return Ok((ours, kernel));
+        }
+        bail!("the traffic on {name}'s net1 never settled")
+    }
+
+    /// What knd counted during the traffic equals what the kernel counted on each pod's net1
+    /// (knd counts from the moment its programs were attached, the kernel from the interface's
+    /// creation: deltas from `baseline` are compared).
+    async fn check_counters(
+        &self,
+        pods: &[Arc<TestHost>],
+        baseline: &[([f64; 4], [f64; 4])],
+    ) -> anyhow::Result<()> {
+        for (i, pod) in pods.iter().enumerate() {
+            let (ours, kernel) = self.counters(i, pod).await?;
+            let delta = |now: [f64; 4], then: [f64; 4]| -> [f64; 4] {
+                std::array::from_fn(|k| now[k] - then[k])
+            };
+            let (ours, kernel) = (delta(ours, baseline[i].0), delta(kernel, baseline[i].1));
+            let equal = ours.iter().zip(&kernel).all(|(a, b)| (a - b).abs() < 0.5);
+            println!(
+                "check {}: knd counted rx {:.0} B / {:.0} pkts, tx {:.0} B / {:.0} pkts; the \
+                 kernel's statistics of net1: rx {:.0} B / {:.0} pkts, tx {:.0} B / {:.0} pkts → {}",
+                PODS[i].0,
+                ours[0],
+                ours[2],
+                ours[1],
+                ours[3],
+                kernel[0],
+                kernel[2],
+                kernel[1],
+                kernel[3],
+                if equal { "equal" } else { "DIFFERENT" }
+            );
+            ensure!(
+                equal,
+                "knd's counters differ from the kernel's for {}",
+                PODS[i].0
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes the pods (knd gives the NICs back), stops the daemon and containerd. Every step
+    /// is tried; the first failure is reported.
+    async fn teardown(&mut self) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        for id in std::mem::take(&mut self.sandboxes) {
+            let stop = cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            };
+            if let Err(status) = self.cri.stop_pod_sandbox(stop).await {
+                failures.push(format!("stop pod {id}: {}", status.message()));
+            }
+            let remove = cri::RemovePodSandboxRequest {
+                pod_sandbox_id: id.clone(),
+            };
+            if let Err(status) = self.cri.remove_pod_sandbox(remove).await {
+                failures.push(format!("remove pod {id}: {}", status.message()));
+            }
+        }
+        let node = Arc::clone(&self.node);
+        let missing = tokio::task::spawn_blocking(move || {
+            NICS.iter()
+                .filter(|nic| node.link_stats(nic).is_err())
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        if !missing.is_empty() {
+            failures.push(format!("not back on the node: {}", missing.join(", ")));
+        }
+        self.daemon.stop();
+        self.containerd.stop();
+        match failures.first() {
+            None => Ok(()),
+            Some(_) => bail!("{}", failures.join("; ")),
+        }
+    }
+}
+
+fn start_daemon(
+    node: &TestHost,
+    dir: &Path,
+    tree: &knd::testkit::sysfs::SysfsTree,
+    kubeconfig: &Path,
+    containerd: &Containerd,
+    metrics_port: u16,
+) -> anyhow::Result<Daemon> {
+    use std::os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::process::CommandExt as _,
+    };
+    let binary = std::env::var_os("KND_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/knd"),
+        PathBuf::from,
+    );
+    ensure!(
+        binary.exists(),
+        "{} is missing: run `cargo xtask demo`",
+        binary.display()
+    );
+    let log = dir.join("knd.log");
+    let netns = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        node.netns().as_fd().as_raw_fd()
+    );
+    // Its own process group: on Ctrl-C it must stay to give the NICs back.
+    let child = Command::new("nsenter")
+        .process_group(0)
+        .arg(format!("--net={netns}"))
+        .arg(&binary)
+        .arg("run")
+        .args(["--node-name", "node-1"])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--plugin-dir")
+        .arg(dir.join("plugins"))
+        .arg("--registry-dir")
+        .arg(dir.join("registry"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--nri-socket")
+        .arg(containerd.nri_socket())
+        .arg("--host-root")
+        .arg(tree.root())
+        .env_remove("KUBECONFIG")
+        .env("RUST_LOG", "knd=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting knd run")?;
+    Ok(Daemon { child, log })
+}
+
+/// Claim `i` of `pod`: `device` allocated, configured as `net1` with `address`/24.
+fn claim(i: usize, pod: &str, device: &str, address: &str) -> serde_json::Value {
+    let config: serde_json::Value = serde_json::from_str(&format!(
+        r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","mtu":9000,"addresses":["{address}/24"]}}}}"#
+    ))
+    .expect("valid claim configuration");
+    serde_json::json!({
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": format!("{pod}-nic"), "namespace": "ml", "uid": format!("claim-uid-{i}")},
+        "spec": {"devices": {"requests": [{"name": "nic", "exactly": {"deviceClassName": "knd-nic"}}]}},
+        "status": {
+            "allocation": {"devices": {
+                "results": [{"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": device}],
+                "config": [{"source": "FromClaim", "opaque": {"driver": "knd.dev", "parameters": config}}]
+            }},
+            "reservedFor": [{"resource": "pods", "name": pod, "uid": format!("pod-uid-{i}")}]
+        }
+    })
 }

@@ -300,7 +300,7 @@ fn micros(duration: Option<Duration>) -> String {
 /// The table: a header line and one line per row.
 pub fn render(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<28} {:<8} {:<10} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7}\n",
+        "{:<28} {:<8} {:<18} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7}\n",
         "POD",
         "IFACE",
         "DEVICE",
@@ -319,10 +319,10 @@ pub fn render(rows: &[Row]) -> String {
         let pod = format!("{}/{}", row.interface.namespace, row.interface.pod);
         let _ignored = writeln!(
             out,
-            "{:<28} {:<8} {:<10} {:>8.3} {:>8.3} {:>10.0} {:>10.0} {:>6}us {:>6}us {:>7.0} {:>8.3} {:>8.3} {:>7.0}",
+            "{:<28} {:<8} {:<18} {:>8.3} {:>8.3} {:>10.0} {:>10.0} {:>6}us {:>6}us {:>7.0} {:>8.3} {:>8.3} {:>7.0}",
             cut(&pod, 28),
             cut(&row.interface.interface, 8),
-            cut(&row.interface.device, 10),
+            cut(&row.interface.device, 18),
             row.rx_gbps,
             row.tx_gbps,
             row.rx_pps,

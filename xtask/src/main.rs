@@ -142,10 +142,14 @@ fn demo() -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
+    // The demo runs the real daemon as a process: build it first.
     step(
-        "demo",
-        cargo(&["run", "--quiet", "--package", "knd", "--example", "demo"]),
-    )
+        "build knd",
+        cargo(&["build", "--quiet", "--package", "knd", "--bin", "knd"]),
+    )?;
+    let mut run = cargo(&["run", "--quiet", "--package", "knd", "--example", "demo"]);
+    run.env("KND_BIN", Path::new("target/debug/knd").canonicalize()?);
+    step("demo", run)
 }
 
 fn bench(suite: Option<&str>) -> anyhow::Result<()> {

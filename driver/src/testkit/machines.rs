@@ -84,6 +84,65 @@ pub fn gpu_8x8() -> SysfsTree {
     tree
 }
 
+/// A small GPU node for the demo, with NICs named as the caller's stand-in interfaces:
+///
+/// - `pci0000:10` (NUMA 0): a switch holding GPU `13:00.0` and NIC `14:00.0` (`nics[0]`) → PIX;
+/// - `pci0000:30` (NUMA 1): a switch holding GPU `33:00.0` and NIC `34:00.0` (`nics[1]`) → PIX;
+/// - NIC `51:00.0` (`nics[2]`) alone under `pci0000:50` (NUMA 0) → NODE from the first GPU;
+/// - NIC `71:00.0` (`nics[3]`) alone under `pci0000:70` (NUMA 1) → NODE from the second.
+///
+/// `eno1` carries the default route.
+pub fn two_gpu_rails(nics: [&str; 4]) -> SysfsTree {
+    let tree = SysfsTree::new();
+    let mut ifindex = 2;
+    uplink_nic(&tree, "eno1", &mut ifindex);
+    for (i, bus) in [0x10_u32, 0x30].into_iter().enumerate() {
+        let numa = i32::from(i == 1);
+        let rc = format!("pci0000:{}", hex2(bus));
+        let rp = format!("0000:{}:01.0", hex2(bus));
+        let usp = format!("0000:{}:00.0", hex2(bus + 1));
+        let gpu_dsp = format!("0000:{}:00.0", hex2(bus + 2));
+        let nic_dsp = format!("0000:{}:01.0", hex2(bus + 2));
+        let gpu = format!("0000:{}:00.0", hex2(bus + 3));
+        let nic = format!("0000:{}:00.0", hex2(bus + 4));
+        tree.pci(
+            &[&rc, &rp, &usp, &gpu_dsp, &gpu],
+            &PciSpec::new(GPU_3D, NVIDIA, 0x2330, Some("nvidia"), numa),
+        );
+        let path = tree.pci(
+            &[&rc, &rp, &usp, &nic_dsp, &nic],
+            &PciSpec::new(ETHERNET, MELLANOX, 0x1021, Some("mlx5_core"), numa),
+        );
+        tree.netdev(Some(&path), nics[i], &NetSpec::ethernet(ifindex, 400_000));
+        ifindex += 1;
+    }
+    for (i, bus) in [0x50_u32, 0x70].into_iter().enumerate() {
+        let path = tree.pci(
+            &[
+                &format!("pci0000:{}", hex2(bus)),
+                &format!("0000:{}:01.0", hex2(bus)),
+                &format!("0000:{}:00.0", hex2(bus + 1)),
+            ],
+            &PciSpec::new(
+                ETHERNET,
+                MELLANOX,
+                0x1021,
+                Some("mlx5_core"),
+                i32::from(i == 1),
+            ),
+        );
+        tree.netdev(
+            Some(&path),
+            nics[2 + i],
+            &NetSpec::ethernet(ifindex, 400_000),
+        );
+        ifindex += 1;
+    }
+    tree.ipv4_default_route("eno1");
+    loopback(&tree);
+    tree
+}
+
 /// A server where each PCIe switch holds two GPUs and two NICs — `pcieRoot` alone cannot pair
 /// them — plus NICs placed to show every distance class:
 ///

@@ -70,6 +70,15 @@ impl TestHost {
         Ok(host)
     }
 
+    /// A host over an existing namespace (e.g. a pod's, opened from the path its runtime
+    /// mounted); `name` is only used in messages.
+    pub fn adopt(name: &str, netns: Netns) -> Self {
+        Self {
+            name: name.to_owned(),
+            netns,
+        }
+    }
+
     /// The host's name, as given to [`TestHost::new`].
     pub fn name(&self) -> &str {
         &self.name

@@ -3,6 +3,7 @@
 //! and NRI socket in a temporary directory, stopped and cleaned up when dropped.
 
 use std::{
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -130,7 +131,10 @@ impl Containerd {
             testbed.join("usr/bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
+        // Its own process group: a Ctrl-C meant for the test or demo must not stop it before
+        // they have removed their pods through it.
         let child = Command::new(testbed.join("usr/bin/containerd"))
+            .process_group(0)
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
