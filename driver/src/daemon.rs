@@ -229,18 +229,6 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         excluded = first.excluded.len(),
         "inventory scanned"
     );
-    let (health_rx, health_task) = start_health(
-        &args,
-        HealthSources {
-            host: host.clone(),
-            inventory: watcher.inventory.clone(),
-            store: Arc::clone(&store),
-            pool: node.clone(),
-        },
-        shutdown.clone(),
-    )
-    .await;
-    let slices_ready = Arc::new(AtomicBool::new(false));
     let cgroup = args
         .cgroup_root
         .clone()
@@ -248,6 +236,19 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     let telemetry = Arc::new(
         Telemetry::new(cgroup.as_deref(), args.metrics_max_interfaces).with_host_root(host.clone()),
     );
+    let (health_rx, health_task) = start_health(
+        &args,
+        HealthSources {
+            host: host.clone(),
+            inventory: watcher.inventory.clone(),
+            store: Arc::clone(&store),
+            pool: node.clone(),
+            telemetry: Arc::clone(&telemetry),
+        },
+        shutdown.clone(),
+    )
+    .await;
+    let slices_ready = Arc::new(AtomicBool::new(false));
     let publisher = tokio::spawn(publish_loop(
         Publisher::new(client.clone(), &driver, &node),
         telemetry.published_devices.clone(),
@@ -334,6 +335,7 @@ struct HealthSources {
     inventory: watch::Receiver<Arc<Inventory>>,
     store: Arc<StateStore>,
     pool: String,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Judges every device once, then starts [`health_loop`].
@@ -359,6 +361,7 @@ async fn start_health(
         &sources.pool,
     )
     .await;
+    sources.telemetry.set_device_health(&initial);
     let (sender, receiver) = watch::channel(initial);
     let interval = Duration::from_secs(args.health_interval);
     let task = tokio::spawn(health_loop(tracker, sources, sender, interval, shutdown));
@@ -393,6 +396,7 @@ async fn health_loop(
             &sources.pool,
         )
         .await;
+        sources.telemetry.set_device_health(&now);
         health.send_if_modified(|devices| {
             for device in &now {
                 let before = devices.iter().find(|d| d.device == device.device);

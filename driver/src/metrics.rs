@@ -86,6 +86,17 @@ pub struct Telemetry {
     pub attach_seconds: Histogram,
     /// Devices in the published pool.
     pub published_devices: Gauge,
+    /// Pods whose interfaces could not be attached.
+    pub attach_failures: prometheus_client::metrics::counter::Counter,
+    /// Each device's health as reported to kubelet (1 healthy, 0 not), by device.
+    pub device_healthy: prometheus_client::metrics::family::Family<DeviceLabel, Gauge>,
+}
+
+/// The `device` label of the device health gauge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DeviceLabel {
+    /// The device's name in knd's pool.
+    pub device: String,
 }
 
 impl Telemetry {
@@ -122,6 +133,8 @@ impl Telemetry {
             prepare_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             attach_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             published_devices: Gauge::default(),
+            attach_failures: prometheus_client::metrics::counter::Counter::default(),
+            device_healthy: prometheus_client::metrics::family::Family::default(),
         }
     }
 
@@ -242,8 +255,32 @@ impl Telemetry {
             "Devices in the published ResourceSlices",
             self.published_devices.clone(),
         );
+        registry.register(
+            "knd_attach_failures",
+            "Pods whose claimed interfaces could not be attached at RunPodSandbox",
+            self.attach_failures.clone(),
+        );
+        registry.register(
+            "knd_device_healthy",
+            "Device health as reported to kubelet: 1 healthy, 0 unhealthy (the reason is logged \
+             and sent to kubelet)",
+            self.device_healthy.clone(),
+        );
         registry.register_collector(Box::new(ClaimCollector(Arc::clone(self))));
         registry
+    }
+
+    /// Sets the health gauge of every device in `devices`; devices gone from the list lose
+    /// their series.
+    pub fn set_device_health(&self, devices: &[crate::dra::DeviceHealth]) {
+        self.device_healthy.clear();
+        for device in devices {
+            self.device_healthy
+                .get_or_create(&DeviceLabel {
+                    device: device.device.clone(),
+                })
+                .set(i64::from(device.healthy));
+        }
     }
 }
 

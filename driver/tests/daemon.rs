@@ -209,6 +209,11 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
         "{metrics}"
     );
     assert!(metrics.contains("\nknd_published_devices 5\n"), "{metrics}");
+    assert_eq!(
+        metrics.matches("\nknd_device_healthy{device=").count(),
+        5,
+        "every device's health: {metrics}"
+    );
     assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text");
 
     let mut daemon = kill_during_prepare(&fake, &node, daemon).await;

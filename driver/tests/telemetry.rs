@@ -447,3 +447,73 @@ async fn a_pod_stopped_while_its_programs_load_leaves_nothing_measured() {
     }
     drop(pods.node);
 }
+
+/// Metric names (with their sample suffixes) a scrape declares or carries.
+fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') {
+            if let Some(name) = line.split(['{', ' ']).next() {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn the_dashboard_and_alerts_use_only_metrics_the_driver_exports() {
+    let pods = tokio::task::spawn_blocking(Pods::new).await.unwrap();
+    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
+        pods.hooks
+            .run_pod_sandbox(Pods::sandbox(pod, name))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(pods.telemetry.watches("uid-a") && pods.telemetry.watches("uid-b")) {
+        assert!(Instant::now() < deadline, "never measured");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (a, b) = (&pods.a, &pods.b);
+    tokio::task::block_in_place(|| tcp_transfer(a, b, B_ADDR.parse().unwrap(), 1 << 20).unwrap());
+    // The daemon's health loop feeds the device health gauge (checked in tests/daemon.rs).
+    pods.telemetry.set_device_health(&[knd::dra::DeviceHealth {
+        pool: "node-1".into(),
+        device: "enp1".into(),
+        healthy: true,
+        reason: String::new(),
+    }]);
+    let exported = exported_names(&pods.scrape());
+    assert!(
+        exported.contains("knd_claim_rx_bytes_total"),
+        "{exported:?}"
+    );
+
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring");
+    let referenced = regex::Regex::new(r"knd_[a-z0-9_]+").unwrap();
+    for file in ["grafana-dashboard.json", "prometheusrule.yaml"] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        let names: std::collections::BTreeSet<&str> =
+            referenced.find_iter(&text).map(|m| m.as_str()).collect();
+        assert!(names.len() >= 5, "{file}: {names:?}");
+        let unknown: Vec<&&str> = names.iter().filter(|n| !exported.contains(**n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics knd does not export: {unknown:?}\nexported: {exported:?}"
+        );
+    }
+    drop(pods.node);
+}

@@ -18,7 +18,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iputils-ping", "ping, the ICMP traffic in kernel tests"),
     ("pci.ids", "PCI vendor and device names for discovery"),
+    (
+        "python3-venv",
+        "a Python environment for kubernetes-validate (the manifests' schema check)",
+    ),
 ];
+
+/// kubernetes-validate: validates the manifests in `deploy/` against the Kubernetes OpenAPI
+/// schemas it bundles (1.34 among them), strictly (unknown fields are errors).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// The cargo-fuzz release used for the fuzz targets in `driver/fuzz`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -42,6 +50,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker(root)?;
     cargo_fuzz(root)?;
+    kubernetes_validate(root)?;
     if is_root() {
         crate::testbed::install(root)?;
     }
@@ -221,6 +230,46 @@ fn cargo_fuzz(root: &Path) -> anyhow::Result<()> {
     )?;
     let _ignored = std::fs::remove_dir_all(tools.join("build"));
     Ok(())
+}
+
+/// kubernetes-validate in its own virtual environment under `.tools/venv`.
+fn kubernetes_validate(root: &Path) -> anyhow::Result<()> {
+    let venv = root.join(".tools/venv");
+    let python = venv.join("bin/python3");
+    let installed = Command::new(&python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('kubernetes-validate'))",
+        ])
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && out.stdout.trim_ascii() == KUBERNETES_VALIDATE_VERSION.as_bytes()
+        });
+    if installed {
+        eprintln!("xtask: setup: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} present");
+        return Ok(());
+    }
+    run_checked(
+        "python3 -m venv .tools/venv",
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
+    run_checked(
+        &format!("pip install kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
+    )
 }
 
 /// The name of the nightly toolchain's own LLVM library, e.g. `libLLVM-22-rust-1.97.0-nightly`.

@@ -303,13 +303,17 @@ impl<C: ClaimApi> NodeHooks<C> {
             record.detached = record.attachments.iter().all(|a| a.pod.is_none());
         }
         self.save(&record).await?;
-        if outcome.is_ok() {
-            if let Some(telemetry) = &self.telemetry {
+        match (&outcome, &self.telemetry) {
+            (Ok(()), Some(telemetry)) => {
                 telemetry
                     .attach_seconds
                     .observe(started.elapsed().as_secs_f64());
+                self.watch(&record);
             }
-            self.watch(&record);
+            (Err(_), Some(telemetry)) => {
+                telemetry.attach_failures.inc();
+            }
+            (_, None) => {}
         }
         outcome
     }

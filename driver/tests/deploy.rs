@@ -1,0 +1,210 @@
+//! The deployment assets in `deploy/`: every manifest validates strictly (unknown fields are
+//! errors) against the Kubernetes 1.34 OpenAPI schemas with kubernetes-validate (installed by
+//! `cargo xtask setup`), the kustomizations list every manifest, and the CEL selectors and
+//! attribute names the DeviceClasses and example claims use are the ones knd publishes.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use knd::{
+    inventory::discover,
+    resources::{self, Value},
+    selector::Selector,
+    testkit::machines,
+};
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy().join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn documents(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|doc: &serde_json::Value| !doc.is_null())
+        .collect()
+}
+
+/// Runs kubernetes-validate strictly against 1.34 on `files`: (success, output).
+fn validate(files: &[PathBuf]) -> (bool, String) {
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/kubernetes-validate");
+    assert!(
+        tool.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        tool.display()
+    );
+    let output = Command::new(tool)
+        .args(["--strict", "-k", "1.34.0"])
+        .args(files)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn every_manifest_validates_strictly_against_kubernetes_1_34() {
+    let files: Vec<PathBuf> = yaml_files("kubernetes")
+        .into_iter()
+        .chain(yaml_files("examples"))
+        .collect();
+    let expected: usize = files.iter().map(|f| documents(f).len()).sum();
+    assert!(expected >= 15, "{expected} documents");
+    let (ok, output) = validate(&files);
+    assert!(ok, "{output}");
+    let passed = output.matches(" passed for resource ").count();
+    assert_eq!(
+        passed, expected,
+        "every document checked against a schema:\n{output}"
+    );
+    assert!(!output.contains("Couldn't find schema"), "{output}");
+}
+
+#[test]
+fn the_validation_is_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemonset = std::fs::read_to_string(deploy().join("kubernetes/daemonset.yaml")).unwrap();
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        daemonset.replace("hostNetwork: true", "hostNetwrok: true"),
+    )
+    .unwrap();
+    let (ok, output) = validate(&[typo]);
+    assert!(!ok, "{output}");
+    assert!(output.contains("'hostNetwrok' was unexpected"), "{output}");
+}
+
+#[test]
+fn kustomizations_list_every_manifest_of_their_directory() {
+    for dir in ["kubernetes", "monitoring"] {
+        let kustomization = documents(&deploy().join(dir).join("kustomization.yaml"));
+        let listed: BTreeSet<String> = kustomization[0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_owned())
+            .collect();
+        let present: BTreeSet<String> = yaml_files(dir)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(listed, present, "deploy/{dir}/kustomization.yaml");
+    }
+}
+
+/// Every CEL selector in a DeviceClass or claim template, with the class or request it is in.
+fn selectors() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let files = yaml_files("kubernetes")
+        .into_iter()
+        .chain(yaml_files("examples"));
+    for file in files {
+        for doc in documents(&file) {
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let mut lists = vec![doc["spec"]["selectors"].clone()];
+            for request in doc["spec"]["spec"]["devices"]["requests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                lists.push(request["exactly"]["selectors"].clone());
+            }
+            for selector in lists.iter().filter_map(|l| l.as_array()).flatten() {
+                let expression = selector["cel"]["expression"].as_str().unwrap().to_owned();
+                found.push((name.clone(), expression));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn selectors_and_constraints_use_what_knd_publishes() {
+    let inventory = discover(&machines::gpu_8x8().host());
+    let devices: Vec<(String, std::collections::BTreeMap<String, Value>)> = inventory
+        .nics
+        .iter()
+        .map(|nic| (resources::device_name(nic), resources::attributes(nic)))
+        .collect();
+    let selectors = selectors();
+    assert!(selectors.len() >= 3, "{selectors:?}");
+    for (owner, expression) in &selectors {
+        let selector = Selector::compile(expression)
+            .unwrap_or_else(|e| panic!("{owner}: `{expression}` does not compile: {e}"));
+        let matching = devices
+            .iter()
+            .filter(|(name, attributes)| selector.matches_own(name, attributes).unwrap())
+            .count();
+        assert!(
+            matching > 0,
+            "{owner}: `{expression}` matches no device of an 8-GPU node"
+        );
+        if owner == "knd-rdma" {
+            let non_rdma = discover(&machines::shared_switch().host());
+            assert!(
+                non_rdma.nics.iter().all(|nic| !selector
+                    .matches_own(&resources::device_name(nic), &resources::attributes(nic))
+                    .unwrap()),
+                "knd-rdma must not match NICs without RDMA"
+            );
+        }
+    }
+    // matchAttribute names are attributes knd publishes on every hardware NIC.
+    for file in yaml_files("examples") {
+        for doc in documents(&file) {
+            for constraint in doc["spec"]["spec"]["devices"]["constraints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let attribute = constraint["matchAttribute"].as_str().unwrap();
+                assert!(
+                    devices.iter().all(|(_, a)| a.contains_key(attribute)),
+                    "{}: matchAttribute {attribute} is not published",
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn example_claim_configs_are_valid_network_configs() {
+    for file in yaml_files("examples") {
+        for doc in documents(&file) {
+            for config in doc["spec"]["spec"]["devices"]["config"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let parameters = &config["opaque"]["parameters"];
+                let text = serde_json::to_string(parameters).unwrap();
+                knd::config::parse(text.as_bytes()).unwrap_or_else(|e| {
+                    panic!("{}: {e}", file.display());
+                });
+            }
+        }
+    }
+}
