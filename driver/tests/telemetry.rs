@@ -463,10 +463,10 @@ fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
                 _ => &[""],
             };
             names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
-        } else if !line.starts_with('#') {
-            if let Some(name) = line.split(['{', ' ']).next() {
-                names.insert(name.to_owned());
-            }
+        } else if !line.starts_with('#')
+            && let Some(name) = line.split(['{', ' ']).next()
+        {
+            names.insert(name.to_owned());
         }
     }
     names
