@@ -24,15 +24,19 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install everything the build and the tests need (idempotent; seconds when done before).
-    Setup,
+    Setup {
+        /// Only what building knd needs (nightly rust-src, bpf-linker): for container images.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Format check, clippy (all crates, eBPF included, warnings denied), unit and kernel tests.
     Test {
         /// Extra arguments for the test runner (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// The local end-to-end demo (root): stand-in NICs in throwaway namespaces, knd's eBPF
-    /// counters attached, live traffic, and a check against the kernel's own counters.
+    /// The local end-to-end demo (root): a simulated GPU node with stand-in NICs, containerd
+    /// with NRI and the real daemon, two pods given aligned NICs, live per-claim numbers.
     Demo,
     /// Run the benchmarks in bench/ (all, or one suite by name).
     Bench {
@@ -46,9 +50,12 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root()?;
     std::env::set_current_dir(&root)
         .with_context(|| format!("entering the workspace at {}", root.display()))?;
+    if let Task::Setup { build_only: true } = cli.command {
+        return setup::build_tools(&root);
+    }
     setup::run(&root)?;
     match cli.command {
-        Task::Setup => Ok(()),
+        Task::Setup { .. } => Ok(()),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Bench { suite } => bench(suite.as_deref()),

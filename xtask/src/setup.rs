@@ -58,6 +58,12 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Only the tools building knd needs: the nightly `rust-src` and bpf-linker.
+pub(crate) fn build_tools(root: &Path) -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker(root)
+}
+
 fn apt_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
