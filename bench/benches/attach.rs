@@ -150,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
                     pool: "node-1".into(),
                     device: "nic0".into(),
                     config: network.clone(),
+                    topology: None,
                 }],
             };
             store.claims.put(&claim.uid, &claim)?;

@@ -102,6 +102,11 @@ pub struct RunArgs {
     /// Rise of one error counter within the window that makes a device unhealthy.
     #[arg(long, env = "KND_HEALTH_ERRORS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub health_errors: u64,
+    /// What to do when a claim's NIC is far from the GPU allocated with it: `ignore`, `warn`
+    /// (record the class in the claim status and metrics, log), or `enforce` (also fail the
+    /// prepare). The claim's `topology.require` sets the worst acceptable class (default PXB).
+    #[arg(long, env = "KND_ALIGNMENT_POLICY", value_enum, default_value = "warn")]
+    pub alignment_policy: dra::alignment::Policy,
     /// Seconds to finish in-flight work after SIGTERM before exiting anyway.
     #[arg(long, env = "KND_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
@@ -276,7 +281,8 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     ));
     let preparer = Arc::new(
         Preparer::new(driver.clone(), store, claims)
-            .with_durations(telemetry.prepare_seconds.clone()),
+            .with_durations(telemetry.prepare_seconds.clone())
+            .with_alignment(alignment(&args, &watcher, &telemetry)),
     );
     let sockets = Sockets::new(&driver, &args.plugin_dir, &args.registry_dir);
     let plugin = dra::serve(&driver, sockets, preparer, health_rx, &shutdown)?;
@@ -305,6 +311,19 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     )
     .await;
     Ok(())
+}
+
+/// GPU–NIC alignment checking as the flags say, over the live inventory.
+fn alignment(
+    args: &RunArgs,
+    watcher: &inventory_watch::Watcher,
+    telemetry: &Telemetry,
+) -> dra::alignment::Alignment {
+    dra::alignment::Alignment {
+        policy: args.alignment_policy,
+        inventory: watcher.inventory.clone(),
+        distances: telemetry.gpu_nic_distance.clone(),
+    }
 }
 
 /// Waits up to `grace` for everything to finish after shutdown was requested.

@@ -341,6 +341,8 @@ pub struct DeviceReport {
     pub message: String,
     /// KEP-4817 network data, when known.
     pub network: Option<NetworkDeviceData>,
+    /// Its distance to the claim's closest GPU (the `TopologyAligned` condition).
+    pub topology: Option<crate::dra::alignment::Finding>,
 }
 
 /// How a status write ended.
@@ -381,14 +383,7 @@ impl ApiClaims {
                 driver: self.driver.clone(),
                 pool: d.pool.clone(),
                 device: d.device.clone(),
-                conditions: Some(vec![Condition {
-                    type_: "Ready".into(),
-                    status: if d.ready { "True" } else { "False" }.into(),
-                    reason: d.reason.clone(),
-                    message: d.message.clone(),
-                    last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
-                    observed_generation: None,
-                }]),
+                conditions: Some(conditions(d)),
                 network_data: d.network.clone(),
                 ..AllocatedDeviceStatus::default()
             })
@@ -427,6 +422,31 @@ impl ApiClaims {
     }
 }
 
+/// A device's status conditions: `Ready`, and `TopologyAligned` when the claim has GPUs (reason:
+/// the distance class).
+fn conditions(device: &DeviceReport) -> Vec<Condition> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut conditions = vec![Condition {
+        type_: "Ready".into(),
+        status: if device.ready { "True" } else { "False" }.into(),
+        reason: device.reason.clone(),
+        message: device.message.clone(),
+        last_transition_time: now.clone(),
+        observed_generation: None,
+    }];
+    if let Some(finding) = &device.topology {
+        conditions.push(Condition {
+            type_: "TopologyAligned".into(),
+            status: if finding.aligned() { "True" } else { "False" }.into(),
+            reason: finding.class.clone(),
+            message: finding.describe(&device.device),
+            last_transition_time: now,
+            observed_generation: None,
+        });
+    }
+    conditions
+}
+
 /// What the claim's status says once it is prepared: not ready yet (the pod's sandbox does not
 /// exist), with the network data the configuration already fixes.
 pub fn prepared_report(claim: &PreparedClaim) -> Vec<DeviceReport> {
@@ -450,6 +470,7 @@ pub fn prepared_report(claim: &PreparedClaim) -> Vec<DeviceReport> {
                 reason: "Prepared".into(),
                 message: "prepared; attached when the pod sandbox starts".into(),
                 network,
+                topology: device.topology.clone(),
             }
         })
         .collect()
@@ -459,6 +480,37 @@ impl ClaimApi for ApiClaims {
     async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
         let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
         api.get_opt(name).await.map_err(|e| e.to_string())
+    }
+
+    async fn device_attribute(
+        &self,
+        driver: &str,
+        pool: &str,
+        device: &str,
+        attribute: &str,
+    ) -> Result<Option<String>, String> {
+        let api: Api<ResourceSlice> = Api::all(self.client.clone());
+        let slices = api
+            .list(&ListParams::default().fields(&format!("spec.driver={driver}")))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Unqualified attribute names belong to the driver's own domain.
+        let short = attribute
+            .strip_prefix(driver)
+            .and_then(|rest| rest.strip_prefix('/'));
+        Ok(slices
+            .items
+            .iter()
+            .filter(|slice| slice.spec.pool.name == pool)
+            .flat_map(|slice| slice.spec.devices.iter().flatten())
+            .find(|d| d.name == device)
+            .and_then(|d| d.attributes.as_ref())
+            .and_then(|attributes| {
+                attributes
+                    .get(attribute)
+                    .or_else(|| short.and_then(|s| attributes.get(s)))
+            })
+            .and_then(|value| value.string.clone()))
     }
 
     fn prepared(&self, claim: &PreparedClaim) {

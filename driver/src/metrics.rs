@@ -88,6 +88,9 @@ pub struct Telemetry {
     pub published_devices: Gauge,
     /// Pods whose interfaces could not be attached.
     pub attach_failures: prometheus_client::metrics::counter::Counter,
+    /// GPU–NIC distance class of prepared claims with GPUs (rank 0 PIX … 4 SYS).
+    pub gpu_nic_distance:
+        prometheus_client::metrics::family::Family<crate::dra::alignment::DistanceLabels, Gauge>,
     /// Each device's health as reported to kubelet (1 healthy, 0 not), by device.
     pub device_healthy: prometheus_client::metrics::family::Family<DeviceLabel, Gauge>,
 }
@@ -135,6 +138,7 @@ impl Telemetry {
             published_devices: Gauge::default(),
             attach_failures: prometheus_client::metrics::counter::Counter::default(),
             device_healthy: prometheus_client::metrics::family::Family::default(),
+            gpu_nic_distance: prometheus_client::metrics::family::Family::default(),
         }
     }
 
@@ -265,6 +269,12 @@ impl Telemetry {
             "Device health as reported to kubelet: 1 healthy, 0 unhealthy (the reason is logged \
              and sent to kubelet)",
             self.device_healthy.clone(),
+        );
+        registry.register(
+            "knd_claim_gpu_nic_distance",
+            "Distance class between a claimed NIC and the closest GPU of its claim: 0 PIX, 1 PXB, \
+             2 PHB, 3 NODE, 4 SYS (also the class label)",
+            self.gpu_nic_distance.clone(),
         );
         registry.register_collector(Box::new(ClaimCollector(Arc::clone(self))));
         registry

@@ -79,6 +79,10 @@ pub struct PreparedDevice {
     pub device: String,
     /// Class and claim configuration, merged and validated.
     pub config: NetworkConfig,
+    /// Its distance to the claim's closest GPU, when the claim has GPUs (see
+    /// [`crate::dra::alignment`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<crate::dra::alignment::Finding>,
 }
 
 /// The records that could be read (by key), and an error for each that could not.
@@ -339,6 +343,7 @@ mod tests {
                 pool: "node-1".into(),
                 device: "pci-0000-b4-00-0".into(),
                 config: crate::config::default_config(),
+                topology: None,
             }],
         }
     }

@@ -464,6 +464,11 @@ async fn claim_status_is_applied_with_retries_until_written_or_gone() {
             ips: Some(vec!["10.1.0.5/24".into(), "fd00::5/64".into()]),
             hardware_address: Some("02:00:00:00:00:05".into()),
         }),
+        topology: Some(knd::dra::alignment::Finding {
+            gpu: "0000:13:00.0".into(),
+            class: "NODE".into(),
+            required: "PXB".into(),
+        }),
     }];
     fake.fail_next(&[503, 500, 429]);
     let outcome = claims
@@ -485,6 +490,19 @@ async fn claim_status_is_applied_with_retries_until_written_or_gone() {
     assert_eq!(
         (condition.type_.as_str(), condition.status.as_str()),
         ("Ready", "True")
+    );
+    let aligned = &devices[0].conditions.as_ref().unwrap()[1];
+    assert_eq!(
+        (
+            aligned.type_.as_str(),
+            aligned.status.as_str(),
+            aligned.reason.as_str()
+        ),
+        ("TopologyAligned", "False", "NODE")
+    );
+    assert_eq!(
+        aligned.message,
+        "NIC pci-0000-b4-00-0 and GPU 0000:13:00.0 are NODE apart (required: PXB or better)"
     );
 
     // A claim recreated under the same name is not ours; a deleted claim is gone.
@@ -610,5 +628,65 @@ fn slices_of_a_large_pool_stay_within_the_api_limits() {
         slices
             .iter()
             .all(|s| s.spec.devices.as_ref().unwrap().len() <= 128)
+    );
+}
+
+#[tokio::test]
+async fn another_drivers_device_attributes_are_read_from_its_slices() {
+    use knd::dra::prepare::ClaimApi as _;
+    let fake = FakeApi::start().await.unwrap();
+    let client = fake.client().await.unwrap();
+    let slices: Api<ResourceSlice> = Api::all(client.clone());
+    let gpu_slice: ResourceSlice = serde_json::from_value(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+        "metadata": {"name": "n1-gpu.nvidia.com-0"},
+        "spec": {"driver": "gpu.nvidia.com", "nodeName": "n1",
+                 "pool": {"name": "n1", "generation": 1, "resourceSliceCount": 1},
+                 "devices": [
+                     {"name": "gpu-0", "attributes": {
+                         "resource.kubernetes.io/pciBusID": {"string": "0000:13:00.0"},
+                         "productName": {"string": "H100"}}},
+                     {"name": "gpu-1", "attributes": {
+                         "resource.kubernetes.io/pciBusID": {"string": "0000:93:00.0"}}}
+                 ]}
+    }))
+    .unwrap();
+    slices
+        .create(&PostParams::default(), &gpu_slice)
+        .await
+        .unwrap();
+    slices
+        .create(&PostParams::default(), &slice(&json!([{"name": "gpu-0"}])))
+        .await
+        .unwrap();
+    let claims = ApiClaims::new(client, "knd.dev", CancellationToken::new());
+    let read = |device: &'static str, attribute: &'static str| {
+        let claims = claims.clone();
+        async move {
+            claims
+                .device_attribute("gpu.nvidia.com", "n1", device, attribute)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        read("gpu-1", "resource.kubernetes.io/pciBusID")
+            .await
+            .as_deref(),
+        Some("0000:93:00.0")
+    );
+    // Unqualified names are the driver's own domain.
+    assert_eq!(
+        read("gpu-0", "gpu.nvidia.com/productName").await.as_deref(),
+        Some("H100")
+    );
+    assert_eq!(read("gpu-9", "resource.kubernetes.io/pciBusID").await, None);
+    // knd's own slice has a device of the same name: only the asked driver's slices count.
+    assert_eq!(
+        claims
+            .device_attribute("knd.dev", "n1", "gpu-0", "resource.kubernetes.io/pciBusID")
+            .await
+            .unwrap(),
+        None
     );
 }

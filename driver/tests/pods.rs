@@ -74,6 +74,7 @@ impl Node {
                 pool: "node-1".into(),
                 device: device.into(),
                 config: config::parse(text.as_bytes()).unwrap(),
+                topology: None,
             }],
         };
         self.store.claims.put(uid, &claim).unwrap();

@@ -78,6 +78,7 @@ async fn prepare_claims(node: &TestHost, store: &StateStore) -> (Vec<HostSide>, 
                 pool: "node-1".into(),
                 device: name,
                 config: config::parse(text.as_bytes()).unwrap(),
+                topology: None,
             }],
         };
         store.claims.put(&claim.uid, &claim).unwrap();

@@ -26,6 +26,7 @@ fn record(key: &str, generation: u64) -> PreparedClaim {
             // Long enough that a write is several pages: a torn write would show.
             device: format!("pci-{generation:0>4000}"),
             config: knd::config::default_config(),
+            topology: None,
         }],
     }
 }

@@ -85,6 +85,7 @@ fn claim(uid: &str, pod: &str, device: &str, address: &str) -> PreparedClaim {
             pool: "node-1".into(),
             device: device.into(),
             config: config::parse(text.as_bytes()).unwrap(),
+            topology: None,
         }],
     }
 }
@@ -496,6 +497,32 @@ async fn the_dashboard_and_alerts_use_only_metrics_the_driver_exports() {
         healthy: true,
         reason: String::new(),
     }]);
+    // The preparer feeds the alignment series (checked in tests/alignment.rs).
+    let mut aligned = PreparedClaim {
+        uid: "uid-x".into(),
+        namespace: "ml".into(),
+        name: "x".into(),
+        pod_uids: Vec::new(),
+        devices: Vec::new(),
+    };
+    aligned.devices.push(PreparedDevice {
+        requests: vec!["nic".into()],
+        pool: "node-1".into(),
+        device: "enp1".into(),
+        config: config::default_config(),
+        topology: Some(knd::dra::alignment::Finding {
+            gpu: "0000:13:00.0".into(),
+            class: "PIX".into(),
+            required: "PXB".into(),
+        }),
+    });
+    let (_, inventory) = watch::channel(Arc::new(knd::inventory::Inventory::default()));
+    knd::dra::alignment::Alignment {
+        policy: knd::dra::alignment::Policy::Warn,
+        inventory,
+        distances: pods.telemetry.gpu_nic_distance.clone(),
+    }
+    .record(&aligned);
     let exported = exported_names(&pods.scrape());
     assert!(
         exported.contains("knd_claim_rx_bytes_total"),

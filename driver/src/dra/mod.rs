@@ -1,6 +1,7 @@
 //! The DRA kubelet plugin: plugin registration, the DRAPlugin service in its v1 and v1beta1
 //! versions, and the DRAResourceHealth stream, served over unix sockets.
 
+pub mod alignment;
 pub mod prepare;
 pub mod proto;
 mod service;

@@ -56,6 +56,18 @@ pub trait ClaimApi: Send + Sync + 'static {
         name: &str,
     ) -> impl Future<Output = Result<Option<ResourceClaim>, String>> + Send;
 
+    /// A string attribute of another driver's device from its ResourceSlices (e.g. a GPU's
+    /// `resource.kubernetes.io/pciBusID`), or `None` when it is not published.
+    fn device_attribute(
+        &self,
+        _driver: &str,
+        _pool: &str,
+        _device: &str,
+        _attribute: &str,
+    ) -> impl Future<Output = Result<Option<String>, String>> + Send {
+        async { Ok(None) }
+    }
+
     /// Called once for each newly prepared claim, after it was recorded; must not block (the
     /// daemon writes the claim's status in the background).
     fn prepared(&self, _claim: &PreparedClaim) {}
@@ -88,6 +100,7 @@ pub struct Preparer<S> {
     store: Arc<StateStore>,
     source: S,
     durations: Option<prometheus_client::metrics::histogram::Histogram>,
+    alignment: Option<super::alignment::Alignment>,
 }
 
 impl<S: ClaimApi> Preparer<S> {
@@ -98,7 +111,15 @@ impl<S: ClaimApi> Preparer<S> {
             store,
             source,
             durations: None,
+            alignment: None,
         }
+    }
+
+    /// Checks GPU–NIC alignment of claims with GPUs (see [`super::alignment`]).
+    #[must_use]
+    pub fn with_alignment(mut self, alignment: super::alignment::Alignment) -> Self {
+        self.alignment = Some(alignment);
+        self
     }
 
     /// Records how long each call takes in `durations`.
@@ -154,6 +175,9 @@ impl<S: ClaimApi> Preparer<S> {
             })
             .await??;
             for record in &recorded {
+                if let Some(alignment) = &self.alignment {
+                    alignment.record(record);
+                }
                 self.source.prepared(record);
             }
         }
@@ -178,10 +202,30 @@ impl<S: ClaimApi> Preparer<S> {
         let Some(resource) = resource else {
             return Ok(Planned::Refused(format!("claim {claim} does not exist")));
         };
-        Ok(match plan(&self.driver, claim, &resource) {
-            Ok(prepared) => Planned::New(prepared),
-            Err(message) => Planned::Refused(message),
-        })
+        let mut prepared = match plan(&self.driver, claim, &resource) {
+            Ok(prepared) => prepared,
+            Err(message) => return Ok(Planned::Refused(message)),
+        };
+        if let Some(alignment) = &self.alignment
+            && alignment.policy != super::alignment::Policy::Ignore
+        {
+            let mut gpus = Vec::new();
+            for (driver, pool, device) in super::alignment::other_devices(&self.driver, &resource) {
+                let address = self
+                    .source
+                    .device_attribute(&driver, &pool, &device, super::alignment::PCI_BUS_ID)
+                    .await
+                    .map_err(|message| InternalError::Source {
+                        claim: claim.to_string(),
+                        message: format!("reading {driver}'s device {pool}/{device}: {message}"),
+                    })?;
+                gpus.extend(address);
+            }
+            if let Err(message) = alignment.apply(&mut prepared, &gpus) {
+                return Ok(Planned::Refused(message));
+            }
+        }
+        Ok(Planned::New(prepared))
     }
 
     /// Releases every claim (forgets it; interfaces are given back when the pod stops).
@@ -194,11 +238,14 @@ impl<S: ClaimApi> Preparer<S> {
             let store = Arc::clone(&self.store);
             let uid = claim.uid.clone();
             let known = blocking(move || {
-                let known = store.claims.get(&uid)?.is_some();
+                let known = store.claims.get(&uid)?;
                 store.claims.remove(&uid).map(|()| known)
             })
             .await??;
-            if known {
+            if let Some(record) = known {
+                if let Some(alignment) = &self.alignment {
+                    alignment.forget(&record);
+                }
                 self.source.released(claim);
             }
             outcomes.insert(claim.uid.clone(), Ok(()));
@@ -262,6 +309,7 @@ pub fn plan(
                 pool: result.pool.clone(),
                 device: result.device.clone(),
                 config,
+                topology: None,
             }
         })
         .collect();

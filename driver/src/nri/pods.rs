@@ -434,6 +434,14 @@ impl<C: ClaimApi> NodeHooks<C> {
 
     /// Tells the API the pod's interfaces are ready, with their network data.
     fn report(&self, record: &PodRecord) {
+        let prepared = self.claims_of(&record.pod_uid).unwrap_or_default();
+        let topology = |claim_uid: &str, device: &str| {
+            prepared
+                .iter()
+                .find(|c| c.uid == claim_uid)
+                .and_then(|c| c.devices.iter().find(|d| d.device == device))
+                .and_then(|d| d.topology.clone())
+        };
         let mut by_claim: HashMap<&str, (ClaimRef, Vec<DeviceReport>)> = HashMap::new();
         for attachment in &record.attachments {
             let Some(side) = &attachment.pod else {
@@ -460,6 +468,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                     ips: Some(side.addresses.iter().map(ToString::to_string).collect()),
                     hardware_address: side.mac.clone(),
                 }),
+                topology: topology(&attachment.claim_uid, &attachment.device),
             });
         }
         for (claim, devices) in by_claim.into_values() {

@@ -15,10 +15,16 @@ use crate::{
 
 type ClaimMap = HashMap<(String, String), ResourceClaim>;
 type Reports = Vec<(ClaimRef, Vec<DeviceReport>)>;
+/// Other drivers' published attributes: (driver, pool, device, attribute) → value.
+type Attributes = HashMap<(String, String, String, String), String>;
 
 /// Claims by namespace and name, and the status reports they received, shared between clones.
 #[derive(Debug, Clone, Default)]
-pub struct MemoryClaims(Arc<Mutex<ClaimMap>>, Arc<Mutex<Reports>>);
+pub struct MemoryClaims(
+    Arc<Mutex<ClaimMap>>,
+    Arc<Mutex<Reports>>,
+    Arc<Mutex<Attributes>>,
+);
 
 impl MemoryClaims {
     /// Adds (or replaces) a claim given as API JSON.
@@ -29,6 +35,14 @@ impl MemoryClaims {
             claim.metadata.name.clone().unwrap_or_default(),
         );
         self.0.lock().expect("not poisoned").insert(key, claim);
+    }
+
+    /// Publishes a string attribute of another driver's device (as its ResourceSlice would).
+    pub fn publish(&self, driver: &str, pool: &str, device: &str, attribute: &str, value: &str) {
+        self.2.lock().expect("not poisoned").insert(
+            (driver.into(), pool.into(), device.into(), attribute.into()),
+            value.into(),
+        );
     }
 
     /// Forgets every claim.
@@ -50,6 +64,21 @@ impl ClaimApi for MemoryClaims {
             .lock()
             .expect("not poisoned")
             .push((claim.clone(), devices));
+    }
+
+    async fn device_attribute(
+        &self,
+        driver: &str,
+        pool: &str,
+        device: &str,
+        attribute: &str,
+    ) -> Result<Option<String>, String> {
+        Ok(self
+            .2
+            .lock()
+            .expect("not poisoned")
+            .get(&(driver.into(), pool.into(), device.into(), attribute.into()))
+            .cloned())
     }
 
     async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
