@@ -245,9 +245,34 @@ fn ss_rtt(pods: &Pods) -> f64 {
     rtt_ms / 1000.0
 }
 
-/// The claim's exported counters equal the kernel's statistics of its interface since `before`.
-fn check_counters(text: &str, pod: &TestHost, claim: &str, before: &knd::netlink::LinkStats) {
-    let kernel = pod.link_stats("net1").unwrap();
+/// A scrape, and both pods' kernel statistics of net1 from the same moment (read until they do
+/// not move across the scrape).
+fn settled(pods: &Pods) -> (String, knd::netlink::LinkStats, knd::netlink::LinkStats) {
+    for _ in 0..100 {
+        let before = (
+            pods.a.link_stats("net1").unwrap(),
+            pods.b.link_stats("net1").unwrap(),
+        );
+        let text = pods.scrape();
+        let after = (
+            pods.a.link_stats("net1").unwrap(),
+            pods.b.link_stats("net1").unwrap(),
+        );
+        if before == after {
+            return (text, after.0, after.1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the pods' traffic never settled");
+}
+
+/// What the claim's exported counters grew by between two scrapes equals what the kernel's
+/// statistics of its interface grew by between the same moments.
+fn check_counters(
+    (text_before, text): (&str, &str),
+    claim: &str,
+    (before, kernel): (&knd::netlink::LinkStats, &knd::netlink::LinkStats),
+) {
     let labels = [
         &*format!("claim=\"{claim}\""),
         "interface=\"net1\"",
@@ -255,7 +280,10 @@ fn check_counters(text: &str, pod: &TestHost, claim: &str, before: &knd::netlink
         "request=\"nic\"",
     ];
     let ours = |metric: &str| {
-        value(text, metric, &labels).unwrap_or_else(|| panic!("{metric} for {claim}:\n{text}"))
+        let at = |text: &str| {
+            value(text, metric, &labels).unwrap_or_else(|| panic!("{metric} for {claim}:\n{text}"))
+        };
+        at(text) - at(text_before)
     };
     assert_eq!(
         ours("knd_claim_tx_bytes_total"),
@@ -285,7 +313,11 @@ fn check_counters(text: &str, pod: &TestHost, claim: &str, before: &knd::netlink
 
 /// `knd top`'s view of the interval between two scrapes: pod a's send rate × the interval is
 /// exactly what the kernel counted.
-fn check_top(text_before: &str, text: &str, pod_a: &TestHost, before_a: &knd::netlink::LinkStats) {
+fn check_top(
+    text_before: &str,
+    text: &str,
+    (before_a, after_a): (&knd::netlink::LinkStats, &knd::netlink::LinkStats),
+) {
     let rows = knd::top::rows(
         &knd::top::parse(text_before).unwrap(),
         &knd::top::parse(text).unwrap(),
@@ -293,7 +325,6 @@ fn check_top(text_before: &str, text: &str, pod_a: &TestHost, before_a: &knd::ne
     );
     assert_eq!(rows.len(), 2, "{rows:?}");
     let row_a = rows.iter().find(|r| r.interface.claim == "nic-a").unwrap();
-    let after_a = pod_a.link_stats("net1").unwrap();
     #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
     let tx_bits = ((after_a.tx_bytes - before_a.tx_bytes) * 8) as f64;
     assert!(
@@ -328,9 +359,7 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
         assert!(Instant::now() < deadline, "never measured");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let before_a = pods.a.link_stats("net1").unwrap();
-    let before_b = pods.b.link_stats("net1").unwrap();
-    let text_before = pods.scrape();
+    let (text_before, before_a, before_b) = tokio::task::block_in_place(|| settled(&pods));
 
     let payload = 8 << 20;
     let (a, b) = (&pods.a, &pods.b);
@@ -340,9 +369,12 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
     assert_eq!(sent, payload);
     let ss = tokio::task::block_in_place(|| ss_rtt(&pods));
 
-    let text = pods.scrape();
-    for (pod, claim, before) in [(&pods.a, "nic-a", before_a), (&pods.b, "nic-b", before_b)] {
-        check_counters(&text, pod, claim, &before);
+    let (text, after_a, after_b) = tokio::task::block_in_place(|| settled(&pods));
+    for (claim, before, after) in [
+        ("nic-a", &before_a, &after_a),
+        ("nic-b", &before_b, &after_b),
+    ] {
+        check_counters((&text_before, &text), claim, (before, after));
     }
     let a_sent = value(
         &text,
@@ -352,7 +384,7 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
     .unwrap();
     assert!(a_sent > payload as u64, "the transfer is TCP: {a_sent}");
 
-    check_top(&text_before, &text, &pods.a, &before_a);
+    check_top(&text_before, &text, (&before_a, &after_a));
 
     // The RDMA device behind pod a's NIC: sysfs counters, data in 4-byte words.
     let rdma = |metric: &str, extra: &[&str]| {
