@@ -355,13 +355,13 @@ fn the_daemonsets_configure_knd_with_flags_it_knows() {
 }
 
 #[test]
-fn the_install_guide_names_every_flag_of_knd_run() {
+fn the_configuration_reference_names_every_flag_and_attribute() {
     let help = Command::new(env!("CARGO_BIN_EXE_knd"))
         .args(["run", "--help"])
         .output()
         .unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
-    let guide = std::fs::read_to_string(deploy().join("../docs/install.md")).unwrap();
+    let guide = std::fs::read_to_string(deploy().join("../docs/configuration.md")).unwrap();
     let flag = regex::Regex::new(r"--([a-z][a-z-]+)").unwrap();
     let flags: BTreeSet<&str> = flag
         .captures_iter(&help)
