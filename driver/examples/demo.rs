@@ -44,10 +44,18 @@ use knd::{
 use tokio_util::sync::CancellationToken;
 
 const NICS: [&str; 4] = ["nic0", "nic1", "nic2", "nic3"];
-/// The pods: name, the PCIe root of "its" GPU, its address on the claimed NIC.
+/// The pods: name, the GPU allocated to it (of the GPU driver stand-in), its address on the
+/// claimed NIC.
 const PODS: [(&str, &str, &str); 2] = [
-    ("trainer-0", "pci0000:10", "10.77.0.10"),
-    ("trainer-1", "pci0000:30", "10.77.0.11"),
+    ("trainer-0", "gpu-0", "10.77.0.10"),
+    ("trainer-1", "gpu-1", "10.77.0.11"),
+];
+/// The GPU driver stand-in: its name and its GPUs (name, PCI address, PCIe root) as the fixture
+/// topology places them.
+const GPU_DRIVER: &str = "gpu.nvidia.com";
+const GPUS: [(&str, &str, &str); 2] = [
+    ("gpu-0", "0000:13:00.0", "pci0000:10"),
+    ("gpu-1", "0000:33:00.0", "pci0000:30"),
 ];
 const TRAFFIC_SECONDS: u32 = 6;
 
@@ -232,14 +240,24 @@ impl Demo {
             .sum();
         println!("knd published {devices} devices in ResourceSlices of pool node-1");
 
-        // The scheduler's part: each pod's claim asks for the NIC on its GPU's PCIe root.
+        self.publish_gpus()?;
+        // The scheduler's part: each pod's claim holds a GPU and the NIC on the same PCIe root
+        // (`matchAttribute: resource.kubernetes.io/pcieRoot`, as a CEL selector here).
         let mut claims = Vec::new();
-        for (i, (pod, root, address)) in PODS.iter().enumerate() {
+        for (i, (pod, gpu, address)) in PODS.iter().enumerate() {
+            let root = GPUS
+                .iter()
+                .find(|(name, ..)| name == gpu)
+                .map(|(.., root)| *root)
+                .context("a GPU of the stand-in driver")?;
             let selector =
                 format!("device.attributes[\"resource.kubernetes.io\"].pcieRoot == \"{root}\"");
             let device = self.allocate(&selector)?;
-            println!("scheduler stand-in: {pod}'s claim selector `{selector}` → {device}");
-            self.fake.put_claim(claim(i, pod, &device, address));
+            println!(
+                "scheduler stand-in: {pod} gets {GPU_DRIVER} {gpu} (pcieRoot {root}) and, by \
+                 `{selector}`, knd.dev {device}"
+            );
+            self.fake.put_claim(claim(i, pod, gpu, &device, address));
             claims.push(dra_v1::Claim {
                 namespace: "ml".into(),
                 uid: format!("claim-uid-{i}"),
@@ -289,10 +307,50 @@ impl Demo {
         self.check_counters(&pods, &baseline).await
     }
 
-    /// The first published device the selector accepts.
+    /// The GPU driver stand-in publishes its GPUs with their PCI addresses and roots.
+    fn publish_gpus(&self) -> anyhow::Result<()> {
+        use k8s_openapi::api::resource::v1::ResourceSlice;
+        let devices: Vec<serde_json::Value> = GPUS
+            .iter()
+            .map(|(name, address, root)| {
+                serde_json::json!({"name": name, "attributes": {
+                    "resource.kubernetes.io/pciBusID": {"string": address},
+                    "resource.kubernetes.io/pcieRoot": {"string": root},
+                    "productName": {"string": "NVIDIA H100 80GB HBM3"}
+                }})
+            })
+            .collect();
+        let slice: ResourceSlice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": format!("node-1-{GPU_DRIVER}-0")},
+            "spec": {"driver": GPU_DRIVER, "nodeName": "node-1",
+                     "pool": {"name": "node-1", "generation": 1, "resourceSliceCount": 1},
+                     "devices": devices}
+        }))?;
+        // The API server listens on the node's loopback: talk to it from there.
+        let fake = &self.fake;
+        self.node.netns().block_on(|| async move {
+            kube::Api::<ResourceSlice>::all(fake.client().await?)
+                .create(&kube::api::PostParams::default(), &slice)
+                .await?;
+            anyhow::Ok(())
+        })??;
+        println!(
+            "GPU driver stand-in: published {} GPUs ({GPU_DRIVER})",
+            GPUS.len()
+        );
+        Ok(())
+    }
+
+    /// The first published device of knd the selector accepts.
     fn allocate(&self, expression: &str) -> anyhow::Result<String> {
         let selector = Selector::compile(expression)?;
-        for slice in self.fake.slices() {
+        for slice in self
+            .fake
+            .slices()
+            .into_iter()
+            .filter(|s| s.spec.driver == "knd.dev")
+        {
             for device in slice.spec.devices.unwrap_or_default() {
                 let attributes = device
                     .attributes
@@ -342,7 +400,10 @@ impl Demo {
                     .conditions
                     .iter()
                     .flatten()
-                    .map(|c| format!("{}={}", c.type_, c.status))
+                    .map(|c| match c.type_.as_str() {
+                        "TopologyAligned" => format!("{}={} ({})", c.type_, c.status, c.reason),
+                        _ => format!("{}={}", c.type_, c.status),
+                    })
                     .collect::<Vec<_>>()
                     .join(",");
                 return Ok(format!(
@@ -603,8 +664,9 @@ fn start_daemon(
     Ok(Daemon { child, log })
 }
 
-/// Claim `i` of `pod`: `device` allocated, configured as `net1` with `address`/24.
-fn claim(i: usize, pod: &str, device: &str, address: &str) -> serde_json::Value {
+/// Claim `i` of `pod`: GPU `gpu` and knd's `device` allocated, the NIC configured as `net1` with
+/// `address`/24.
+fn claim(i: usize, pod: &str, gpu: &str, device: &str, address: &str) -> serde_json::Value {
     let config: serde_json::Value = serde_json::from_str(&format!(
         r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","mtu":9000,"addresses":["{address}/24"]}}}}"#
     ))
@@ -613,11 +675,17 @@ fn claim(i: usize, pod: &str, device: &str, address: &str) -> serde_json::Value 
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceClaim",
         "metadata": {"name": format!("{pod}-nic"), "namespace": "ml", "uid": format!("claim-uid-{i}")},
-        "spec": {"devices": {"requests": [{"name": "nic", "exactly": {"deviceClassName": "knd-nic"}}]}},
+        "spec": {"devices": {"requests": [
+            {"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com"}},
+            {"name": "nic", "exactly": {"deviceClassName": "knd-nic"}}
+        ]}},
         "status": {
             "allocation": {"devices": {
-                "results": [{"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": device}],
-                "config": [{"source": "FromClaim", "opaque": {"driver": "knd.dev", "parameters": config}}]
+                "results": [
+                    {"request": "gpu", "driver": GPU_DRIVER, "pool": "node-1", "device": gpu},
+                    {"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": device}
+                ],
+                "config": [{"source": "FromClaim", "requests": ["nic"], "opaque": {"driver": "knd.dev", "parameters": config}}]
             }},
             "reservedFor": [{"resource": "pods", "name": pod, "uid": format!("pod-uid-{i}")}]
         }

@@ -248,7 +248,12 @@ fn rtt_percentiles(
     if histogram.is_empty() {
         return (None, None);
     }
-    let at = |q: f64| Some(Duration::from_micros(histogram.value_at_quantile(q)));
+    // The bucket's bound itself (recorded exactly), not the top of its HDR precision band.
+    let at = |q: f64| {
+        Some(Duration::from_micros(
+            histogram.lowest_equivalent(histogram.value_at_quantile(q)),
+        ))
+    };
     (at(0.5), at(0.99))
 }
 
