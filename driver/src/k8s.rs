@@ -482,6 +482,28 @@ impl ClaimApi for ApiClaims {
         api.get_opt(name).await.map_err(|e| e.to_string())
     }
 
+    async fn reserved_for(
+        &self,
+        namespace: &str,
+        pod_uid: &str,
+    ) -> Result<Vec<ResourceClaim>, String> {
+        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
+        let claims = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(claims
+            .items
+            .into_iter()
+            .filter(|c| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.reserved_for.as_ref())
+                    .is_some_and(|r| r.iter().any(|r| r.uid == pod_uid))
+            })
+            .collect())
+    }
+
     async fn device_attribute(
         &self,
         driver: &str,

@@ -193,3 +193,40 @@ async fn ignore_and_claims_without_gpus_record_nothing() {
     let answers = s.preparer.prepare(&[reference("unknown")]).await.unwrap();
     assert!(answers["uid-unknown"].is_ok(), "{answers:?}");
 }
+
+#[tokio::test]
+async fn a_gpu_in_another_claim_of_the_pod_counts() {
+    let s = setup(Policy::Enforce);
+    let sys = device_of(&s.inventory, "ens5f0");
+    let pix = device_of(&s.inventory, "ens1f0");
+    // The pod's GPU claim (the GPU driver's own), and two NIC-only claims for the same pod.
+    s.claims.add(serde_json::json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": "gpu", "namespace": "ml", "uid": "uid-gpu"},
+        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com"}}]}},
+        "status": {"allocation": {"devices": {"results": [
+            {"request": "gpu", "driver": GPU_DRIVER, "pool": "node-1", "device": "gpu-0"}
+        ]}}, "reservedFor": [{"resource": "pods", "name": "trainer", "uid": "pod-1"}]}
+    }));
+    for (name, device) in [("near", &pix), ("far", &sys)] {
+        let mut nic_only = claim(name, device, "");
+        let results = &mut nic_only["status"]["allocation"]["devices"]["results"];
+        *results = serde_json::json!([results[1].clone()]);
+        nic_only["status"]["reservedFor"] =
+            serde_json::json!([{"resource": "pods", "name": "trainer", "uid": "pod-1"}]);
+        s.claims.add(nic_only);
+    }
+    let answers = s
+        .preparer
+        .prepare(&[reference("near"), reference("far")])
+        .await
+        .unwrap();
+    assert!(answers["uid-near"].is_ok(), "{answers:?}");
+    assert!(
+        answers["uid-far"]
+            .as_ref()
+            .unwrap_err()
+            .contains("and GPU 0000:13:00.0 are SYS apart"),
+        "{answers:?}"
+    );
+}

@@ -632,7 +632,7 @@ fn slices_of_a_large_pool_stay_within_the_api_limits() {
 }
 
 #[tokio::test]
-async fn another_drivers_device_attributes_are_read_from_its_slices() {
+async fn other_drivers_devices_and_a_pods_claims_are_read_from_the_api() {
     use knd::dra::prepare::ClaimApi as _;
     let fake = FakeApi::start().await.unwrap();
     let client = fake.client().await.unwrap();
@@ -681,6 +681,28 @@ async fn another_drivers_device_attributes_are_read_from_its_slices() {
         Some("H100")
     );
     assert_eq!(read("gpu-9", "resource.kubernetes.io/pciBusID").await, None);
+    // The claims reserved for a pod, listed in its namespace.
+    fake.put_claim(allocated_claim(
+        "c1",
+        "uid-1",
+        &format!("{{{CONFIG_HEAD}}}"),
+    ));
+    let mut other = allocated_claim("c2", "uid-2", &format!("{{{CONFIG_HEAD}}}"));
+    other["status"]["reservedFor"][0]["uid"] = "pod-uid-9".into();
+    fake.put_claim(other);
+    let reserved = claims.reserved_for("ml", "pod-uid-1").await.unwrap();
+    let names: Vec<_> = reserved
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["c1"]);
+    assert!(
+        claims
+            .reserved_for("other", "pod-uid-1")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // knd's own slice has a device of the same name: only the asked driver's slices count.
     assert_eq!(
         claims

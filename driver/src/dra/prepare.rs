@@ -68,6 +68,16 @@ pub trait ClaimApi: Send + Sync + 'static {
         async { Ok(None) }
     }
 
+    /// The claims in `namespace` reserved for pod `pod_uid` (a pod's GPU often comes in a claim
+    /// of its own).
+    fn reserved_for(
+        &self,
+        _namespace: &str,
+        _pod_uid: &str,
+    ) -> impl Future<Output = Result<Vec<ResourceClaim>, String>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
     /// Called once for each newly prepared claim, after it was recorded; must not block (the
     /// daemon writes the claim's status in the background).
     fn prepared(&self, _claim: &PreparedClaim) {}
@@ -209,23 +219,62 @@ impl<S: ClaimApi> Preparer<S> {
         if let Some(alignment) = &self.alignment
             && alignment.policy != super::alignment::Policy::Ignore
         {
-            let mut gpus = Vec::new();
-            for (driver, pool, device) in super::alignment::other_devices(&self.driver, &resource) {
-                let address = self
-                    .source
-                    .device_attribute(&driver, &pool, &device, super::alignment::PCI_BUS_ID)
-                    .await
-                    .map_err(|message| InternalError::Source {
-                        claim: claim.to_string(),
-                        message: format!("reading {driver}'s device {pool}/{device}: {message}"),
-                    })?;
-                gpus.extend(address);
-            }
-            if let Err(message) = alignment.apply(&mut prepared, &gpus) {
-                return Ok(Planned::Refused(message));
+            match self.gpus_of(claim, &resource, &prepared.pod_uids).await {
+                Ok(gpus) => {
+                    if let Err(message) = alignment.apply(&mut prepared, &gpus) {
+                        return Ok(Planned::Refused(message));
+                    }
+                }
+                // Enforcing needs the answer: kubelet retries. Otherwise prepare without it.
+                Err(error) if alignment.policy == super::alignment::Policy::Enforce => {
+                    return Err(error);
+                }
+                Err(error) => {
+                    tracing::warn!(%claim, %error, "cannot check GPU alignment");
+                }
             }
         }
         Ok(Planned::New(prepared))
+    }
+
+    /// The PCI addresses of the GPUs other drivers allocated in `resource`, or else in the
+    /// other claims of its pods.
+    async fn gpus_of(
+        &self,
+        claim: &ClaimRef,
+        resource: &ResourceClaim,
+        pod_uids: &[String],
+    ) -> Result<Vec<String>, InternalError> {
+        let mut others = super::alignment::other_devices(&self.driver, resource);
+        // No GPU in this claim: the pod's other claims.
+        if others.is_empty() {
+            for pod in pod_uids {
+                let claims = self
+                    .source
+                    .reserved_for(&claim.namespace, pod)
+                    .await
+                    .map_err(|message| InternalError::Source {
+                        claim: claim.to_string(),
+                        message: format!("listing the claims of pod {pod}: {message}"),
+                    })?;
+                for other in &claims {
+                    others.extend(super::alignment::other_devices(&self.driver, other));
+                }
+            }
+        }
+        let mut gpus = Vec::new();
+        for (driver, pool, device) in others {
+            let address = self
+                .source
+                .device_attribute(&driver, &pool, &device, super::alignment::PCI_BUS_ID)
+                .await
+                .map_err(|message| InternalError::Source {
+                    claim: claim.to_string(),
+                    message: format!("reading {driver}'s device {pool}/{device}: {message}"),
+                })?;
+            gpus.extend(address);
+        }
+        Ok(gpus)
     }
 
     /// Releases every claim (forgets it; interfaces are given back when the pod stops).

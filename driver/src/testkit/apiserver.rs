@@ -372,6 +372,17 @@ fn route(store: &mut Store, segments: &[&str], request: &Incoming<'_>) -> Answer
             "namespaces",
             namespace,
             "resourceclaims",
+        ] => match *method {
+            Method::GET => list_claims(store, namespace, request.query),
+            _ => Err(not_allowed(method)),
+        },
+        [
+            "apis",
+            "resource.k8s.io",
+            "v1",
+            "namespaces",
+            namespace,
+            "resourceclaims",
             name,
         ] => match *method {
             Method::GET => get_claim(store, namespace, name),
@@ -887,6 +898,32 @@ fn attribute_name_problem(name: &str) -> Option<String> {
 
 // ---------------------------------------------------------------------------------------------
 // ResourceClaims
+
+/// The claims of a namespace (no selectors: the fake refuses them rather than ignore them).
+fn list_claims(store: &Store, namespace: &str, query: &BTreeMap<String, String>) -> Answer {
+    if let Some(selector) = ["fieldSelector", "labelSelector"]
+        .iter()
+        .find(|key| query.get(**key).is_some_and(|v| !v.is_empty()))
+    {
+        return Err(Failure::bad_request(format!(
+            "the fake does not support {selector} on resourceclaims"
+        )));
+    }
+    let items: Vec<Value> = store
+        .claims
+        .iter()
+        .filter(|((ns, _), _)| ns == namespace)
+        .map(|(_, claim)| to_value(claim))
+        .collect();
+    Ok((
+        StatusCode::OK,
+        json!({
+            "apiVersion": RESOURCE_GROUP, "kind": "ResourceClaimList",
+            "metadata": {"resourceVersion": store.revision.to_string()},
+            "items": items,
+        }),
+    ))
+}
 
 fn get_claim(store: &Store, namespace: &str, name: &str) -> Answer {
     store

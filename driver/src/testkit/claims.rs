@@ -66,6 +66,28 @@ impl ClaimApi for MemoryClaims {
             .push((claim.clone(), devices));
     }
 
+    async fn reserved_for(
+        &self,
+        namespace: &str,
+        pod_uid: &str,
+    ) -> Result<Vec<ResourceClaim>, String> {
+        Ok(self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|(_, claim)| claim)
+            .filter(|c| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.reserved_for.as_ref())
+                    .is_some_and(|r| r.iter().any(|r| r.uid == pod_uid))
+            })
+            .cloned()
+            .collect())
+    }
+
     async fn device_attribute(
         &self,
         driver: &str,
