@@ -297,6 +297,19 @@ impl Demo {
             let status = self.wait_for_status(&format!("{pod}-nic")).await?;
             println!("claim ml/{pod}-nic status: {status}");
         }
+        for event in self.fake.events() {
+            println!(
+                "event on {}: {} {}: {}",
+                event
+                    .regarding
+                    .as_ref()
+                    .and_then(|r| r.name.as_deref())
+                    .unwrap_or_default(),
+                event.type_.as_deref().unwrap_or_default(),
+                event.reason.as_deref().unwrap_or_default(),
+                event.note.as_deref().unwrap_or_default()
+            );
+        }
 
         let pods = self.pod_hosts()?;
         let mut baseline = Vec::new();

@@ -262,7 +262,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         shutdown.clone(),
     ));
 
-    let claims = ApiClaims::new(client, &driver, shutdown.clone());
+    let claims = ApiClaims::new(client, &driver, shutdown.clone()).with_instance(&node);
     let identity = nri::plugin::Identity::new("knd", &args.nri_index).map_err(Error::Nri)?;
     let hooks = Arc::new(
         nri::pods::NodeHooks::new(

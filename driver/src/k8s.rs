@@ -316,6 +316,8 @@ pub struct ApiClaims {
     client: Client,
     driver: String,
     shutdown: CancellationToken,
+    /// `reportingInstance` of the Events knd creates (the node's name in the daemon).
+    instance: String,
 }
 
 impl std::fmt::Debug for ApiClaims {
@@ -365,6 +367,57 @@ impl ApiClaims {
             client,
             driver: driver.to_owned(),
             shutdown,
+            instance: driver.to_owned(),
+        }
+    }
+
+    /// Names this instance in the Events it creates (e.g. the node).
+    #[must_use]
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        instance.clone_into(&mut self.instance);
+        self
+    }
+
+    /// Creates an `events.k8s.io/v1` Event about `claim` (`kind` `Normal` or `Warning`); a
+    /// failure is logged, not retried (Events are best effort).
+    pub async fn event(
+        &self,
+        claim: &ClaimRef,
+        kind: &str,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        use k8s_openapi::{
+            api::{core::v1::ObjectReference, events::v1::Event},
+            apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+        };
+        let event = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.", claim.name)),
+                namespace: Some(claim.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            type_: Some(kind.to_owned()),
+            reason: Some(reason.to_owned()),
+            action: Some(action.to_owned()),
+            note: Some(note.chars().take(1024).collect()),
+            reporting_controller: Some(self.driver.clone()),
+            reporting_instance: Some(self.instance.chars().take(128).collect()),
+            regarding: Some(ObjectReference {
+                api_version: Some("resource.k8s.io/v1".into()),
+                kind: Some("ResourceClaim".into()),
+                name: Some(claim.name.clone()),
+                namespace: Some(claim.namespace.clone()),
+                uid: Some(claim.uid.clone()),
+                ..ObjectReference::default()
+            }),
+            ..Event::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &claim.namespace);
+        if let Err(error) = api.create(&PostParams::default(), &event).await {
+            tracing::warn!(%claim, %error, reason, "cannot create an Event");
         }
     }
 
@@ -544,6 +597,17 @@ impl ClaimApi for ApiClaims {
         };
         let report = prepared_report(claim);
         tokio::spawn(async move {
+            for device in &report {
+                if let Some(finding) = &device.topology {
+                    let (kind, reason) = if finding.aligned() {
+                        ("Normal", "TopologyAligned")
+                    } else {
+                        ("Warning", "TopologyMisaligned")
+                    };
+                    let note = finding.describe(&device.device);
+                    this.event(&reference, kind, reason, "Prepare", &note).await;
+                }
+            }
             this.write_status(&reference, &report).await;
         });
     }

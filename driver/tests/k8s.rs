@@ -712,3 +712,95 @@ async fn other_drivers_devices_and_a_pods_claims_are_read_from_the_api() {
         None
     );
 }
+
+#[tokio::test]
+async fn a_prepared_claim_with_a_gpu_gets_an_event_and_the_topology_condition() {
+    let fake = FakeApi::start().await.unwrap();
+    let claims = ApiClaims::new(
+        fake.client().await.unwrap(),
+        "knd.dev",
+        CancellationToken::new(),
+    )
+    .with_instance("node-1");
+    fake.put_claim(allocated_claim(
+        "c1",
+        "uid-1",
+        &format!("{{{CONFIG_HEAD}}}"),
+    ));
+    let record = knd::state::PreparedClaim {
+        uid: "uid-1".into(),
+        namespace: "ml".into(),
+        name: "c1".into(),
+        pod_uids: vec!["pod-uid-1".into()],
+        devices: vec![knd::state::PreparedDevice {
+            requests: vec!["nic".into()],
+            pool: "node-1".into(),
+            device: "pci-0000-b4-00-0".into(),
+            config: knd::config::default_config(),
+            topology: Some(knd::dra::alignment::Finding {
+                gpu: "0000:93:00.0".into(),
+                class: "SYS".into(),
+                required: "PXB".into(),
+            }),
+        }],
+    };
+    claims.prepared(&record);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fake.events().is_empty()
+        || fake
+            .claim("ml", "c1")
+            .unwrap()
+            .status
+            .unwrap()
+            .devices
+            .is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "no event or status");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let event = &fake.events()[0];
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.reason.as_deref(), Some("TopologyMisaligned"));
+    assert_eq!(event.reporting_controller.as_deref(), Some("knd.dev"));
+    assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    assert_eq!(
+        event.note.as_deref(),
+        Some("NIC pci-0000-b4-00-0 and GPU 0000:93:00.0 are SYS apart (required: PXB or better)")
+    );
+    let regarding = event.regarding.as_ref().unwrap();
+    assert_eq!(
+        (
+            regarding.kind.as_deref(),
+            regarding.name.as_deref(),
+            regarding.uid.as_deref()
+        ),
+        (Some("ResourceClaim"), Some("c1"), Some("uid-1"))
+    );
+    let devices = fake
+        .claim("ml", "c1")
+        .unwrap()
+        .status
+        .unwrap()
+        .devices
+        .unwrap();
+    let conditions = devices[0].conditions.as_ref().unwrap();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c.type_ == "TopologyAligned" && c.status == "False")
+    );
+
+    // The fake refuses what the API refuses.
+    let bad: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
+        "metadata": {"generateName": "c1."}, "type": "Loud", "reportingController": "knd.dev",
+        "reportingInstance": "node-1", "action": "Prepare", "reason": "X",
+        "regarding": {"kind": "ResourceClaim", "name": "c1"}
+    }))
+    .unwrap();
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(fake.client().await.unwrap(), "ml");
+    let error = api.create(&PostParams::default(), &bad).await.unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("eventTime: Required value"), "{message}");
+    assert!(message.contains("type: Unsupported value"), "{message}");
+}

@@ -64,6 +64,8 @@ struct Store {
     nodes: BTreeMap<String, Node>,
     slices: BTreeMap<String, ResourceSlice>,
     claims: BTreeMap<(String, String), ResourceClaim>,
+    /// `events.k8s.io/v1` Events created, in order.
+    events: Vec<k8s_openapi::api::events::v1::Event>,
     /// Server-side apply: which field manager owns which `status.devices` entry, per claim.
     device_owners: BTreeMap<(String, String), BTreeMap<DeviceKey, String>>,
     /// Status codes the next requests fail with (fault injection).
@@ -199,6 +201,11 @@ impl FakeApi {
     /// Every stored ResourceSlice, by name.
     pub fn slices(&self) -> Vec<ResourceSlice> {
         self.lock().slices.values().cloned().collect()
+    }
+
+    /// The Events created so far.
+    pub fn events(&self) -> Vec<k8s_openapi::api::events::v1::Event> {
+        self.lock().events.clone()
     }
 
     /// Removes a slice behind the driver's back (as an administrator might).
@@ -365,6 +372,14 @@ fn route(store: &mut Store, segments: &[&str], request: &Incoming<'_>) -> Answer
             Method::DELETE => delete_slice(store, name, request.body),
             _ => Err(not_allowed(method)),
         },
+        [
+            "apis",
+            "events.k8s.io",
+            "v1",
+            "namespaces",
+            namespace,
+            "events",
+        ] if method == Method::POST => create_event(store, namespace, request.body),
         [
             "apis",
             "resource.k8s.io",
@@ -898,6 +913,77 @@ fn attribute_name_problem(name: &str) -> Option<String> {
 
 // ---------------------------------------------------------------------------------------------
 // ResourceClaims
+
+/// Creates an `events.k8s.io/v1` Event, with the API's validation of the fields a reporter sets.
+fn create_event(store: &mut Store, namespace: &str, body: &[u8]) -> Answer {
+    let mut event: k8s_openapi::api::events::v1::Event = decode(body)?;
+    let mut errors = Vec::new();
+    if event
+        .metadata
+        .namespace
+        .as_deref()
+        .is_some_and(|ns| ns != namespace)
+    {
+        errors.push("metadata.namespace: Invalid value: does not match the request".to_owned());
+    }
+    let name = event.metadata.name.clone().unwrap_or_default();
+    let generate = event.metadata.generate_name.clone().unwrap_or_default();
+    if name.is_empty() && generate.is_empty() {
+        errors.push("metadata.name: Required value: name or generateName is required".into());
+    }
+    if event.event_time.is_none() {
+        errors.push("eventTime: Required value".into());
+    }
+    if !matches!(event.type_.as_deref(), Some("Normal" | "Warning")) {
+        errors.push("type: Unsupported value: must be Normal or Warning".into());
+    }
+    for (field, value, limit) in [
+        (
+            "reportingController",
+            event.reporting_controller.as_deref(),
+            253,
+        ),
+        (
+            "reportingInstance",
+            event.reporting_instance.as_deref(),
+            128,
+        ),
+        ("action", event.action.as_deref(), 128),
+        ("reason", event.reason.as_deref(), 128),
+    ] {
+        match value {
+            None | Some("") => errors.push(format!("{field}: Required value")),
+            Some(v) if v.len() > limit => {
+                errors.push(format!(
+                    "{field}: Too long: may not be more than {limit} bytes"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if event.note.as_deref().is_some_and(|n| n.len() > 1024) {
+        errors.push("note: Too long: may not be more than 1024 bytes".into());
+    }
+    if event
+        .regarding
+        .as_ref()
+        .and_then(|r| r.kind.as_deref())
+        .is_none()
+    {
+        errors.push("regarding.kind: Required value".into());
+    }
+    if !errors.is_empty() {
+        return Err(Failure::invalid("events.events.k8s.io", &name, &errors));
+    }
+    if name.is_empty() {
+        store.uids += 1;
+        event.metadata.name = Some(format!("{generate}{:05x}", store.uids));
+    }
+    event.metadata.namespace = Some(namespace.to_owned());
+    event.metadata.resource_version = Some(store.next_revision());
+    store.events.push(event.clone());
+    Ok((StatusCode::CREATED, to_value(&event)))
+}
 
 /// The claims of a namespace (no selectors: the fake refuses them rather than ignore them).
 fn list_claims(store: &Store, namespace: &str, query: &BTreeMap<String, String>) -> Answer {
