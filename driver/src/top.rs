@@ -388,9 +388,10 @@ pub async fn scrape(url: &str) -> Result<Vec<Sample>, ScrapeError> {
     if uri.scheme_str() != Some("http") {
         return Err(ScrapeError::Url(url.to_owned()));
     }
-    let (Some(host), Some(port)) = (uri.host(), uri.port_u16().or(Some(80))) else {
+    let Some(host) = uri.host() else {
         return Err(ScrapeError::Url(url.to_owned()));
     };
+    let port = uri.port_u16().unwrap_or(80);
     let http = |reason: String| ScrapeError::Http {
         url: url.to_owned(),
         reason,
