@@ -535,26 +535,44 @@ impl ClaimApi for ApiClaims {
         api.get_opt(name).await.map_err(|e| e.to_string())
     }
 
-    async fn reserved_for(
+    async fn pod_claims(
         &self,
         namespace: &str,
-        pod_uid: &str,
+        (pod_name, pod_uid): (&str, &str),
     ) -> Result<Vec<ResourceClaim>, String> {
-        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
-        let claims = api
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(claims
-            .items
-            .into_iter()
-            .filter(|c| {
-                c.status
-                    .as_ref()
-                    .and_then(|s| s.reserved_for.as_ref())
-                    .is_some_and(|r| r.iter().any(|r| r.uid == pod_uid))
-            })
-            .collect())
+        // The pod names its claims (templates' generated names in its status): one GET per
+        // claim of the pod rather than a LIST of the namespace.
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), namespace);
+        let Some(pod) = pods.get_opt(pod_name).await.map_err(|e| e.to_string())? else {
+            return Ok(Vec::new());
+        };
+        if pod.metadata.uid.as_deref() != Some(pod_uid) {
+            return Ok(Vec::new());
+        }
+        let generated = pod
+            .status
+            .iter()
+            .flat_map(|s| s.resource_claim_statuses.iter().flatten())
+            .filter_map(|s| s.resource_claim_name.clone());
+        let direct = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.resource_claims.iter().flatten())
+            .filter_map(|c| c.resource_claim_name.clone());
+        let mut names: Vec<String> = generated.chain(direct).collect();
+        names.sort();
+        names.dedup();
+        let claims: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
+        let mut found = Vec::new();
+        for name in names {
+            if let Some(claim) = claims.get_opt(&name).await.map_err(|e| e.to_string())?
+                && crate::dra::prepare::is_reserved_for(&claim, pod_uid)
+            {
+                found.push(claim);
+            }
+        }
+        Ok(found)
     }
 
     async fn device_attribute(

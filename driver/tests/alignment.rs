@@ -12,11 +12,10 @@ use knd::{
     },
     inventory::{Inventory, discover},
     metrics::{Telemetry, encode},
-    resources::device_name,
     state::StateStore,
     testkit::{
         claims::{CONFIG_HEAD, MemoryClaims},
-        machines,
+        device_named, machines,
     },
 };
 use tokio::sync::watch;
@@ -24,12 +23,7 @@ use tokio::sync::watch;
 const GPU_DRIVER: &str = "gpu.nvidia.com";
 
 fn device_of(inventory: &Inventory, interface: &str) -> String {
-    let nic = inventory
-        .nics
-        .iter()
-        .find(|n| n.netdev.as_ref().is_some_and(|d| d.name == interface))
-        .unwrap_or_else(|| panic!("no NIC {interface}"));
-    device_name(nic)
+    device_named(inventory, interface).unwrap_or_else(|| panic!("no NIC {interface}"))
 }
 
 /// Claim `name` holding GPU `gpu-0` of the GPU driver and our `device`, with `parameters`.

@@ -240,12 +240,7 @@ async fn the_daemon_tells_kubelet_which_device_is_unhealthy_and_why() {
     let _daemon = node.start();
     node.register().await;
     let inventory = knd::inventory::scan(&node.tree.host(), None);
-    let vf2 = inventory
-        .nics
-        .iter()
-        .find(|n| n.netdev.as_ref().is_some_and(|d| d.name == "ens1f0v2"))
-        .map(knd::resources::device_name)
-        .unwrap();
+    let vf2 = knd::testkit::device_named(&inventory, "ens1f0v2").unwrap();
     let mut stream = health::dra_resource_health_client::DraResourceHealthClient::new(
         unix_channel(node.dra_socket()).await.unwrap(),
     )

@@ -8,8 +8,7 @@ use knd::{
     dra::DeviceHealth,
     health::{self, InPod, Policy, Tracker},
     inventory::{Inventory, scan},
-    resources::device_name,
-    testkit::{TestHost, machines, sysfs::SysfsTree, veth_pair},
+    testkit::{TestHost, device_named, machines, sysfs::SysfsTree, veth_pair},
 };
 
 fn policy() -> Policy {
@@ -21,12 +20,7 @@ fn policy() -> Policy {
 }
 
 fn device_of(inventory: &Inventory, interface: &str) -> String {
-    let nic = inventory
-        .nics
-        .iter()
-        .find(|n| n.netdev.as_ref().is_some_and(|d| d.name == interface))
-        .unwrap_or_else(|| panic!("no NIC {interface}"));
-    device_name(nic)
+    device_named(inventory, interface).unwrap_or_else(|| panic!("no NIC {interface}"))
 }
 
 fn find<'a>(health: &'a [DeviceHealth], device: &str) -> &'a DeviceHealth {

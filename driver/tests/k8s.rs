@@ -632,8 +632,7 @@ fn slices_of_a_large_pool_stay_within_the_api_limits() {
 }
 
 #[tokio::test]
-async fn other_drivers_devices_and_a_pods_claims_are_read_from_the_api() {
-    use knd::dra::prepare::ClaimApi as _;
+async fn other_drivers_devices_are_read_from_their_slices() {
     let fake = FakeApi::start().await.unwrap();
     let client = fake.client().await.unwrap();
     let slices: Api<ResourceSlice> = Api::all(client.clone());
@@ -681,28 +680,6 @@ async fn other_drivers_devices_and_a_pods_claims_are_read_from_the_api() {
         Some("H100")
     );
     assert_eq!(read("gpu-9", "resource.kubernetes.io/pciBusID").await, None);
-    // The claims reserved for a pod, listed in its namespace.
-    fake.put_claim(allocated_claim(
-        "c1",
-        "uid-1",
-        &format!("{{{CONFIG_HEAD}}}"),
-    ));
-    let mut other = allocated_claim("c2", "uid-2", &format!("{{{CONFIG_HEAD}}}"));
-    other["status"]["reservedFor"][0]["uid"] = "pod-uid-9".into();
-    fake.put_claim(other);
-    let reserved = claims.reserved_for("ml", "pod-uid-1").await.unwrap();
-    let names: Vec<_> = reserved
-        .iter()
-        .map(|c| c.metadata.name.clone().unwrap())
-        .collect();
-    assert_eq!(names, ["c1"]);
-    assert!(
-        claims
-            .reserved_for("other", "pod-uid-1")
-            .await
-            .unwrap()
-            .is_empty()
-    );
     // knd's own slice has a device of the same name: only the asked driver's slices count.
     assert_eq!(
         claims
@@ -803,4 +780,68 @@ async fn a_prepared_claim_with_a_gpu_gets_an_event_and_the_topology_condition() 
     let message = error.to_string();
     assert!(message.contains("eventTime: Required value"), "{message}");
     assert!(message.contains("type: Unsupported value"), "{message}");
+}
+
+#[tokio::test]
+async fn a_pods_claims_are_those_it_names_that_are_reserved_for_it() {
+    let fake = FakeApi::start().await.unwrap();
+    let claims = ApiClaims::new(
+        fake.client().await.unwrap(),
+        "knd.dev",
+        CancellationToken::new(),
+    );
+    // A pod's claims: those it names (its generated claim in status, a direct reference in its
+    // spec) and that are reserved for it.
+    fake.put_claim(allocated_claim(
+        "c1",
+        "uid-1",
+        &format!("{{{CONFIG_HEAD}}}"),
+    ));
+    let mut other = allocated_claim("c2", "uid-2", &format!("{{{CONFIG_HEAD}}}"));
+    other["status"]["reservedFor"][0]["uid"] = "pod-uid-9".into();
+    fake.put_claim(other);
+    fake.put_claim(allocated_claim(
+        "c3",
+        "uid-3",
+        &format!("{{{CONFIG_HEAD}}}"),
+    ));
+    fake.put_pod(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "trainer-0", "namespace": "ml", "uid": "pod-uid-1"},
+        "spec": {"containers": [{"name": "main", "image": "x"}],
+                 "resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": "t"},
+                                    {"name": "other", "resourceClaimName": "c2"}]},
+        "status": {"resourceClaimStatuses": [{"name": "gpu", "resourceClaimName": "c1"}]}
+    }));
+    let names = |claims: Vec<ResourceClaim>| -> Vec<String> {
+        claims
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap())
+            .collect()
+    };
+    // c2 is named but reserved for another pod; c3 is reserved for it but not named.
+    assert_eq!(
+        names(
+            claims
+                .pod_claims("ml", ("trainer-0", "pod-uid-1"))
+                .await
+                .unwrap()
+        ),
+        ["c1"]
+    );
+    // A pod of that name with another UID, or no such pod: nothing.
+    assert!(
+        claims
+            .pod_claims("ml", ("trainer-0", "pod-uid-7"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        claims
+            .pod_claims("ml", ("gone", "pod-uid-1"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

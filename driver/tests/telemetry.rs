@@ -143,6 +143,22 @@ impl Pods {
         }
     }
 
+    /// Both pods start and get their NICs; returns once the programs (attached in the
+    /// background, off the runtime's hook) measure both.
+    async fn start_both(&self) {
+        for (pod, name) in [(&self.a, "a"), (&self.b, "b")] {
+            self.hooks
+                .run_pod_sandbox(Self::sandbox(pod, name))
+                .await
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(self.telemetry.watches("uid-a") && self.telemetry.watches("uid-b")) {
+            assert!(Instant::now() < deadline, "never measured");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn sandbox(pod: &TestHost, name: &str) -> api::PodSandbox {
         api::PodSandbox {
             id: format!("sandbox-{name}"),
@@ -347,18 +363,7 @@ fn check_top(
 #[ignore = "needs root: creates network namespaces and loads eBPF programs"]
 async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
     let pods = tokio::task::spawn_blocking(Pods::new).await.unwrap();
-    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
-        pods.hooks
-            .run_pod_sandbox(Pods::sandbox(pod, name))
-            .await
-            .unwrap();
-    }
-    // The programs are attached in the background, off the runtime's hook.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(pods.telemetry.watches("uid-a") && pods.telemetry.watches("uid-b")) {
-        assert!(Instant::now() < deadline, "never measured");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    pods.start_both().await;
     let (text_before, before_a, before_b) = tokio::task::block_in_place(|| settled(&pods));
 
     let payload = 8 << 20;
@@ -509,17 +514,7 @@ fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
 #[ignore = "needs root: creates network namespaces and loads eBPF programs"]
 async fn the_dashboard_and_alerts_use_only_metrics_the_driver_exports() {
     let pods = tokio::task::spawn_blocking(Pods::new).await.unwrap();
-    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
-        pods.hooks
-            .run_pod_sandbox(Pods::sandbox(pod, name))
-            .await
-            .unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(pods.telemetry.watches("uid-a") && pods.telemetry.watches("uid-b")) {
-        assert!(Instant::now() < deadline, "never measured");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    pods.start_both().await;
     let (a, b) = (&pods.a, &pods.b);
     tokio::task::block_in_place(|| tcp_transfer(a, b, B_ADDR.parse().unwrap(), 1 << 20).unwrap());
     // The daemon's health loop feeds the device health gauge (checked in tests/daemon.rs).

@@ -68,12 +68,12 @@ pub trait ClaimApi: Send + Sync + 'static {
         async { Ok(None) }
     }
 
-    /// The claims in `namespace` reserved for pod `pod_uid` (a pod's GPU often comes in a claim
-    /// of its own).
-    fn reserved_for(
+    /// The other claims of pod `pod` (name, UID) in `namespace` that are reserved for it (a
+    /// pod's GPU often comes in a claim of its own).
+    fn pod_claims(
         &self,
         _namespace: &str,
-        _pod_uid: &str,
+        _pod: (&str, &str),
     ) -> impl Future<Output = Result<Vec<ResourceClaim>, String>> + Send {
         async { Ok(Vec::new()) }
     }
@@ -219,7 +219,7 @@ impl<S: ClaimApi> Preparer<S> {
         if let Some(alignment) = &self.alignment
             && alignment.policy != super::alignment::Policy::Ignore
         {
-            match self.gpus_of(claim, &resource, &prepared.pod_uids).await {
+            match self.gpus_of(claim, &resource).await {
                 Ok(gpus) => {
                     if let Err(message) = alignment.apply(&mut prepared, &gpus) {
                         return Ok(Planned::Refused(message));
@@ -243,19 +243,25 @@ impl<S: ClaimApi> Preparer<S> {
         &self,
         claim: &ClaimRef,
         resource: &ResourceClaim,
-        pod_uids: &[String],
     ) -> Result<Vec<String>, InternalError> {
         let mut others = super::alignment::other_devices(&self.driver, resource);
         // No GPU in this claim: the pod's other claims.
         if others.is_empty() {
-            for pod in pod_uids {
+            let pods = resource
+                .status
+                .as_ref()
+                .and_then(|s| s.reserved_for.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|r| r.resource == "pods");
+            for pod in pods {
                 let claims = self
                     .source
-                    .reserved_for(&claim.namespace, pod)
+                    .pod_claims(&claim.namespace, (&pod.name, &pod.uid))
                     .await
                     .map_err(|message| InternalError::Source {
                         claim: claim.to_string(),
-                        message: format!("listing the claims of pod {pod}: {message}"),
+                        message: format!("reading the claims of pod {}: {message}", pod.name),
                     })?;
                 for other in &claims {
                     others.extend(super::alignment::other_devices(&self.driver, other));
@@ -309,6 +315,15 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| InternalError::Task(e.to_string()))
+}
+
+/// Whether `claim` is reserved for the pod with UID `pod_uid`.
+pub fn is_reserved_for(claim: &ResourceClaim, pod_uid: &str) -> bool {
+    claim
+        .status
+        .as_ref()
+        .and_then(|s| s.reserved_for.as_ref())
+        .is_some_and(|r| r.iter().any(|r| r.uid == pod_uid))
 }
 
 /// What preparing `claim` means for `driver`, or the error to report on the claim.

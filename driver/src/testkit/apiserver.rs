@@ -62,6 +62,7 @@ struct Store {
     revision: u64,
     uids: u64,
     nodes: BTreeMap<String, Node>,
+    pods: BTreeMap<(String, String), k8s_openapi::api::core::v1::Pod>,
     slices: BTreeMap<String, ResourceSlice>,
     claims: BTreeMap<(String, String), ResourceClaim>,
     /// `events.k8s.io/v1` Events created, in order.
@@ -82,6 +83,11 @@ impl Store {
     fn next_uid(&mut self) -> String {
         self.uids += 1;
         format!("6b6e6400-0000-4000-8000-{:012x}", self.uids)
+    }
+
+    /// A name for `metadata.generateName` `prefix`.
+    fn generated_name(&self, prefix: &str) -> String {
+        format!("{prefix}{:05x}", self.uids % 0xfffff)
     }
 }
 
@@ -167,6 +173,16 @@ impl FakeApi {
             },
         );
         uid
+    }
+
+    /// Adds (or replaces) a pod given as API JSON.
+    pub fn put_pod(&self, pod: Value) {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod).expect("a Pod");
+        let key = (
+            pod.metadata.namespace.clone().expect("a namespace"),
+            pod.metadata.name.clone().expect("a name"),
+        );
+        self.lock().pods.insert(key, pod);
     }
 
     /// Stores a claim given as API JSON (metadata.uid required), as the scheduler leaves it.
@@ -352,6 +368,11 @@ struct Incoming<'a> {
 fn route(store: &mut Store, segments: &[&str], request: &Incoming<'_>) -> Answer {
     let method = request.method;
     match segments {
+        ["api", "v1", "namespaces", namespace, "pods", name] if method == Method::GET => store
+            .pods
+            .get(&((*namespace).to_owned(), (*name).to_owned()))
+            .map(|pod| (StatusCode::OK, to_value(pod)))
+            .ok_or_else(|| Failure::not_found("pods", name)),
         ["api", "v1", "nodes", name] if method == Method::GET => store
             .nodes
             .get(*name)
@@ -380,17 +401,6 @@ fn route(store: &mut Store, segments: &[&str], request: &Incoming<'_>) -> Answer
             namespace,
             "events",
         ] if method == Method::POST => create_event(store, namespace, request.body),
-        [
-            "apis",
-            "resource.k8s.io",
-            "v1",
-            "namespaces",
-            namespace,
-            "resourceclaims",
-        ] => match *method {
-            Method::GET => list_claims(store, namespace, request.query),
-            _ => Err(not_allowed(method)),
-        },
         [
             "apis",
             "resource.k8s.io",
@@ -556,7 +566,7 @@ fn create_slice(store: &mut Store, body: &[u8]) -> Answer {
     let mut slice: ResourceSlice = decode(body)?;
     let name = match (&slice.metadata.name, &slice.metadata.generate_name) {
         (Some(name), _) => name.clone(),
-        (None, Some(prefix)) => format!("{prefix}{:05x}", store.uids % 0xfffff),
+        (None, Some(prefix)) => store.generated_name(prefix),
         (None, None) => {
             return Err(Failure::invalid(
                 "ResourceSlice.resource.k8s.io",
@@ -977,38 +987,12 @@ fn create_event(store: &mut Store, namespace: &str, body: &[u8]) -> Answer {
     }
     if name.is_empty() {
         store.uids += 1;
-        event.metadata.name = Some(format!("{generate}{:05x}", store.uids));
+        event.metadata.name = Some(store.generated_name(&generate));
     }
     event.metadata.namespace = Some(namespace.to_owned());
     event.metadata.resource_version = Some(store.next_revision());
     store.events.push(event.clone());
     Ok((StatusCode::CREATED, to_value(&event)))
-}
-
-/// The claims of a namespace (no selectors: the fake refuses them rather than ignore them).
-fn list_claims(store: &Store, namespace: &str, query: &BTreeMap<String, String>) -> Answer {
-    if let Some(selector) = ["fieldSelector", "labelSelector"]
-        .iter()
-        .find(|key| query.get(**key).is_some_and(|v| !v.is_empty()))
-    {
-        return Err(Failure::bad_request(format!(
-            "the fake does not support {selector} on resourceclaims"
-        )));
-    }
-    let items: Vec<Value> = store
-        .claims
-        .iter()
-        .filter(|((ns, _), _)| ns == namespace)
-        .map(|(_, claim)| to_value(claim))
-        .collect();
-    Ok((
-        StatusCode::OK,
-        json!({
-            "apiVersion": RESOURCE_GROUP, "kind": "ResourceClaimList",
-            "metadata": {"resourceVersion": store.revision.to_string()},
-            "items": items,
-        }),
-    ))
 }
 
 fn get_claim(store: &Store, namespace: &str, name: &str) -> Answer {

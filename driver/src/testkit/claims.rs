@@ -66,10 +66,10 @@ impl ClaimApi for MemoryClaims {
             .push((claim.clone(), devices));
     }
 
-    async fn reserved_for(
+    async fn pod_claims(
         &self,
         namespace: &str,
-        pod_uid: &str,
+        (_, pod_uid): (&str, &str),
     ) -> Result<Vec<ResourceClaim>, String> {
         Ok(self
             .0
@@ -78,12 +78,7 @@ impl ClaimApi for MemoryClaims {
             .iter()
             .filter(|((ns, _), _)| ns == namespace)
             .map(|(_, claim)| claim)
-            .filter(|c| {
-                c.status
-                    .as_ref()
-                    .and_then(|s| s.reserved_for.as_ref())
-                    .is_some_and(|r| r.iter().any(|r| r.uid == pod_uid))
-            })
+            .filter(|c| crate::dra::prepare::is_reserved_for(c, pod_uid))
             .cloned()
             .collect())
     }

@@ -46,6 +46,15 @@ pub fn inventory_of<S: Into<String>>(interfaces: impl IntoIterator<Item = S>) ->
     }
 }
 
+/// The pool device name of the NIC whose interface on the node is `interface`.
+pub fn device_named(inventory: &Inventory, interface: &str) -> Option<String> {
+    inventory
+        .nics
+        .iter()
+        .find(|n| n.netdev.as_ref().is_some_and(|d| d.name == interface))
+        .map(crate::resources::device_name)
+}
+
 /// True when the process may create namespaces and load eBPF programs.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
