@@ -79,6 +79,36 @@ pub enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Print DeviceClasses and ResourceClaimTemplates for this node's topology: a GPU with its
+    /// aligned NIC (same PCIe root, or per rail where roots hold several GPUs), NUMA-aligned
+    /// pairs, RDMA NICs.
+    Templates {
+        /// Read sysfs under this directory instead of `/`.
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+        /// The GPU driver's DeviceClass.
+        #[arg(long, default_value = crate::templates::DEFAULT_GPU_CLASS)]
+        gpu_class: String,
+        /// The node named in the header; default: `$NODE_NAME`, else the host's hostname.
+        #[arg(long)]
+        node_name: Option<String>,
+    },
+    /// Evaluate the claims in a file (ResourceClaim or ResourceClaimTemplate, YAML or JSON)
+    /// against ResourceSlices and DeviceClasses: which devices each request's selectors accept,
+    /// which constraint fails and why, and the devices the scheduler would allocate. Exits with
+    /// an error when a claim cannot be allocated.
+    Explain {
+        /// The file with the claims (may also hold DeviceClasses and ResourceSlices); `-` reads
+        /// standard input.
+        claim: PathBuf,
+        /// ResourceSlices and DeviceClasses (e.g. `kubectl get resourceslices,deviceclasses -o
+        /// yaml`); `-` reads standard input. Default: the slices this node would publish.
+        #[arg(long)]
+        slices: Option<PathBuf>,
+        /// Without `--slices`: read sysfs under this directory instead of `/`.
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+    },
     /// Every claimed interface on this node, live: rx/tx Gbit/s and packets/s, TCP RTT p50/p99
     /// and retransmits, RDMA Gbit/s and CNPs/s, from the daemon's metrics endpoint.
     Top {
@@ -139,6 +169,24 @@ pub enum Error {
     /// Reading the daemon's metrics failed.
     #[error(transparent)]
     Scrape(#[from] crate::top::ScrapeError),
+    /// An input file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Input {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The claim file holds no claim.
+    #[error("{0} holds no ResourceClaim or ResourceClaimTemplate")]
+    NoClaims(PathBuf),
+    /// The inputs are malformed.
+    #[error(transparent)]
+    Placement(#[from] crate::placement::Error),
+    /// A claim cannot be allocated.
+    #[error("cannot be allocated: {0}")]
+    NotAllocatable(String),
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -224,6 +272,28 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             println!("{}", text.trim_end());
             Ok(())
         }
+        Command::Templates {
+            host_root,
+            gpu_class,
+            node_name,
+        } => {
+            let host = host_root_checked(host_root)?;
+            let inventory = inventory::discover(&host);
+            report_to_stderr(&inventory);
+            let node = node_name.unwrap_or_else(|| node_name_of(&host));
+            let templates = crate::templates::generate(&inventory, &gpu_class);
+            print!(
+                "{}",
+                crate::templates::to_yaml(&templates, &node)
+                    .map_err(|e| Error::Output(Box::new(e)))?
+            );
+            Ok(())
+        }
+        Command::Explain {
+            claim,
+            slices,
+            host_root,
+        } => explain(&claim, slices.as_deref(), host_root),
         Command::ConfigSchema => {
             print!("{}", crate::config::json_schema());
             Ok(())
@@ -249,6 +319,75 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+    }
+}
+
+fn read_input(path: &std::path::Path) -> Result<String, Error> {
+    let text = if path == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(path)
+    };
+    text.map_err(|source| Error::Input {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn explain(
+    claim: &std::path::Path,
+    slices: Option<&std::path::Path>,
+    host_root: PathBuf,
+) -> Result<(), Error> {
+    use crate::placement::{Catalog, Claim, Documents};
+    let mut documents = Documents::parse(&read_input(claim)?, &claim.display().to_string())?;
+    if documents.claims.is_empty() {
+        return Err(Error::NoClaims(claim.to_owned()));
+    }
+    if let Some(path) = slices {
+        documents.extend(Documents::parse(
+            &read_input(path)?,
+            &path.display().to_string(),
+        )?);
+    } else {
+        let host = host_root_checked(host_root)?;
+        let inventory = inventory::discover(&host);
+        let node = node_name_of(&host);
+        documents.slices.extend(resources::slices(
+            &inventory,
+            resources::DRIVER_NAME,
+            &node,
+            1,
+            None,
+        ));
+    }
+    // knd's own classes, unless the inputs define them.
+    for template in crate::templates::generate(&Inventory::default(), "") {
+        let name = &template.object["metadata"]["name"];
+        let given = documents
+            .classes
+            .iter()
+            .any(|c| c.metadata.name.as_deref() == name.as_str());
+        if template.object["kind"] == "DeviceClass" && !given {
+            documents.classes.push(
+                serde_json::from_value(template.object).map_err(|e| Error::Output(Box::new(e)))?,
+            );
+        }
+    }
+    let catalog = Catalog::new(&documents.slices, &documents.classes)?;
+    let mut failed = Vec::new();
+    for (name, spec) in &documents.claims {
+        let compiled = Claim::compile(name, spec)?;
+        let (text, allocatable) = crate::placement::explain(&compiled.evaluate(&catalog));
+        print!("{text}");
+        if !allocatable {
+            failed.push(name.clone());
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NotAllocatable(failed.join(", ")))
     }
 }
 

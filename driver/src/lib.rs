@@ -16,10 +16,12 @@ pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod nri;
+pub mod placement;
 pub mod resources;
 pub mod selector;
 pub mod state;
 pub mod telemetry;
+pub mod templates;
 pub mod top;
 pub mod topology;
 

@@ -90,6 +90,16 @@ pub enum Value {
     Bool(bool),
 }
 
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Str(s) => write!(f, "{s:?}"),
+            Self::Int(i) => write!(f, "{i}"),
+            Self::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
 /// The attributes of one NIC, fully qualified (`knd.dev/ifName`, `resource.kubernetes.io/...`).
 pub fn attributes(nic: &Nic) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();

@@ -49,6 +49,84 @@ pub enum Error {
     },
 }
 
+/// A device as CEL selectors see it: `device.driver`, `device.attributes[domain].name`,
+/// `device.capacity[domain]`.
+#[derive(Clone)]
+pub struct Device {
+    name: String,
+    value: CelValue,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Device({})", self.name)
+    }
+}
+
+impl Device {
+    /// Builds the CEL view of device `name` of `driver` with its fully qualified attributes
+    /// (`domain/name`; unqualified names belong to `driver`'s domain).
+    pub fn new(
+        name: &str,
+        driver: &str,
+        attributes: &std::collections::BTreeMap<String, Value>,
+    ) -> Self {
+        let mut domains: HashMap<String, HashMap<Key, CelValue>> = HashMap::new();
+        // The standard domain and the driver's own always exist, so `device.attributes[d]` is a
+        // map (possibly empty) rather than an error for them.
+        domains.entry(driver.to_owned()).or_default();
+        domains
+            .entry("resource.kubernetes.io".to_owned())
+            .or_default();
+        for (name, value) in attributes {
+            let (domain, id) = name.rsplit_once('/').unwrap_or((driver, name.as_str()));
+            let value = match value {
+                Value::Str(s) => CelValue::String(Arc::new(s.clone())),
+                Value::Int(i) => CelValue::Int(*i),
+                Value::Bool(b) => CelValue::Bool(*b),
+            };
+            domains
+                .entry(domain.to_owned())
+                .or_default()
+                .insert(Key::String(Arc::new(id.to_owned())), value);
+        }
+        let map = |entries: HashMap<Key, CelValue>| {
+            CelValue::Map(Map {
+                map: Arc::new(entries),
+            })
+        };
+        let attributes = map(domains
+            .into_iter()
+            .map(|(domain, ids)| (Key::String(Arc::new(domain)), map(ids)))
+            .collect());
+        let capacity = map(HashMap::from([(
+            Key::String(Arc::new(driver.to_owned())),
+            map(HashMap::new()),
+        )]));
+        let value = map(HashMap::from([
+            (
+                Key::String(Arc::new("driver".to_owned())),
+                CelValue::String(Arc::new(driver.to_owned())),
+            ),
+            (Key::String(Arc::new("attributes".to_owned())), attributes),
+            (Key::String(Arc::new("capacity".to_owned())), capacity),
+            (
+                Key::String(Arc::new("allowMultipleAllocations".to_owned())),
+                CelValue::Bool(false),
+            ),
+        ]));
+        Self {
+            name: name.to_owned(),
+            value,
+        }
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// A compiled selector expression.
 pub struct Selector {
     expression: String,
@@ -90,62 +168,24 @@ impl Selector {
         driver: &str,
         attributes: &std::collections::BTreeMap<String, Value>,
     ) -> Result<bool, Error> {
-        let mut domains: HashMap<String, HashMap<Key, CelValue>> = HashMap::new();
-        // The standard domain and the driver's own always exist, so `device.attributes[d]` is a
-        // map (possibly empty) rather than an error for them.
-        domains.entry(driver.to_owned()).or_default();
-        domains
-            .entry("resource.kubernetes.io".to_owned())
-            .or_default();
-        for (name, value) in attributes {
-            let (domain, id) = name.rsplit_once('/').unwrap_or((driver, name.as_str()));
-            let value = match value {
-                Value::Str(s) => CelValue::String(Arc::new(s.clone())),
-                Value::Int(i) => CelValue::Int(*i),
-                Value::Bool(b) => CelValue::Bool(*b),
-            };
-            domains
-                .entry(domain.to_owned())
-                .or_default()
-                .insert(Key::String(Arc::new(id.to_owned())), value);
-        }
-        let map = |entries: HashMap<Key, CelValue>| {
-            CelValue::Map(Map {
-                map: Arc::new(entries),
-            })
-        };
-        let attributes = map(domains
-            .into_iter()
-            .map(|(domain, ids)| (Key::String(Arc::new(domain)), map(ids)))
-            .collect());
-        let capacity = map(HashMap::from([(
-            Key::String(Arc::new(driver.to_owned())),
-            map(HashMap::new()),
-        )]));
-        let device_value = map(HashMap::from([
-            (
-                Key::String(Arc::new("driver".to_owned())),
-                CelValue::String(Arc::new(driver.to_owned())),
-            ),
-            (Key::String(Arc::new("attributes".to_owned())), attributes),
-            (Key::String(Arc::new("capacity".to_owned())), capacity),
-            (
-                Key::String(Arc::new("allowMultipleAllocations".to_owned())),
-                CelValue::Bool(false),
-            ),
-        ]));
+        self.matches_device(&Device::new(device, driver, attributes))
+    }
+
+    /// Evaluates the selector for a device built once with [`Device::new`] (for evaluating many
+    /// selectors against the same devices).
+    pub fn matches_device(&self, device: &Device) -> Result<bool, Error> {
         let mut context = Context::default();
-        context.add_variable_from_value("device", device_value);
+        context.add_variable_from_value("device", device.value.clone());
         match self.program.execute(&context) {
             Ok(CelValue::Bool(result)) => Ok(result),
             Ok(other) => Err(Error::NotBool {
                 expression: self.expression.clone(),
-                device: device.to_owned(),
+                device: device.name.clone(),
                 value: format!("{other:?}"),
             }),
             Err(e) => Err(Error::Eval {
                 expression: self.expression.clone(),
-                device: device.to_owned(),
+                device: device.name.clone(),
                 message: e.to_string(),
             }),
         }

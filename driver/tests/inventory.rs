@@ -170,11 +170,23 @@ fn shared_switch_shows_every_distance_class() {
     assert_eq!(class(gpu_a, "ens4"), Distance::Node);
     assert_eq!(class(gpu_a, "ens5f0"), Distance::Sys);
     assert_eq!(class("0000:93:00.0", "ens5f1"), Distance::Pix);
-    // Both GPUs of a switch are PIX to both its NICs: the nearest is the lowest address, and
-    // pcieRoot is the same for all four (the ambiguity per-rail selectors resolve).
+    // Both GPUs of a switch are PIX to both its NICs, and pcieRoot is the same for all four
+    // (the ambiguity per-rail selectors resolve): the NICs are dealt out as rails, one per GPU.
     let a = attrs(nic(&inventory, "ens1f1"));
-    assert_eq!(a["knd.dev/gpuPciBusID"], s(gpu_a));
+    assert_eq!(a["knd.dev/gpuPciBusID"], s("0000:14:00.0"));
     assert_eq!(a["resource.kubernetes.io/pcieRoot"], s("pci0000:10"));
+    assert_eq!(
+        attrs(nic(&inventory, "ens1f0"))["knd.dev/gpuPciBusID"],
+        s(gpu_a)
+    );
+    assert_eq!(
+        attrs(nic(&inventory, "ens5f0"))["knd.dev/gpuPciBusID"],
+        s("0000:93:00.0")
+    );
+    assert_eq!(
+        attrs(nic(&inventory, "ens5f1"))["knd.dev/gpuPciBusID"],
+        s("0000:94:00.0")
+    );
     assert_eq!(
         attrs(nic(&inventory, "ens4"))["knd.dev/gpuDistance"],
         s("NODE")

@@ -9,7 +9,7 @@ pub mod rdma;
 pub mod uplink;
 pub mod watch;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use self::{
     host::{FileProblem, HostDir, HostRoot},
@@ -184,7 +184,7 @@ pub struct LiveNetwork {
     /// Interfaces with a default route in the main table, with their family.
     pub default_routes: Vec<(String, &'static str)>,
     /// Interface kinds (`IFLA_LINKINFO`) by name.
-    pub kinds: std::collections::BTreeMap<String, String>,
+    pub kinds: BTreeMap<String, String>,
 }
 
 /// Scans the host from a blocking context. On the live node default routes and interface kinds
@@ -325,21 +325,65 @@ fn pci_nic(
     }))
 }
 
-/// Adds pci.ids names and the nearest GPU (best class, then lowest address) to every PCI NIC.
+/// Adds pci.ids names and the nearest GPU to every PCI NIC.
+///
+/// Where several GPUs are equally close (e.g. two GPUs and two NICs behind one PCIe switch), the
+/// NICs sharing that set of GPUs are dealt out to them as rails: the k-th such physical function
+/// (in address order) gets the k-th GPU (round robin), and a VF follows its PF.
 fn name_and_place(host: &HostRoot, nics: &mut [Nic], gpus: &[PciDevice]) {
     let wanted: Vec<(u16, u16)> = nics
         .iter()
         .filter_map(|n| n.pci.as_ref().map(|p| (p.vendor, p.device)))
         .collect();
     let names = pciids::lookup(host, &wanted);
-    for nic in nics {
-        if let Some(pci) = &nic.pci {
-            nic.pci_names = names.get(&(pci.vendor, pci.device)).cloned();
-            nic.nearest_gpu = gpus
+    // Per NIC: the GPUs at the best distance, lowest address first.
+    let closest: Vec<Option<(Vec<String>, Distance)>> = nics
+        .iter()
+        .map(|nic| {
+            let pci = nic.pci.as_ref()?;
+            let best = gpus.iter().map(|g| topology::distance(g, pci)).min()?;
+            let mut at_best: Vec<String> = gpus
                 .iter()
-                .map(|gpu| (gpu.address.clone(), topology::distance(gpu, pci)))
-                .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+                .filter(|g| topology::distance(g, pci) == best)
+                .map(|g| g.address.clone())
+                .collect();
+            at_best.sort();
+            Some((at_best, best))
+        })
+        .collect();
+    // Physical functions sharing the same closest GPUs, in address order, take turns.
+    let mut order: Vec<usize> = (0..nics.len())
+        .filter(|&i| {
+            closest[i].is_some() && nics[i].pci.as_ref().is_some_and(|p| p.physfn.is_none())
+        })
+        .collect();
+    order.sort_by(|&a, &b| {
+        let address = |i: usize| nics[i].pci.as_ref().map(|p| p.address.clone());
+        address(a).cmp(&address(b))
+    });
+    let mut turns: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+    let mut rail: BTreeMap<String, String> = BTreeMap::new();
+    for i in order {
+        let (at_best, _) = closest[i].as_ref().expect("filtered");
+        let turn = turns.entry(at_best.clone()).or_default();
+        let gpu = at_best[*turn % at_best.len()].clone();
+        *turn += 1;
+        if let Some(pci) = &nics[i].pci {
+            rail.insert(pci.address.clone(), gpu);
         }
+    }
+    for (nic, closest) in nics.iter_mut().zip(closest) {
+        let Some(pci) = &nic.pci else { continue };
+        nic.pci_names = names.get(&(pci.vendor, pci.device)).cloned();
+        nic.nearest_gpu = closest.map(|(at_best, distance)| {
+            let own = pci.physfn.as_ref().unwrap_or(&pci.address);
+            let gpu = rail
+                .get(own)
+                .filter(|g| at_best.contains(g))
+                .cloned()
+                .unwrap_or_else(|| at_best[0].clone());
+            (gpu, distance)
+        });
     }
 }
 

@@ -19,6 +19,7 @@ pub mod apiserver;
 pub mod claims;
 pub mod kubelet;
 pub mod machines;
+pub mod placement;
 pub mod runtime;
 pub mod sysfs;
 

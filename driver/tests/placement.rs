@@ -1,0 +1,423 @@
+//! Placement hints on fixture machines: `knd templates`' objects, the allocator behind
+//! `knd explain` (selectors, constraints, explanations), the placement simulation, and both
+//! commands as a user runs them.
+
+use std::{collections::HashSet, process::Command};
+
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use knd::{
+    inventory::{self, Inventory, host::HostRoot},
+    placement::{Catalog, Claim, Documents},
+    resources::{self, DRIVER_NAME},
+    templates,
+    testkit::{
+        machines,
+        placement::{self, Strategy},
+        sysfs::SysfsTree,
+    },
+    topology::Distance,
+};
+
+fn inventory_of(tree: &SysfsTree) -> Inventory {
+    inventory::discover(&HostRoot::new(tree.root()))
+}
+
+/// knd's slices and the GPU stand-in's slice for a fixture node, with the generated templates'
+/// classes and the GPU class.
+fn documents(inventory: &Inventory) -> (Documents, Vec<templates::Template>) {
+    let generated = templates::generate(inventory, placement::GPU_DRIVER);
+    let yaml = templates::to_yaml(&generated, "node-1").unwrap();
+    let mut documents = Documents::parse(&yaml, "templates").unwrap();
+    documents
+        .slices
+        .extend(resources::slices(inventory, DRIVER_NAME, "node-1", 1, None));
+    documents
+        .slices
+        .push(placement::gpu_slice(inventory, "node-1"));
+    documents.classes.push(placement::gpu_class());
+    (documents, generated)
+}
+
+fn names(templates: &[templates::Template]) -> Vec<String> {
+    templates
+        .iter()
+        .map(|t| t.object["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn templates_follow_the_topology() {
+    let eight = inventory_of(&machines::gpu_8x8());
+    let generated = templates::generate(&eight, "gpu.nvidia.com");
+    assert_eq!(
+        names(&generated),
+        [
+            "knd-nic",
+            "knd-rdma",
+            "gpu-nic-aligned",
+            "gpu-nic-numa0",
+            "gpu-nic-numa1",
+            "rdma-nic"
+        ]
+    );
+    let aligned = &generated[2].object;
+    assert_eq!(
+        aligned["spec"]["spec"]["devices"]["constraints"][0]["matchAttribute"],
+        "resource.kubernetes.io/pcieRoot"
+    );
+    let numa0 = &generated[3].object["spec"]["spec"]["devices"]["requests"];
+    assert_eq!(
+        numa0[0]["exactly"]["selectors"][0]["cel"]["expression"],
+        r#"device.attributes["resource.kubernetes.io"].pcieRoot in ["pci0000:10", "pci0000:30", "pci0000:50", "pci0000:70"]"#
+    );
+    assert_eq!(
+        numa0[1]["exactly"]["selectors"][0]["cel"]["expression"],
+        r#"device.attributes["knd.dev"].numaNode == 0"#
+    );
+    // The DeviceClasses are the ones deploy/ installs.
+    let deployed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/deviceclasses.yaml"
+    ))
+    .unwrap();
+    let deployed = Documents::parse(&deployed, "deviceclasses.yaml").unwrap();
+    for (i, class) in deployed.classes.iter().enumerate() {
+        let ours: k8s_openapi::api::resource::v1::DeviceClass =
+            serde_json::from_value(generated[i].object.clone()).unwrap();
+        assert_eq!(&ours, class);
+    }
+
+    // Two GPUs and two NICs per switch: pcieRoot is ambiguous, so one template per rail.
+    let shared = inventory_of(&machines::shared_switch());
+    let generated = templates::generate(&shared, "gpu.nvidia.com");
+    let all = names(&generated);
+    for rail in [
+        "gpu-nic-rail-0",
+        "gpu-nic-rail-1",
+        "gpu-nic-rail-2",
+        "gpu-nic-rail-3",
+    ] {
+        assert!(all.contains(&rail.to_owned()), "{all:?}");
+    }
+    let rail1 = generated
+        .iter()
+        .find(|t| t.object["metadata"]["name"] == "gpu-nic-rail-1")
+        .unwrap();
+    let requests = &rail1.object["spec"]["spec"]["devices"]["requests"];
+    assert_eq!(
+        requests[0]["exactly"]["selectors"][0]["cel"]["expression"],
+        r#"device.attributes["resource.kubernetes.io"].pciBusID == "0000:14:00.0""#
+    );
+    assert_eq!(
+        requests[1]["exactly"]["selectors"][0]["cel"]["expression"],
+        r#"device.attributes["knd.dev"].gpuPciBusID == "0000:14:00.0""#
+    );
+    assert!(generated[2].comment.contains("prefer the gpu-nic-rail-N"));
+}
+
+#[test]
+fn the_allocator_pairs_a_gpu_with_the_nic_on_its_root_and_explains_failures() {
+    let eight = inventory_of(&machines::gpu_8x8());
+    let (documents, _) = documents(&eight);
+    let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
+    let (name, spec) = documents
+        .claims
+        .iter()
+        .find(|(n, _)| n == "gpu-nic-aligned")
+        .unwrap();
+    let claim = Claim::compile(name, spec).unwrap();
+    let evaluated = claim.evaluate(&catalog);
+    let allocation = evaluated.allocate(&HashSet::new()).unwrap();
+    assert_eq!(allocation.node.as_deref(), Some("node-1"));
+    let device = |request: &str| {
+        allocation
+            .results
+            .iter()
+            .find(|(r, _)| r == request)
+            .unwrap()
+            .1
+            .device
+            .clone()
+    };
+    assert_eq!(device("gpu"), "gpu-0");
+    assert_eq!(device("nic"), "pci-0000-14-00-0");
+    let (text, ok) = knd::placement::explain(&evaluated);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("request gpu (class gpu.nvidia.com): 8 of 80 devices match"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "72 rejected: DeviceClass gpu.nvidia.com `device.driver == \"gpu.nvidia.com\"` is false"
+        ),
+        "{text}"
+    );
+
+    // GPU 0's root is full: the next GPU and its NIC.
+    let mut in_use: HashSet<_> = allocation.results.iter().map(|(_, d)| d.clone()).collect();
+    for vf in 0..8 {
+        in_use.insert(knd::placement::DeviceId {
+            driver: DRIVER_NAME.into(),
+            pool: "node-1".into(),
+            device: format!(
+                "pci-0000-14-0{}-{}",
+                vf / 7,
+                if vf < 7 { vf + 1 } else { 0 }
+            ),
+        });
+    }
+    let next = evaluated.allocate(&in_use).unwrap();
+    assert_eq!(next.results[0].1.device, "gpu-1");
+    assert_eq!(next.results[1].1.device, "pci-0000-34-00-0");
+
+    // A NIC selector no device on GPU 0's root meets, with GPU 0 forced: the constraint is named
+    // with the values each request's candidates have.
+    let claim: k8s_openapi::api::resource::v1::DeviceClaim = serde_json::from_value(serde_json::json!({
+        "requests": [
+            {"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com", "selectors": [
+                {"cel": {"expression": "device.attributes[\"resource.kubernetes.io\"].pciBusID == \"0000:13:00.0\""}}]}},
+            {"name": "nic", "exactly": {"deviceClassName": "knd-rdma", "selectors": [
+                {"cel": {"expression": "device.attributes[\"knd.dev\"].numaNode == 1"}}]}}
+        ],
+        "constraints": [{"requests": ["gpu", "nic"], "matchAttribute": "resource.kubernetes.io/pcieRoot"}]
+    }))
+    .unwrap();
+    let claim = Claim::compile("misfit", &claim).unwrap();
+    let evaluated = claim.evaluate(&catalog);
+    let (text, ok) = knd::placement::explain(&evaluated);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(
+            "constraint 1 (matchAttribute resource.kubernetes.io/pcieRoot over gpu, nic) cannot be \
+             met: gpu has [\"pci0000:10\"]; nic has [\"pci0000:90\", \"pci0000:b0\", \"pci0000:d0\", \"pci0000:f0\"]"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("36 rejected: the request's selector `device.attributes[\"knd.dev\"].numaNode == 1` is false"),
+        "{text}"
+    );
+
+    // A class nobody gave, and requests that cannot be counted.
+    let unknown: k8s_openapi::api::resource::v1::DeviceClaim = serde_json::from_value(
+        serde_json::json!({"requests": [{"name": "x", "exactly": {"deviceClassName": "nope"}}]}),
+    )
+    .unwrap();
+    let claim = Claim::compile("unknown", &unknown).unwrap();
+    let (text, ok) = knd::placement::explain(&claim.evaluate(&catalog));
+    assert!(!ok);
+    assert!(
+        text.contains("80 rejected: DeviceClass nope is not among the inputs"),
+        "{text}"
+    );
+    assert!(
+        text.contains("request x wants 1 device(s) of class nope; 0 match"),
+        "{text}"
+    );
+    let bad: k8s_openapi::api::resource::v1::DeviceClaim =
+        serde_json::from_value(serde_json::json!({
+            "requests": [{"name": "x", "exactly": {"deviceClassName": "knd-nic", "count": 0}}],
+            "constraints": [{"requests": ["y"], "matchAttribute": "knd.dev/numaNode"}]
+        }))
+        .unwrap();
+    let err = Claim::compile("bad", &bad).unwrap_err().to_string();
+    assert!(err.contains("request x: count 0 is not positive"), "{err}");
+}
+
+#[test]
+fn first_available_all_and_distinct_attribute_follow_the_api() {
+    let shared = inventory_of(&machines::shared_switch());
+    let (documents, _) = documents(&shared);
+    let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
+    let spec = serde_json::from_value(serde_json::json!({
+        "requests": [
+            {"name": "gpus", "exactly": {"deviceClassName": "gpu.nvidia.com", "allocationMode": "All"}},
+            {"name": "nic", "firstAvailable": [
+                {"name": "pxb", "deviceClassName": "knd-nic", "selectors": [
+                    {"cel": {"expression": "device.attributes[\"knd.dev\"].gpuDistance == \"PXB\""}}]},
+                {"name": "any", "deviceClassName": "knd-nic"}
+            ]},
+            {"name": "two", "exactly": {"deviceClassName": "knd-nic", "count": 2}}
+        ],
+        "constraints": [{"requests": ["nic", "two"], "distinctAttribute": "knd.dev/numaNode"}]
+    }))
+    .unwrap();
+    let claim = Claim::compile("mixed", &spec).unwrap();
+    let evaluated = claim.evaluate(&catalog);
+    let allocation = evaluated.allocate(&HashSet::new());
+    // Three NICs with pairwise different NUMA nodes on a two-node machine: impossible.
+    let failures = allocation.unwrap_err();
+    assert_eq!(
+        failures[0].reasons,
+        [
+            "constraint 1 (distinctAttribute knd.dev/numaNode over nic, two) cannot be met: \
+          nic/pxb has [0]; nic/any has [0, 1]; two has [0, 1]"
+        ]
+    );
+    let mut spec = spec;
+    spec.requests.as_mut().unwrap()[2]
+        .exactly
+        .as_mut()
+        .unwrap()
+        .count = Some(1);
+    let claim = Claim::compile("mixed", &spec).unwrap();
+    let allocation = claim.evaluate(&catalog).allocate(&HashSet::new()).unwrap();
+    let results: Vec<(&str, &str)> = allocation
+        .results
+        .iter()
+        .map(|(r, d)| (r.as_str(), d.device.as_str()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("gpus", "gpu-0"),
+            ("gpus", "gpu-1"),
+            ("gpus", "gpu-2"),
+            ("gpus", "gpu-3"),
+            ("nic/pxb", "pci-0000-19-00-0"),
+            ("two", "pci-0000-95-00-0"),
+        ]
+    );
+}
+
+#[test]
+fn templates_place_every_pair_aligned_and_random_placement_does_not() {
+    for (tree, templates_of) in [
+        (machines::gpu_8x8(), &["gpu-nic-aligned"][..]),
+        (
+            machines::shared_switch(),
+            &[
+                "gpu-nic-rail-0",
+                "gpu-nic-rail-1",
+                "gpu-nic-rail-2",
+                "gpu-nic-rail-3",
+            ][..],
+        ),
+    ] {
+        let inventory = inventory_of(&tree);
+        let (documents, _) = documents(&inventory);
+        let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
+        let claims: Vec<Claim> = documents
+            .claims
+            .iter()
+            .filter(|(n, _)| templates_of.contains(&n.as_str()))
+            .map(|(n, s)| Claim::compile(n, s).unwrap())
+            .collect();
+        assert_eq!(claims.len(), templates_of.len());
+        let strategy = Strategy::Templates(claims.iter().map(|c| c.evaluate(&catalog)).collect());
+        let outcome = placement::simulate(&inventory, &catalog, &strategy, 500, 7).unwrap();
+        assert_eq!(outcome.allocations, 500);
+        assert_eq!(outcome.aligned, 500, "{outcome:?}");
+        assert_eq!(outcome.share(Distance::Pix), 1.0, "{outcome:?}");
+        let random = placement::simulate(&inventory, &catalog, &Strategy::Random, 500, 7).unwrap();
+        assert!(random.aligned < 250, "{random:?}");
+        assert!(random.share(Distance::Sys) > 0.2, "{random:?}");
+    }
+}
+
+fn knd(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_knd"))
+        .args(args)
+        .env("NODE_NAME", "node-1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn templates_and_explain_commands() {
+    let tree = machines::gpu_8x8();
+    let root = tree.root().to_str().unwrap();
+    let (ok, yaml, stderr) = knd(&["templates", "--host-root", root], None);
+    assert!(ok, "{stderr}");
+    assert!(
+        yaml.starts_with("# Generated by `knd templates` for node node-1"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("# One GPU and one NIC on the same PCIe root complex.\n"),
+        "{yaml}"
+    );
+    // The slices a cluster would hold: knd's and the GPU driver's, with the GPU class.
+    let inventory = inventory_of(&tree);
+    let mut inputs = String::new();
+    let slices: Vec<ResourceSlice> = vec![
+        resources::slices(&inventory, DRIVER_NAME, "node-1", 1, None).remove(0),
+        placement::gpu_slice(&inventory, "node-1"),
+    ];
+    inputs.push_str(
+        &serde_json::to_string(&serde_json::json!({"kind": "List", "items": slices})).unwrap(),
+    );
+    inputs.push_str("\n---\n");
+    inputs.push_str(&serde_yaml::to_string(&placement::gpu_class()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let claims = dir.path().join("claims.yaml");
+    std::fs::write(&claims, &yaml).unwrap();
+    let (ok, text, stderr) = knd(
+        &["explain", claims.to_str().unwrap(), "--slices", "-"],
+        Some(&inputs),
+    );
+    assert!(ok, "{stderr}\n{text}");
+    assert!(text.contains("claim gpu-nic-aligned\n"), "{text}");
+    assert!(text.contains("allocatable on node-1:\n  gpu: gpu.nvidia.com/node-1/gpu-0\n  nic: knd.dev/node-1/pci-0000-14-00-0\n"), "{text}");
+    assert!(
+        text.contains("  rdma-nic\n") || text.contains("claim rdma-nic\n"),
+        "{text}"
+    );
+
+    // Without --slices: this node's own devices; the GPU class is unknown, so GPU claims fail
+    // and the command says so.
+    let (ok, text, stderr) = knd(
+        &["explain", claims.to_str().unwrap(), "--host-root", root],
+        None,
+    );
+    assert!(!ok);
+    assert!(
+        text.contains("DeviceClass gpu.nvidia.com is not among the inputs"),
+        "{text}"
+    );
+    assert!(
+        stderr.contains("cannot be allocated: gpu-nic-aligned, gpu-nic-numa0, gpu-nic-numa1"),
+        "{stderr}"
+    );
+
+    // Bad inputs are named.
+    std::fs::write(&claims, "kind: Pod\n").unwrap();
+    let (ok, _, stderr) = knd(
+        &["explain", claims.to_str().unwrap(), "--slices", "-"],
+        Some(""),
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("claims.yaml: document 1: kind Pod is none of"),
+        "{stderr}"
+    );
+    std::fs::write(&claims, "kind: ResourceClaim\nspec: {devices: {requests: [{name: a, exactly: {deviceClassName: knd-nic, selectors: [{cel: {expression: 'device.'}}]}}]}}\n").unwrap();
+    let (ok, _, stderr) = knd(
+        &["explain", claims.to_str().unwrap(), "--slices", "-"],
+        Some(""),
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "claim (unnamed), request a, selector 1: CEL expression `device.` does not parse"
+        ),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = knd(&["explain", "/nonexistent.yaml"], None);
+    assert!(!ok);
+    assert!(stderr.contains("cannot read /nonexistent.yaml"), "{stderr}");
+}
