@@ -211,7 +211,11 @@ fn summarize_all(
             / 1000.0,
     );
     let kernel = summarize("kernel: move a veth to another netns", moves, None)?;
-    report("attach", &[plain, unclaimed, attached, pairs, kernel])?;
+    report(
+        "attach",
+        "Attach latency (real containerd, NRI RunPodSandbox)",
+        &[plain, unclaimed, attached, pairs, kernel],
+    )?;
     Ok(())
 }
 

@@ -29,6 +29,6 @@ fn main() -> anyhow::Result<()> {
     let live = measure("scan, this host (netlink + /sys)", 5, 100, None, || {
         std::hint::black_box(discover(&live_root));
     })?;
-    report("discovery", &[fixture, live])?;
+    report("discovery", "Discovery", &[fixture, live])?;
     Ok(())
 }

@@ -52,7 +52,11 @@ async fn main() -> anyhow::Result<()> {
         .await?,
     );
     shutdown.cancel();
-    report("prepare", &summaries)?;
+    report(
+        "prepare",
+        "Prepare latency (DRA NodePrepareResources)",
+        &summaries,
+    )?;
     Ok(())
 }
 

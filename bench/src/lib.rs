@@ -1,12 +1,13 @@
 //! Shared helpers for knd's benchmark harnesses (`benches/`, `harness = false`): timing with
-//! HDR histograms and results written as JSON under `bench-results/`.
+//! HDR histograms and results written as JSON, Markdown and SVG under `bench-results/`.
+
+pub mod doc;
 
 use std::{
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -79,11 +80,20 @@ pub fn summarize(
     })
 }
 
-/// Prints summaries as a table and writes them to `bench-results/<suite>.json`.
-pub fn report(suite: &str, summaries: &[Summary]) -> anyhow::Result<PathBuf> {
-    println!(
-        "{:<44} {:>8} {:>10} {:>10} {:>10} {:>10}  goal",
-        "benchmark", "samples", "p50 µs", "p90 µs", "p99 µs", "max µs"
+/// Prints summaries as a table and writes them (JSON, a Markdown table, a p50/p99 chart) to
+/// `bench-results/<suite>.*` under `title`.
+pub fn report(suite: &str, title: &str, summaries: &[Summary]) -> anyhow::Result<PathBuf> {
+    let mut table = doc::Table::new(
+        "Latency",
+        &[
+            "benchmark",
+            "samples",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "max µs",
+            "goal",
+        ],
     );
     for s in summaries {
         let goal = match (s.goal_p99_us, s.met) {
@@ -91,18 +101,87 @@ pub fn report(suite: &str, summaries: &[Summary]) -> anyhow::Result<PathBuf> {
             (Some(goal), _) => format!("p99 ≤ {goal} µs: MISSED"),
             _ => String::new(),
         };
-        println!(
-            "{:<44} {:>8} {:>10} {:>10} {:>10} {:>10}  {goal}",
-            s.name, s.samples, s.p50_us, s.p90_us, s.p99_us, s.max_us
-        );
+        table.row(vec![
+            s.name.clone(),
+            s.samples.to_string(),
+            s.p50_us.to_string(),
+            s.p90_us.to_string(),
+            s.p99_us.to_string(),
+            s.max_us.to_string(),
+            goal,
+        ]);
     }
-    let dir = results_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(format!("{suite}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(summaries)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("results: {}", path.display());
-    Ok(path)
+    print_table(&table);
+    #[expect(clippy::cast_precision_loss, reason = "microseconds for a chart")]
+    let series = |name: &str, value: fn(&Summary) -> u64| {
+        (
+            name.to_owned(),
+            summaries
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i as f64, value(s) as f64))
+                .collect(),
+        )
+    };
+    let chart = doc::Chart {
+        title: title.to_owned(),
+        x_label: String::new(),
+        y_label: "µs".to_owned(),
+        kind: doc::ChartKind::Bars {
+            categories: summaries.iter().map(|s| short(&s.name)).collect(),
+        },
+        series: vec![series("p50", |s| s.p50_us), series("p99", |s| s.p99_us)],
+    };
+    let mut document = doc::Document::new(suite, title);
+    document.tables.push(table);
+    document.charts.push(chart);
+    document.data = serde_json::to_value(summaries)?;
+    document.write(&results_dir())
+}
+
+/// A chart label: the name up to its first comma or parenthesis.
+fn short(name: &str) -> String {
+    name.split([',', '('])
+        .next()
+        .unwrap_or(name)
+        .trim()
+        .to_owned()
+}
+
+/// Prints a table aligned in columns.
+pub fn print_table(table: &doc::Table) {
+    let widths: Vec<usize> = (0..table.columns.len())
+        .map(|i| {
+            table
+                .rows
+                .iter()
+                .filter_map(|r| r.get(i))
+                .chain([&table.columns[i]])
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    println!("{}", table.title);
+    line(&table.columns);
+    for row in &table.rows {
+        line(row);
+    }
 }
 
 /// `$KND_BENCH_RESULTS`, else `bench-results/` at the workspace root.

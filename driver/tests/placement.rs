@@ -309,7 +309,11 @@ fn templates_place_every_pair_aligned_and_random_placement_does_not() {
         let outcome = placement::simulate(&inventory, &catalog, &strategy, 500, 7).unwrap();
         assert_eq!(outcome.allocations, 500);
         assert_eq!(outcome.aligned, 500, "{outcome:?}");
-        assert_eq!(outcome.classes.get(&Distance::Pix), Some(&500), "{outcome:?}");
+        assert_eq!(
+            outcome.classes.get(&Distance::Pix),
+            Some(&500),
+            "{outcome:?}"
+        );
         let random = placement::simulate(&inventory, &catalog, &Strategy::Random, 500, 7).unwrap();
         assert!(random.aligned < 250, "{random:?}");
         assert!(random.share(Distance::Sys) > 0.2, "{random:?}");
