@@ -22,20 +22,8 @@ fn inventory_of(tree: &SysfsTree) -> Inventory {
     inventory::discover(&HostRoot::new(tree.root()))
 }
 
-/// knd's slices and the GPU stand-in's slice for a fixture node, with the generated templates'
-/// classes and the GPU class.
-fn documents(inventory: &Inventory) -> (Documents, Vec<templates::Template>) {
-    let generated = templates::generate(inventory, placement::GPU_DRIVER);
-    let yaml = templates::to_yaml(&generated, "node-1").unwrap();
-    let mut documents = Documents::parse(&yaml, "templates").unwrap();
-    documents
-        .slices
-        .extend(resources::slices(inventory, DRIVER_NAME, "node-1", 1, None));
-    documents
-        .slices
-        .push(placement::gpu_slice(inventory, "node-1"));
-    documents.classes.push(placement::gpu_class());
-    (documents, generated)
+fn documents(inventory: &Inventory) -> Documents {
+    placement::node_documents(inventory).unwrap()
 }
 
 fn names(templates: &[templates::Template]) -> Vec<String> {
@@ -118,7 +106,7 @@ fn templates_follow_the_topology() {
 #[test]
 fn the_allocator_pairs_a_gpu_with_the_nic_on_its_root_and_explains_failures() {
     let eight = inventory_of(&machines::gpu_8x8());
-    let (documents, _) = documents(&eight);
+    let documents = documents(&eight);
     let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
     let (name, spec) = documents
         .claims
@@ -228,7 +216,7 @@ fn the_allocator_pairs_a_gpu_with_the_nic_on_its_root_and_explains_failures() {
 #[test]
 fn first_available_all_and_distinct_attribute_follow_the_api() {
     let shared = inventory_of(&machines::shared_switch());
-    let (documents, _) = documents(&shared);
+    let documents = documents(&shared);
     let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
     let spec = serde_json::from_value(serde_json::json!({
         "requests": [
@@ -296,7 +284,7 @@ fn templates_place_every_pair_aligned_and_random_placement_does_not() {
         ),
     ] {
         let inventory = inventory_of(&tree);
-        let (documents, _) = documents(&inventory);
+        let documents = documents(&inventory);
         let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
         let claims: Vec<Claim> = documents
             .claims

@@ -52,6 +52,25 @@ pub fn gpu_class() -> DeviceClass {
     .expect("a valid DeviceClass")
 }
 
+/// Everything an allocation on fixture node `node-1` sees: the templates `knd templates` writes
+/// for it (classes and claim templates), knd's slices, and the GPU driver stand-in's slice and
+/// class.
+pub fn node_documents(inventory: &Inventory) -> anyhow::Result<crate::placement::Documents> {
+    let generated = crate::templates::generate(inventory, GPU_DRIVER);
+    let yaml = crate::templates::to_yaml(&generated, "node-1")?;
+    let mut documents = crate::placement::Documents::parse(&yaml, "templates")?;
+    documents.slices.extend(crate::resources::slices(
+        inventory,
+        crate::resources::DRIVER_NAME,
+        "node-1",
+        1,
+        None,
+    ));
+    documents.slices.push(gpu_slice(inventory, "node-1"));
+    documents.classes.push(gpu_class());
+    Ok(documents)
+}
+
 /// How the simulated pods get their devices.
 #[derive(Debug)]
 pub enum Strategy<'a> {
