@@ -87,10 +87,7 @@ fn main() -> anyhow::Result<()> {
         let random = placement::simulate(&inventory, &catalog, &Strategy::Random, ALLOCATIONS, 1)?;
         for (how, outcome, goal) in [
             (
-                if names.len() > 1 {
-                    format!("templates ({} … {})", names[0], names[names.len() - 1])
-                } else {
-                    format!("templates ({})", names[0])
+                templates_label(&names))", names[0])
                 },
                 &with_templates,
                 true,
@@ -153,4 +150,13 @@ fn row(machine: &str, how: &str, outcome: &Outcome, goal: bool) -> Vec<String> {
         String::new()
     });
     cells
+}
+
+/// `templates (a)` or `templates (a … z)`.
+fn templates_label(names: &[String]) -> String {
+    match names {
+        [one] => format!("templates ({one})"),
+        [first, .., last] => format!("templates ({first} … {last})"),
+        [] => "templates".to_owned(),
+    }
 }
