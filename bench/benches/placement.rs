@@ -86,12 +86,7 @@ fn main() -> anyhow::Result<()> {
         let elapsed = started.elapsed();
         let random = placement::simulate(&inventory, &catalog, &Strategy::Random, ALLOCATIONS, 1)?;
         for (how, outcome, goal) in [
-            (
-                templates_label(&names))", names[0])
-                },
-                &with_templates,
-                true,
-            ),
+            (templates_label(&names), &with_templates, true),
             ("random GPU and NIC".to_owned(), &random, false),
         ] {
             table.row(row(machine, &how, outcome, goal));
