@@ -22,6 +22,7 @@ use knd::{
     telemetry::{self, AttachmentId, SocketProbes, TrafficProbes},
     testkit::{TestHost, is_root, veth_pair},
 };
+use knd_bench::doc::{Chart, ChartKind, Document, Table};
 use perf_event::{Builder, events::Software};
 use serde::Serialize;
 
@@ -265,18 +266,23 @@ fn rounds(pair: &Pair, cgroup: &std::path::Path) -> anyhow::Result<Vec<Vec<Run>>
     Ok(runs)
 }
 
-fn print_runs(name: &str, runs: &[Run], off: &[Run]) {
+fn print_runs(name: &str, runs: &[Run], off: &[Run]) -> Vec<String> {
     let mut gbps: Vec<f64> = runs.iter().map(|r| r.gbit_per_s).collect();
     let mut tx: Vec<f64> = runs.iter().map(|r| r.sender_ns_per_packet).collect();
     let mut rx: Vec<f64> = runs.iter().map(|r| r.receiver_ns_per_packet).collect();
+    let cells = vec![
+        name.to_owned(),
+        format!("{:.2}", median(&mut gbps)),
+        format!("{:.3}", ratio(runs, off)),
+        format!("{:.0}", median(&mut tx)),
+        format!("{:.0}", median(&mut rx)),
+    ];
     println!(
-        "{name:<28} median {:>6.2} Gbit/s, ratio to off {:.3}; CPU per packet: sender {:.0} ns, \
-         receiver {:.0} ns",
-        median(&mut gbps),
-        ratio(runs, off),
-        median(&mut tx),
-        median(&mut rx)
+        "{name:<28} median {:>6} Gbit/s, ratio to off {}; CPU per packet: sender {} ns, \
+         receiver {} ns",
+        cells[1], cells[2], cells[3], cells[4]
     );
+    cells
 }
 
 /// Sends 64-byte UDP datagrams from a to b for a run's time, as fast as one thread can.
@@ -416,6 +422,16 @@ fn main() -> anyhow::Result<()> {
     let ours = weighted(&programs);
     let base = weighted(&baseline_bulk);
     let net = ours - base;
+    let mut table = Table::new(
+        &format!("TCP throughput, {RUNS} rounds of every condition (medians)"),
+        &[
+            "condition",
+            "Gbit/s",
+            "ratio to off",
+            "sender CPU ns/packet",
+            "receiver CPU ns/packet",
+        ],
+    );
     for (name, condition) in [
         ("off", off),
         ("off again (A/A control)", off_again),
@@ -423,28 +439,28 @@ fn main() -> anyhow::Result<()> {
         ("counting TC programs", counting_only),
         ("full telemetry (TC + RTT)", full),
     ] {
-        print_runs(name, condition, off);
+        table.row(print_runs(name, condition, off));
     }
-    println!(
+    let mut notes = Vec::new();
+    let mut note = |line: String| {
+        println!("{line}");
+        notes.push(line);
+    };
+    note(format!(
         "throughput ratio full telemetry/off (median of {RUNS} rounds, same namespaces): \
          {raw:.3} (goal ≥ 0.98: {}); the A/A control (off vs off) came out at {control:.3}: how \
          far apart identical conditions land on this machine",
         if raw >= 0.98 { "met" } else { "MISSED" }
-    );
-    for cost in &programs {
-        println!(
-            "  {}: {:.1} ns/run over {} runs",
-            cost.program, cost.ns_per_run, cost.runs
-        );
-    }
-    println!(
+    ));
+    let costs = costs_table(&programs);
+    note(format!(
         "small frames (UDP, 64 B payload): {:.1} ns/run raw over {} runs, do-nothing {:.1} ns/run, \
          net {small_net:.1} ns per packet (goal ≤ 50 ns: {})",
         weighted(&small_ours),
         small_ours.iter().map(|c| c.runs).sum::<u64>(),
         weighted(&small_base),
         if small_net <= 50.0 { "met" } else { "MISSED" }
-    );
+    ));
     // Bulk TCP: one run per GSO/GRO super-frame; the egress program on a's side ran once per
     // super-frame sent, so the bytes a sent over its runs give the super-frames' size.
     let egress_runs = programs
@@ -456,7 +472,7 @@ fn main() -> anyhow::Result<()> {
     #[expect(clippy::cast_precision_loss, reason = "averages for a report")]
     let frame_bytes = sent_bytes as f64 / egress_runs.max(1) as f64;
     let per_wire_packet = net / (frame_bytes / 1500.0).max(1.0);
-    println!(
+    note(format!(
         "bulk TCP: {ours:.1} ns/run raw, do-nothing baseline {base:.1} ns/run, net {net:.1} ns per \
          GSO/GRO super-frame of {frame_bytes:.0} B on average = {per_wire_packet:.1} ns per \
          1500-byte packet on the wire (goal ≤ 50 ns per packet: {})",
@@ -465,7 +481,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             "MISSED"
         }
-    );
+    ));
     let report = Report {
         rounds: RUNS,
         run_seconds: RUN_TIME.as_secs_f64(),
@@ -482,10 +498,63 @@ fn main() -> anyhow::Result<()> {
         small_frames_net_ns_per_packet: small_net,
         net_ns_per_packet_goal: 50.0,
     };
-    let dir = knd_bench::results_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("telemetry.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("results: {}", path.display());
+    write_document(table, costs, notes, &report)
+}
+
+/// The suite's JSON, Markdown and chart.
+fn write_document(
+    table: Table,
+    costs: Table,
+    notes: Vec<String>,
+    report: &Report,
+) -> anyhow::Result<()> {
+    let mut document = Document::new("telemetry", "Telemetry overhead");
+    document.notes = notes;
+    let chart = Chart {
+        title: "TCP throughput per condition (median of the rounds)".to_owned(),
+        x_label: String::new(),
+        y_label: "Gbit/s".to_owned(),
+        kind: ChartKind::Bars {
+            categories: table.rows.iter().map(|r| r[0].clone()).collect(),
+        },
+        series: vec![(
+            "Gbit/s".to_owned(),
+            table
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    (
+                        f64::from(u32::try_from(i).unwrap_or(0)),
+                        r[1].parse().unwrap_or(0.0),
+                    )
+                })
+                .collect(),
+        )],
+    };
+    document.tables = vec![table, costs];
+    document.charts.push(chart);
+    document.data = serde_json::to_value(report)?;
+    document.write(&knd_bench::results_dir())?;
     Ok(())
+}
+
+/// The programs' cost per run during bulk TCP, printed and as a table.
+fn costs_table(programs: &[ProgramCost]) -> Table {
+    let mut costs = Table::new(
+        "eBPF programs during bulk TCP (kernel run-time statistics)",
+        &["program", "ns per run", "runs"],
+    );
+    for cost in programs {
+        println!(
+            "  {}: {:.1} ns/run over {} runs",
+            cost.program, cost.ns_per_run, cost.runs
+        );
+        costs.row(vec![
+            cost.program.clone(),
+            format!("{:.1}", cost.ns_per_run),
+            cost.runs.to_string(),
+        ]);
+    }
+    costs
 }

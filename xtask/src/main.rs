@@ -6,6 +6,7 @@ mod setup;
 mod testbed;
 
 use std::{
+    fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
     time::Instant,
@@ -38,9 +39,10 @@ enum Task {
     /// The local end-to-end demo (root): a simulated GPU node with stand-in NICs, containerd
     /// with NRI and the real daemon, two pods given aligned NICs, live per-claim numbers.
     Demo,
-    /// Run the benchmarks in bench/ (all, or one suite by name).
+    /// Run the benchmarks in bench/ (all, or one suite by name) and write JSON, Markdown and SVG
+    /// charts under bench-results/ (or `$KND_BENCH_RESULTS`), with index.md over all of them.
     Bench {
-        /// One suite to run.
+        /// One suite: discovery, prepare, attach, telemetry, collectives or placement.
         suite: Option<String>,
     },
 }
@@ -159,12 +161,160 @@ fn demo() -> anyhow::Result<()> {
     step("demo", run)
 }
 
-fn bench(suite: Option<&str>) -> anyhow::Result<()> {
-    let mut args = vec!["bench", "--package", "knd-bench"];
-    if let Some(suite) = suite {
-        args.extend(["--bench", suite]);
+/// The suites in bench/, in the order `cargo xtask bench` runs them.
+const SUITES: [&str; 6] = [
+    "discovery",
+    "prepare",
+    "attach",
+    "telemetry",
+    "collectives",
+    "placement",
+];
+
+/// Runs one suite or all; each writes `<suite>.json`, `.md` and SVG charts into the results
+/// directory, and this puts them together in `index.md` and `index.json`.
+fn bench(only: Option<&str>) -> anyhow::Result<()> {
+    let suites: Vec<&str> = match only {
+        Some(suite) if SUITES.contains(&suite) => vec![suite],
+        Some(suite) => bail!(
+            "no benchmark suite {suite}; the suites: {}",
+            SUITES.join(", ")
+        ),
+        None => SUITES.to_vec(),
+    };
+    let results = std::env::var_os("KND_BENCH_RESULTS")
+        .map_or_else(|| PathBuf::from("bench-results"), PathBuf::from);
+    let results = std::path::absolute(&results)?;
+    std::fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
+    let started = Instant::now();
+    let executables = build_benches(&suites)?;
+    let mut ran = Vec::new();
+    for suite in &suites {
+        // The built executable itself, so that edits made while the suites run change nothing.
+        let mut run = Command::new(&executables[*suite]);
+        run.arg("--bench")
+            .current_dir("bench")
+            .env("KND_BENCH_RESULTS", &results);
+        let suite_started = Instant::now();
+        let outcome = step(&format!("benchmark {suite}"), run);
+        ran.push((
+            *suite,
+            suite_started.elapsed().as_secs_f64(),
+            outcome.is_ok(),
+        ));
+        if let Err(error) = outcome {
+            eprintln!("xtask: {error:#}; going on with the other suites");
+        }
     }
-    step("benchmarks", cargo(&args))
+    let index = write_index(&results, &ran, started.elapsed().as_secs_f64())?;
+    println!("xtask: benchmark results: {}", index.display());
+    let failed: Vec<&str> = ran.iter().filter(|r| !r.2).map(|r| r.0).collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("benchmark suites failed: {}", failed.join(", "))
+    }
+}
+
+/// Builds the suites' executables; returns them by suite.
+fn build_benches(suites: &[&str]) -> anyhow::Result<std::collections::HashMap<String, PathBuf>> {
+    let mut build = cargo(&[
+        "bench",
+        "--package",
+        "knd-bench",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    for suite in suites {
+        build.args(["--bench", suite]);
+    }
+    eprintln!("xtask: build the benchmarks: {}", display(&build));
+    let started = Instant::now();
+    let output = build
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot start cargo")?;
+    if !output.status.success() {
+        bail!("building the benchmarks failed ({})", output.status);
+    }
+    let mut executables = std::collections::HashMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_bench = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "bench"));
+        if let (true, Some(name), Some(executable)) = (
+            is_bench,
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            executables.insert(name.to_owned(), PathBuf::from(executable));
+        }
+    }
+    for suite in suites {
+        if !executables.contains_key(*suite) {
+            bail!("cargo built no executable for benchmark {suite}");
+        }
+    }
+    eprintln!(
+        "xtask: build the benchmarks: ok in {:.1?}",
+        started.elapsed()
+    );
+    Ok(executables)
+}
+
+/// `index.md` (the machine, then every suite's Markdown) and `index.json`.
+fn write_index(dir: &Path, ran: &[(&str, f64, bool)], total: f64) -> anyhow::Result<PathBuf> {
+    let output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let (date, kernel) = (
+        output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        output("uname", &["-r"]),
+    );
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let mut markdown = format!(
+        "# knd benchmarks\n\n{date} · Linux {kernel} · {cpus} CPUs · {total:.0} s in all (build \
+         included)\n\n| suite | seconds | result |\n| :--- | ---: | :--- |\n"
+    );
+    for (suite, seconds, ok) in ran {
+        let result = if *ok {
+            format!("[{suite}.md]({suite}.md)")
+        } else {
+            "FAILED".to_owned()
+        };
+        let _ = writeln!(markdown, "| {suite} | {seconds:.0} | {result} |");
+    }
+    let mut suites = Vec::new();
+    for (suite, seconds, ok) in ran {
+        let path = dir.join(format!("{suite}.md"));
+        if *ok {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{suite} wrote no {}", path.display()))?;
+            markdown.push('\n');
+            markdown.push_str(&text);
+        }
+        suites.push(serde_json::json!({
+            "suite": suite, "seconds": seconds, "ok": ok, "json": format!("{suite}.json"),
+        }));
+    }
+    let summary = serde_json::json!({
+        "date": date, "kernel": kernel, "cpus": cpus, "seconds": total, "suites": suites,
+    });
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    let index = dir.join("index.md");
+    std::fs::write(&index, markdown)?;
+    Ok(index)
 }
 
 fn cargo(args: &[&str]) -> Command {
