@@ -542,6 +542,8 @@ struct Search<'a> {
     evaluated: &'a Evaluated<'a>,
     /// Candidate device indexes per alternative, on the node and free.
     candidates: Vec<Vec<usize>>,
+    /// Per alternative: some device it selects on the node is in use (`All` cannot be met).
+    partly_busy: Vec<bool>,
     constraints: Vec<&'a Constraint>,
     chosen: Vec<(usize, usize, usize)>,
     steps: usize,
@@ -559,7 +561,7 @@ impl Search<'_> {
             let mark = self.chosen.len();
             let ok = match request.alternatives[a].count {
                 Count::Exact(n) => self.pick(r, index, n, 0),
-                Count::All => self.pick_all(r, index),
+                Count::All => !self.partly_busy[index] && self.pick_all(r, index),
             };
             if ok {
                 return true;
@@ -697,9 +699,21 @@ impl Evaluated<'_> {
         in_use: &HashSet<DeviceId>,
         skip: Option<usize>,
     ) -> Option<Allocation> {
+        let partly_busy = self
+            .verdicts
+            .iter()
+            .map(|verdicts| {
+                verdicts.iter().zip(&self.catalog.devices).any(|(v, d)| {
+                    v.is_ok()
+                        && (d.node.is_none() || d.node.as_ref() == node)
+                        && in_use.contains(&d.id)
+                })
+            })
+            .collect();
         let mut search = Search {
             evaluated: self,
             candidates: self.free_candidates(node, in_use),
+            partly_busy,
             constraints: self
                 .claim
                 .constraints
@@ -712,6 +726,12 @@ impl Evaluated<'_> {
             steps: 0,
         };
         if !search.requests_from(0) {
+            if search.steps > SEARCH_BUDGET {
+                tracing::warn!(
+                    claim = %self.claim.name,
+                    "the allocation search gave up after {SEARCH_BUDGET} devices tried"
+                );
+            }
             return None;
         }
         let results = search

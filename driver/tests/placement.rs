@@ -267,6 +267,14 @@ fn first_available_all_and_distinct_attribute_follow_the_api() {
             ("two", "pci-0000-95-00-0"),
         ]
     );
+    // `All` wants every GPU: one in use fails the claim, and the reason says so.
+    let busy = HashSet::from([allocation.results[0].1.clone()]);
+    let failures = claim.evaluate(&catalog).allocate(&busy).unwrap_err();
+    assert_eq!(
+        failures[0].reasons,
+        ["request gpus wants all devices of class gpu.nvidia.com it selects; 3 are free (1 more \
+          are in use)"]
+    );
 }
 
 #[test]
