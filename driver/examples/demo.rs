@@ -27,15 +27,16 @@ use knd::{
     dra::proto::dra_v1,
     inventory,
     netns::Netns,
-    resources,
-    selector::Selector,
+    placement::{Catalog, Claim, Documents},
     state::StateStore,
+    templates,
     testkit::{
         TestHost,
         apiserver::FakeApi,
         bridge,
         claims::CONFIG_HEAD,
         kubelet, machines,
+        placement::{self, GPU_DRIVER},
         runtime::{Containerd, CriClient, cri, pod_config},
         tcp_transfer, veth_pair,
     },
@@ -44,19 +45,10 @@ use knd::{
 use tokio_util::sync::CancellationToken;
 
 const NICS: [&str; 4] = ["nic0", "nic1", "nic2", "nic3"];
-/// The pods: name, the GPU allocated to it (of the GPU driver stand-in), its address on the
-/// claimed NIC.
-const PODS: [(&str, &str, &str); 2] = [
-    ("trainer-0", "gpu-0", "10.77.0.10"),
-    ("trainer-1", "gpu-1", "10.77.0.11"),
-];
-/// The GPU driver stand-in: its name and its GPUs (name, PCI address, PCIe root) as the fixture
-/// topology places them.
-const GPU_DRIVER: &str = "gpu.nvidia.com";
-const GPUS: [(&str, &str, &str); 2] = [
-    ("gpu-0", "0000:13:00.0", "pci0000:10"),
-    ("gpu-1", "0000:33:00.0", "pci0000:30"),
-];
+/// The pods: name and its address on the claimed NIC.
+const PODS: [(&str, &str); 2] = [("trainer-0", "10.77.0.10"), ("trainer-1", "10.77.0.11")];
+/// The claim template every pod names, from `knd templates` for this node.
+const TEMPLATE: &str = "gpu-nic-aligned";
 const TRAFFIC_SECONDS: u32 = 6;
 
 fn main() -> anyhow::Result<()> {
@@ -130,7 +122,7 @@ struct Demo {
     node: Arc<TestHost>,
     _switch: TestHost,
     /// The host root the daemon reads (kept until the end).
-    _tree: knd::testkit::sysfs::SysfsTree,
+    tree: knd::testkit::sysfs::SysfsTree,
     dir: tempfile::TempDir,
     containerd: Containerd,
     fake: FakeApi,
@@ -205,7 +197,7 @@ impl Demo {
         Ok(Self {
             node: Arc::new(node),
             _switch: switch,
-            _tree: tree,
+            tree,
             dir,
             containerd,
             fake,
@@ -241,29 +233,7 @@ impl Demo {
         println!("knd published {devices} devices in ResourceSlices of pool node-1");
 
         self.publish_gpus()?;
-        // The scheduler's part: each pod's claim holds a GPU and the NIC on the same PCIe root
-        // (`matchAttribute: resource.kubernetes.io/pcieRoot`, as a CEL selector here).
-        let mut claims = Vec::new();
-        for (i, (pod, gpu, address)) in PODS.iter().enumerate() {
-            let root = GPUS
-                .iter()
-                .find(|(name, ..)| name == gpu)
-                .map(|(.., root)| *root)
-                .context("a GPU of the stand-in driver")?;
-            let selector =
-                format!("device.attributes[\"resource.kubernetes.io\"].pcieRoot == \"{root}\"");
-            let device = self.allocate(&selector)?;
-            println!(
-                "scheduler stand-in: {pod} gets {GPU_DRIVER} {gpu} (pcieRoot {root}) and, by \
-                 `{selector}`, knd.dev {device}"
-            );
-            self.fake.put_claim(claim(i, pod, gpu, &device, address));
-            claims.push(dra_v1::Claim {
-                namespace: "ml".into(),
-                uid: format!("claim-uid-{i}"),
-                name: format!("{pod}-nic"),
-            });
-        }
+        let claims = self.schedule()?;
         kubelet::prepare(&self.dir.path().join("plugins/dra.sock"), claims).await?;
         println!("kubelet stand-in: NodePrepareResources for both claims: ok");
 
@@ -275,7 +245,7 @@ impl Demo {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for (i, (pod, _, _)) in PODS.iter().enumerate() {
+        for (i, (pod, _)) in PODS.iter().enumerate() {
             let started = Instant::now();
             let id = self
                 .cri
@@ -293,7 +263,7 @@ impl Demo {
                 started.elapsed()
             );
         }
-        for (pod, _, _) in PODS {
+        for (pod, _) in PODS {
             let status = self.wait_for_status(&format!("{pod}-nic")).await?;
             println!("claim ml/{pod}-nic status: {status}");
         }
@@ -320,26 +290,63 @@ impl Demo {
         self.check_counters(&pods, &baseline).await
     }
 
-    /// The GPU driver stand-in publishes its GPUs with their PCI addresses and roots.
+    /// The scheduler's part: every pod names the template `knd templates` wrote for this node
+    /// (a GPU and a NIC on the same PCIe root); knd's allocator (the one behind `knd explain`)
+    /// places them on the published slices as the scheduler would. Returns the claims for
+    /// kubelet.
+    fn schedule(&self) -> anyhow::Result<Vec<dra_v1::Claim>> {
+        let documents = self.templates()?;
+        let template = documents
+            .claims
+            .iter()
+            .find(|(name, _)| name == TEMPLATE)
+            .context("knd templates wrote no gpu-nic-aligned")?;
+        let catalog = Catalog::new(&documents.slices, &documents.classes)?;
+        let compiled = Claim::compile(TEMPLATE, &template.1)?;
+        let evaluated = compiled.evaluate(&catalog);
+        let mut in_use = std::collections::HashSet::new();
+        let mut claims = Vec::new();
+        for (i, (pod, address)) in PODS.iter().enumerate() {
+            let allocation = evaluated.allocate(&in_use).map_err(|failures| {
+                anyhow::anyhow!("no room for {pod}: {:?}", failures[0].reasons)
+            })?;
+            let device = |request: &str| {
+                allocation
+                    .results
+                    .iter()
+                    .find(|(r, _)| r == request)
+                    .map(|(_, d)| d.clone())
+                    .context("an allocation result per request")
+            };
+            let (gpu, nic) = (device("gpu")?, device("nic")?);
+            println!(
+                "scheduler stand-in: {pod} names template {TEMPLATE} (matchAttribute \
+                 resource.kubernetes.io/pcieRoot) and gets {GPU_DRIVER} {} and knd.dev {}",
+                gpu.device, nic.device
+            );
+            self.fake.put_claim(claim(
+                i,
+                pod,
+                &template.1,
+                &gpu.device,
+                &nic.device,
+                address,
+            )?);
+            in_use.extend([gpu, nic]);
+            claims.push(dra_v1::Claim {
+                namespace: "ml".into(),
+                uid: format!("claim-uid-{i}"),
+                name: format!("{pod}-nic"),
+            });
+        }
+        Ok(claims)
+    }
+
+    /// The GPU driver stand-in publishes the fixture's GPUs with their PCI addresses and roots.
     fn publish_gpus(&self) -> anyhow::Result<()> {
         use k8s_openapi::api::resource::v1::ResourceSlice;
-        let devices: Vec<serde_json::Value> = GPUS
-            .iter()
-            .map(|(name, address, root)| {
-                serde_json::json!({"name": name, "attributes": {
-                    "resource.kubernetes.io/pciBusID": {"string": address},
-                    "resource.kubernetes.io/pcieRoot": {"string": root},
-                    "productName": {"string": "NVIDIA H100 80GB HBM3"}
-                }})
-            })
-            .collect();
-        let slice: ResourceSlice = serde_json::from_value(serde_json::json!({
-            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
-            "metadata": {"name": format!("node-1-{GPU_DRIVER}-0")},
-            "spec": {"driver": GPU_DRIVER, "nodeName": "node-1",
-                     "pool": {"name": "node-1", "generation": 1, "resourceSliceCount": 1},
-                     "devices": devices}
-        }))?;
+        let slice = placement::gpu_slice(&inventory::discover(&self.tree.host()), "node-1");
+        let count = slice.spec.devices.as_ref().map_or(0, Vec::len);
         // The API server listens on the node's loopback: talk to it from there.
         let fake = &self.fake;
         self.node.netns().block_on(|| async move {
@@ -348,49 +355,28 @@ impl Demo {
                 .await?;
             anyhow::Ok(())
         })??;
-        println!(
-            "GPU driver stand-in: published {} GPUs ({GPU_DRIVER})",
-            GPUS.len()
-        );
+        println!("GPU driver stand-in: published {count} GPUs ({GPU_DRIVER})");
         Ok(())
     }
 
-    /// The first published device of knd the selector accepts.
-    fn allocate(&self, expression: &str) -> anyhow::Result<String> {
-        let selector = Selector::compile(expression)?;
-        for slice in self
-            .fake
-            .slices()
-            .into_iter()
-            .filter(|s| s.spec.driver == "knd.dev")
-        {
-            for device in slice.spec.devices.unwrap_or_default() {
-                let attributes = device
-                    .attributes
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|(name, value)| {
-                        let value = if let Some(s) = value.string {
-                            resources::Value::Str(s)
-                        } else if let Some(b) = value.bool {
-                            resources::Value::Bool(b)
-                        } else {
-                            resources::Value::Int(value.int?)
-                        };
-                        let name = if name.contains('/') {
-                            name
-                        } else {
-                            format!("knd.dev/{name}")
-                        };
-                        Some((name, value))
-                    })
-                    .collect();
-                if selector.matches_own(&device.name, &attributes)? {
-                    return Ok(device.name);
-                }
-            }
-        }
-        bail!("no published device matches `{expression}`")
+    /// What the scheduler sees: the objects `knd templates` writes for this node (its
+    /// DeviceClasses and claim templates), the GPU driver's class, and every published slice.
+    fn templates(&self) -> anyhow::Result<Documents> {
+        let generated = templates::generate(&inventory::discover(&self.tree.host()), GPU_DRIVER);
+        let mut documents =
+            Documents::parse(&templates::to_yaml(&generated, "node-1")?, "knd templates")?;
+        println!(
+            "knd templates: {}",
+            documents
+                .claims
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        documents.slices = self.fake.slices();
+        documents.classes.push(placement::gpu_class());
+        Ok(documents)
     }
 
     /// The claim's status once knd wrote it: interface, addresses, MAC, condition.
@@ -459,7 +445,7 @@ impl Demo {
         );
         let stop = Arc::new(AtomicBool::new(false));
         let mut senders = Vec::new();
-        for (from, to, address) in [(0, 1, PODS[1].2), (1, 0, PODS[0].2)] {
+        for (from, to, address) in [(0, 1, PODS[1].1), (1, 0, PODS[0].1)] {
             let (stop, client, server) = (
                 Arc::clone(&stop),
                 Arc::clone(&pods[from]),
@@ -679,19 +665,22 @@ fn start_daemon(
 
 /// Claim `i` of `pod`: GPU `gpu` and knd's `device` allocated, the NIC configured as `net1` with
 /// `address`/24.
-fn claim(i: usize, pod: &str, gpu: &str, device: &str, address: &str) -> serde_json::Value {
+fn claim(
+    i: usize,
+    pod: &str,
+    spec: &k8s_openapi::api::resource::v1::DeviceClaim,
+    gpu: &str,
+    device: &str,
+    address: &str,
+) -> anyhow::Result<serde_json::Value> {
     let config: serde_json::Value = serde_json::from_str(&format!(
         r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","mtu":9000,"addresses":["{address}/24"]}}}}"#
-    ))
-    .expect("valid claim configuration");
-    serde_json::json!({
+    ))?;
+    Ok(serde_json::json!({
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceClaim",
         "metadata": {"name": format!("{pod}-nic"), "namespace": "ml", "uid": format!("claim-uid-{i}")},
-        "spec": {"devices": {"requests": [
-            {"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com"}},
-            {"name": "nic", "exactly": {"deviceClassName": "knd-nic"}}
-        ]}},
+        "spec": {"devices": spec},
         "status": {
             "allocation": {"devices": {
                 "results": [
@@ -702,5 +691,5 @@ fn claim(i: usize, pod: &str, gpu: &str, device: &str, address: &str) -> serde_j
             }},
             "reservedFor": [{"resource": "pods", "name": pod, "uid": format!("pod-uid-{i}")}]
         }
-    })
+    }))
 }

@@ -272,8 +272,10 @@ fn first_available_all_and_distinct_attribute_follow_the_api() {
     let failures = claim.evaluate(&catalog).allocate(&busy).unwrap_err();
     assert_eq!(
         failures[0].reasons,
-        ["request gpus wants all devices of class gpu.nvidia.com it selects; 3 are free (1 more \
-          are in use)"]
+        [
+            "request gpus wants all devices of class gpu.nvidia.com it selects; 3 are free (1 more \
+          are in use)"
+        ]
     );
 }
 
