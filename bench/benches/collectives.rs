@@ -320,6 +320,12 @@ fn rank_main(
     jobs: &mpsc::Receiver<Job>,
     answers: &mpsc::Sender<Answer>,
 ) -> anyhow::Result<()> {
+    // Ranks take CPUs in turn, as NCCL binds a rank per GPU: the placement no longer changes
+    // between measurements (unpinned, the scheduler's choices made mid sizes bimodal).
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut set = nix::sched::CpuSet::new();
+    set.set(rank % cpus)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
     let listeners: Vec<TcpListener> = [false, true]
         .iter()
         .map(|&plain| TcpListener::bind(SocketAddr::new(subnet_address(plain, rank), PORT)))

@@ -965,3 +965,72 @@ pub fn explain(evaluated: &Evaluated<'_>) -> (String, bool) {
     }
     (text, outcome.is_ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_documents_are_named_not_panics() {
+        let cases = [
+            ("{", "document 1: not YAML"),
+            ("- 1\n", "document 1: no `kind`"),
+            (
+                "kind: ResourceSlice\nspec: 3\n",
+                "document 1: ResourceSlice (unnamed)",
+            ),
+            ("kind: List\nitems: 3\n", "document 1: List without items"),
+            (
+                "---\nkind: DeviceClass\nmetadata: {name: a}\n---\nkind: Pod\n",
+                "document 2: kind Pod",
+            ),
+            (
+                "kind: ResourceClaimTemplate\nmetadata: {name: t}\nspec: {spec: {devices: {requests: 7}}}\n",
+                "document 1: ResourceClaimTemplate t",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = Documents::parse(text, "in.yaml").unwrap_err().to_string();
+            assert!(err.starts_with("in.yaml: "), "{err}");
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+        // Empty documents are skipped; a List's items are read.
+        let documents = Documents::parse(
+            "---\n---\nkind: DeviceClassList\nitems:\n- kind: DeviceClass\n  metadata: {name: x}\n",
+            "in.yaml",
+        )
+        .unwrap();
+        assert_eq!(documents.classes.len(), 1);
+    }
+
+    #[test]
+    fn malformed_claims_are_named() {
+        let claim = |value: serde_json::Value| -> String {
+            let spec: DeviceClaim = serde_json::from_value(value).unwrap();
+            Claim::compile("c", &spec).unwrap_err().to_string()
+        };
+        assert_eq!(claim(serde_json::json!({})), "claim c: no requests");
+        assert!(
+            claim(serde_json::json!({"requests": [{"name": "a"}]}))
+                .contains("request a needs exactly one of `exactly` and `firstAvailable`")
+        );
+        assert!(
+            claim(serde_json::json!({"requests": [{"name": "a", "exactly": {"deviceClassName": "x", "allocationMode": "Some"}}]}))
+                .contains("allocationMode Some is neither ExactCount nor All")
+        );
+        assert!(
+            claim(
+                serde_json::json!({"requests": [{"name": "a", "exactly": {"deviceClassName": "x"}}],
+                "constraints": [{"matchAttribute": "a/b", "distinctAttribute": "a/c"}]})
+            )
+            .contains("constraint 1 needs exactly one of matchAttribute and distinctAttribute")
+        );
+        assert!(
+            claim(
+                serde_json::json!({"requests": [{"name": "a", "exactly": {"deviceClassName": "x"}}],
+                "constraints": [{"requests": ["b"], "matchAttribute": "a/b"}]})
+            )
+            .contains("constraint 1 names request b, which the claim does not have")
+        );
+    }
+}
