@@ -152,10 +152,10 @@ impl Cluster {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             pod.disable_ipv6("eth1")?;
             pod.configure("ref0", subnet_address(true, i), 24)?;
+            // As on a collective-tuned host: a connection idle between operations keeps its
+            // window (otherwise every measurement starts with slow start again).
+            pod.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_slow_start_after_idle", "0"))??;
         }
-        let refs = |ports: &[String]| ports.to_vec();
-        let knd_ports = refs(&knd_ports);
-        let plain_ports = refs(&plain_ports);
         bridge(
             &node,
             "kbr",
