@@ -423,3 +423,28 @@ fn templates_and_explain_commands() {
     assert!(!ok);
     assert!(stderr.contains("cannot read /nonexistent.yaml"), "{stderr}");
 }
+
+#[test]
+fn the_example_templates_are_what_knd_templates_writes() {
+    // deploy/examples/ is validated strictly against the Kubernetes schemas by tests/deploy.rs;
+    // this keeps the generated example current.
+    let inventory = inventory_of(&machines::gpu_8x8());
+    let text = templates::to_yaml(
+        &templates::generate(&inventory, "gpu.nvidia.com"),
+        "gpu-node",
+    )
+    .unwrap();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/templates-8-gpu-node.yaml"
+    );
+    if std::env::var_os("KND_UPDATE_EXAMPLES").is_some() {
+        std::fs::write(path, &text).unwrap();
+    }
+    let committed = std::fs::read_to_string(path).unwrap();
+    assert_eq!(
+        committed, text,
+        "deploy/examples/templates-8-gpu-node.yaml is stale: rerun this test with \
+         KND_UPDATE_EXAMPLES=1"
+    );
+}
