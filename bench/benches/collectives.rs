@@ -665,7 +665,9 @@ fn document(points: &[Point], elapsed: Duration) -> Document {
          {} to {} by ×2, {ROUNDS} rounds per size with the conditions in shuffled order (median \
          reported); busbw by nccl-tests' formulas. *knd NIC*: a veth moved into the pod and \
          addressed by knd's attach code, its host end a port of a bridge; *plain veth*: the same \
-         namespaces joined by veths on a second bridge, without the driver. *Paired by round*: nccl-tests' average bus bandwidth \
+         namespaces joined by veths on a second bridge, without the driver. Ranks are pinned to \
+         CPUs in turn; the pods keep TCP windows across idle gaps \
+         (`tcp_slow_start_after_idle=0`). *Paired by round*: nccl-tests' average bus bandwidth \
          (mean of busbw over all sizes) of each round over the plain veth's in the same round, \
          median over rounds; the goal (within 5 %) is checked on it, since measurements minutes \
          apart drift more than 5 % on a shared 2-core VM (the knd-NIC-without-telemetry column is \
