@@ -178,6 +178,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Both inputs of `knd explain` were `-`.
+    #[error("the claim file and --slices cannot both be standard input (`-`)")]
+    BothStdin,
     /// The claim file holds no claim.
     #[error("{0} holds no ResourceClaim or ResourceClaimTemplate")]
     NoClaims(PathBuf),
@@ -340,6 +343,10 @@ fn explain(
     host_root: PathBuf,
 ) -> Result<(), Error> {
     use crate::placement::{Catalog, Claim, Documents};
+    let stdin = std::path::Path::new("-");
+    if claim == stdin && slices == Some(stdin) {
+        return Err(Error::BothStdin);
+    }
     let mut documents = Documents::parse(&read_input(claim)?, &claim.display().to_string())?;
     if documents.claims.is_empty() {
         return Err(Error::NoClaims(claim.to_owned()));

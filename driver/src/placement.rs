@@ -627,7 +627,7 @@ impl Search<'_> {
         unreachable!("alternative index {index} within the claim")
     }
 
-    /// Whether `device` for alternative `index` of request `r` keeps every constraint.
+    /// Whether `device` for alternative `index` keeps every constraint with what is chosen.
     fn fits(&self, index: usize, device: usize) -> bool {
         let devices = &self.evaluated.catalog.devices;
         let (request, alternative) = self.names(index);

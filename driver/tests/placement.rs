@@ -419,6 +419,9 @@ fn templates_and_explain_commands() {
         ),
         "{stderr}"
     );
+    let (ok, _, stderr) = knd(&["explain", "-", "--slices", "-"], Some(""));
+    assert!(!ok);
+    assert!(stderr.contains("cannot both be standard input"), "{stderr}");
     let (ok, _, stderr) = knd(&["explain", "/nonexistent.yaml"], None);
     assert!(!ok);
     assert!(stderr.contains("cannot read /nonexistent.yaml"), "{stderr}");
