@@ -312,10 +312,8 @@ impl Demo {
             })?;
             let device = |request: &str| {
                 allocation
-                    .results
-                    .iter()
-                    .find(|(r, _)| r == request)
-                    .map(|(_, d)| d.clone())
+                    .device(request)
+                    .cloned()
                     .context("an allocation result per request")
             };
             let (gpu, nic) = (device("gpu")?, device("nic")?);

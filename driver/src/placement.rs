@@ -529,6 +529,16 @@ pub struct Allocation {
     pub results: Vec<(String, DeviceId)>,
 }
 
+impl Allocation {
+    /// The first device allocated for `request` (or `request/subrequest`).
+    pub fn device(&self, request: &str) -> Option<&DeviceId> {
+        self.results
+            .iter()
+            .find(|(r, _)| r == request)
+            .map(|(_, device)| device)
+    }
+}
+
 /// Why a claim could not be allocated on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {

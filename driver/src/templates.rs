@@ -34,9 +34,9 @@ pub struct Template {
     pub object: serde_json::Value,
 }
 
-/// The objects for `inventory`'s topology; `gpu_class` is the GPU driver's DeviceClass.
-pub fn generate(inventory: &Inventory, gpu_class: &str) -> Vec<Template> {
-    let mut out = vec![
+/// knd's DeviceClasses: any NIC, and NICs with an RDMA device.
+pub fn device_classes() -> Vec<Template> {
+    vec![
         Template {
             comment: "Any NIC knd publishes.".to_owned(),
             object: device_class(NIC_CLASS, &format!("device.driver == \"{DRIVER_NAME}\"")),
@@ -52,7 +52,12 @@ pub fn generate(inventory: &Inventory, gpu_class: &str) -> Vec<Template> {
                 ),
             ),
         },
-    ];
+    ]
+}
+
+/// The objects for `inventory`'s topology; `gpu_class` is the GPU driver's DeviceClass.
+pub fn generate(inventory: &Inventory, gpu_class: &str) -> Vec<Template> {
+    let mut out = device_classes();
     let mut gpus_by_root: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for gpu in &inventory.gpus {
         if let Some(root) = &gpu.root_complex {

@@ -227,14 +227,10 @@ fn place(
             }
             order.into_iter().find_map(|t| {
                 let allocation = templates[t].allocate(in_use).ok()?;
-                let device = |request: &str| {
-                    allocation
-                        .results
-                        .iter()
-                        .find(|(r, _)| r == request)
-                        .map(|(_, d)| d.clone())
-                };
-                Some([device("gpu")?, device("nic")?])
+                Some([
+                    allocation.device("gpu")?.clone(),
+                    allocation.device("nic")?.clone(),
+                ])
             })
         }
     }
