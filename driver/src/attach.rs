@@ -6,13 +6,13 @@
 //! never change namespace. Every step's error names the interface and the step, and a failed
 //! attachment undoes what it did before reporting.
 
-use std::{collections::BTreeMap, future::Future, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, future::Future, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::NetworkConfig,
+    config::{NetworkConfig, SysctlKey},
     ethtool::{self, Ethtool},
     netlink::{self, Link, LinkSettings, Neighbor, OffloadSizes, Route},
     netns::Netns,
@@ -347,18 +347,7 @@ async fn configure_in_pod(
             .await
             .map_err(fail(&what))?;
     }
-    if let Some(sysctls) = config.sysctls.clone().filter(|s| !s.is_empty()) {
-        // /proc/sys/net resolves against the writing thread's namespace: a thread in the pod.
-        let written = pod
-            .run_async(move || {
-                sysctls.iter().try_for_each(|(key, value)| {
-                    write_sysctl(key, value).map_err(|e| format!("set {key}={value}: {e}"))
-                })
-            })
-            .await
-            .map_err(|e| StepError::new(&host_name, "enter the pod for sysctls", e))?;
-        written.map_err(|e| StepError::new(&host_name, "set sysctls", e))?;
-    }
+    apply_sysctls(pod, &host_name, &name, config).await?;
     let mac = link
         .settings(&name)
         .await
@@ -369,6 +358,41 @@ async fn configure_in_pod(
         addresses,
         mac,
     })
+}
+
+/// Writes the claim's per-interface sysctls inside the pod, refusing any key that names
+/// another interface than the claim's own (`name`, its name in the pod).
+async fn apply_sysctls(
+    pod: &Netns,
+    host_name: &str,
+    name: &str,
+    config: &NetworkConfig,
+) -> Result<(), StepError> {
+    if let Some(sysctls) = config.sysctls.clone().filter(|s| !s.is_empty()) {
+        // Only the claim's own interface: a key naming another (the pod's eth0) would set it
+        // around kubelet's sysctl policy.
+        if let Some(key) = sysctls.keys().find(|k| k.interface() != name) {
+            return Err(StepError::new(
+                host_name,
+                format!("set sysctl {key}"),
+                format!(
+                    "it names interface `{}`, but this claim's interface in the pod is `{name}`",
+                    key.interface()
+                ),
+            ));
+        }
+        // /proc/sys/net resolves against the writing thread's namespace: a thread in the pod.
+        let written = pod
+            .run_async(move || {
+                sysctls.iter().try_for_each(|(key, value)| {
+                    write_sysctl(key, value).map_err(|e| format!("set {key}={value}: {e}"))
+                })
+            })
+            .await
+            .map_err(|e| StepError::new(host_name, "enter the pod for sysctls", e))?;
+        written.map_err(|e| StepError::new(host_name, "set sysctls", e))?;
+    }
+    Ok(())
 }
 
 fn pod_route(route: &crate::config::RouteConfig) -> Result<Route, String> {
@@ -391,24 +415,38 @@ fn pod_route(route: &crate::config::RouteConfig) -> Result<Route, String> {
     })
 }
 
-/// Writes `net.ipv4.conf.<if>.<name>` (validated by the config) through this thread's
-/// namespace's view of `/proc/sys/net`.
-fn write_sysctl(key: &str, value: &str) -> std::io::Result<()> {
-    // The interface part may contain dots (eth0.100): only the first three and the last
-    // separators become slashes.
-    let parts: Vec<&str> = key.splitn(4, '.').collect();
-    let [net, family, conf, rest] = parts.as_slice() else {
-        return Err(std::io::Error::other(
-            "not a net.<family>.conf.<if>.<name> key",
-        ));
+/// Writes one per-interface sysctl through this thread's namespace's view of `/proc/sys/net`.
+///
+/// The file is opened below `/proc/sys/net/<family>/conf/<interface>/` with `openat2` refusing
+/// to leave that directory or to follow any symlink, so no key can reach another file, whatever
+/// the parser let through.
+pub fn write_sysctl(key: &SysctlKey, value: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+
+    let directory = format!(
+        "/proc/sys/net/{}/conf/{}",
+        key.family().dir(),
+        key.interface()
+    );
+    let how = |flags: OFlag| {
+        OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        )
     };
-    let Some((interface, name)) = rest.rsplit_once('.') else {
-        return Err(std::io::Error::other("no setting name after the interface"));
-    };
-    let path: PathBuf = ["/proc/sys", net, family, conf, interface, name]
-        .iter()
-        .collect();
-    std::fs::write(path, value)
+    let conf = std::fs::File::open(format!("/proc/sys/net/{}/conf", key.family().dir()))?;
+    let interface = openat2(
+        &conf,
+        key.interface(),
+        how(OFlag::O_RDONLY | OFlag::O_DIRECTORY),
+    )
+    .map_err(|e| std::io::Error::other(format!("{directory}: {e}")))?;
+    let file = openat2(&interface, key.setting(), how(OFlag::O_WRONLY))
+        .map_err(|e| std::io::Error::other(format!("{directory}/{}: {e}", key.setting())))?;
+    std::fs::File::from(file).write_all(value.as_bytes())
 }
 
 /// Gives the interface back: moves `pod_name` out of `pod` (when the namespace still exists)

@@ -82,9 +82,11 @@ pub struct NetworkConfig {
     /// ethtool features and private flags to set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ethtool: Option<EthtoolConfig>,
-    /// Per-interface sysctls (`net.ipv4.conf.<if>.*`, `net.ipv6.conf.<if>.*` only).
+    /// Per-interface sysctls of the claim's own interface in the pod
+    /// (`net.ipv4.conf.<interface>.<setting>`, `net.ipv6.conf.<interface>.<setting>` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sysctls: Option<BTreeMap<String, String>>,
+    #[schemars(with = "Option<BTreeMap<String, String>>")]
+    pub sysctls: Option<BTreeMap<SysctlKey, String>>,
     /// How the RDMA device is shared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdma: Option<RdmaConfig>,
@@ -412,7 +414,18 @@ impl NetworkConfig {
             }
         }
         for (key, value) in self.sysctls.iter().flatten() {
-            sysctl(key, value).map_err(|e| e.within(&format!("sysctls.{key}")))?;
+            sysctl_value(value).map_err(|e| e.within(&format!("sysctls.{key}")))?;
+            if let Some(name) = self.interface.as_ref().and_then(|i| i.name.as_deref())
+                && key.interface != name
+            {
+                return Err(ConfigError::new(
+                    format!("sysctls.{key}"),
+                    format!(
+                        "names interface `{}`, but the claim's interface in the pod is `{name}`",
+                        key.interface()
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -626,27 +639,128 @@ fn mac(text: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Only the pod interface's own `conf` sysctls may be set: nothing that changes the whole
-/// network namespace, let alone the node.
-fn sysctl(key: &str, value: &str) -> Result<(), ConfigError> {
-    let parts: Vec<&str> = key.split('.').collect();
-    let allowed = parts.len() == 5
-        && parts[0] == "net"
-        && (parts[1] == "ipv4" || parts[1] == "ipv6")
-        && parts[2] == "conf"
-        && !parts[3].is_empty()
-        && parts[3] != "all"
-        && parts[3] != "default"
-        && parts[4]
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !parts[4].is_empty();
-    if !allowed {
-        return Err(ConfigError::new(
-            "",
-            "only net.ipv4.conf.<interface>.<name> and net.ipv6.conf.<interface>.<name> are allowed",
-        ));
+/// The address family of a per-interface sysctl.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SysctlFamily {
+    /// `net.ipv4.conf.*`.
+    Ipv4,
+    /// `net.ipv6.conf.*`.
+    Ipv6,
+}
+
+impl SysctlFamily {
+    /// The directory under `/proc/sys/net` (`ipv4`, `ipv6`).
+    pub fn dir(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
     }
+}
+
+/// A per-interface sysctl key, parsed once from `net.<family>.conf.<interface>.<setting>`: only
+/// the `conf` settings of one named interface, nothing that changes the whole network namespace
+/// (`all`, `default`), let alone the node. The interface may contain dots (`eth0.100`); the
+/// setting is what follows the last dot and matches `[a-z0-9_]+`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SysctlKey {
+    // Private: a key exists only by parsing, so every key has passed the checks.
+    family: SysctlFamily,
+    interface: String,
+    setting: String,
+}
+
+impl std::str::FromStr for SysctlKey {
+    type Err = ConfigError;
+
+    fn from_str(key: &str) -> Result<Self, ConfigError> {
+        let refuse = |why: &str| {
+            ConfigError::new(
+                "",
+                format!(
+                    "{why}; only net.ipv4.conf.<interface>.<setting> and \
+                     net.ipv6.conf.<interface>.<setting> are allowed"
+                ),
+            )
+        };
+        let (family, rest) = if let Some(rest) = key.strip_prefix("net.ipv4.conf.") {
+            (SysctlFamily::Ipv4, rest)
+        } else if let Some(rest) = key.strip_prefix("net.ipv6.conf.") {
+            (SysctlFamily::Ipv6, rest)
+        } else {
+            return Err(refuse("not a per-interface key"));
+        };
+        let Some((interface, setting)) = rest.rsplit_once('.') else {
+            return Err(refuse("no setting after the interface"));
+        };
+        if interface == "all" || interface == "default" {
+            return Err(refuse(&format!("`{interface}` is every interface")));
+        }
+        if !is_interface_name(interface) {
+            return Err(refuse(&format!("`{interface}` is not an interface name")));
+        }
+        if setting.is_empty()
+            || !setting
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(refuse(&format!("`{setting}` is not a setting name")));
+        }
+        Ok(Self {
+            family,
+            interface: interface.to_owned(),
+            setting: setting.to_owned(),
+        })
+    }
+}
+
+impl TryFrom<String> for SysctlKey {
+    /// The reason only: the parser's path names the key already.
+    type Error = String;
+
+    fn try_from(key: String) -> Result<Self, String> {
+        key.parse().map_err(|e: ConfigError| e.reason)
+    }
+}
+
+impl From<SysctlKey> for String {
+    fn from(key: SysctlKey) -> Self {
+        key.to_string()
+    }
+}
+
+impl fmt::Display for SysctlKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "net.{}.conf.{}.{}",
+            self.family.dir(),
+            self.interface,
+            self.setting
+        )
+    }
+}
+
+impl SysctlKey {
+    /// The address family.
+    pub fn family(&self) -> SysctlFamily {
+        self.family
+    }
+
+    /// The interface: one path component, a valid interface name, not `all` or `default`.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// The setting (`rp_filter`, `arp_ignore`, ...): the file's name below
+    /// `/proc/sys/net/<family>/conf/<interface>/`.
+    pub fn setting(&self) -> &str {
+        &self.setting
+    }
+}
+
+fn sysctl_value(value: &str) -> Result<(), ConfigError> {
     if value.is_empty() || value.len() > 64 || value.contains(['\n', '\0']) {
         return Err(ConfigError::new(
             "",
@@ -750,11 +864,11 @@ mod tests {
             ),
             (
                 r#","sysctls":{"net.core.somaxconn":"1024"}"#,
-                "sysctls.net.core.somaxconn: only net.ipv4.conf",
+                "sysctls.net.core.somaxconn: not a per-interface key; only net.ipv4.conf",
             ),
             (
                 r#","sysctls":{"net.ipv4.conf.all.forwarding":"1"}"#,
-                "sysctls.net.ipv4.conf.all.forwarding: only",
+                "sysctls.net.ipv4.conf.all.forwarding: `all` is every interface; only",
             ),
             (
                 r#","rdma":{"mode":"private"}"#,
@@ -817,8 +931,9 @@ mod tests {
             "unset lists are kept"
         );
         let sysctls = merged.sysctls.unwrap();
-        assert_eq!(sysctls["net.ipv4.conf.net1.rp_filter"], "2");
-        assert_eq!(sysctls["net.ipv4.conf.net1.arp_notify"], "1");
+        let key = |text: &str| text.parse::<SysctlKey>().unwrap();
+        assert_eq!(sysctls[&key("net.ipv4.conf.net1.rp_filter")], "2");
+        assert_eq!(sysctls[&key("net.ipv4.conf.net1.arp_notify")], "1");
     }
 
     #[test]
@@ -835,6 +950,47 @@ mod tests {
             "unknown fields are rejected"
         );
         assert!(schema["properties"]["interface"].is_object());
+    }
+
+    /// A tenant writes the claim config: no key may name a file outside the interface's own
+    /// `conf` directory, nor another interface than the claim's.
+    #[test]
+    fn sysctl_keys_cannot_reach_other_files_or_interfaces() {
+        for hostile in [
+            "net.ipv4.conf./proc/sys/kernel.core_pattern",
+            "net.ipv4.conf.../../kernel.core_pattern",
+            "net.ipv4.conf.net1/../../../kernel.core_pattern",
+            "net.ipv4.conf...core_pattern",
+            "net.ipv4.conf.net1.../core_pattern",
+            "net.ipv4.conf.net1.Core",
+            "net.ipv4.conf.net1.",
+            "net.ipv4.conf.default.forwarding",
+            "net.ipv6.conf.all.disable_ipv6",
+            "net.ipv4.conf.a-very-long-interface-name.rp_filter",
+            "net.ipv4.ip_forward",
+            "kernel.core_pattern",
+        ] {
+            let json = format!(r#"{{{HEAD},"sysctls":{{"{hostile}":"1"}}}}"#);
+            let err = parse_validate(&json).expect_err(hostile);
+            assert!(err.to_string().contains(hostile), "{hostile}: {err}");
+        }
+        let key: SysctlKey = "net.ipv6.conf.eth0.100.accept_ra".parse().unwrap();
+        assert_eq!(
+            (key.family(), key.interface(), key.setting()),
+            (SysctlFamily::Ipv6, "eth0.100", "accept_ra")
+        );
+        assert_eq!(key.to_string(), "net.ipv6.conf.eth0.100.accept_ra");
+        // The pod's own eth0 is not the claim's interface.
+        let err = parse_validate(&format!(
+            r#"{{{HEAD},"interface":{{"name":"net1"}},"sysctls":{{"net.ipv4.conf.eth0.rp_filter":"0"}}}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(err.path, "sysctls.net.ipv4.conf.eth0.rp_filter");
+        assert!(
+            err.reason
+                .contains("the claim's interface in the pod is `net1`"),
+            "{err}"
+        );
     }
 
     #[test]

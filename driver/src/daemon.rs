@@ -226,8 +226,9 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     let driver = args.driver_name.clone();
     let node = args.node_name.clone();
 
+    let scope = inventory_scope(client.clone(), &node, filter).await;
     let watcher =
-        inventory_watch::spawn(host.clone(), filter, Pacing::default(), shutdown.clone()).await?;
+        inventory_watch::spawn(host.clone(), scope, Pacing::default(), shutdown.clone()).await?;
     let first = Arc::clone(&watcher.inventory.borrow());
     tracing::info!(
         devices = first.nics.len(),
@@ -311,6 +312,27 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     )
     .await;
     Ok(())
+}
+
+/// What the inventory scans with: the `--filter` and the Node's addresses (interfaces holding
+/// one are never published; read once: kubelet sets them before pods, this one included, are
+/// scheduled to the node).
+async fn inventory_scope(
+    client: kube::Client,
+    node: &str,
+    filter: Option<Arc<Selector>>,
+) -> inventory_watch::Scope {
+    let node_addresses = match k8s::node_addresses(client, node).await {
+        Ok(addresses) => addresses,
+        Err(err) => {
+            tracing::warn!(%err, "cannot read the Node's addresses; excluding by default route only");
+            Vec::new()
+        }
+    };
+    inventory_watch::Scope {
+        filter,
+        node_addresses: node_addresses.into(),
+    }
 }
 
 /// GPU–NIC alignment checking as the flags say, over the live inventory.

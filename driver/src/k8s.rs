@@ -146,6 +146,23 @@ pub struct Published {
     pub deleted: usize,
 }
 
+/// The Node's `InternalIP` and `ExternalIP` addresses (`status.addresses`).
+pub async fn node_addresses(client: Client, node: &str) -> Result<Vec<std::net::IpAddr>, Error> {
+    let found = Api::<Node>::all(client)
+        .get_opt(node)
+        .await
+        .map_err(Error::api(format!("read node {node}")))?
+        .ok_or_else(|| Error::NodeNotFound(node.to_owned()))?;
+    Ok(found
+        .status
+        .and_then(|s| s.addresses)
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect())
+}
+
 /// Publishes the node's pool: one or more ResourceSlices owned by the Node, the pool generation
 /// bumped whenever the content changes, slices that are no longer needed deleted.
 #[derive(Debug)]

@@ -120,6 +120,17 @@ pub struct OffloadSizes {
     pub gro_ipv4_max_size: Option<u32>,
 }
 
+/// One interface as a link dump shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkEntry {
+    /// Interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// `IFLA_INFO_KIND`, for virtual devices.
+    pub kind: Option<String>,
+}
+
 /// A route through an interface (the interface itself is implied).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
@@ -832,6 +843,16 @@ impl Link {
         }
     }
 
+    /// The kind of every interface that has one, by name (see [`Link::links`]).
+    pub async fn kinds(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .filter_map(|l| Some((l.name, l.kind?)))
+            .collect())
+    }
+
     /// Interfaces that carry a default route in the main table, with the address family
     /// (`IPv4`/`IPv6`), multipath next hops included.
     pub async fn default_route_interfaces(&self) -> Result<Vec<(String, &'static str)>> {
@@ -882,15 +903,15 @@ impl Link {
         Ok(named)
     }
 
-    /// The kind (`veth`, `macvlan`, `bridge`, `bond`, …) of every interface that has one
-    /// (`IFLA_LINKINFO`), by name. Hardware interfaces have none.
-    pub async fn kinds(&self) -> Result<std::collections::BTreeMap<String, String>> {
-        let mut kinds = std::collections::BTreeMap::new();
+    /// Every interface of the namespace: name, index and kind (`veth`, `macvlan`, `bridge`,
+    /// `bond`, …, from `IFLA_LINKINFO`; hardware interfaces have none).
+    pub async fn links(&self) -> Result<Vec<LinkEntry>> {
+        let mut entries = Vec::new();
         let mut links = self.handle.link().get().execute();
         loop {
             let link = match links.try_next().await {
                 Ok(Some(link)) => link,
-                Ok(None) => return Ok(kinds),
+                Ok(None) => return Ok(entries),
                 Err(source) => {
                     return Err(Error::Kernel {
                         operation: "dump links".into(),
@@ -913,8 +934,40 @@ impl Link {
                     _ => {}
                 }
             }
-            if let (Some(name), Some(kind)) = (name, kind) {
-                kinds.insert(name, kind);
+            if let Some(name) = name {
+                entries.push(LinkEntry {
+                    index: link.header.index,
+                    name,
+                    kind,
+                });
+            }
+        }
+    }
+
+    /// Every address of the namespace (link-local ones included), by interface index.
+    pub async fn all_addresses(&self) -> Result<Vec<(u32, IpAddr)>> {
+        let mut dump = self.handle.address().get().execute();
+        let mut found = Vec::new();
+        loop {
+            match dump.try_next().await {
+                Ok(Some(message)) => {
+                    for attribute in &message.attributes {
+                        if let AddressAttribute::Local(ip) | AddressAttribute::Address(ip) =
+                            attribute
+                            && !found.contains(&(message.header.index, *ip))
+                        {
+                            found.push((message.header.index, *ip));
+                        }
+                    }
+                }
+                Ok(None) => return Ok(found),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "list addresses".into(),
+                        link: "*".into(),
+                        source,
+                    });
+                }
             }
         }
     }

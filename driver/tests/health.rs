@@ -231,6 +231,7 @@ fn the_records_say_which_devices_are_in_which_pod() {
         pod_uid: uid.into(),
         pod: format!("ml/{uid}"),
         netns: format!("/run/netns/{uid}").into(),
+        netns_id: None,
         attachments,
         failure: None,
         detached,

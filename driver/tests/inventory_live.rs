@@ -69,7 +69,7 @@ async fn the_watched_view_follows_link_changes_within_a_second() {
 
     use knd::inventory::{
         Inventory,
-        watch::{Pacing, spawn},
+        watch::{Pacing, Scope, spawn},
     };
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;
@@ -77,7 +77,7 @@ async fn the_watched_view_follows_link_changes_within_a_second() {
     let shutdown = CancellationToken::new();
     let mut watcher = spawn(
         HostRoot::new("/"),
-        None,
+        Scope::default(),
         Pacing::default(),
         shutdown.clone(),
     )

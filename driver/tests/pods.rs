@@ -257,6 +257,7 @@ async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
         pod_uid: "pod-1".into(),
         pod: "ml/trainer-0".into(),
         netns: netns.into(),
+        netns_id: None,
         attachments: vec![knd::nri::pods::AttachmentRecord {
             claim_uid: "c1".into(),
             claim_namespace: "ml".into(),

@@ -274,6 +274,9 @@ impl HostDir {
 }
 
 /// Reads a sysfs-style attribute: one `read` is enough for almost every file.
+/// The most knd reads of one file (a routing table of ~100 000 routes); beyond is an error.
+const MAX_FILE_BYTES: usize = 16 << 20;
+
 fn read_attribute(fd: OwnedFd, host_path: &str) -> Result<Option<String>, FileProblem> {
     let mut file = File::from(fd);
     let mut buffer = [0_u8; 4096];
@@ -281,11 +284,16 @@ fn read_attribute(fd: OwnedFd, host_path: &str) -> Result<Option<String>, FilePr
     loop {
         match file.read(&mut buffer) {
             Ok(0) => break,
+            // To the end: sysfs hands out a whole attribute in one read, but procfs tables
+            // (`/proc/net/ipv6_route`) come a few whole lines per read, each read shorter than
+            // the buffer, and the line that matters may be the last.
             Ok(n) => {
                 bytes.extend_from_slice(&buffer[..n]);
-                // sysfs hands out a whole attribute (at most a page) in one read.
-                if n < buffer.len() {
-                    break;
+                if bytes.len() > MAX_FILE_BYTES {
+                    return Err(problem(
+                        host_path,
+                        &format!("longer than {MAX_FILE_BYTES} bytes"),
+                    ));
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),

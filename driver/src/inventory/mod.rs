@@ -9,7 +9,10 @@ pub mod rdma;
 pub mod uplink;
 pub mod watch;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use self::{
     host::{FileProblem, HostDir, HostRoot},
@@ -105,7 +108,13 @@ pub enum ExclusionReason {
         /// `IPv4` or `IPv6`.
         family: &'static str,
     },
-    /// It is stacked under or over an uplink (bond member, VF of a synthetic NIC, ...).
+    /// It holds one of the Node's addresses (`status.addresses`).
+    NodeAddress {
+        /// The address.
+        address: IpAddr,
+    },
+    /// It is stacked under or over an uplink (bond member, bridge port, VLAN or macvlan
+    /// parent, Open vSwitch port, VF of a synthetic NIC, ...).
     UplinkMember {
         /// The uplink it belongs to.
         uplink: String,
@@ -140,6 +149,7 @@ impl std::fmt::Display for ExclusionReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::DefaultRoute { family } => write!(f, "carries the default {family} route"),
+            Self::NodeAddress { address } => write!(f, "holds the node's address {address}"),
             Self::UplinkMember { uplink } => write!(f, "part of the uplink {uplink}"),
             Self::Loopback => f.write_str("loopback"),
             Self::Bridge => f.write_str("bridge"),
@@ -178,65 +188,130 @@ impl Inventory {
     }
 }
 
-/// What netlink tells about the live node's namespace, which files under a host root cannot.
+/// What netlink tells about the namespace knd runs in, which files under a host root cannot.
 #[derive(Debug, Clone, Default)]
 pub struct LiveNetwork {
     /// Interfaces with a default route in the main table, with their family.
     pub default_routes: Vec<(String, &'static str)>,
-    /// Interface kinds (`IFLA_LINKINFO`) by name.
-    pub kinds: BTreeMap<String, String>,
+    /// Every interface: index and kind.
+    pub links: Vec<crate::netlink::LinkEntry>,
+    /// Every address, by interface name.
+    pub addresses: BTreeMap<String, Vec<IpAddr>>,
 }
 
-/// Scans the host from a blocking context. On the live node default routes and interface kinds
-/// come from netlink; on a fixture tree, from its `proc/net/*route` files and sysfs.
-pub fn discover(host: &HostRoot) -> Inventory {
-    if !host.is_live() {
-        return scan(host, None);
+impl LiveNetwork {
+    /// Whether these links are the ones sysfs shows under the host root: then knd runs in the
+    /// host's network namespace (hostNetwork), whatever path the host root has, and netlink is
+    /// the authority for routes, kinds and addresses.
+    fn describes(&self, netdevs: &[Netdev]) -> bool {
+        let live: BTreeSet<(&str, u32)> = self
+            .links
+            .iter()
+            .map(|l| (l.name.as_str(), l.index))
+            .collect();
+        let seen: BTreeSet<(&str, u32)> = netdevs
+            .iter()
+            .filter_map(|n| Some((n.name.as_str(), n.ifindex?)))
+            .collect();
+        !live.is_empty() && live == seen && seen.len() == netdevs.len()
     }
+}
+
+/// The node's own addresses (the Node's `status.addresses`): an interface that holds one is
+/// the node's and is never published.
+pub type NodeAddresses = [IpAddr];
+
+/// Scans the host from a blocking context (see [`scan_node`]).
+pub fn discover(host: &HostRoot) -> Inventory {
+    discover_node(host, &[])
+}
+
+/// Scans the host from a blocking context, never publishing an interface that holds one of
+/// `node_addresses`. Netlink is asked first; it is used when it describes the same
+/// namespace as the host root's sysfs (see [`LiveNetwork::describes`]).
+pub fn discover_node(host: &HostRoot, node_addresses: &NodeAddresses) -> Inventory {
     let live = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(crate::netlink::Error::Connect)
         .and_then(|runtime| runtime.block_on(live_network()));
     match live {
-        Ok(live) => scan(host, Some(&live)),
+        Ok(live) => scan_node(host, Some(&live), node_addresses),
         Err(err) => {
-            tracing::warn!(%err, "reading routes and links over netlink failed; using /proc and sysfs");
-            scan(host, None)
+            if host.is_live() {
+                tracing::warn!(%err, "reading routes and links over netlink failed; using /proc and sysfs");
+            }
+            scan_node(host, None, node_addresses)
         }
     }
 }
 
-/// Reads default routes and interface kinds over netlink, in the caller's namespace.
+/// Reads routes, links and addresses over netlink, in the caller's namespace.
 pub async fn live_network() -> Result<LiveNetwork, crate::netlink::Error> {
     let link = crate::netlink::Link::connect()?;
+    let links = link.links().await?;
+    let mut addresses: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for (index, ip) in link.all_addresses().await? {
+        if let Some(entry) = links.iter().find(|l| l.index == index) {
+            addresses.entry(entry.name.clone()).or_default().push(ip);
+        }
+    }
     Ok(LiveNetwork {
         default_routes: link.default_route_interfaces().await?,
-        kinds: link.kinds().await?,
+        links,
+        addresses,
     })
 }
 
-/// Scans the host: PCI devices, interfaces, RDMA devices; excludes what must not move; ranks the
-/// GPUs near each NIC. Without `live`, default routes come from `proc/net/*route` under the host
-/// root and interface kinds from what sysfs shows.
+/// [`scan_node`] without node addresses.
 pub fn scan(host: &HostRoot, live: Option<&LiveNetwork>) -> Inventory {
+    scan_node(host, live, &[])
+}
+
+/// Scans the host: PCI devices, interfaces, RDMA devices; excludes what must not move (the
+/// uplinks, the interfaces holding the node's addresses, and everything stacked with them);
+/// ranks the GPUs near each NIC. `live` is used only when it describes the host root's
+/// namespace; otherwise default routes come from `proc/net/*route` under the host root,
+/// interface kinds from what sysfs shows, and addresses from `proc/net/if_inet6` (IPv6 only).
+pub fn scan_node(
+    host: &HostRoot,
+    live: Option<&LiveNetwork>,
+    node_addresses: &NodeAddresses,
+) -> Inventory {
     let mut warnings = Warnings::new();
     let pci_devices = pci::scan(host, &mut warnings);
     let mut netdevs = netdev::scan(host, &mut warnings);
     let (rdma_devices, rdma_cm) = rdma::scan(host, &mut warnings);
-    let default_routes = match live {
-        None => uplink::default_route_interfaces(host, &mut warnings),
+    let live = live.filter(|live| live.describes(&netdevs));
+    let (default_routes, addresses) = match live {
+        None => (
+            uplink::default_route_interfaces(host, &mut warnings),
+            uplink::ipv6_addresses(host, &mut warnings),
+        ),
         Some(live) => {
             for netdev in &mut netdevs {
-                netdev.kind = live.kinds.get(&netdev.name).cloned();
+                netdev.kind = live
+                    .links
+                    .iter()
+                    .find(|l| l.name == netdev.name)
+                    .and_then(|l| l.kind.clone());
             }
-            live.default_routes.clone()
+            (live.default_routes.clone(), live.addresses.clone())
         }
     };
+    let holding: Vec<(String, IpAddr)> = node_addresses
+        .iter()
+        .filter_map(|ip| {
+            addresses
+                .iter()
+                .find(|(_, held)| held.contains(ip))
+                .map(|(name, _)| (name.clone(), *ip))
+        })
+        .collect();
 
     let gpus: Vec<PciDevice> = pci_devices.iter().filter(|d| d.is_gpu()).cloned().collect();
     let mut excluded = Vec::new();
-    let uplink_set = uplink::expand(&default_routes, &netdevs, &mut excluded);
+    let uplink_set = uplink::expand(&default_routes, &holding, &netdevs, &mut excluded);
     let uplink_pci: BTreeSet<&str> = netdevs
         .iter()
         .filter(|n| uplink_set.contains(n.name.as_str()))

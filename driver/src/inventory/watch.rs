@@ -13,7 +13,7 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{Inventory, LiveNetwork, host::HostRoot, live_network, scan};
+use super::{Inventory, LiveNetwork, host::HostRoot, live_network, scan_node};
 use crate::{netlink, selector::Selector};
 
 /// How the watcher paces its scans.
@@ -73,18 +73,27 @@ impl Watcher {
     }
 }
 
+/// What a scan needs besides the host root.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Only devices this `--filter` accepts are published.
+    pub filter: Option<Arc<Selector>>,
+    /// The Node's addresses: interfaces holding one are never published.
+    pub node_addresses: Arc<[std::net::IpAddr]>,
+}
+
 /// Scans `host` once and then keeps the view current until `shutdown` is cancelled. Must be
 /// called inside a tokio runtime whose thread is in the host's network namespace.
 pub async fn spawn(
     host: HostRoot,
-    filter: Option<Arc<Selector>>,
+    scope: Scope,
     pacing: Pacing,
     shutdown: CancellationToken,
 ) -> Result<Watcher, Error> {
     // The connection lives as long as a handle to it: keep `link` in the task.
     let (mut link, mut events) = netlink::Link::subscribe().map_err(Error::Subscribe)?;
     let scans = Arc::new(AtomicU64::new(0));
-    let first = rescan(&host, filter.as_ref(), &scans).await;
+    let first = rescan(&host, &scope, &scans).await;
     let (sender, receiver) = watch::channel(Arc::new(first));
     let task_scans = Arc::clone(&scans);
     let events_seen = Arc::new(AtomicU64::new(0));
@@ -118,7 +127,7 @@ pub async fn spawn(
                 () = tokio::time::sleep_until(wake) => {
                     pending = None;
                     next_resync = Instant::now() + pacing.resync;
-                    let inventory = rescan(&host, filter.as_ref(), &task_scans).await;
+                    let inventory = rescan(&host, &scope, &task_scans).await;
                     sender.send_if_modified(|current| {
                         let changed = !same_view(current, &inventory);
                         if changed {
@@ -139,21 +148,18 @@ pub async fn spawn(
     })
 }
 
-/// One scan: netlink on this runtime, the file reads on the blocking pool.
-async fn rescan(host: &HostRoot, filter: Option<&Arc<Selector>>, scans: &AtomicU64) -> Inventory {
-    let live: Option<LiveNetwork> = if host.is_live() {
-        live_network()
-            .await
-            .inspect_err(|err| tracing::warn!(%err, "netlink unavailable; using /proc and sysfs"))
-            .ok()
-    } else {
-        None
-    };
+/// One scan: netlink on this runtime, the file reads on the blocking pool. Netlink is used
+/// when it describes the host root's namespace (see [`LiveNetwork`]).
+async fn rescan(host: &HostRoot, scope: &Scope, scans: &AtomicU64) -> Inventory {
+    let live: Option<LiveNetwork> = live_network()
+        .await
+        .inspect_err(|err| tracing::warn!(%err, "netlink unavailable; using /proc and sysfs"))
+        .ok();
     let host = host.clone();
-    let filter = filter.cloned();
+    let scope = scope.clone();
     let scanned = tokio::task::spawn_blocking(move || {
-        let mut inventory = scan(&host, live.as_ref());
-        if let Some(filter) = &filter {
+        let mut inventory = scan_node(&host, live.as_ref(), &scope.node_addresses);
+        if let Some(filter) = &scope.filter {
             inventory.retain_matching(filter);
         }
         inventory
@@ -201,12 +207,17 @@ mod tests {
     async fn without_events_only_the_resync_timer_rescans() {
         let tree = machines::sriov();
         let shutdown = CancellationToken::new();
-        let quiet = spawn(tree.host(), None, Pacing::default(), shutdown.clone())
-            .await
-            .unwrap();
+        let quiet = spawn(
+            tree.host(),
+            Scope::default(),
+            Pacing::default(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
         let periodic = spawn(
             tree.host(),
-            None,
+            Scope::default(),
             Pacing {
                 debounce: Duration::from_millis(10),
                 resync: Duration::from_millis(100),

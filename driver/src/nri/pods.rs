@@ -62,12 +62,55 @@ pub struct PodRecord {
     pub pod: String,
     /// The pod's network namespace (stop and remove events do not carry it).
     pub netns: PathBuf,
+    /// The namespace's identity when it was recorded (device and inode of the nsfs file): a
+    /// path can be reused by a new sandbox after a reboot or a re-created sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<NetnsId>,
     /// Its interfaces.
     pub attachments: Vec<AttachmentRecord>,
     /// Why attaching failed, if it did.
     pub failure: Option<String>,
     /// Whether everything was given back.
     pub detached: bool,
+}
+
+/// A network namespace's identity: the nsfs file's device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl NetnsId {
+    /// The identity of the namespace at `path`, if it (still) exists.
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(path).ok().map(|m| Self {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// Whether `record` was made for the namespace now at `path`: the same path and the same
+/// identity (records written before identities were kept are trusted by path).
+fn same_namespace(record: &PodRecord, path: &Path) -> bool {
+    record.netns == path
+        && record
+            .netns_id
+            .is_none_or(|id| Some(id) == NetnsId::of(path))
+}
+
+/// The recorded namespace, opened only if it is still the one recorded.
+fn recorded_namespace(record: &PodRecord) -> Option<Netns> {
+    let current = NetnsId::of(&record.netns)?;
+    if record.netns_id.is_some_and(|id| id != current) {
+        tracing::warn!(pod = %record.pod, netns = %record.netns.display(), "the recorded network namespace was replaced; not entering the new one");
+        return None;
+    }
+    Netns::open(&record.netns).ok()
 }
 
 /// The hooks, over the state store, the current inventory and the claims API.
@@ -264,7 +307,20 @@ impl<C: ClaimApi> NodeHooks<C> {
         if let Some(mut existing) = self.load(&pod.uid).await? {
             let complete =
                 existing.failure.is_none() && existing.attachments.iter().all(|a| a.pod.is_some());
-            if complete && !existing.detached {
+            let same = same_namespace(&existing, netns_path);
+            if !same && !existing.detached {
+                // A new sandbox of the same pod (after a reboot, or re-created while knd was
+                // away): the record is for a namespace that is gone or is another one. Give
+                // back what it holds, then attach to the new one.
+                tracing::warn!(pod = %existing.pod, old = %existing.netns.display(), new = %netns_path.display(), "a pod record belongs to an earlier sandbox; re-attaching");
+                let old_ns = recorded_namespace(&existing);
+                if !self.detach_all(&mut existing, old_ns.as_ref()).await {
+                    return Err(format!(
+                        "pod {}: the interfaces of its earlier sandbox could not be given back",
+                        existing.pod
+                    ));
+                }
+            } else if complete && !existing.detached {
                 // Already attached (e.g. before a restart): make sure it is measured.
                 if self
                     .telemetry
@@ -275,9 +331,9 @@ impl<C: ClaimApi> NodeHooks<C> {
                 }
                 return Ok(());
             }
-            if !existing.detached {
+            if same && !existing.detached {
                 // A crash interrupted an earlier attempt: give back what it moved first.
-                let pod_ns = Netns::open(&existing.netns).ok();
+                let pod_ns = recorded_namespace(&existing);
                 if !self.detach_all(&mut existing, pod_ns.as_ref()).await {
                     return Err(format!(
                         "pod {}: an interrupted attachment could not be undone",
@@ -291,6 +347,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             pod_uid: pod.uid.clone(),
             pod: pod_label.clone(),
             netns: netns_path.to_path_buf(),
+            netns_id: NetnsId::of(netns_path),
             attachments: Vec::new(),
             failure: None,
             detached: false,
@@ -414,7 +471,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             telemetry.unwatch_pod(pod_uid);
         }
         if !record.detached {
-            let pod_ns = Netns::open(&record.netns).ok();
+            let pod_ns = recorded_namespace(&record);
             if !self.detach_all(&mut record, pod_ns.as_ref()).await {
                 self.save(&record).await?;
                 return Err(format!(
