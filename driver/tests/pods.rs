@@ -301,3 +301,33 @@ async fn a_corrupt_record_of_another_claim_does_not_stop_the_pod() {
     assert!(attach::record(node.pod.netns(), "net1").await.is_ok());
     hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
 }
+
+/// Attack 5: a new sandbox of the same pod (same UID; after a reboot, or re-created while knd
+/// was away) must not inherit the old record: knd takes the NIC back from the old namespace
+/// and attaches it to the new one, instead of believing it attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_new_sandbox_of_the_same_pod_gets_the_nic_not_the_old_record() {
+    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
+    let hooks = node.hooks();
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+    assert!(attach::record(node.pod.netns(), "net1").await.is_ok());
+
+    let second = tokio::task::spawn_blocking(|| TestHost::new("pod-again").unwrap())
+        .await
+        .unwrap();
+    let mut sandbox = node.sandbox();
+    sandbox.id = "sandbox-2".into();
+    sandbox.linux.as_mut().unwrap().namespaces[0].path =
+        format!("/proc/self/fd/{}", second.netns().as_fd().as_raw_fd());
+    hooks.run_pod_sandbox(sandbox.clone()).await.unwrap();
+    let inside = attach::record(second.netns(), "net1").await;
+    assert!(inside.is_ok(), "the new sandbox has no NIC: {inside:?}");
+    assert!(
+        attach::record(node.pod.netns(), "net1").await.is_err(),
+        "the old sandbox kept the NIC"
+    );
+    hooks.remove_pod_sandbox(sandbox).await.unwrap();
+    assert!(attach::record(node.host.netns(), "enp1").await.is_ok());
+}

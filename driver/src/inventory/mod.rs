@@ -230,11 +230,20 @@ pub fn discover(host: &HostRoot) -> Inventory {
 /// `node_addresses`. Netlink is asked first; it is used when it describes the same
 /// namespace as the host root's sysfs (see [`LiveNetwork::describes`]).
 pub fn discover_node(host: &HostRoot, node_addresses: &NodeAddresses) -> Inventory {
-    let live = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(crate::netlink::Error::Connect)
-        .and_then(|runtime| runtime.block_on(live_network()));
+    // On a thread of its own, so that callers inside an async runtime (tests, the CLI's
+    // helpers) can call this too.
+    let live = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(crate::netlink::Error::Connect)
+                    .and_then(|runtime| runtime.block_on(live_network()))
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
     match live {
         Ok(live) => scan_node(host, Some(&live), node_addresses),
         Err(err) => {
