@@ -313,6 +313,9 @@ impl<C: ClaimApi> NodeHooks<C> {
                 // away): the record is for a namespace that is gone or is another one. Give
                 // back what it holds, then attach to the new one.
                 tracing::warn!(pod = %existing.pod, old = %existing.netns.display(), new = %netns_path.display(), "a pod record belongs to an earlier sandbox; re-attaching");
+                if let Some(telemetry) = &self.telemetry {
+                    telemetry.unwatch_pod(&pod.uid);
+                }
                 let old_ns = recorded_namespace(&existing);
                 if !self.detach_all(&mut existing, old_ns.as_ref()).await {
                     return Err(format!(
