@@ -945,18 +945,17 @@ impl Link {
     }
 
     /// Every address of the namespace (link-local ones included), by interface index.
-    pub async fn all_addresses(&self) -> Result<Vec<(u32, IpAddr)>> {
+    pub async fn all_addresses(&self) -> Result<std::collections::BTreeSet<(u32, IpAddr)>> {
         let mut dump = self.handle.address().get().execute();
-        let mut found = Vec::new();
+        let mut found = std::collections::BTreeSet::new();
         loop {
             match dump.try_next().await {
                 Ok(Some(message)) => {
                     for attribute in &message.attributes {
                         if let AddressAttribute::Local(ip) | AddressAttribute::Address(ip) =
                             attribute
-                            && !found.contains(&(message.header.index, *ip))
                         {
-                            found.push((message.header.index, *ip));
+                            found.insert((message.header.index, *ip));
                         }
                     }
                 }

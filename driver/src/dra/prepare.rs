@@ -368,15 +368,24 @@ pub fn plan(
                 .fold(config::default_config(), |merged, c| {
                     merged.merge(c.config.clone())
                 });
-            PreparedDevice {
+            // Layers are valid alone; what only their combination decides (a sysctl of one
+            // layer naming another interface than the `interface.name` of another) is checked
+            // on the merged result.
+            config.validate(DeviceLimits::default()).map_err(|e| {
+                format!(
+                    "claim {claim}: the configuration of request {} (merged from its layers): {e}",
+                    result.request
+                )
+            })?;
+            Ok(PreparedDevice {
                 requests: vec![result.request.clone()],
                 pool: result.pool.clone(),
                 device: result.device.clone(),
                 config,
                 topology: None,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(PreparedClaim {
         uid: claim.uid.clone(),
         namespace: claim.namespace.clone(),
@@ -438,6 +447,43 @@ fn applies(requests: Option<&[String]>, request: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tenant's claim config names the pod's `eth0` in a sysctl while the class config names
+    /// the claim's interface `net1`: each layer is valid alone, the merged one is refused.
+    #[test]
+    fn layers_that_only_together_name_another_interface_are_refused() {
+        let opaque = |source: &str, parameters: serde_json::Value| {
+            serde_json::json!({"source": source, "opaque": {"driver": "knd.dev", "parameters":
+                serde_json::json!({"apiVersion": "knd.dev/v1alpha1", "kind": "NetworkConfig"})
+                    .as_object().unwrap().clone().into_iter()
+                    .chain(parameters.as_object().unwrap().clone())
+                    .collect::<serde_json::Map<_, _>>()}})
+        };
+        let claim: ResourceClaim = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "c", "namespace": "ml", "uid": "u1"},
+            "spec": {},
+            "status": {"allocation": {"devices": {
+                "results": [{"request": "nic", "driver": "knd.dev", "pool": "n", "device": "d"}],
+                "config": [
+                    opaque("FromClass", serde_json::json!({"interface": {"name": "net1"}})),
+                    opaque("FromClaim", serde_json::json!(
+                        {"sysctls": {"net.ipv4.conf.eth0.rp_filter": "0"}})),
+                ]}}}
+        }))
+        .unwrap();
+        let reference = ClaimRef {
+            namespace: "ml".into(),
+            uid: "u1".into(),
+            name: "c".into(),
+        };
+        let err = plan("knd.dev", &reference, &claim).unwrap_err();
+        assert!(
+            err.contains("request nic")
+                && err.contains("sysctls.net.ipv4.conf.eth0.rp_filter")
+                && err.contains("the claim's interface in the pod is `net1`"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn configs_apply_to_their_requests_and_subrequests() {

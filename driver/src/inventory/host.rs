@@ -273,10 +273,10 @@ impl HostDir {
     }
 }
 
-/// Reads a sysfs-style attribute: one `read` is enough for almost every file.
 /// The most knd reads of one file (a routing table of ~100 000 routes); beyond is an error.
 const MAX_FILE_BYTES: usize = 16 << 20;
 
+/// Reads a sysfs attribute or a procfs table, to the end.
 fn read_attribute(fd: OwnedFd, host_path: &str) -> Result<Option<String>, FileProblem> {
     let mut file = File::from(fd);
     let mut buffer = [0_u8; 4096];

@@ -221,15 +221,9 @@ impl LiveNetwork {
 /// the node's and is never published.
 pub type NodeAddresses = [IpAddr];
 
-/// Scans the host from a blocking context (see [`scan_node`]).
+/// Scans the host from a blocking context. Netlink is asked first; it is used when it
+/// describes the same namespace as the host root's sysfs (see [`LiveNetwork::describes`]).
 pub fn discover(host: &HostRoot) -> Inventory {
-    discover_node(host, &[])
-}
-
-/// Scans the host from a blocking context, never publishing an interface that holds one of
-/// `node_addresses`. Netlink is asked first; it is used when it describes the same
-/// namespace as the host root's sysfs (see [`LiveNetwork::describes`]).
-pub fn discover_node(host: &HostRoot, node_addresses: &NodeAddresses) -> Inventory {
     // On a thread of its own, so that callers inside an async runtime (tests, the CLI's
     // helpers) can call this too.
     let live = std::thread::scope(|scope| {
@@ -245,12 +239,12 @@ pub fn discover_node(host: &HostRoot, node_addresses: &NodeAddresses) -> Invento
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     });
     match live {
-        Ok(live) => scan_node(host, Some(&live), node_addresses),
+        Ok(live) => scan(host, Some(&live)),
         Err(err) => {
             if host.is_live() {
                 tracing::warn!(%err, "reading routes and links over netlink failed; using /proc and sysfs");
             }
-            scan_node(host, None, node_addresses)
+            scan(host, None)
         }
     }
 }
@@ -310,10 +304,10 @@ pub fn scan_node(
     };
     let holding: Vec<(String, IpAddr)> = node_addresses
         .iter()
-        .filter_map(|ip| {
+        .flat_map(|ip| {
             addresses
                 .iter()
-                .find(|(_, held)| held.contains(ip))
+                .filter(|(_, held)| held.contains(ip))
                 .map(|(name, _)| (name.clone(), *ip))
         })
         .collect();
