@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{NetworkConfig, SysctlKey},
     ethtool::{self, Ethtool},
-    netlink::{self, Link, LinkSettings, Neighbor, OffloadSizes, Route},
+    netlink::{self, DeviceIdentity, Link, LinkEntry, LinkSettings, Neighbor, OffloadSizes, Route},
     netns::Netns,
 };
 
@@ -45,6 +45,30 @@ pub struct PodSide {
     pub addresses: Vec<IpNet>,
     /// MAC address in the pod.
     pub mac: Option<String>,
+    /// Where it is in the pod: how release finds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub place: Option<PodPlace>,
+}
+
+/// Where the claimed interface is in the pod, read right after the move (before any container
+/// of the pod runs): the pod may rename its interfaces and make new ones, but no one can give
+/// another device this index while the claimed one holds it, nor make one with the same peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodPlace {
+    /// Interface index in the pod.
+    pub index: u32,
+    /// A virtual interface's peer or parent as the pod sees it (hardware has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<netlink::LinkPeer>,
+}
+
+impl PodPlace {
+    fn of(link: &netlink_packet_route::link::LinkMessage) -> Self {
+        Self {
+            index: link.header.index,
+            peer: netlink::LinkPeer::of(link),
+        }
+    }
 }
 
 /// A failed step: which interface, which step, what went wrong.
@@ -57,6 +81,10 @@ pub struct StepError {
     pub step: String,
     /// What went wrong.
     pub reason: String,
+    /// The device found where the claimed one was expected is another one (a tenant's
+    /// interface under the claimed name, or a host interface with its MAC): nothing was
+    /// touched.
+    pub not_ours: bool,
 }
 
 impl StepError {
@@ -65,8 +93,40 @@ impl StepError {
             interface: interface.to_owned(),
             step: step.into(),
             reason: reason.to_string(),
+            not_ours: false,
         }
     }
+
+    fn not_ours(interface: &str, step: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Self {
+            not_ours: true,
+            ..Self::new(interface, step, reason)
+        }
+    }
+}
+
+/// Whether `link` is the device recorded as `expected` (records from before identities were
+/// kept trust the name they were found by).
+fn is_recorded(
+    expected: Option<&DeviceIdentity>,
+    link: &netlink_packet_route::link::LinkMessage,
+) -> bool {
+    expected.is_none_or(|e| *e == DeviceIdentity::of(link))
+}
+
+/// The interface on the host that already uses MAC address `wanted`, other than the claimed
+/// device `own` (by index): a pod given it could answer for the host, and a NIC coming back
+/// with it must never be confused with that interface.
+pub fn mac_in_use<'a>(wanted: &str, links: &'a [LinkEntry], own: u32) -> Option<&'a LinkEntry> {
+    let wanted = netlink::parse_mac(wanted)?;
+    links.iter().find(|entry| {
+        entry.index != own
+            && entry
+                .mac
+                .as_deref()
+                .and_then(netlink::parse_mac)
+                .is_some_and(|mac| mac == wanted)
+    })
 }
 
 /// Runs `work` with a netlink connection inside `netns`, on a thread of its own.
@@ -208,6 +268,25 @@ pub async fn attach(
             format!("{field} is not supported by this version of knd"),
         ));
     }
+    if let Some(mac) = config
+        .interface
+        .as_ref()
+        .and_then(|i| i.hardware_addr.clone())
+    {
+        let own = host_side.link.index;
+        let fail = step(&interface, "list the host's interfaces");
+        let links = in_netns(host, &interface, |link| async move {
+            link.links().await.map_err(fail)
+        })
+        .await?;
+        if let Some(user) = mac_in_use(&mac, &links, own) {
+            return Err(StepError::new(
+                &interface,
+                format!("set MAC {mac}"),
+                format!("interface {} on the host already uses it", user.name),
+            ));
+        }
+    }
     let target = pod
         .try_clone()
         .map_err(|e| StepError::new(&interface, "open the pod's namespace", e))?;
@@ -240,22 +319,17 @@ pub async fn attach(
         }
         return Err(error);
     }
+    // No container of the pod runs yet (the runtime waits for this hook): the name is still
+    // the one just given, and from here on the index is what identifies the interface.
+    let place = pod_link.get(pod_name).await.ok().map(|l| PodPlace::of(&l));
     let applied = configure_in_pod(pod, pod_link, &interface, pod_name, config).await;
     match applied {
-        Ok(side) => Ok(side),
+        Ok(mut side) => {
+            side.place = place;
+            Ok(side)
+        }
         Err(error) => {
-            if let Err(undo) = detach(
-                host,
-                Some(pod),
-                pod_name,
-                host_side,
-                config
-                    .interface
-                    .as_ref()
-                    .and_then(|i| i.hardware_addr.as_deref()),
-            )
-            .await
-            {
+            if let Err(undo) = detach(host, Some(pod), pod_name, host_side, place).await {
                 tracing::error!(%undo, "undoing a failed attachment failed too");
             }
             Err(error)
@@ -357,6 +431,7 @@ async fn configure_in_pod(
         name,
         addresses,
         mac,
+        place: None,
     })
 }
 
@@ -449,19 +524,25 @@ pub fn write_sysctl(key: &SysctlKey, value: &str) -> std::io::Result<()> {
     std::fs::File::from(file).write_all(value.as_bytes())
 }
 
-/// Gives the interface back: moves `pod_name` out of `pod` (when the namespace still exists)
-/// into `host` under its recorded name and restores the recorded settings, addresses and
-/// routes. Idempotent: an interface already back on the host is only restored.
+/// Gives the interface back: moves it out of `pod` (when the namespace still exists) into
+/// `host` under its recorded name and restores the recorded settings, addresses and routes.
+/// Idempotent: an interface already back on the host is only restored.
+///
+/// In the pod the interface is found at `place` (recorded at attach), never by a name the pod
+/// can give another interface; only an attachment interrupted before its place was recorded
+/// (when no container of the pod had run) is found by `pod_name`. What is found must have the
+/// recorded identity and peer: a device that does not is left where it is and the error says
+/// so ([`StepError::not_ours`]).
 ///
 /// When the pod's namespace died with the interface inside, the kernel handed a physical NIC
-/// back to the host under whatever name was free: it is found by its MAC address, the host's
-/// or, if the pod changed it, `pod_mac`.
+/// back to the host under whatever name was free: it is found by its permanent MAC address or
+/// parent device, never by a MAC address the claim could set.
 pub async fn detach(
     host: &Netns,
     pod: Option<&Netns>,
     pod_name: &str,
     host_side: &HostSide,
-    pod_mac: Option<&str>,
+    place: Option<PodPlace>,
 ) -> Result<(), StepError> {
     let interface = host_side.link.name.clone();
     if let Some(pod) = pod {
@@ -469,71 +550,120 @@ pub async fn detach(
             .try_clone()
             .map_err(|e| StepError::new(&interface, "open the host namespace", e))?;
         let (name, host_name) = (pod_name.to_owned(), interface.clone());
+        let expected = host_side.link.identity.clone();
         in_netns(pod, &interface, move |link| async move {
-            match link.get(&name).await {
-                Err(netlink::Error::NoSuchLink(_)) => return Ok(()),
-                Err(e) => return Err(step(&host_name, "find it in the pod")(e)),
-                Ok(_) => {}
+            let fail = |what: &str| step(&host_name, what);
+            let found = match place {
+                Some(place) => link.get_index(place.index).await,
+                None => link.get(&name).await,
+            };
+            let found = match found {
+                Ok(found) => Some(found),
+                Err(netlink::Error::NoSuchLink(_)) => None,
+                Err(e) => return Err(fail("find it in the pod")(e)),
+            };
+            let found = match (found, &expected) {
+                (Some(found), _) => Some(found),
+                // Moved away and back under another index: hardware is still findable.
+                (None, Some(identity)) => match link
+                    .name_with_identity(identity)
+                    .await
+                    .map_err(fail("find it in the pod"))?
+                {
+                    Some(name) => Some(link.get(&name).await.map_err(fail("find it in the pod"))?),
+                    None => None,
+                },
+                (None, None) => None,
+            };
+            let Some(found) = found else {
+                return Ok(()); // not in the pod: already back, or only the host can find it
+            };
+            let same_peer = place.is_none_or(|p| PodPlace::of(&found).peer == p.peer);
+            if !is_recorded(expected.as_ref(), &found) || !same_peer {
+                return Err(StepError::not_ours(
+                    &host_name,
+                    "find it in the pod",
+                    format!(
+                        "interface {} in the pod is not the claimed device; it was left in place",
+                        found_label(&found)
+                    ),
+                ));
             }
-            link.set_down(&name)
+            link.move_index_renamed(found.header.index, &target, &host_name)
                 .await
-                .map_err(step(&host_name, "set down in the pod"))?;
-            link.move_renamed(&name, &target, &host_name)
-                .await
-                .map_err(step(&host_name, "move back to the host"))
+                .map_err(fail("move back to the host"))
         })
         .await?;
     }
-    restore(host, host_side, pod_mac).await
+    restore(host, host_side).await
 }
 
-/// Puts the recorded host state back on the interface (found by name, or by MAC address if the
-/// kernel renamed it on the way back; interface indexes are per namespace and may change).
-async fn restore(
-    host: &Netns,
-    host_side: &HostSide,
-    pod_mac: Option<&str>,
-) -> Result<(), StepError> {
+/// The recorded interface's current settings on the host, after renaming it back if the kernel
+/// gave it another name; an interface under its name that is another device is left alone.
+async fn find_on_host(link: &Link, recorded: &LinkSettings) -> Result<LinkSettings, StepError> {
+    let name = recorded.name.clone();
+    let fail = |what: &str| step(&name, what);
+    let expected = recorded.identity.as_ref();
+    let by_name = match link.get(&name).await {
+        Ok(found) => Some(found),
+        Err(netlink::Error::NoSuchLink(_)) => None,
+        Err(e) => return Err(fail("read settings")(e)),
+    };
+    match by_name {
+        Some(found) if is_recorded(expected, &found) => {
+            link.settings(&name).await.map_err(fail("read settings"))
+        }
+        other => {
+            let found = match expected {
+                Some(identity) => link
+                    .name_with_identity(identity)
+                    .await
+                    .map_err(fail("find it on the host"))?,
+                None => None,
+            };
+            let Some(found) = found else {
+                return Err(StepError::new(
+                    &name,
+                    "find it on the host",
+                    "no interface has its name and identity (a virtual interface is \
+                     destroyed with its pod's namespace)",
+                ));
+            };
+            if let Some(other) = other {
+                return Err(StepError::not_ours(
+                    &name,
+                    format!("rename {found} back"),
+                    format!(
+                        "interface {} on the host is another device; nothing was changed",
+                        found_label(&other)
+                    ),
+                ));
+            }
+            link.rename(&found, &name)
+                .await
+                .map_err(fail(&format!("rename {found} back")))?;
+            link.settings(&name).await.map_err(fail("read settings"))
+        }
+    }
+}
+
+/// `name (#index)` of a link message.
+fn found_label(link: &netlink_packet_route::link::LinkMessage) -> String {
+    let name = netlink::name_of(link).unwrap_or("?");
+    format!("{name} (#{})", link.header.index)
+}
+
+/// Puts the recorded host state back on the interface: found by its recorded name if the
+/// device there has the recorded identity, or else by that identity (the kernel renames a NIC
+/// it hands back from a dead namespace if its name is taken; interface indexes are per
+/// namespace and may change).
+async fn restore(host: &Netns, host_side: &HostSide) -> Result<(), StepError> {
     let side = host_side.clone();
-    let macs: Vec<String> = side
-        .link
-        .mac
-        .iter()
-        .cloned()
-        .chain(pod_mac.map(str::to_owned))
-        .collect();
     let interface = side.link.name.clone();
     in_netns(host, &interface, move |link| async move {
         let name = side.link.name.clone();
         let fail = |what: &str| step(&name, what);
-        let current = match link.settings(&name).await {
-            Ok(current) => current,
-            Err(netlink::Error::NoSuchLink(_)) => {
-                let missing = || {
-                    StepError::new(
-                        &name,
-                        "find it on the host",
-                        "no interface has its name or MAC address",
-                    )
-                };
-                let mut renamed = None;
-                for mac in &macs {
-                    renamed = link
-                        .name_with_mac(mac)
-                        .await
-                        .map_err(fail("find it on the host"))?;
-                    if renamed.is_some() {
-                        break;
-                    }
-                }
-                let renamed = renamed.ok_or_else(missing)?;
-                link.rename(&renamed, &name)
-                    .await
-                    .map_err(fail(&format!("rename {renamed} back")))?;
-                link.settings(&name).await.map_err(fail("read settings"))?
-            }
-            Err(e) => return Err(fail("read settings")(e)),
-        };
+        let current = find_on_host(&link, &side.link).await?;
         if current.mtu != side.link.mtu {
             link.set_mtu(&name, side.link.mtu)
                 .await
@@ -591,4 +721,35 @@ async fn restore(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mac_in_use;
+    use crate::netlink::{DeviceIdentity, LinkEntry};
+
+    #[test]
+    fn a_claim_cannot_take_a_mac_a_host_interface_uses() {
+        let entry = |index: u32, name: &str, mac: Option<&str>| LinkEntry {
+            index,
+            name: name.into(),
+            kind: None,
+            mac: mac.map(Into::into),
+            identity: DeviceIdentity::default(),
+        };
+        let host = [
+            entry(1, "lo", Some("00:00:00:00:00:00")),
+            entry(2, "eth0", Some("b8:3f:d2:00:00:09")),
+            entry(5, "enp1", Some("b8:3f:d2:00:00:01")),
+            entry(6, "wg0", None),
+        ];
+        // The uplink's MAC, in any case: refused, naming the interface.
+        assert_eq!(
+            mac_in_use("B8:3F:D2:00:00:09", &host, 5).map(|e| e.name.as_str()),
+            Some("eth0")
+        );
+        // The claimed NIC's own MAC, or one nobody uses: allowed.
+        assert_eq!(mac_in_use("b8:3f:d2:00:00:01", &host, 5), None);
+        assert_eq!(mac_in_use("02:00:00:00:00:42", &host, 5), None);
+    }
 }

@@ -655,6 +655,15 @@ impl ClaimApi for ApiClaims {
         });
     }
 
+    fn warn(&self, claim: &ClaimRef, reason: &str, note: &str) {
+        let (this, claim) = (self.clone(), claim.clone());
+        let (reason, note) = (reason.to_owned(), note.to_owned());
+        tokio::spawn(async move {
+            this.event(&claim, "Warning", &reason, "Release", &note)
+                .await;
+        });
+    }
+
     fn released(&self, claim: &ClaimRef) {
         let this = self.clone();
         let claim = claim.clone();

@@ -94,6 +94,110 @@ pub struct LinkSettings {
     /// namespaces, so a restore puts the host's values back).
     #[serde(default)]
     pub offload_sizes: OffloadSizes,
+    /// What identifies the device whatever its name or MAC (none in records written before
+    /// identities were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<DeviceIdentity>,
+}
+
+/// What identifies a device whatever its name, MAC address or namespace: what the kernel
+/// reports and nobody holding the device can change. Hardware has a permanent MAC address and a
+/// parent device (its PCI function); a virtual interface has only its kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceIdentity {
+    /// `IFLA_INFO_KIND` (`veth`, `macvlan`, ...); none for hardware.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// `IFLA_PERM_ADDRESS`: the address burnt into the device (`aa:bb:...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permanent_mac: Option<String>,
+    /// The parent device as `bus/name` (`IFLA_PARENT_DEV_BUS_NAME`, `IFLA_PARENT_DEV_NAME`),
+    /// e.g. `pci/0000:3b:00.1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+impl DeviceIdentity {
+    /// The identity `link` reports.
+    pub fn of(link: &LinkMessage) -> Self {
+        let mut identity = Self::default();
+        let (mut bus, mut device) = (None, None);
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::PermAddress(bytes) if bytes.iter().any(|b| *b != 0) => {
+                    identity.permanent_mac = Some(format_mac(bytes));
+                }
+                LinkAttribute::ParentDevBusName(name) => bus = Some(name.clone()),
+                LinkAttribute::ParentDevName(name) => device = Some(name.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    identity.kind = infos.iter().find_map(|info| match info {
+                        LinkInfo::Kind(kind) => Some(kind.to_string()),
+                        _ => None,
+                    });
+                }
+                _ => {}
+            }
+        }
+        identity.parent = device.map(|d| format!("{}/{d}", bus.unwrap_or_default()));
+        identity
+    }
+
+    /// Whether the identity names one device on the node (a permanent MAC or a parent device);
+    /// a virtual interface's kind alone does not.
+    pub fn is_hardware(&self) -> bool {
+        self.permanent_mac.is_some() || self.parent.is_some()
+    }
+}
+
+/// What a virtual interface is linked to (a veth's peer, a macvlan's parent), as the namespace
+/// it is in sees it: the peer's namespace (`IFLA_LINK_NETNSID`, absent for the same namespace)
+/// and index there (`IFLA_LINK`). While both namespaces live no one can make another device
+/// with the same peer: a namespace id, once given, is not reassigned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkPeer {
+    /// `IFLA_LINK_NETNSID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netnsid: Option<i32>,
+    /// `IFLA_LINK`.
+    pub index: u32,
+}
+
+impl LinkPeer {
+    /// The peer `link` reports, if any (hardware has none).
+    pub fn of(link: &LinkMessage) -> Option<Self> {
+        let mut peer = None;
+        let mut netnsid = None;
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::Link(index) => peer = Some(*index),
+                LinkAttribute::LinkNetNsId(id) => netnsid = Some(*id),
+                _ => {}
+            }
+        }
+        peer.map(|index| Self { netnsid, index })
+    }
+}
+
+/// The interface of `entries` with hardware identity `identity` (never one that merely has
+/// the same current MAC address: that is anyone's to set).
+pub fn with_identity<'a>(
+    entries: &'a [LinkEntry],
+    identity: &DeviceIdentity,
+) -> Option<&'a LinkEntry> {
+    if !identity.is_hardware() {
+        return None;
+    }
+    entries.iter().find(|entry| entry.identity == *identity)
+}
+
+/// The name `link` reports.
+pub fn name_of(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
 }
 
 /// A static neighbor entry: this IP address is at this MAC address.
@@ -129,6 +233,10 @@ pub struct LinkEntry {
     pub name: String,
     /// `IFLA_INFO_KIND`, for virtual devices.
     pub kind: Option<String>,
+    /// Its current MAC address, if it has one.
+    pub mac: Option<String>,
+    /// What identifies it whatever its name or MAC.
+    pub identity: DeviceIdentity,
 }
 
 /// A route through an interface (the interface itself is implied).
@@ -463,32 +571,34 @@ impl Link {
             })
     }
 
-    /// The interface's index, name, MTU, MAC and up flag.
+    /// The interface's index, name, MTU, MAC, up flag and identity.
     pub async fn settings(&self, name: &str) -> Result<LinkSettings> {
-        let link = self.get(name).await?;
-        let mut settings = LinkSettings {
-            index: link.header.index,
-            name: name.to_owned(),
-            mtu: 0,
-            mac: None,
-            up: link.header.flags.contains(LinkFlags::Up),
-            offload_sizes: OffloadSizes::default(),
-        };
-        let sizes = &mut settings.offload_sizes;
-        for attribute in &link.attributes {
-            match attribute {
-                LinkAttribute::Mtu(mtu) => settings.mtu = *mtu,
-                LinkAttribute::GsoMaxSize(size) => sizes.gso_max_size = Some(*size),
-                LinkAttribute::GroMaxSize(size) => sizes.gro_max_size = Some(*size),
-                LinkAttribute::GsoIpv4MaxSize(size) => sizes.gso_ipv4_max_size = Some(*size),
-                LinkAttribute::GroIpv4MaxSize(size) => sizes.gro_ipv4_max_size = Some(*size),
-                LinkAttribute::Address(mac) if !mac.is_empty() => {
-                    settings.mac = Some(format_mac(mac));
-                }
-                _ => {}
+        Ok(settings_of(&self.get(name).await?, name))
+    }
+
+    /// The interface with index `index` (which no one in the namespace can give another
+    /// device while it exists), as a link message.
+    pub async fn get_index(&self, index: u32) -> Result<LinkMessage> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link),
+            Ok(None) => Err(Error::NoSuchLink(format!("#{index}"))),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                Err(Error::NoSuchLink(format!("#{index}")))
             }
+            Err(source) => Err(Error::Kernel {
+                operation: "get".into(),
+                link: format!("#{index}"),
+                source,
+            }),
         }
-        Ok(settings)
+    }
+
+    /// The settings of the interface with index `index`, under its current name.
+    pub async fn settings_at(&self, index: u32) -> Result<LinkSettings> {
+        let link = self.get_index(index).await?;
+        let name = name_of(&link).unwrap_or_default().to_owned();
+        Ok(settings_of(&link, &name))
     }
 
     /// The addresses on the interface `name` (with their prefix lengths).
@@ -584,32 +694,34 @@ impl Link {
         .await
     }
 
-    /// The name of the interface with MAC address `mac`, if any.
-    pub async fn name_with_mac(&self, mac: &str) -> Result<Option<String>> {
-        let mut links = self.handle.link().get().execute();
-        loop {
-            match links.try_next().await {
-                Ok(Some(link)) => {
-                    let matches = link.attributes.iter().any(
-                        |a| matches!(a, LinkAttribute::Address(bytes) if format_mac(bytes) == mac),
-                    );
-                    if matches {
-                        return Ok(link.attributes.iter().find_map(|a| match a {
-                            LinkAttribute::IfName(name) => Some(name.clone()),
-                            _ => None,
-                        }));
-                    }
-                }
-                Ok(None) => return Ok(None),
-                Err(source) => {
-                    return Err(Error::Kernel {
-                        operation: "list interfaces".into(),
-                        link: "*".into(),
-                        source,
-                    });
-                }
-            }
+    /// The name of the interface whose identity is `identity`, if any; only hardware
+    /// identities are looked for (a virtual interface's kind names no single device).
+    pub async fn name_with_identity(&self, identity: &DeviceIdentity) -> Result<Option<String>> {
+        if !identity.is_hardware() {
+            return Ok(None);
         }
+        Ok(with_identity(&self.links().await?, identity).map(|entry| entry.name.clone()))
+    }
+
+    /// Takes the interface with index `index` down and moves it into `target` as `new_name`,
+    /// addressed by index throughout (a name inside a pod is the tenant's to change).
+    pub async fn move_index_renamed(
+        &self,
+        index: u32,
+        target: &Netns,
+        new_name: &str,
+    ) -> Result<()> {
+        let label = format!("#{index}");
+        self.set(&label, "set down", LinkUnspec::new_with_index(index).down())
+            .await?;
+        self.set(
+            &label,
+            &format!("move to {target} as {new_name}"),
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(target.as_fd().as_raw_fd())
+                .name(new_name.to_owned()),
+        )
+        .await
     }
 
     /// Renames the interface `name` to `new_name`.
@@ -920,25 +1032,18 @@ impl Link {
                     });
                 }
             };
-            let mut name = None;
-            let mut kind = None;
-            for attribute in &link.attributes {
-                match attribute {
-                    LinkAttribute::IfName(n) => name = Some(n.clone()),
-                    LinkAttribute::LinkInfo(infos) => {
-                        kind = infos.iter().find_map(|info| match info {
-                            LinkInfo::Kind(kind) => Some(kind.to_string()),
-                            _ => None,
-                        });
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(name) = name {
+            let identity = DeviceIdentity::of(&link);
+            let mac = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(bytes) if !bytes.is_empty() => Some(format_mac(bytes)),
+                _ => None,
+            });
+            if let Some(name) = name_of(&link) {
                 entries.push(LinkEntry {
                     index: link.header.index,
-                    name,
-                    kind,
+                    name: name.to_owned(),
+                    kind: identity.kind.clone(),
+                    mac,
+                    identity,
                 });
             }
         }
@@ -988,6 +1093,34 @@ impl Link {
                 source,
             })
     }
+}
+
+/// The settings `link` reports, under `name`.
+fn settings_of(link: &LinkMessage, name: &str) -> LinkSettings {
+    let mut settings = LinkSettings {
+        index: link.header.index,
+        name: name.to_owned(),
+        mtu: 0,
+        mac: None,
+        up: link.header.flags.contains(LinkFlags::Up),
+        offload_sizes: OffloadSizes::default(),
+        identity: Some(DeviceIdentity::of(link)),
+    };
+    let sizes = &mut settings.offload_sizes;
+    for attribute in &link.attributes {
+        match attribute {
+            LinkAttribute::Mtu(mtu) => settings.mtu = *mtu,
+            LinkAttribute::GsoMaxSize(size) => sizes.gso_max_size = Some(*size),
+            LinkAttribute::GroMaxSize(size) => sizes.gro_max_size = Some(*size),
+            LinkAttribute::GsoIpv4MaxSize(size) => sizes.gso_ipv4_max_size = Some(*size),
+            LinkAttribute::GroIpv4MaxSize(size) => sizes.gro_ipv4_max_size = Some(*size),
+            LinkAttribute::Address(mac) if !mac.is_empty() => {
+                settings.mac = Some(format_mac(mac));
+            }
+            _ => {}
+        }
+    }
+    settings
 }
 
 /// `message` as a [`Route`] if it goes out of `index` and is one a restore must re-add.
@@ -1071,4 +1204,91 @@ fn default_route_oifs(route: &RouteMessage) -> Vec<u32> {
             _ => Vec::new(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+
+    use super::{DeviceIdentity, LinkEntry, LinkPeer, with_identity};
+
+    fn message(attributes: Vec<LinkAttribute>) -> LinkMessage {
+        let mut link = LinkMessage::default();
+        link.header.index = 7;
+        link.attributes = attributes;
+        link
+    }
+
+    #[test]
+    fn identity_is_what_the_kernel_reports_not_what_a_tenant_sets() {
+        let nic = message(vec![
+            LinkAttribute::IfName("net1".into()),
+            LinkAttribute::Address(vec![2, 0, 0, 0, 0, 0x43]),
+            LinkAttribute::PermAddress(vec![0xb8, 0x3f, 0xd2, 0, 0, 1]),
+            LinkAttribute::ParentDevBusName("pci".into()),
+            LinkAttribute::ParentDevName("0000:3b:00.1".into()),
+        ]);
+        let identity = DeviceIdentity::of(&nic);
+        assert_eq!(identity.permanent_mac.as_deref(), Some("b8:3f:d2:00:00:01"));
+        assert_eq!(identity.parent.as_deref(), Some("pci/0000:3b:00.1"));
+        assert_eq!(identity.kind, None);
+        assert!(identity.is_hardware());
+        assert_eq!(LinkPeer::of(&nic), None);
+        // A veth: its kind only, an all-zero permanent address is none; its peer elsewhere.
+        let veth = message(vec![
+            LinkAttribute::PermAddress(vec![0; 6]),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+            LinkAttribute::Link(12),
+            LinkAttribute::LinkNetNsId(3),
+        ]);
+        let virtual_identity = DeviceIdentity::of(&veth);
+        assert_eq!(virtual_identity.kind.as_deref(), Some("veth"));
+        assert!(!virtual_identity.is_hardware());
+        assert_eq!(
+            LinkPeer::of(&veth),
+            Some(LinkPeer {
+                netnsid: Some(3),
+                index: 12
+            })
+        );
+    }
+
+    #[test]
+    fn a_returned_nic_is_found_by_identity_never_by_its_current_mac() {
+        let hardware = |permanent: &str, parent: &str| DeviceIdentity {
+            kind: None,
+            permanent_mac: Some(permanent.into()),
+            parent: Some(parent.into()),
+        };
+        let entry = |index: u32, name: &str, mac: &str, identity: DeviceIdentity| LinkEntry {
+            index,
+            name: name.into(),
+            kind: identity.kind.clone(),
+            mac: Some(mac.into()),
+            identity,
+        };
+        let claimed = hardware("b8:3f:d2:00:00:01", "pci/0000:3b:00.1");
+        let entries = [
+            // The uplink, whose current MAC a claim set as the pod's MAC.
+            entry(
+                2,
+                "eth0",
+                "02:00:00:00:00:43",
+                hardware("b8:3f:d2:00:00:09", "pci/0000:01:00.0"),
+            ),
+            // The claimed NIC back from a dead pod, renamed by the kernel, with the pod's MAC.
+            entry(9, "dev9", "02:00:00:00:00:43", claimed.clone()),
+        ];
+        assert_eq!(
+            with_identity(&entries, &claimed).map(|e| e.name.as_str()),
+            Some("dev9")
+        );
+        // A virtual interface's kind names no single device: never searched for.
+        let veth = DeviceIdentity {
+            kind: Some("veth".into()),
+            ..DeviceIdentity::default()
+        };
+        let virtual_entries = [entry(3, "enp1", "02:00:00:00:00:43", veth.clone())];
+        assert_eq!(with_identity(&virtual_entries, &veth), None);
+    }
 }

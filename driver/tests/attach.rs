@@ -165,7 +165,8 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
         "gone from the node"
     );
 
-    attach::detach(node.netns(), Some(pod.netns()), "net1", &before, None)
+    assert!(side.place.is_some(), "where it is in the pod is recorded");
+    attach::detach(node.netns(), Some(pod.netns()), "net1", &before, side.place)
         .await
         .unwrap();
     let after = attach::record_for(node.netns(), "enp1", &wanted)
@@ -185,7 +186,7 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
     );
     assert_eq!(features.get("tx-checksum-ip-generic"), Some(&true));
     // Detaching again is harmless.
-    attach::detach(node.netns(), Some(pod.netns()), "net1", &before, None)
+    attach::detach(node.netns(), Some(pod.netns()), "net1", &before, side.place)
         .await
         .unwrap();
     assert_eq!(
@@ -271,10 +272,15 @@ async fn a_failed_step_is_named_and_undone() {
     );
 }
 
+/// A NIC the kernel hands back from a dying pod comes with the MAC address the claim gave it;
+/// another host interface may carry that address too. Release finds hardware by its permanent
+/// MAC or parent device only (see `netlink::DeviceIdentity`), so an interface without one — a
+/// veth here, which the kernel would in fact destroy — is not found, and the host interface
+/// carrying the claim's MAC is left exactly as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces"]
-async fn a_nic_handed_back_by_a_dying_pod_is_found_by_its_pod_mac_and_restored() {
-    let (node, _switch, pod) = tokio::task::spawn_blocking(node_and_pod).await.unwrap();
+async fn a_nic_handed_back_by_a_dying_pod_is_never_found_by_the_mac_the_claim_set() {
+    let (node, switch, pod) = tokio::task::spawn_blocking(node_and_pod).await.unwrap();
     let before = attach::record(node.netns(), "enp1").await.unwrap();
     let wanted = config(
         r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:43","addresses":["10.9.0.2/24"]}"#,
@@ -282,27 +288,35 @@ async fn a_nic_handed_back_by_a_dying_pod_is_found_by_its_pod_mac_and_restored()
     attach::attach(node.netns(), pod.netns(), &before, "net1", &wanted)
         .await
         .unwrap();
-    // The pod's namespace dies: the kernel hands a physical NIC back to the host, under a name
-    // of its choosing and with the pod's MAC (emulated here; a veth would be destroyed).
+    // The pod's namespace dies: the kernel hands the NIC back to the host under a name of its
+    // choosing and with the pod's MAC (emulated). A host interface `decoy` also has that MAC
+    // (set after the attach, which would have refused it).
     let node_ns = node.netns().try_clone().unwrap();
     pod.netlink(|link| async move { link.move_renamed("net1", &node_ns, "dev77").await })
         .unwrap();
+    veth_pair(&node, "decoy", &switch, "sw9").unwrap();
+    node.netlink(|link| async move { link.set_mac("decoy", "02:00:00:00:00:43").await })
+        .unwrap();
+    let decoy = attach::record(node.netns(), "decoy").await.unwrap();
     let missing = attach::detach(node.netns(), None, "net1", &before, None)
         .await
         .unwrap_err();
     assert_eq!(missing.step, "find it on the host", "{missing}");
-    attach::detach(
-        node.netns(),
-        None,
-        "net1",
-        &before,
-        Some("02:00:00:00:00:43"),
-    )
-    .await
-    .unwrap();
+    assert_eq!(
+        attach::record(node.netns(), "decoy").await.unwrap(),
+        decoy,
+        "the interface with the claim's MAC is untouched"
+    );
+    assert!(attach::record(node.netns(), "enp1").await.is_err());
+    // Named back by hand (what an operator does for a virtual NIC), the restore finishes.
+    node.netlink(|link| async move { link.rename("dev77", "enp1").await })
+        .unwrap();
+    attach::detach(node.netns(), None, "net1", &before, None)
+        .await
+        .unwrap();
     assert_eq!(
         portable(attach::record(node.netns(), "enp1").await.unwrap()),
         portable(before),
-        "renamed back, host MAC, MTU, addresses, routes and neighbors restored"
+        "host MAC, MTU, addresses, routes and neighbors restored"
     );
 }

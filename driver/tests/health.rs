@@ -213,6 +213,7 @@ fn the_records_say_which_devices_are_in_which_pod() {
                 mac: None,
                 up: true,
                 offload_sizes: knd::netlink::OffloadSizes::default(),
+                identity: None,
             },
             addresses: Vec::new(),
             routes: Vec::new(),
@@ -220,11 +221,12 @@ fn the_records_say_which_devices_are_in_which_pod() {
             features: BTreeMap::new(),
         },
         pod_name: "net1".into(),
-        pod_mac: None,
+        returned: false,
         pod: pod.map(|name| PodSide {
             name: name.into(),
             addresses: Vec::new(),
             mac: None,
+            place: None,
         }),
     };
     let record = |uid: &str, attachments, detached| PodRecord {

@@ -2,101 +2,13 @@
 //! gives it back when it stops, a failed attachment fails the pod's containers with the claim
 //! named, and a restarted driver finishes the job from its state store.
 
-use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
-    sync::Arc,
-};
+use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use knd::{
-    attach, config,
-    inventory::Inventory,
-    nri::{plugin::Hooks as _, pods::NodeHooks, proto::nri as api},
-    state::{PreparedClaim, PreparedDevice, StateStore},
-    testkit::{TestHost, claims::MemoryClaims, inventory_of, veth_pair},
+    attach,
+    nri::{plugin::Hooks as _, proto::nri as api},
+    testkit::{TestHost, pods::Node},
 };
-use tokio::sync::watch;
-
-struct Node {
-    host: TestHost,
-    _switch: TestHost,
-    pod: TestHost,
-    store: Arc<StateStore>,
-    dir: tempfile::TempDir,
-    inventory: watch::Sender<Arc<Inventory>>,
-    claims: Arc<MemoryClaims>,
-}
-
-impl Node {
-    fn new() -> Self {
-        let node = TestHost::new("node").unwrap();
-        let switch = TestHost::new("switch").unwrap();
-        let pod = TestHost::new("pod").unwrap();
-        for (nic, port) in [("enp1", "sw1"), ("enp2", "sw2")] {
-            veth_pair(&node, nic, &switch, port).unwrap();
-        }
-        veth_pair(&pod, "eth0", &switch, "sw9").unwrap();
-        node.configure("enp1", "192.168.50.2".parse().unwrap(), 24)
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(StateStore::open(dir.path()).unwrap());
-        let (inventory, _) = watch::channel(Arc::new(inventory_of(["enp1", "enp2"])));
-        Self {
-            host: node,
-            _switch: switch,
-            pod,
-            store,
-            dir,
-            inventory,
-            claims: Arc::new(MemoryClaims::default()),
-        }
-    }
-
-    /// Hooks as a freshly started driver has them.
-    fn hooks(&self) -> NodeHooks<MemoryClaims> {
-        NodeHooks::new(
-            Arc::clone(&self.store),
-            self.inventory.subscribe(),
-            self.host.netns().try_clone().unwrap(),
-            Arc::clone(&self.claims),
-        )
-    }
-
-    fn prepare(&self, uid: &str, device: &str, config_json: &str) {
-        let text =
-            format!(r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig",{config_json}}}"#);
-        let claim = PreparedClaim {
-            uid: uid.into(),
-            namespace: "ml".into(),
-            name: format!("claim-{uid}"),
-            pod_uids: vec!["pod-1".into()],
-            devices: vec![PreparedDevice {
-                requests: vec!["nic".into()],
-                pool: "node-1".into(),
-                device: device.into(),
-                config: config::parse(text.as_bytes()).unwrap(),
-                topology: None,
-            }],
-        };
-        self.store.claims.put(uid, &claim).unwrap();
-    }
-
-    fn sandbox(&self) -> api::PodSandbox {
-        api::PodSandbox {
-            id: "sandbox-1".into(),
-            name: "trainer-0".into(),
-            uid: "pod-1".into(),
-            namespace: "ml".into(),
-            linux: Some(api::LinuxPodSandbox {
-                namespaces: vec![api::LinuxNamespace {
-                    r#type: "network".into(),
-                    path: format!("/proc/self/fd/{}", self.pod.netns().as_fd().as_raw_fd()),
-                }],
-                ..api::LinuxPodSandbox::default()
-            }),
-            ..api::PodSandbox::default()
-        }
-    }
-}
 
 fn without_index(mut side: attach::HostSide) -> attach::HostSide {
     side.link.index = 0;
@@ -113,7 +25,7 @@ fn container() -> api::Container {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces"]
 async fn a_pod_gets_its_claimed_nic_and_gives_it_back_even_after_a_restart() {
-    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
     node.prepare(
         "c1",
         "enp1",
@@ -167,7 +79,7 @@ async fn a_pod_gets_its_claimed_nic_and_gives_it_back_even_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces"]
 async fn a_failed_attachment_fails_the_pod_and_its_containers_naming_the_claim() {
-    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
     node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
     node.prepare(
         "c2",
@@ -199,7 +111,7 @@ async fn a_failed_attachment_fails_the_pod_and_its_containers_naming_the_claim()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces"]
 async fn a_pod_started_while_knd_was_away_is_refused_then_attached_at_synchronize() {
-    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
     node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
     let hooks = node.hooks();
     let refused = hooks
@@ -236,7 +148,7 @@ async fn host_sides(node: &Node, names: &[&str]) -> Vec<attach::HostSide> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces"]
 async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
-    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
     node.prepare("c1", "enp1", r#""interface":{"name":"net1","mtu":1400}"#);
     let before = attach::record(node.host.netns(), "enp1").await.unwrap();
     // What a driver killed right after the move leaves: the NIC in the pod, the record saying
@@ -266,7 +178,7 @@ async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
             device: "enp1".into(),
             host: before.clone(),
             pod_name: "net1".into(),
-            pod_mac: None,
+            returned: false,
             pod: None,
         }],
         failure: None,
@@ -288,7 +200,7 @@ async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces"]
 async fn a_corrupt_record_of_another_claim_does_not_stop_the_pod() {
-    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
     node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
     let claims_dir = node.dir.path().join("claims");
     std::fs::write(claims_dir.join("broken.json"), b"{ not json").unwrap();
@@ -308,7 +220,7 @@ async fn a_corrupt_record_of_another_claim_does_not_stop_the_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces"]
 async fn a_new_sandbox_of_the_same_pod_gets_the_nic_not_the_old_record() {
-    let node = tokio::task::spawn_blocking(Node::new).await.unwrap();
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
     node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
     let hooks = node.hooks();
     hooks.run_pod_sandbox(node.sandbox()).await.unwrap();

@@ -88,6 +88,10 @@ pub trait ClaimApi: Send + Sync + 'static {
     /// Called when a claim's devices were attached to its pod (with what the pod sees); must
     /// not block.
     fn attached(&self, _claim: &ClaimRef, _devices: Vec<crate::k8s::DeviceReport>) {}
+
+    /// Tells the claim's owner about something refused on its behalf (a Warning Event with
+    /// `reason`); must not block.
+    fn warn(&self, _claim: &ClaimRef, _reason: &str, _note: &str) {}
 }
 
 /// The outcome for one claim: our devices, or an error meant for the claim's owner.

@@ -44,12 +44,12 @@ pub struct AttachmentRecord {
     pub host: HostSide,
     /// The name it gets in the pod (recorded before the move, so a restart can find it).
     pub pod_name: String,
-    /// The MAC address the configuration gives it in the pod, if any (recorded before the move:
-    /// a NIC the kernel hands back from a dead pod keeps it).
-    #[serde(default)]
-    pub pod_mac: Option<String>,
     /// The pod side once attached.
     pub pod: Option<PodSide>,
+    /// Given back to the host and restored (a later release leaves it alone: whatever the pod
+    /// now has under its name is the pod's own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub returned: bool,
 }
 
 /// A pod's attachments (state store record, keyed by pod UID).
@@ -415,12 +415,8 @@ impl<C: ClaimApi> NodeHooks<C> {
                     device: device.device.clone(),
                     host,
                     pod_name,
-                    pod_mac: device
-                        .config
-                        .interface
-                        .as_ref()
-                        .and_then(|i| i.hardware_addr.clone()),
                     pod: None,
+                    returned: false,
                 });
                 plan.push((claim, device));
             }
@@ -443,23 +439,35 @@ impl<C: ClaimApi> NodeHooks<C> {
         Ok(())
     }
 
-    /// Gives back every attached interface of `record`; logs what it cannot.
+    /// Gives back every attached interface of `record`; logs what it cannot, and tells the
+    /// claim's owner when the pod holds another device where the claimed one should be.
     async fn detach_all(&self, record: &mut PodRecord, pod_ns: Option<&Netns>) -> bool {
         let mut complete = true;
-        for attachment in &mut record.attachments {
-            let pod_mac = attachment.pod_mac.as_deref();
+        for attachment in record.attachments.iter_mut().filter(|a| !a.returned) {
             let detached = attach::detach(
                 &self.host,
                 pod_ns,
                 &attachment.pod_name,
                 &attachment.host,
-                pod_mac,
+                attachment.pod.as_ref().and_then(|p| p.place),
             );
             match detached.await {
-                Ok(()) => attachment.pod = None,
+                Ok(()) => {
+                    attachment.pod = None;
+                    attachment.returned = true;
+                }
                 Err(error) => {
                     complete = false;
-                    tracing::error!(pod = %record.pod, %error, "cannot give an interface back");
+                    tracing::error!(pod = %record.pod, claim = %attachment.claim_name, %error, "cannot give an interface back");
+                    if error.not_ours {
+                        let claim = ClaimRef {
+                            namespace: attachment.claim_namespace.clone(),
+                            uid: attachment.claim_uid.clone(),
+                            name: attachment.claim_name.clone(),
+                        };
+                        let note = format!("pod {}: {error}", record.pod);
+                        self.claims.warn(&claim, "ReleaseRefused", &note);
+                    }
                 }
             }
         }

@@ -17,6 +17,8 @@ type ClaimMap = HashMap<(String, String), ResourceClaim>;
 type Reports = Vec<(ClaimRef, Vec<DeviceReport>)>;
 /// Other drivers' published attributes: (driver, pool, device, attribute) → value.
 type Attributes = HashMap<(String, String, String, String), String>;
+/// Warnings told to claims' owners: (claim, reason, note).
+type Warnings = Vec<(ClaimRef, String, String)>;
 
 /// Claims by namespace and name, and the status reports they received, shared between clones.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +26,7 @@ pub struct MemoryClaims(
     Arc<Mutex<ClaimMap>>,
     Arc<Mutex<Reports>>,
     Arc<Mutex<Attributes>>,
+    Arc<Mutex<Warnings>>,
 );
 
 impl MemoryClaims {
@@ -56,9 +59,22 @@ impl MemoryClaims {
     pub fn reports(&self) -> Reports {
         self.1.lock().expect("not poisoned").clone()
     }
+
+    /// The warnings told so far: (claim, reason, note).
+    pub fn warnings(&self) -> Warnings {
+        self.3.lock().expect("not poisoned").clone()
+    }
 }
 
 impl ClaimApi for MemoryClaims {
+    fn warn(&self, claim: &ClaimRef, reason: &str, note: &str) {
+        self.3.lock().expect("not poisoned").push((
+            claim.clone(),
+            reason.to_owned(),
+            note.to_owned(),
+        ));
+    }
+
     fn attached(&self, claim: &ClaimRef, devices: Vec<DeviceReport>) {
         self.1
             .lock()

@@ -20,6 +20,7 @@ pub mod claims;
 pub mod kubelet;
 pub mod machines;
 pub mod placement;
+pub mod pods;
 pub mod runtime;
 pub mod sysfs;
 
