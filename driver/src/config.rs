@@ -196,13 +196,56 @@ pub struct NeighborConfig {
     pub hardware_addr: String,
 }
 
+/// The device features a claim may change: offloads of the pod's own traffic. Not listed, so
+/// refused: `loopback` (frames back into the device, under other tenants of its port),
+/// `rx-all` and `rx-fcs` (errored frames and checksums of the wire), `hw-tc-offload` and
+/// `rx-ntuple-filter` (rules in the NIC's switch and flow steering, shared with the other
+/// functions of the port), `rx-vlan-filter` (VLAN isolation), `l2-fwd-offload`, and the
+/// crypto offloads (keys in the NIC).
+pub const ETHTOOL_FEATURES: &[&str] = &[
+    "rx-checksum",
+    "tx-checksum-ipv4",
+    "tx-checksum-ipv6",
+    "tx-checksum-ip-generic",
+    "tx-checksum-sctp",
+    "tx-scatter-gather",
+    "tx-scatter-gather-fraglist",
+    "tx-tcp-segmentation",
+    "tx-tcp-ecn-segmentation",
+    "tx-tcp-mangleid-segmentation",
+    "tx-tcp6-segmentation",
+    "tx-generic-segmentation",
+    "tx-udp-segmentation",
+    "tx-gso-partial",
+    "tx-gso-list",
+    "tx-udp_tnl-segmentation",
+    "tx-udp_tnl-csum-segmentation",
+    "tx-gre-segmentation",
+    "tx-gre-csum-segmentation",
+    "tx-ipxip4-segmentation",
+    "tx-ipxip6-segmentation",
+    "rx-gro",
+    "rx-gro-hw",
+    "rx-lro",
+    "rx-gro-list",
+    "rx-udp-gro-forwarding",
+    "rx-hashing",
+    "rx-vlan-hw-parse",
+    "tx-vlan-hw-insert",
+    "tx-nocache-copy",
+];
+
 /// ethtool settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EthtoolConfig {
-    /// Features on or off, by their kernel names as `ethtool -k` prints them
-    /// (`tx-checksum-ip-generic`, `rx-gro-hw`, `tx-tcp-segmentation`, ...). The host's state of
-    /// each is recorded and restored when the interface comes back.
+    /// Features on or off, by their kernel names as `ethtool -k` prints them. Only offloads
+    /// that change how the pod's own traffic is handled may be set: checksums, scatter-gather,
+    /// segmentation (`tx-tcp-segmentation`, `tx-generic-segmentation`, ...), receive
+    /// aggregation (`rx-gro`, `rx-gro-hw`, `rx-lro`, `rx-gro-list`), receive hashing and VLAN
+    /// tag offloads; features that reach beyond it (`loopback`, `rx-all`, `rx-fcs`,
+    /// `hw-tc-offload`, `rx-ntuple-filter`, `rx-vlan-filter`, ...) are refused. The host's
+    /// state of each is recorded and restored when the interface comes back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<BTreeMap<String, bool>>,
     /// Driver private flags on or off.
@@ -410,6 +453,16 @@ impl NetworkConfig {
                             "not an ethtool feature or flag name",
                         ));
                     }
+                }
+            }
+            for name in ethtool.features.iter().flat_map(BTreeMap::keys) {
+                if !ETHTOOL_FEATURES.contains(&name.as_str()) {
+                    return Err(ConfigError::new(
+                        format!("ethtool.features.{name}"),
+                        "not a feature a claim may change (only offloads of the pod's own \
+                         traffic: checksums, segmentation, receive aggregation and hashing, VLAN \
+                         tag offloads)",
+                    ));
                 }
             }
         }
@@ -991,6 +1044,33 @@ mod tests {
                 .contains("the claim's interface in the pod is `net1`"),
             "{err}"
         );
+    }
+
+    /// Features that reach beyond the pod's own traffic (into the port other functions share)
+    /// are refused, naming the feature; offloads pass.
+    #[test]
+    fn only_offloads_of_the_pods_own_traffic_may_be_changed() {
+        for hostile in [
+            "loopback",
+            "rx-all",
+            "rx-fcs",
+            "hw-tc-offload",
+            "rx-ntuple-filter",
+            "rx-vlan-filter",
+            "l2-fwd-offload",
+        ] {
+            let json = format!(r#"{{{HEAD},"ethtool":{{"features":{{"{hostile}":true}}}}}}"#);
+            let err = parse_validate(&json).expect_err(hostile);
+            assert_eq!(err.path, format!("ethtool.features.{hostile}"));
+            assert!(
+                err.reason.contains("not a feature a claim may change"),
+                "{err}"
+            );
+        }
+        let json = format!(
+            r#"{{{HEAD},"ethtool":{{"features":{{"rx-gro-hw":true,"tx-tcp-segmentation":false}}}}}}"#
+        );
+        parse_validate(&json).unwrap();
     }
 
     #[test]

@@ -241,13 +241,13 @@ async fn a_failed_step_is_named_and_undone() {
     );
 
     // A feature the device cannot change: named, and everything undone.
-    let fixed = config(r#""ethtool":{"features":{"hw-tc-offload":true}}"#);
+    let fixed = config(r#""ethtool":{"features":{"rx-lro":true}}"#);
     let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &fixed)
         .await
         .unwrap_err();
     assert_eq!(error.step, "ethtool", "{error}");
     assert!(
-        error.reason.contains("cannot change feature hw-tc-offload"),
+        error.reason.contains("cannot change feature rx-lro"),
         "{error}"
     );
     assert_eq!(

@@ -184,8 +184,8 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
     assert_eq!(slices.len(), 1);
     assert_eq!(
         slices[0].spec.devices.as_ref().unwrap().len(),
-        5,
-        "the sriov machine's PF and VFs"
+        4,
+        "the sriov machine's VFs (its PF, with VFs enabled, is not handed out)"
     );
     assert_eq!(slices[0].spec.pool.name, "node-1");
 
@@ -208,10 +208,10 @@ async fn the_daemon_publishes_serves_kubelet_survives_sigkill_and_stops_on_sigte
         metrics.contains("\nknd_prepare_duration_seconds_count 1\n"),
         "{metrics}"
     );
-    assert!(metrics.contains("\nknd_published_devices 5\n"), "{metrics}");
+    assert!(metrics.contains("\nknd_published_devices 4\n"), "{metrics}");
     assert_eq!(
         metrics.matches("\nknd_device_healthy{device=").count(),
-        5,
+        4,
         "every device's health: {metrics}"
     );
     assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text");
@@ -263,7 +263,7 @@ async fn the_daemon_tells_kubelet_which_device_is_unhealthy_and_why() {
             .unwrap()
     };
     let first = next(&mut stream).await;
-    assert_eq!(first.devices.len(), 5, "{first:?}");
+    assert_eq!(first.devices.len(), 4, "{first:?}");
     assert!(
         first
             .devices
@@ -288,7 +288,7 @@ async fn the_daemon_tells_kubelet_which_device_is_unhealthy_and_why() {
             .iter()
             .filter(|d| d.health == health::HealthStatus::Healthy as i32)
             .count(),
-        4
+        3
     );
     node.tree.file("/sys/class/net/ens1f0v2/operstate", "up\n");
     let up = next(&mut stream).await;

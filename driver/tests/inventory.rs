@@ -42,13 +42,13 @@ fn excluded(inventory: &Inventory, device: &str) -> Option<ExclusionReason> {
 }
 
 #[test]
-fn gpu_8x8_publishes_every_nic_and_vf_with_full_attributes() {
+fn gpu_8x8_publishes_every_nic_with_full_attributes() {
     let tree = machines::gpu_8x8();
     let inventory = inventory_of(&tree);
     assert!(inventory.warnings.is_empty(), "{:?}", inventory.warnings);
     assert_eq!(inventory.gpus.len(), 8);
-    // 8 PFs + 64 VFs; the uplink and lo are not published.
-    assert_eq!(inventory.nics.len(), 72, "{:?}", names(&inventory));
+    // 8 PFs; the uplink and lo are not published.
+    assert_eq!(inventory.nics.len(), 8, "{:?}", names(&inventory));
     assert_eq!(
         excluded(&inventory, "eth0"),
         Some(ExclusionReason::DefaultRoute { family: "IPv4" })
@@ -57,11 +57,11 @@ fn gpu_8x8_publishes_every_nic_and_vf_with_full_attributes() {
     assert!(inventory.rdma_cm.is_some());
 
     // NIC 5: bus 0xb0 → switch 0xb1, GPU 0xb3:00.0, NIC 0xb4:00.0 (= 180), NUMA 1; interface
-    // index 3 + 5 × 9 = 48 (eth0 is 2, each pair has a PF and 8 VFs).
+    // index 3 + 5 = 8 (eth0 is 2).
     let pf = attrs(nic(&inventory, "enp180s0np0"));
     let expected: BTreeMap<String, Value> = [
         ("knd.dev/ifName", s("enp180s0np0")),
-        ("knd.dev/mac", s("0c:42:a1:00:00:30")),
+        ("knd.dev/mac", s("0c:42:a1:00:00:08")),
         ("knd.dev/mtu", Value::Int(9000)),
         ("knd.dev/speedMbps", Value::Int(400_000)),
         ("knd.dev/state", s("up")),
@@ -75,7 +75,7 @@ fn gpu_8x8_publishes_every_nic_and_vf_with_full_attributes() {
         ("knd.dev/pciSubsystem", s("15b3:0001")),
         ("knd.dev/numaNode", Value::Int(1)),
         ("knd.dev/sriov", Value::Bool(true)),
-        ("knd.dev/sriovVfs", Value::Int(8)),
+        ("knd.dev/sriovVfs", Value::Int(0)),
         ("knd.dev/isSriovVf", Value::Bool(false)),
         ("knd.dev/gpuPciBusID", s("0000:b3:00.0")),
         ("knd.dev/gpuDistance", s("PIX")),
@@ -94,6 +94,32 @@ fn gpu_8x8_publishes_every_nic_and_vf_with_full_attributes() {
     assert!(!pf.contains_key("knd.dev/pfName"));
     assert!(pf.len() <= resources::MAX_ATTRIBUTES_PER_DEVICE);
 
+    let uverbs = nic(&inventory, "enp180s0np0").rdma[0]
+        .uverbs
+        .clone()
+        .unwrap();
+    assert_eq!(uverbs.path, "/dev/infiniband/uverbs5");
+    assert_eq!((uverbs.major, uverbs.minor), (231, 192 + 5));
+}
+
+/// With VFs enabled on every NIC, the 64 VFs are published (each with its RDMA device, its
+/// PF named) and the PFs are not: a PF's MTU, features and link govern its VFs' tenants.
+#[test]
+fn gpu_8x8_with_vfs_publishes_the_vfs_not_their_pfs() {
+    let tree = machines::gpu_8x8_with_vfs(8);
+    let inventory = inventory_of(&tree);
+    assert!(inventory.warnings.is_empty(), "{:?}", inventory.warnings);
+    assert_eq!(inventory.nics.len(), 64, "{:?}", names(&inventory));
+    assert_eq!(
+        excluded(&inventory, "0000:b4:00.0"),
+        Some(ExclusionReason::SriovPhysicalFunction { vfs: 8 })
+    );
+    assert!(
+        inventory
+            .nics
+            .iter()
+            .all(|n| n.pci.as_ref().unwrap().physfn.is_some())
+    );
     let vf = attrs(nic(&inventory, "enp180s0v7"));
     assert_eq!(vf["knd.dev/isSriovVf"], Value::Bool(true));
     assert_eq!(vf["knd.dev/pfName"], s("enp180s0np0"));
@@ -119,7 +145,7 @@ fn gpu_8x8_pairs_each_gpu_with_its_switch_nic() {
     let tree = machines::gpu_8x8();
     let report = Report::new(&inventory_of(&tree));
     assert_eq!(report.gpus.len(), 8);
-    assert_eq!(report.pairs.len(), 8 * 72);
+    assert_eq!(report.pairs.len(), 8 * 8);
     for i in 0..8_u32 {
         let gpu = format!("0000:{:02x}:00.0", 0x13 + 0x20 * i);
         for j in 0..8_u32 {
@@ -238,36 +264,41 @@ fn hyper_v_guest_finds_deep_root_complexes_and_protects_the_synthetic_uplink() {
     assert_eq!(report.gpus[0].pcie_root.as_deref(), Some("pci0001:00"));
 }
 
+/// A PF with VFs enabled is not handed out (its MTU, features and link govern the VFs, which
+/// other pods get); its VFs are, naming it.
 #[test]
-fn sriov_pf_and_vfs_carry_their_relation() {
+fn sriov_vfs_are_published_naming_their_pf_and_the_pf_is_not() {
     let tree = machines::sriov();
     let inventory = inventory_of(&tree);
     assert!(inventory.warnings.is_empty(), "{:?}", inventory.warnings);
     assert_eq!(
         names(&inventory),
-        ["ens1f0", "ens1f0v0", "ens1f0v1", "ens1f0v2", "ens1f0v3"]
+        ["ens1f0v0", "ens1f0v1", "ens1f0v2", "ens1f0v3"]
     );
-    let pf = attrs(nic(&inventory, "ens1f0"));
-    assert_eq!(pf["knd.dev/sriov"], Value::Bool(true));
-    assert_eq!(pf["knd.dev/sriovVfs"], Value::Int(4));
-    assert_eq!(pf["knd.dev/isSriovVf"], Value::Bool(false));
-    assert_eq!(pf["knd.dev/driver"], s("ice"));
+    assert_eq!(
+        excluded(&inventory, "0000:3b:00.0"),
+        Some(ExclusionReason::SriovPhysicalFunction { vfs: 4 })
+    );
     let vf = attrs(nic(&inventory, "ens1f0v2"));
     assert_eq!(vf["knd.dev/isSriovVf"], Value::Bool(true));
     assert_eq!(vf["knd.dev/pfName"], s("ens1f0"));
     assert_eq!(vf["knd.dev/driver"], s("iavf"));
     assert_eq!(vf["knd.dev/pciAddress"], s("0000:3b:01.2"));
+    assert_eq!(vf["knd.dev/sriov"], Value::Bool(false));
     assert!(!vf.contains_key("knd.dev/gpuDistance"), "no GPUs here");
-    let pf_pci = nic(&inventory, "ens1f0").pci.clone().unwrap();
-    assert_eq!(
-        pf_pci.virtfns,
-        [
-            "0000:3b:01.0",
-            "0000:3b:01.1",
-            "0000:3b:01.2",
-            "0000:3b:01.3"
-        ]
-    );
+    // With the VFs disabled again the PF is published, saying what it could offer.
+    let pf = machines::path_of(&["pci0000:3a", "0000:3a:00.0", "0000:3b:00.0"]);
+    std::fs::write(
+        tree.root().join(format!("{}/sriov_numvfs", &pf[1..])),
+        "0\n",
+    )
+    .unwrap();
+    let inventory = inventory_of(&tree);
+    let pf = attrs(nic(&inventory, "ens1f0"));
+    assert_eq!(pf["knd.dev/sriov"], Value::Bool(true));
+    assert_eq!(pf["knd.dev/sriovVfs"], Value::Int(0));
+    assert_eq!(pf["knd.dev/isSriovVf"], Value::Bool(false));
+    assert_eq!(pf["knd.dev/driver"], s("ice"));
 }
 
 #[test]
@@ -356,7 +387,7 @@ fn missing_identity_files_skip_the_device_with_a_warning() {
     .unwrap();
     let inventory = inventory_of(&tree);
     // A function whose identity cannot be read is not published, not even by its interface.
-    assert_eq!(names(&inventory), ["ens1f0", "ens1f0v0", "ens1f0v3"]);
+    assert_eq!(names(&inventory), ["ens1f0v0", "ens1f0v3"]);
     let warnings: Vec<String> = inventory.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(
         warnings,
@@ -380,9 +411,9 @@ fn slices_of_the_largest_fixture_respect_api_limits() {
         3,
         None,
     );
-    assert_eq!(slices.len(), 1, "72 devices fit one slice");
+    assert_eq!(slices.len(), 1, "8 devices fit one slice");
     let devices = slices[0].spec.devices.as_ref().unwrap();
-    assert_eq!(devices.len(), 72);
+    assert_eq!(devices.len(), 8);
     for device in devices {
         assert!(resources::is_dns_label(&device.name), "{}", device.name);
         let attributes = device.attributes.as_ref().unwrap();
@@ -402,7 +433,7 @@ fn slices_of_the_largest_fixture_respect_api_limits() {
             }
         }
     }
-    assert!(devices.iter().any(|d| d.name == "pci-0000-b4-01-0"));
+    assert!(devices.iter().any(|d| d.name == "pci-0000-b4-00-0"));
 }
 
 /// Every file of a fixture, replaced in turn by garbage, never makes discovery panic, and

@@ -333,14 +333,14 @@ async fn the_pool_is_published_owned_by_the_node_and_kept_in_step() {
     let mut publisher = Publisher::new(fake.client().await.unwrap(), "knd.dev", "gpu-node-1");
     let tree = machines::gpu_8x8();
     let inventory = inventory::discover(&tree.host());
-    assert_eq!(inventory.nics.len(), 72);
+    assert_eq!(inventory.nics.len(), 8);
 
     let first = publisher.publish(&inventory).await.unwrap();
     assert_eq!((first.generation, first.slices, first.created), (1, 1, 1));
     let stored = fake.slices();
     assert_eq!(stored.len(), 1);
     let slice = &stored[0];
-    assert_eq!(slice.spec.devices.as_ref().unwrap().len(), 72);
+    assert_eq!(slice.spec.devices.as_ref().unwrap().len(), 8);
     assert_eq!(slice.spec.node_name.as_deref(), Some("gpu-node-1"));
     let owner = &slice.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
@@ -365,7 +365,7 @@ async fn the_pool_is_published_owned_by_the_node_and_kept_in_step() {
     fewer.nics.pop();
     let second = publisher.publish(&fewer).await.unwrap();
     assert_eq!((second.generation, second.updated), (2, 1));
-    assert_eq!(fake.slices()[0].spec.devices.as_ref().unwrap().len(), 71);
+    assert_eq!(fake.slices()[0].spec.devices.as_ref().unwrap().len(), 7);
 
     // 200 devices need two slices, each carrying the pool's slice count.
     let third = publisher.publish(&virtual_nics(200)).await.unwrap();

@@ -132,6 +132,12 @@ pub enum ExclusionReason {
         /// The driver.
         driver: String,
     },
+    /// A physical function with virtual functions enabled: its MTU, features and link govern
+    /// the VFs, which other pods get, so it is not handed out while they exist.
+    SriovPhysicalFunction {
+        /// VFs enabled (`sriov_numvfs`).
+        vfs: u32,
+    },
     /// The `--filter` expression rejected it.
     Filter {
         /// The expression.
@@ -156,6 +162,12 @@ impl std::fmt::Display for ExclusionReason {
             Self::CniInterface => f.write_str("made by a CNI plugin or container runtime"),
             Self::Bond => f.write_str("bond (its members are considered instead)"),
             Self::UserspaceDriver { driver } => write!(f, "bound to user-space driver {driver}"),
+            Self::SriovPhysicalFunction { vfs } => {
+                write!(
+                    f,
+                    "physical function with {vfs} VFs enabled (they are published)"
+                )
+            }
             Self::Filter { expression } => write!(f, "rejected by --filter `{expression}`"),
             Self::FilterFailed { message } => write!(f, "--filter failed: {message}"),
         }
@@ -376,6 +388,12 @@ fn pci_nic(
             reason: ExclusionReason::UserspaceDriver {
                 driver: driver.to_owned(),
             },
+        });
+    }
+    if let Some(vfs) = device.sriov_num_vfs.filter(|n| *n > 0) {
+        return Err(Exclusion {
+            device: device.address.clone(),
+            reason: ExclusionReason::SriovPhysicalFunction { vfs },
         });
     }
     let on = |address: Option<&String>| address == Some(&device.address);

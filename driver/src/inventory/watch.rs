@@ -226,7 +226,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(quiet.inventory.borrow().nics.len(), 5);
+        assert_eq!(quiet.inventory.borrow().nics.len(), 4);
         tokio::time::sleep(Duration::from_millis(550)).await;
         shutdown.cancel();
         // Every scan after the first was caused by a netlink event (another test may change

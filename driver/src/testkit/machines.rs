@@ -15,12 +15,20 @@ fn hex2(n: u32) -> String {
 }
 
 /// An 8-GPU, 8-NIC server on two NUMA nodes (DGX-H100-like): GPU *i* and NIC *i* share a PCIe
-/// switch under their own root complex; every NIC is an SR-IOV PF with 8 VFs (64 in all), each
-/// with a RoCE RDMA device. `eth0` (an on-board NIC) carries the default route.
+/// switch under their own root complex; every NIC is SR-IOV capable (16 VFs) with none enabled,
+/// as GPUDirect RDMA nodes run them (a PF with VFs enabled is not handed out; see the `sriov`
+/// machine), each with a RoCE RDMA device. `eth0` (an on-board NIC) carries the default route.
 ///
 /// Pair *i* sits under root complex `pci0000:BB` (BB = `0x10 + 0x20·i`): root port `BB:01.0`,
 /// switch `BB+1:00.0`, GPU `BB+3:00.0`, NIC `BB+4:00.0` (`enpNs0np0`, `mlx5_i`).
 pub fn gpu_8x8() -> SysfsTree {
+    gpu_8x8_with_vfs(0)
+}
+
+/// [`gpu_8x8`] with `vfs` VFs (at most 16) enabled on every NIC, each with a RoCE RDMA device:
+/// VF *v* of NIC *i* is `enpNs0v{v}` at `BB+4:00.{v+1}` (then `01.x`), RDMA `mlx5_{8+i·vfs+v}`.
+/// With VFs enabled the PFs are not handed out, the VFs are.
+pub fn gpu_8x8_with_vfs(vfs: u32) -> SysfsTree {
     let tree = SysfsTree::new();
     let mut ifindex = 2;
     let mut uverbs = 0;
@@ -41,7 +49,7 @@ pub fn gpu_8x8() -> SysfsTree {
         let nic_bus = bus + 4;
         let pf_address = format!("0000:{}:00.0", hex2(nic_bus));
         let mut pf_spec = PciSpec::new(ETHERNET, MELLANOX, 0x1021, Some("mlx5_core"), numa);
-        pf_spec.sriov = Some((16, 8));
+        pf_spec.sriov = Some((16, vfs));
         let pf = tree.pci(&[&rc, &rp, &usp, &nic_dsp, &pf_address], &pf_spec);
         let pf_name = format!("enp{nic_bus}s0np0");
         let mut spec = NetSpec::ethernet(ifindex, 400_000);
@@ -50,8 +58,8 @@ pub fn gpu_8x8() -> SysfsTree {
         ifindex += 1;
         tree.rdma(&pf, &format!("mlx5_{i}"), Some(&pf_name), uverbs);
         uverbs += 1;
-        for vf in 0..8_u32 {
-            let (device, function) = if vf < 7 { (0, vf + 1) } else { (1, 0) };
+        for vf in 0..vfs {
+            let (device, function) = ((vf + 1) / 8, (vf + 1) % 8);
             let address = format!("0000:{}:{device:02x}.{function}", hex2(nic_bus));
             let path = tree.pci(
                 &[&rc, &rp, &usp, &nic_dsp, &address],
@@ -61,12 +69,8 @@ pub fn gpu_8x8() -> SysfsTree {
             let name = format!("enp{nic_bus}s0v{vf}");
             tree.netdev(Some(&path), &name, &NetSpec::ethernet(ifindex, 400_000));
             ifindex += 1;
-            tree.rdma(
-                &path,
-                &format!("mlx5_{}", 8 + i * 8 + vf),
-                Some(&name),
-                uverbs,
-            );
+            let rdma = format!("mlx5_{}", 8 + i * vfs + vf);
+            tree.rdma(&path, &rdma, Some(&name), uverbs);
             uverbs += 1;
         }
     }
