@@ -75,8 +75,10 @@ pub struct RunArgs {
     /// Where prepared claims and attachments are recorded.
     #[arg(long, env = "KND_STATE_DIR", default_value = "/var/lib/knd")]
     pub state_dir: PathBuf,
-    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, env = "KND_METRICS_ADDR", default_value = "0.0.0.0:9177")]
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`. The node's loopback
+    /// by default: the metrics name every tenant's pods and claims, so they are scraped through
+    /// an authenticating proxy (the chart's kube-rbac-proxy), not served to the network.
+    #[arg(long, env = "KND_METRICS_ADDR", default_value = "127.0.0.1:9177")]
     pub metrics_addr: SocketAddr,
     /// Publish only devices this CEL expression accepts.
     #[arg(long, env = "KND_FILTER")]
@@ -502,6 +504,33 @@ async fn publish_loop(
     }
 }
 
+/// At most this many scrapes run at once; more are answered 503 at once.
+const CONCURRENT_SCRAPES: usize = 2;
+
+static SCRAPES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_SCRAPES);
+
+/// `/metrics`: encoded on a blocking thread (it reads kernel maps and sysfs), never on the
+/// async workers that serve kubelet and the runtime; concurrent scrapes are bounded.
+async fn scrape(State(health): State<Health>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let Ok(_permit) = SCRAPES.try_acquire() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{CONCURRENT_SCRAPES} scrapes are running already\n"),
+        )
+            .into_response();
+    };
+    let registry = Arc::clone(&health.metrics);
+    match tokio::task::spawn_blocking(move || metrics::encode(&registry)).await {
+        Ok(text) => (
+            [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+            text,
+        )
+            .into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
+    }
+}
+
 async fn serve_http(
     listener: tokio::net::TcpListener,
     health: Health,
@@ -509,15 +538,7 @@ async fn serve_http(
 ) {
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/metrics",
-            get(|State(health): State<Health>| async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-                    metrics::encode(&health.metrics),
-                )
-            }),
-        )
+        .route("/metrics", get(scrape))
         .route(
             "/readyz",
             get(|State(health): State<Health>| async move {

@@ -62,6 +62,8 @@ struct Watched {
     pod_uid: String,
     labels: ClaimLabels,
     attachment: AttachmentId,
+    /// The counters, read by scrapes without the probes' lock.
+    reader: Arc<telemetry::TrafficReader>,
     cookie: u64,
     rdma: Vec<String>,
 }
@@ -70,6 +72,8 @@ struct Watched {
 struct Probes {
     traffic: TrafficProbes,
     sockets: Option<SocketProbes>,
+    /// The RTT map, read by scrapes without the probes' lock.
+    rtt: Option<Arc<telemetry::RttReader>>,
     watched: Vec<Watched>,
     refused: u64,
 }
@@ -125,9 +129,18 @@ impl Telemetry {
                 }
             },
         };
+        let rtt = sockets.as_ref().and_then(|s| {
+            s.reader()
+                .inspect_err(
+                    |e| tracing::warn!(error = %crate::error_chain(e), "cannot read the RTT map"),
+                )
+                .ok()
+                .map(Arc::new)
+        });
         Self {
             probes: Mutex::new(Probes {
                 sockets,
+                rtt,
                 ..Probes::default()
             }),
             max_claims,
@@ -188,6 +201,13 @@ impl Telemetry {
         }
         let cookie = pod_ns.cookie()?;
         let attachment = probes.traffic.attach(pod_ns, &labels.interface)?;
+        let reader = match probes.traffic.reader(attachment) {
+            Ok(reader) => Arc::new(reader),
+            Err(error) => {
+                probes.traffic.detach(attachment).ok();
+                return Err(error);
+            }
+        };
         let first_of_pod = !probes.watched.iter().any(|w| w.cookie == cookie);
         if let Some(sockets) = probes.sockets.as_mut()
             && first_of_pod
@@ -199,6 +219,7 @@ impl Telemetry {
             pod_uid: pod_uid.to_owned(),
             labels,
             attachment,
+            reader,
             cookie,
             rdma,
         });
@@ -378,50 +399,56 @@ fn buckets(counts: &[u64], bound: impl Fn(usize) -> f64) -> Vec<(f64, u64)> {
 
 impl Collector for ClaimCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        // The maps under the lock; sysfs (RDMA counters) after it, so a slow read never holds
-        // up a pod's watch or unwatch.
-        let (mut readings, watched, refused) = {
-            let mut probes = self.0.probes();
-            let Probes {
-                traffic,
-                sockets,
-                watched,
-                refused,
-            } = &mut *probes;
-            let readings: Vec<(Reading, Vec<String>)> = watched
+        // Under the lock only what to read (handles of their own on the maps); the kernel and
+        // sysfs reads after it, so a pod's stop (which unwatches under the lock) never waits
+        // for a scrape.
+        let (targets, rtt, watched, refused) = {
+            let probes = self.0.probes();
+            let targets: Vec<_> = probes
+                .watched
                 .iter()
-                .filter_map(|w| {
-                    let detail = traffic
-                        .detail(w.attachment)
-                        .inspect_err(
-                            |e| tracing::warn!(error = %crate::error_chain(e), "reading counters"),
-                        )
-                        .ok()?;
-                    let rtt = sockets
-                        .as_mut()
-                        .and_then(|s| s.rtt(w.cookie).ok().flatten());
-                    let reading = Reading {
-                        labels: w.labels.pairs(),
-                        detail,
-                        rtt,
-                        rdma: Vec::new(),
-                    };
-                    Some((reading, w.rdma.clone()))
+                .map(|w| {
+                    (
+                        w.labels.pairs(),
+                        Arc::clone(&w.reader),
+                        w.cookie,
+                        w.rdma.clone(),
+                    )
                 })
                 .collect();
-            (readings, watched.len(), *refused)
+            (
+                targets,
+                probes.rtt.clone(),
+                probes.watched.len(),
+                probes.refused,
+            )
         };
-        for (reading, devices) in &mut readings {
-            reading.rdma = devices
-                .iter()
-                .flat_map(|device| {
-                    telemetry::rdma_counters(&self.0.host, device)
-                        .into_iter()
-                        .map(|port| (device.clone(), port))
+        let readings: Vec<Reading> = targets
+            .into_iter()
+            .filter_map(|(labels, reader, cookie, rdma)| {
+                let detail = reader
+                    .detail()
+                    .inspect_err(
+                        |e| tracing::warn!(error = %crate::error_chain(e), "reading counters"),
+                    )
+                    .ok()?;
+                let rtt = rtt.as_ref().and_then(|r| r.rtt(cookie).ok().flatten());
+                let rdma = rdma
+                    .iter()
+                    .flat_map(|device| {
+                        telemetry::rdma_counters(&self.0.host, device)
+                            .into_iter()
+                            .map(|port| (device.clone(), port))
+                    })
+                    .collect();
+                Some(Reading {
+                    labels,
+                    detail,
+                    rtt,
+                    rdma,
                 })
-                .collect();
-        }
-        let readings: Vec<Reading> = readings.into_iter().map(|(r, _)| r).collect();
+            })
+            .collect();
         let gauge = encoder.encode_descriptor(
             "knd_telemetry_watched_interfaces",
             "Claimed interfaces whose traffic is measured",

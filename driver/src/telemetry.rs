@@ -6,7 +6,7 @@ use std::{collections::HashMap, fmt, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, tc::TcAttachOptions,
     },
@@ -343,13 +343,69 @@ impl TrafficProbes {
             .get(&id)
             .ok_or(Error::UnknownAttachment(id))?;
         let stats = read_array::<DirectionStats>(&attachment.ebpf, names::IFACE_STATS_MAP)?;
-        let of = |d: u32| stats.get(d as usize).copied().unwrap_or_default();
-        Ok(TrafficDetail {
-            rx: of(direction::INGRESS),
-            tx: of(direction::EGRESS),
-        })
+        Ok(TrafficDetail::of(&stats))
     }
 
+    /// A reader of the attachment's counters with a map handle of its own: it reads without
+    /// these probes (and their owner's lock), and keeps working, frozen, after a detach.
+    pub fn reader(&self, id: AttachmentId) -> Result<TrafficReader> {
+        let attachment = self
+            .attachments
+            .get(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        let name = names::IFACE_STATS_MAP;
+        let map = own_handle(&attachment.ebpf, name)?;
+        Ok(TrafficReader(
+            PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(map_error("open", name))?,
+        ))
+    }
+}
+
+/// Reads one attachment's counters (see [`TrafficProbes::reader`]).
+pub struct TrafficReader(PerCpuArray<MapData, DirectionStats>);
+
+impl fmt::Debug for TrafficReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrafficReader").finish_non_exhaustive()
+    }
+}
+
+impl TrafficReader {
+    /// Traffic counted so far by class, frame size and RoCEv2 opcode class.
+    pub fn detail(&self) -> Result<TrafficDetail> {
+        Ok(TrafficDetail::of(&sum_array(
+            &self.0,
+            names::IFACE_STATS_MAP,
+        )?))
+    }
+}
+
+impl TrafficDetail {
+    fn of(stats: &[DirectionStats]) -> Self {
+        let of = |d: u32| stats.get(d as usize).copied().unwrap_or_default();
+        Self {
+            rx: of(direction::INGRESS),
+            tx: of(direction::EGRESS),
+        }
+    }
+}
+
+/// A handle of its own (a duplicated file descriptor) on the map `name` of `ebpf`.
+fn own_handle(ebpf: &Ebpf, name: &'static str) -> Result<MapData> {
+    let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+    let (Map::PerCpuArray(data) | Map::PerCpuHashMap(data)) = map else {
+        return Err(Error::Missing {
+            kind: "per-CPU map",
+            name,
+        });
+    };
+    let fd = std::os::fd::AsFd::as_fd(data.fd())
+        .try_clone_to_owned()
+        .map_err(|e| map_error("duplicate", name)(aya::maps::MapError::IoError(e)))?;
+    MapData::from_fd(fd).map_err(map_error("reopen", name))
+}
+
+impl TrafficProbes {
     /// The interface and namespace an attachment watches, for display.
     pub fn describe(&self, id: AttachmentId) -> Option<(&str, &str)> {
         self.attachments
@@ -387,6 +443,14 @@ fn map_error(operation: &'static str, map: &'static str) -> impl Fn(aya::maps::M
 fn read_array<T: PerCpuSum>(ebpf: &Ebpf, name: &'static str) -> Result<Vec<T>> {
     let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
     let map: PerCpuArray<_, T> = PerCpuArray::try_from(map).map_err(map_error("open", name))?;
+    sum_array(&map, name)
+}
+
+/// Every entry of a per-CPU array, summed over CPUs.
+fn sum_array<T: PerCpuSum, M: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<M, T>,
+    name: &'static str,
+) -> Result<Vec<T>> {
     (0..map.len())
         .map(|index| {
             let per_cpu = map.get(&index, 0).map_err(map_error("lookup", name))?;
@@ -461,7 +525,7 @@ impl SocketProbes {
         })
     }
 
-    fn map(&mut self) -> Result<PerCpuHashMap<&mut aya::maps::MapData, u64, RttStats>> {
+    fn map(&mut self) -> Result<PerCpuHashMap<&mut MapData, u64, RttStats>> {
         let name = names::NETNS_RTT_MAP;
         let map = self
             .ebpf
@@ -496,13 +560,45 @@ impl SocketProbes {
 
     /// The namespace's RTT statistics so far, summed over CPUs; `None` if it is not watched.
     pub fn rtt(&mut self, cookie: u64) -> Result<Option<RttStats>> {
-        match self.map()?.get(&cookie, 0) {
-            Ok(per_cpu) => Ok(Some(
-                per_cpu.iter().fold(RttStats::default(), PerCpuSum::plus),
-            )),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_error("lookup", names::NETNS_RTT_MAP)(e)),
-        }
+        rtt_of(&self.map()?, cookie)
+    }
+
+    /// A reader of the RTT map with a handle of its own (reads without these probes).
+    pub fn reader(&self) -> Result<RttReader> {
+        let name = names::NETNS_RTT_MAP;
+        let map = own_handle(&self.ebpf, name)?;
+        Ok(RttReader(
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(map)).map_err(map_error("open", name))?,
+        ))
+    }
+}
+
+/// Reads the pods' RTT statistics (see [`SocketProbes::reader`]).
+pub struct RttReader(PerCpuHashMap<MapData, u64, RttStats>);
+
+impl fmt::Debug for RttReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RttReader").finish_non_exhaustive()
+    }
+}
+
+impl RttReader {
+    /// The namespace's RTT statistics so far, summed over CPUs; `None` if it is not watched.
+    pub fn rtt(&self, cookie: u64) -> Result<Option<RttStats>> {
+        rtt_of(&self.0, cookie)
+    }
+}
+
+fn rtt_of<M: std::borrow::Borrow<MapData>>(
+    map: &PerCpuHashMap<M, u64, RttStats>,
+    cookie: u64,
+) -> Result<Option<RttStats>> {
+    match map.get(&cookie, 0) {
+        Ok(per_cpu) => Ok(Some(
+            per_cpu.iter().fold(RttStats::default(), PerCpuSum::plus),
+        )),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_error("lookup", names::NETNS_RTT_MAP)(e)),
     }
 }
 

@@ -354,6 +354,112 @@ fn the_daemonsets_configure_knd_with_flags_it_knows() {
     assert!(stderr.contains("is not a directory"), "{stderr}");
 }
 
+/// What both DaemonSets (the plain manifest and the chart's) give knd: only its own plugin
+/// directory writable, no bpffs, read-only NRI, netns and host mounts, the HTTP server on the
+/// node's loopback with kubelet probing it there, and the metrics leaving the node only through
+/// kube-rbac-proxy (TLS, a token allowed to GET /metrics).
+#[test]
+fn the_daemonsets_ask_for_the_least_and_keep_the_metrics_on_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = render(dir.path(), &[]);
+    let chart = documents(&rendered)
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap();
+    let plain = documents(&deploy().join("kubernetes/daemonset.yaml")).remove(0);
+    for (which, daemonset) in [("plain", &plain), ("chart", &chart)] {
+        let spec = &daemonset["spec"]["template"]["spec"];
+        let containers = spec["containers"].as_array().unwrap();
+        let knd = &containers[0];
+        let mounts: Vec<(String, bool)> = knd["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["mountPath"].as_str().unwrap().to_owned(),
+                    m["readOnly"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect();
+        let writable: Vec<&str> = mounts
+            .iter()
+            .filter(|(_, ro)| !ro)
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(
+            writable,
+            [
+                "/var/lib/kubelet/plugins/knd.dev",
+                "/var/lib/kubelet/plugins_registry",
+                "/var/lib/knd"
+            ],
+            "{which}: writable mounts"
+        );
+        assert!(
+            !mounts
+                .iter()
+                .any(|(p, _)| p == "/sys/fs/bpf" || p == "/tmp"),
+            "{which}: {mounts:?}"
+        );
+        for (path, _) in &mounts {
+            assert!(
+                path != "/var/lib/kubelet/plugins",
+                "{which}: all of kubelet's plugins"
+            );
+        }
+        let caps: Vec<&str> = knd["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            caps,
+            ["NET_ADMIN", "SYS_ADMIN", "BPF", "PERFMON"],
+            "{which}"
+        );
+        assert_eq!(knd["securityContext"]["privileged"], false, "{which}");
+        // The HTTP server on the loopback, probed there; no port of knd's own published.
+        let text = serde_json::to_string(knd).unwrap();
+        assert!(text.contains("127.0.0.1:9177"), "{which}: {text}");
+        assert!(!text.contains("0.0.0.0"), "{which}: {text}");
+        assert!(knd["ports"].is_null(), "{which}: {}", knd["ports"]);
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert_eq!(
+                knd[probe]["httpGet"]["host"], "127.0.0.1",
+                "{which} {probe}"
+            );
+        }
+        let proxy = containers
+            .iter()
+            .find(|c| c["name"] == "kube-rbac-proxy")
+            .unwrap_or_else(|| panic!("{which}: no kube-rbac-proxy"));
+        let args = serde_json::to_string(&proxy["args"]).unwrap();
+        assert!(
+            args.contains("--upstream=http://127.0.0.1:9177/"),
+            "{which}: {args}"
+        );
+        assert!(args.contains("--secure-listen-address="), "{which}: {args}");
+        assert_eq!(proxy["ports"][0]["name"], "metrics", "{which}");
+    }
+    // The proxy may check tokens, and the scraper's role exists; 1.36's claim-status rule too.
+    for rbac in [
+        std::fs::read_to_string(deploy().join("kubernetes/rbac.yaml")).unwrap(),
+        std::fs::read_to_string(&rendered).unwrap(),
+    ] {
+        for needed in [
+            "tokenreviews",
+            "subjectaccessreviews",
+            "nonResourceURLs: [\"/metrics\"]",
+            "resourceclaims/driver",
+            "associated-node:patch",
+        ] {
+            assert!(rbac.contains(needed), "{needed} missing");
+        }
+    }
+}
+
 #[test]
 fn the_configuration_reference_names_every_flag_and_attribute() {
     let help = Command::new(env!("CARGO_BIN_EXE_knd"))

@@ -119,8 +119,15 @@ fn tcx_counters_equal_the_kernels_interface_counters() {
     assert!(ours.rx.bytes > payload as u64, "{ours:?}");
     assert!(ours.rx.packets >= 8 && ours.tx.packets >= 8, "{ours:?}");
 
+    // A reader (what a scrape holds, with a map handle of its own) reads the same counters
+    // without the probes, and still reads them after the detach a pod's stop does.
+    let reader = probes.reader(id).unwrap();
+    let read = reader.detail().unwrap();
+    assert_eq!((read.rx.total(), read.tx.total()), (ours.rx, ours.tx));
     // Detaching stops counting; the peer is untouched by our program all along.
     probes.detach(id).unwrap();
+    let after = reader.detail().unwrap();
+    assert_eq!(after.rx.total(), ours.rx, "the detached map, frozen");
     assert!(
         probes.traffic(id).is_err(),
         "a detached attachment still answers"
