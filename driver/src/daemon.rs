@@ -559,3 +559,100 @@ async fn serve_http(
         tracing::error!(%err, "the HTTP server stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Condvar, Mutex};
+
+    use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A collector that blocks every scrape until the test opens it, counting those waiting.
+    #[derive(Debug, Default)]
+    struct Gate {
+        state: Mutex<(usize, bool)>,
+        changed: Condvar,
+    }
+
+    impl Gate {
+        fn waiting(&self) -> usize {
+            self.state.lock().unwrap().0
+        }
+
+        fn open(&self) {
+            self.state.lock().unwrap().1 = true;
+            self.changed.notify_all();
+        }
+    }
+
+    #[derive(Debug)]
+    struct Blocking(Arc<Gate>);
+
+    impl Collector for Blocking {
+        fn encode(&self, _: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let mut state = self.0.state.lock().unwrap();
+            state.0 += 1;
+            self.0.changed.notify_all();
+            while !state.1 {
+                state = self.0.changed.wait(state).unwrap();
+            }
+            Ok(())
+        }
+    }
+
+    /// The status code of `GET path`.
+    async fn get(address: SocketAddr, path: &str) -> u16 {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: knd\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+    }
+
+    /// Scrapes are encoded off the async workers (the server here has one, and stays
+    /// responsive while two scrapes hang), and a third concurrent scrape is refused instead of
+    /// piling up.
+    #[tokio::test(flavor = "current_thread")]
+    async fn scrapes_are_bounded_and_never_hold_the_async_workers() {
+        let gate = Arc::new(Gate::default());
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(Blocking(Arc::clone(&gate))));
+        let (_registration, registration) = watch::channel(Registration::Registered);
+        let health = Health {
+            registration,
+            slices_ready: Arc::new(AtomicBool::new(true)),
+            metrics: Arc::new(registry),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_http(listener, health, shutdown.clone()));
+
+        let hanging: Vec<_> = (0..CONCURRENT_SCRAPES)
+            .map(|_| tokio::spawn(get(address, "/metrics")))
+            .collect();
+        while gate.waiting() < CONCURRENT_SCRAPES {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(get(address, "/metrics").await, 503, "a third scrape");
+        assert_eq!(
+            get(address, "/healthz").await,
+            200,
+            "the server still answers"
+        );
+        gate.open();
+        for scrape in hanging {
+            assert_eq!(scrape.await.unwrap(), 200);
+        }
+        assert_eq!(get(address, "/metrics").await, 200, "slots are given back");
+        shutdown.cancel();
+        server.await.unwrap();
+    }
+}

@@ -7,7 +7,10 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, TcpListener, TcpStream},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::fs::OpenOptionsExt as _,
+    },
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -34,7 +37,7 @@ struct Pods {
     a: TestHost,
     b: TestHost,
     _dir: tempfile::TempDir,
-    _tree: SysfsTree,
+    tree: SysfsTree,
     hooks: NodeHooks<MemoryClaims>,
     telemetry: Arc<Telemetry>,
     registry: prometheus_client::registry::Registry,
@@ -136,7 +139,7 @@ impl Pods {
             a: pod_host("a"),
             b: pod_host("b"),
             _dir: dir,
-            _tree: tree,
+            tree,
             hooks,
             telemetry,
             registry,
@@ -484,6 +487,66 @@ async fn a_pod_stopped_while_its_programs_load_leaves_nothing_measured() {
         assert!(pods.node.link_stats("enp1").is_ok(), "the NIC is back");
     }
     drop(pods.node);
+}
+
+/// A scrape stuck in a slow read (a sysfs counter that answers only when the test writes it)
+/// does not hold up a pod's stop: the stop finishes while the scrape still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn a_pod_stops_while_a_scrape_is_stuck_in_a_read() {
+    let pods = Arc::new(tokio::task::spawn_blocking(Pods::new).await.unwrap());
+    pods.start_both().await;
+    let fifo = pods
+        .tree
+        .root()
+        .join("sys/devices/pci0000:00/0000:00:02.0/infiniband/mlx5_0/ports/1/hw_counters/stuck");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let scrape = std::thread::spawn({
+        let pods = Arc::clone(&pods);
+        move || pods.scrape()
+    });
+    // A writer can open the FIFO without blocking once the scrape has opened it to read; the
+    // scrape then waits in read() until the writer writes or closes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let writer = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+        {
+            Ok(writer) => break writer,
+            Err(error) if error.raw_os_error() == Some(libc::ENXIO) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the scrape never read the counter"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    };
+    // The stop runs on a thread of its own, so that a stop blocked on the scrape fails the
+    // test after a while instead of hanging it.
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn({
+        let (pods, runtime) = (Arc::clone(&pods), tokio::runtime::Handle::current());
+        move || {
+            let stop = pods.hooks.stop_pod_sandbox(Pods::sandbox(&pods.a, "a"));
+            done.send(runtime.block_on(stop))
+        }
+    });
+    tokio::task::block_in_place(|| stopped.recv_timeout(Duration::from_secs(10)))
+        .expect("the stop waited for the scrape")
+        .unwrap();
+    assert!(!pods.telemetry.watches("uid-a"));
+    assert!(!scrape.is_finished(), "the scrape was still reading");
+    (&writer).write_all(b"5\n").unwrap();
+    drop(writer);
+    let text = tokio::task::spawn_blocking(move || scrape.join().unwrap())
+        .await
+        .unwrap();
+    assert!(text.contains("knd_claim_tx_bytes_total"), "{text}");
+    assert!(!pods.scrape().contains("claim=\"nic-a\""));
 }
 
 /// Metric names (with their sample suffixes) a scrape declares or carries.
