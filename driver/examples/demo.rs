@@ -34,7 +34,7 @@ use knd::{
         TestHost,
         apiserver::FakeApi,
         bridge,
-        claims::CONFIG_HEAD,
+        claims::{self, CONFIG_HEAD},
         kubelet, machines,
         placement::{self, GPU_DRIVER},
         runtime::{Containerd, CriClient, cri, pod_config},
@@ -680,7 +680,7 @@ fn claim(
         "metadata": {"name": format!("{pod}-nic"), "namespace": "ml", "uid": format!("claim-uid-{i}")},
         "spec": {"devices": spec},
         "status": {
-            "allocation": {"devices": {
+            "allocation": {"nodeSelector": claims::allocated_on("node-1"), "devices": {
                 "results": [
                     {"request": "gpu", "driver": GPU_DRIVER, "pool": "node-1", "device": gpu},
                     {"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": device}

@@ -616,7 +616,7 @@ async fn find_on_host(link: &Link, recorded: &LinkSettings) -> Result<LinkSettin
         other => {
             let found = match expected {
                 Some(identity) => link
-                    .name_with_identity(identity)
+                    .name_of_recorded(identity, recorded.peer)
                     .await
                     .map_err(fail("find it on the host"))?,
                 None => None,
@@ -736,6 +736,7 @@ mod tests {
             kind: None,
             mac: mac.map(Into::into),
             identity: DeviceIdentity::default(),
+            peer: None,
         };
         let host = [
             entry(1, "lo", Some("00:00:00:00:00:00")),

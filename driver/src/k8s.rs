@@ -1,7 +1,12 @@
 //! The Kubernetes API side of the driver (kube-rs): the client, claims read for prepare, the
 //! node's ResourceSlices, and claim status written with server-side apply.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::{
@@ -335,6 +340,35 @@ pub struct ApiClaims {
     shutdown: CancellationToken,
     /// `reportingInstance` of the Events knd creates (the node's name in the daemon).
     instance: String,
+    writers: Arc<Writers>,
+}
+
+/// The status writers: at most one per claim, writing the latest report it was given.
+#[derive(Debug, Default)]
+struct Writers {
+    state: std::sync::Mutex<WriterState>,
+    idle: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    /// By claim UID: the newest report not yet taken by its writer.
+    pending: HashMap<String, (ClaimRef, Vec<DeviceReport>)>,
+    /// Claims whose writer runs.
+    running: HashSet<String>,
+}
+
+impl Writers {
+    fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a newer report than the one being written waits for `uid`.
+    fn superseded(&self, uid: &str) -> bool {
+        self.state().pending.contains_key(uid)
+    }
 }
 
 impl std::fmt::Debug for ApiClaims {
@@ -369,6 +403,12 @@ pub struct DeviceReport {
 pub enum StatusOutcome {
     /// Written.
     Written,
+    /// A newer report for the claim came while this one waited to be retried; the newer one
+    /// is written instead.
+    Superseded,
+    /// The API server does not allow knd to write this claim's status (e.g. the claim is
+    /// allocated on another node); retrying cannot help.
+    Forbidden,
     /// The claim no longer exists (or is another claim with the same name now).
     Gone,
     /// The API refused the content; retrying cannot help.
@@ -385,6 +425,49 @@ impl ApiClaims {
             driver: driver.to_owned(),
             shutdown,
             instance: driver.to_owned(),
+            writers: Arc::default(),
+        }
+    }
+
+    /// Hands `devices` to the claim's status writer: written after what is being written now,
+    /// replacing any report still waiting (the latest wins; a late "prepared" never overwrites
+    /// "attached").
+    fn submit(&self, claim: ClaimRef, devices: Vec<DeviceReport>) {
+        let uid = claim.uid.clone();
+        let mut state = self.writers.state();
+        state.pending.insert(uid.clone(), (claim, devices));
+        if !state.running.insert(uid.clone()) {
+            return;
+        }
+        drop(state);
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = {
+                    let mut state = this.writers.state();
+                    let next = state.pending.remove(&uid);
+                    if next.is_none() {
+                        state.running.remove(&uid);
+                    }
+                    next
+                };
+                let Some((claim, devices)) = next else {
+                    this.writers.idle.notify_waiters();
+                    return;
+                };
+                this.write_status(&claim, &devices).await;
+            }
+        });
+    }
+
+    /// Waits until every status handed to the writers is written or given up.
+    pub async fn flushed(&self) {
+        loop {
+            let idle = self.writers.idle.notified();
+            if self.writers.state().running.is_empty() {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -444,7 +527,9 @@ impl ApiClaims {
     }
 
     /// Applies our entries of `claim`'s `status.devices` (an empty list removes them), retrying
-    /// with backoff until written, the claim is gone, or the API rejects the content.
+    /// with backoff until written, the claim is gone, a newer report for it is handed to its
+    /// writer, or the API refuses the write for good (403, 400, 422: logged, and a Warning
+    /// Event on the claim says why).
     pub async fn write_status(&self, claim: &ClaimRef, devices: &[DeviceReport]) -> StatusOutcome {
         let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &claim.namespace);
         let entries: Vec<AllocatedDeviceStatus> = devices
@@ -477,14 +562,33 @@ impl ApiClaims {
                     tracing::info!(%claim, reason = %status.message, "claim gone; status not written");
                     return StatusOutcome::Gone;
                 }
-                Err(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => {
-                    tracing::error!(%claim, reason = %status.message, "the API rejected the claim status");
-                    return StatusOutcome::Rejected;
+                Err(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 422) => {
+                    let outcome = if status.code == 403 {
+                        StatusOutcome::Forbidden
+                    } else {
+                        StatusOutcome::Rejected
+                    };
+                    tracing::error!(
+                        %claim,
+                        code = status.code,
+                        reason = %status.message,
+                        "the API refused the claim status; not retried"
+                    );
+                    let note = format!(
+                        "knd could not write the status of its devices ({}): {}",
+                        status.code, status.message
+                    );
+                    self.event(claim, "Warning", "StatusNotWritten", "WriteStatus", &note)
+                        .await;
+                    return outcome;
                 }
                 Err(err) => {
                     tracing::warn!(%claim, %err, "cannot write claim status; retrying");
                     if !backoff.wait(&self.shutdown).await {
                         return StatusOutcome::Cancelled;
+                    }
+                    if self.writers.superseded(&claim.uid) {
+                        return StatusOutcome::Superseded;
                     }
                 }
             }
@@ -631,6 +735,7 @@ impl ClaimApi for ApiClaims {
             name: claim.name.clone(),
         };
         let report = prepared_report(claim);
+        self.submit(reference.clone(), report.clone());
         tokio::spawn(async move {
             for device in &report {
                 if let Some(finding) = &device.topology {
@@ -643,16 +748,11 @@ impl ClaimApi for ApiClaims {
                     this.event(&reference, kind, reason, "Prepare", &note).await;
                 }
             }
-            this.write_status(&reference, &report).await;
         });
     }
 
     fn attached(&self, claim: &ClaimRef, devices: Vec<DeviceReport>) {
-        let this = self.clone();
-        let claim = claim.clone();
-        tokio::spawn(async move {
-            this.write_status(&claim, &devices).await;
-        });
+        self.submit(claim.clone(), devices);
     }
 
     fn warn(&self, claim: &ClaimRef, reason: &str, note: &str) {
@@ -665,10 +765,6 @@ impl ClaimApi for ApiClaims {
     }
 
     fn released(&self, claim: &ClaimRef) {
-        let this = self.clone();
-        let claim = claim.clone();
-        tokio::spawn(async move {
-            this.write_status(&claim, &[]).await;
-        });
+        self.submit(claim.clone(), Vec::new());
     }
 }

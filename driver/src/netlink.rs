@@ -98,6 +98,10 @@ pub struct LinkSettings {
     /// identities were kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<DeviceIdentity>,
+    /// What a virtual interface is linked to, as this namespace sees it (a veth's peer is one
+    /// device: it identifies the veth while both live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<LinkPeer>,
 }
 
 /// What identifies a device whatever its name, MAC address or namespace: what the kernel
@@ -192,6 +196,27 @@ pub fn with_identity<'a>(
     entries.iter().find(|entry| entry.identity == *identity)
 }
 
+/// The interface of `entries` that is the device recorded with `identity` and `peer` (seen
+/// from the same namespace): by hardware identity, or for a veth by its peer, which no other
+/// veth can have. Never by name or MAC; a macvlan's parent is shared, so a macvlan is not
+/// found.
+pub fn recorded<'a>(
+    entries: &'a [LinkEntry],
+    identity: &DeviceIdentity,
+    peer: Option<LinkPeer>,
+) -> Option<&'a LinkEntry> {
+    if identity.is_hardware() {
+        return with_identity(entries, identity);
+    }
+    let peer = peer?;
+    if identity.kind.as_deref() != Some("veth") {
+        return None;
+    }
+    entries
+        .iter()
+        .find(|entry| entry.identity == *identity && entry.peer == Some(peer))
+}
+
 /// The name `link` reports.
 pub fn name_of(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|a| match a {
@@ -237,6 +262,8 @@ pub struct LinkEntry {
     pub mac: Option<String>,
     /// What identifies it whatever its name or MAC.
     pub identity: DeviceIdentity,
+    /// What it is linked to (a veth's peer, a macvlan's parent).
+    pub peer: Option<LinkPeer>,
 }
 
 /// A route through an interface (the interface itself is implied).
@@ -703,6 +730,15 @@ impl Link {
         Ok(with_identity(&self.links().await?, identity).map(|entry| entry.name.clone()))
     }
 
+    /// The name of the interface recorded with `identity` and `peer` (see [`recorded`]).
+    pub async fn name_of_recorded(
+        &self,
+        identity: &DeviceIdentity,
+        peer: Option<LinkPeer>,
+    ) -> Result<Option<String>> {
+        Ok(recorded(&self.links().await?, identity, peer).map(|entry| entry.name.clone()))
+    }
+
     /// Takes the interface with index `index` down and moves it into `target` as `new_name`,
     /// addressed by index throughout (a name inside a pod is the tenant's to change).
     pub async fn move_index_renamed(
@@ -1044,6 +1080,7 @@ impl Link {
                     kind: identity.kind.clone(),
                     mac,
                     identity,
+                    peer: LinkPeer::of(&link),
                 });
             }
         }
@@ -1105,6 +1142,7 @@ fn settings_of(link: &LinkMessage, name: &str) -> LinkSettings {
         up: link.header.flags.contains(LinkFlags::Up),
         offload_sizes: OffloadSizes::default(),
         identity: Some(DeviceIdentity::of(link)),
+        peer: LinkPeer::of(link),
     };
     let sizes = &mut settings.offload_sizes;
     for attribute in &link.attributes {
@@ -1210,7 +1248,7 @@ fn default_route_oifs(route: &RouteMessage) -> Vec<u32> {
 mod tests {
     use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 
-    use super::{DeviceIdentity, LinkEntry, LinkPeer, with_identity};
+    use super::{DeviceIdentity, LinkEntry, LinkPeer, recorded, with_identity};
 
     fn message(attributes: Vec<LinkAttribute>) -> LinkMessage {
         let mut link = LinkMessage::default();
@@ -1266,6 +1304,7 @@ mod tests {
             kind: identity.kind.clone(),
             mac: Some(mac.into()),
             identity,
+            peer: None,
         };
         let claimed = hardware("b8:3f:d2:00:00:01", "pci/0000:3b:00.1");
         let entries = [
@@ -1290,5 +1329,29 @@ mod tests {
         };
         let virtual_entries = [entry(3, "enp1", "02:00:00:00:00:43", veth.clone())];
         assert_eq!(with_identity(&virtual_entries, &veth), None);
+        // A veth is found by its peer, which is one device; a macvlan's parent is shared.
+        let peer = |index| LinkPeer {
+            netnsid: Some(1),
+            index,
+        };
+        let mut veths = [
+            entry(3, "dev3", "02:00:00:00:00:43", veth.clone()),
+            entry(4, "other", "02:00:00:00:00:43", veth.clone()),
+        ];
+        veths[0].peer = Some(peer(7));
+        veths[1].peer = Some(peer(8));
+        let found = |veths: &[LinkEntry], identity: &DeviceIdentity, at| {
+            recorded(veths, identity, Some(peer(at))).map(|e| e.name.clone())
+        };
+        assert_eq!(found(&veths, &veth, 7).as_deref(), Some("dev3"));
+        assert_eq!(found(&veths, &veth, 9), None);
+        assert_eq!(recorded(&veths, &veth, None), None);
+        let macvlan = DeviceIdentity {
+            kind: Some("macvlan".into()),
+            ..DeviceIdentity::default()
+        };
+        veths[0].identity = macvlan.clone();
+        assert_eq!(found(&veths, &macvlan, 7), None);
+        assert_eq!(recorded(&entries, &claimed, None).map(|e| e.index), Some(9));
     }
 }

@@ -484,3 +484,110 @@ fn the_configuration_reference_names_every_flag_and_attribute() {
         "docs/install.md does not name {missing:?}"
     );
 }
+
+/// Whether the admission policy `policy` of `rbac.yaml` admits a status update by `user` on
+/// `node` (None: a token without a node) from `old` to `new`: its match condition, variables
+/// and validations evaluated with the `cel` crate as the API server evaluates them.
+fn admits(
+    policy: &serde_json::Value,
+    (user, node): (&str, Option<&str>),
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+) -> Result<(), String> {
+    let extra = node.map_or_else(
+        || serde_json::json!({}),
+        |node| serde_json::json!({"authentication.kubernetes.io/node-name": [node]}),
+    );
+    let request = serde_json::json!({"userInfo": {"username": user, "extra": extra}});
+    let mut context = cel::Context::default();
+    context.add_variable("request", &request).unwrap();
+    context.add_variable("object", new).unwrap();
+    context.add_variable("oldObject", old).unwrap();
+    let run = |context: &cel::Context, expression: &str| {
+        cel::Program::compile(expression)
+            .unwrap_or_else(|e| panic!("`{expression}` does not compile: {e}"))
+            .execute(context)
+            .unwrap_or_else(|e| panic!("`{expression}`: {e}"))
+    };
+    let spec = &policy["spec"];
+    let matched = spec["matchConditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| run(&context, c["expression"].as_str().unwrap()) == cel::Value::Bool(true));
+    if !matched {
+        return Ok(());
+    }
+    let mut variables = std::collections::HashMap::new();
+    for variable in spec["variables"].as_array().unwrap() {
+        let value = run(&context, variable["expression"].as_str().unwrap());
+        variables.insert(variable["name"].as_str().unwrap().to_owned(), value);
+        let map: std::collections::HashMap<cel::objects::Key, cel::Value> = variables
+            .iter()
+            .map(|(k, v)| (cel::objects::Key::from(k.clone()), v.clone()))
+            .collect();
+        context.add_variable_from_value("variables", map);
+    }
+    for validation in spec["validations"].as_array().unwrap() {
+        if run(&context, validation["expression"].as_str().unwrap()) != cel::Value::Bool(true) {
+            return Err(validation["message"]
+                .as_str()
+                .or_else(|| validation["messageExpression"].as_str())
+                .unwrap()
+                .to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// The policy that holds 1.34 and 1.35 API servers to what 1.36 enforces through
+/// `resourceclaims/driver`: a node's knd writes only the status of claims allocated on its
+/// node, and only knd's entries.
+#[test]
+fn claim_status_is_written_only_by_the_knd_of_the_claims_node() {
+    let policy = documents(&deploy().join("kubernetes/rbac.yaml"))
+        .into_iter()
+        .find(|d| {
+            d["kind"] == "ValidatingAdmissionPolicy" && d["metadata"]["name"] == "knd-claim-status"
+        })
+        .expect("the claim status policy");
+    let old = knd::testkit::claims::allocated_claim(
+        "c",
+        "uid-c",
+        r#"{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig"}"#,
+    );
+    let entry = |driver: &str, device: &str| {
+        serde_json::json!({"driver": driver, "pool": "node-1", "device": device,
+            "conditions": [{"type": "Ready", "status": "True"}]})
+    };
+    let with = |entries: Vec<serde_json::Value>| {
+        let mut claim = old.clone();
+        claim["status"]["devices"] = serde_json::Value::Array(entries);
+        claim
+    };
+    let knd = "system:serviceaccount:knd-system:knd";
+    let ours = with(vec![entry("knd.dev", "pci-0000-b4-00-0")]);
+    assert_eq!(admits(&policy, (knd, Some("node-1")), &old, &ours), Ok(()));
+    let elsewhere = admits(&policy, (knd, Some("node-2")), &old, &ours).unwrap_err();
+    assert!(elsewhere.contains("allocated elsewhere"), "{elsewhere}");
+    let no_node = admits(&policy, (knd, None), &old, &ours).unwrap_err();
+    assert!(no_node.contains("no node association"), "{no_node}");
+    let gpu = with(vec![entry("gpu.nvidia.com", "gpu-5")]);
+    let theirs = admits(&policy, (knd, Some("node-1")), &old, &gpu).unwrap_err();
+    assert!(
+        theirs.contains("may only write status entries of driver knd.dev"),
+        "{theirs}"
+    );
+    // Removing another driver's entry is changing it too.
+    let both = with(vec![
+        entry("knd.dev", "pci-0000-b4-00-0"),
+        entry("gpu.nvidia.com", "gpu-5"),
+    ]);
+    assert!(admits(&policy, (knd, Some("node-1")), &both, &ours).is_err());
+    assert_eq!(admits(&policy, (knd, Some("node-1")), &both, &both), Ok(()));
+    // Other writers (the scheduler, the GPU driver) are not this policy's business.
+    assert_eq!(
+        admits(&policy, ("system:kube-scheduler", None), &old, &gpu),
+        Ok(())
+    );
+}

@@ -214,6 +214,7 @@ fn the_records_say_which_devices_are_in_which_pod() {
                 up: true,
                 offload_sizes: knd::netlink::OffloadSizes::default(),
                 identity: None,
+                peer: None,
             },
             addresses: Vec::new(),
             routes: Vec::new(),

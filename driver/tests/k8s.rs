@@ -12,7 +12,7 @@ use knd::{
     resources,
     state::StateStore,
     testkit::{
-        apiserver::FakeApi,
+        apiserver::{FakeApi, Release},
         claims::{CONFIG_HEAD, allocated_claim},
         inventory_of, machines,
     },
@@ -199,6 +199,19 @@ async fn fake_with_claim() -> (FakeApi, Api<ResourceClaim>) {
 #[tokio::test]
 async fn the_fake_api_enforces_the_claim_status_rules() {
     let (fake, claims) = fake_with_claim().await;
+    // knd's identity has the shipped ClusterRole: it reads claims one by one, nothing more.
+    let (code, message) = api_status(claims.list(&kube::api::ListParams::default()).await);
+    assert_eq!(code, 403, "{message}");
+    assert!(
+        message.contains("cannot list resource \"resourceclaims\""),
+        "{message}"
+    );
+    let (code, _) = api_status(
+        claims
+            .delete("c1", &kube::api::DeleteParams::default())
+            .await,
+    );
+    assert_eq!(code, 403);
     let knd = PatchParams::apply("knd.dev");
     let good = ready(
         "pci-0000-b4-00-0",
@@ -281,7 +294,21 @@ async fn server_side_apply_keeps_other_managers_entries() {
     let gpu = json!({"driver": "gpu.nvidia.com", "pool": "node-1", "device": "gpu-5",
         "conditions": [{"type": "Ready", "status": "True", "reason": "Ok", "message": "",
                         "lastTransitionTime": "2026-11-23T10:00:00Z"}]});
-    claims
+    // knd may not write another driver's entries (1.36: resourceclaims/driver is granted
+    // for knd.dev only); that driver may, with its own identity.
+    let (code, message) = api_status(
+        claims
+            .patch_status(
+                "c1",
+                &PatchParams::apply("gpu.nvidia.com"),
+                &apply(&json!([gpu]), "uid-1"),
+            )
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    assert!(message.contains("\"gpu.nvidia.com\""), "{message}");
+    let gpu_driver: Api<ResourceClaim> = Api::namespaced(fake.admin_client().await.unwrap(), "ml");
+    gpu_driver
         .patch_status(
             "c1",
             &PatchParams::apply("gpu.nvidia.com"),
@@ -549,6 +576,135 @@ async fn claim_status_is_applied_with_retries_until_written_or_gone() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     shutdown.cancel();
     assert_eq!(pending.await.unwrap(), StatusOutcome::Cancelled);
+}
+
+/// `allocated_claim` as the scheduler allocates it on `node`.
+fn claim_on(node: &str, name: &str, uid: &str) -> serde_json::Value {
+    let mut claim = allocated_claim(name, uid, &format!("{{{CONFIG_HEAD}}}"));
+    claim["status"]["allocation"]["nodeSelector"] = knd::testkit::claims::allocated_on(node);
+    claim
+}
+
+fn attached_report() -> Vec<DeviceReport> {
+    vec![DeviceReport {
+        pool: "node-1".into(),
+        device: "pci-0000-b4-00-0".into(),
+        ready: true,
+        reason: "Attached".into(),
+        message: "net1 is up in the pod".into(),
+        network: None,
+        topology: None,
+    }]
+}
+
+/// Since 1.36 the API server lets a node's driver write the status of claims allocated on its
+/// node only (`resourceclaims/driver`, `associated-node:patch`): knd on another node gets a
+/// 403, which it does not retry; it logs and leaves a Warning Event on the claim. A 1.34 API
+/// server has no such check (the shipped admission policy stands in for it, tested in
+/// tests/deploy.rs).
+#[tokio::test]
+async fn a_status_write_the_api_server_forbids_is_given_up_with_a_warning() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.put_claim(claim_on("node-2", "c1", "uid-1"));
+    let shutdown = CancellationToken::new();
+    let here = ApiClaims::new(fake.client().await.unwrap(), "knd.dev", shutdown.clone());
+    let status_patches = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.path.contains("/resourceclaims/c1/status"))
+            .count()
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(5),
+        here.write_status(&claim_ref("c1", "uid-1"), &attached_report()),
+    )
+    .await
+    .expect("a 403 is final");
+    assert_eq!(outcome, StatusOutcome::Forbidden);
+    assert_eq!(status_patches(), 1, "not retried");
+    let claim = fake.claim("ml", "c1").unwrap();
+    assert!(claim.status.unwrap().devices.is_none(), "nothing written");
+    let event = fake
+        .events()
+        .into_iter()
+        .find(|e| e.reason.as_deref() == Some("StatusNotWritten"))
+        .expect("a Warning Event on the claim");
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let note = event.note.unwrap();
+    assert!(
+        note.contains("403") && note.contains("resourceclaims/driver"),
+        "{note}"
+    );
+    assert_eq!(event.regarding.unwrap().name.as_deref(), Some("c1"));
+
+    // The knd of the claim's node may.
+    let there = ApiClaims::new(fake.client_on("node-2").await.unwrap(), "knd.dev", shutdown);
+    assert_eq!(
+        there
+            .write_status(&claim_ref("c1", "uid-1"), &attached_report())
+            .await,
+        StatusOutcome::Written
+    );
+    // A 1.34 API server asks only for resourceclaims/status.
+    fake.put_claim(claim_on("node-2", "c2", "uid-2"));
+    fake.set_release(Release::V1_34);
+    assert_eq!(
+        here.write_status(&claim_ref("c2", "uid-2"), &attached_report())
+            .await,
+        StatusOutcome::Written
+    );
+}
+
+/// Each claim has one status writer and the latest report wins: a "Prepared" whose write
+/// failed and waits to be retried never lands after the "Attached" that followed it.
+#[tokio::test]
+async fn a_late_prepared_status_never_overwrites_attached() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.put_claim(claim_on("node-1", "c1", "uid-1"));
+    let claims = ApiClaims::new(
+        fake.client().await.unwrap(),
+        "knd.dev",
+        CancellationToken::new(),
+    );
+    let prepared = knd::state::PreparedClaim {
+        uid: "uid-1".into(),
+        namespace: "ml".into(),
+        name: "c1".into(),
+        pod_uids: vec!["pod-uid-1".into()],
+        devices: vec![knd::state::PreparedDevice {
+            requests: vec!["nic".into()],
+            pool: "node-1".into(),
+            device: "pci-0000-b4-00-0".into(),
+            config: knd::config::parse(format!("{{{CONFIG_HEAD}}}").as_bytes()).unwrap(),
+            topology: None,
+        }],
+    };
+    // The first write ("Prepared") fails and is retried after a backoff; "Attached" comes
+    // meanwhile.
+    fake.fail_next(&[503]);
+    claims.prepared(&prepared);
+    while fake.requests().iter().all(|r| !r.path.contains("/status")) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    claims.attached(&claim_ref("c1", "uid-1"), attached_report());
+    claims.flushed().await;
+    let devices = fake
+        .claim("ml", "c1")
+        .unwrap()
+        .status
+        .unwrap()
+        .devices
+        .unwrap();
+    let ready = &devices[0].conditions.as_ref().unwrap()[0];
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Attached")
+    );
+    // And release, the latest, removes the entries.
+    claims.released(&claim_ref("c1", "uid-1"));
+    claims.flushed().await;
+    let status = fake.claim("ml", "c1").unwrap().status.unwrap();
+    assert!(status.devices.is_none(), "{status:?}");
 }
 
 #[tokio::test]

@@ -31,7 +31,7 @@ use knd::{
     testkit::{
         TestHost,
         apiserver::FakeApi,
-        claims::CONFIG_HEAD,
+        claims::{self, CONFIG_HEAD},
         kubelet,
         runtime::{Containerd, CriClient, cri, pod_config},
         sysfs::{NetSpec, SysfsTree},
@@ -150,7 +150,7 @@ fn claim(i: usize) -> serde_json::Value {
         "metadata": {"name": format!("nic-{i}"), "namespace": "ml", "uid": format!("claim-{i}")},
         "spec": {"devices": {"requests": [{"name": "nic", "exactly": {"deviceClassName": "knd-nic"}}]}},
         "status": {
-            "allocation": {"devices": {
+            "allocation": {"nodeSelector": claims::allocated_on("node-1"), "devices": {
                 "results": [{"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": format!("nic{i}")}],
                 "config": [{"source": "FromClaim", "opaque": {"driver": "knd.dev", "parameters": config}}]
             }},

@@ -33,8 +33,11 @@ use regex::Regex;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-/// The bearer token the fake accepts (written into the kubeconfig).
-pub const TOKEN: &str = "knd-test-token";
+mod authz;
+
+pub use authz::{ADMIN_TOKEN, NODE, Release, TOKEN};
+use authz::{Attributes, Caller};
+
 const RESOURCE_GROUP: &str = "resource.k8s.io/v1";
 
 /// A running fake API server; stops when dropped.
@@ -71,6 +74,8 @@ struct Store {
     device_owners: BTreeMap<(String, String), BTreeMap<DeviceKey, String>>,
     /// Status codes the next requests fail with (fault injection).
     faults: VecDeque<u16>,
+    /// The release whose authorisation rules apply.
+    release: Release,
     requests: Vec<Request>,
 }
 
@@ -130,13 +135,24 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
-    /// Writes a kubeconfig for this server (with the bearer token) into `dir`.
+    /// Writes a kubeconfig for this server into `dir`: knd's service account on node [`NODE`].
     pub fn write_kubeconfig(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        self.write_kubeconfig_on(dir, NODE)
+    }
+
+    /// Writes a kubeconfig for this server into `dir`: knd's service account on `node` (its
+    /// token carries the node's name, as a projected service account token does).
+    pub fn write_kubeconfig_on(&self, dir: &Path, node: &str) -> std::io::Result<PathBuf> {
+        let token = if node == NODE {
+            TOKEN.to_owned()
+        } else {
+            format!("{TOKEN}.{node}")
+        };
         let path = dir.join("kubeconfig");
         let text = format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
              clusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             users:\n- name: knd\n  user:\n    token: {TOKEN}\n\
+             users:\n- name: knd\n  user:\n    token: {token}\n\
              contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: knd\n",
             self.url()
         );
@@ -144,11 +160,35 @@ impl FakeApi {
         Ok(path)
     }
 
-    /// A kube client for this server, configured through a kubeconfig as the daemon is.
+    /// A kube client for this server, configured through a kubeconfig as the daemon is: knd on
+    /// node [`NODE`].
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        self.client_on(NODE).await
+    }
+
+    /// A kube client of knd on `node`.
+    pub async fn client_on(&self, node: &str) -> anyhow::Result<kube::Client> {
+        let dir = tempfile::tempdir()?;
+        let path = self.write_kubeconfig_on(dir.path(), node)?;
+        Ok(crate::k8s::client(Some(&path)).await?)
+    }
+
+    /// A kube client of a cluster administrator (another driver, the scheduler, an operator).
+    pub async fn admin_client(&self) -> anyhow::Result<kube::Client> {
+        self.client_as(ADMIN_TOKEN).await
+    }
+
+    async fn client_as(&self, token: &str) -> anyhow::Result<kube::Client> {
         let dir = tempfile::tempdir()?;
         let path = self.write_kubeconfig(dir.path())?;
+        let text = std::fs::read_to_string(&path)?.replace(TOKEN, token);
+        std::fs::write(&path, text)?;
         Ok(crate::k8s::client(Some(&path)).await?)
+    }
+
+    /// Plays the API server of `release` (1.36 unless told).
+    pub fn set_release(&self, release: Release) {
+        self.lock().release = release;
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -331,25 +371,39 @@ async fn handle(
             .path_and_query()
             .map_or_else(|| uri.path().to_owned(), ToString::to_string),
     });
-    let authorized = headers
+    let caller = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {TOKEN}"));
-    if !authorized {
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(Caller::of_token);
+    let Some(caller) = caller else {
         return Failure::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
             .into_response();
-    }
+    };
     if let Some(code) = store.faults.pop_front() {
         let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Failure::new(code, "InternalError", "injected fault").into_response();
     }
     let query = parse_query(uri.query().unwrap_or_default());
     let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    if let Some(attributes) = authz::attributes(&method, &segments, watch)
+        && !authz::permits(&caller, &attributes)
+    {
+        let namespace = match segments.as_slice() {
+            ["api" | "apis", .., "namespaces", namespace, _]
+            | ["api" | "apis", .., "namespaces", namespace, _, _]
+            | ["api" | "apis", .., "namespaces", namespace, _, _, _] => Some(*namespace),
+            _ => None,
+        };
+        return forbidden(&caller, &attributes, namespace).into_response();
+    }
     let request = Incoming {
         method: &method,
         headers: &headers,
         body: &body,
         query: &query,
+        caller: &caller,
     };
     let answer = route(&mut store, &segments, &request);
     match answer {
@@ -363,6 +417,15 @@ struct Incoming<'a> {
     headers: &'a HeaderMap,
     body: &'a [u8],
     query: &'a BTreeMap<String, String>,
+    caller: &'a Caller,
+}
+
+fn forbidden(caller: &Caller, attributes: &Attributes, namespace: Option<&str>) -> Failure {
+    Failure::new(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        authz::forbidden_message(caller, attributes, namespace),
+    )
 }
 
 fn route(store: &mut Store, segments: &[&str], request: &Incoming<'_>) -> Answer {
@@ -1100,7 +1163,10 @@ fn apply_claim_status(
         .and_then(|s| s.devices.clone())
         .unwrap_or_default();
     let (devices, new_owners, mut errors) =
-        merge_applied(current, &owners, &applied, manager, force)?;
+        merge_applied(current.clone(), &owners, &applied, manager, force)?;
+    if store.release == Release::V1_36 {
+        authorize_device_writes(claim, &current, &devices, request.caller)?;
+    }
     errors.extend(validate_device_statuses(claim, &devices));
     if !errors.is_empty() {
         return Err(Failure::invalid(
@@ -1117,6 +1183,80 @@ fn apply_claim_status(
     let value = to_value(&*claim);
     store.device_owners.insert(key, new_owners);
     Ok((StatusCode::OK, value))
+}
+
+/// Since 1.36: every driver whose `status.devices` entries a write changes must be allowed
+/// `resourceclaims/driver` (named by the driver) with `associated-node:patch`, when the
+/// caller's node is the node the claim is allocated on, or `arbitrary-node:patch`.
+fn authorize_device_writes(
+    claim: &ResourceClaim,
+    before: &[AllocatedDeviceStatus],
+    after: &[AllocatedDeviceStatus],
+    caller: &Caller,
+) -> Result<(), Failure> {
+    let changed: BTreeSet<&str> = before
+        .iter()
+        .filter(|entry| !after.contains(entry))
+        .chain(after.iter().filter(|entry| !before.contains(entry)))
+        .map(|entry| entry.driver.as_str())
+        .collect();
+    let on_callers_node = caller
+        .node
+        .as_deref()
+        .is_some_and(|node| allocated_node(claim) == Some(node));
+    for driver in changed {
+        let ask = |verb: &str| Attributes {
+            verb: verb.to_owned(),
+            group: "resource.k8s.io".to_owned(),
+            resource: "resourceclaims/driver".to_owned(),
+            name: Some(driver.to_owned()),
+        };
+        let associated = ask("associated-node:patch");
+        if authz::permits(caller, &ask("arbitrary-node:patch"))
+            || (on_callers_node && authz::permits(caller, &associated))
+        {
+            continue;
+        }
+        let mut failure = forbidden(caller, &associated, claim.metadata.namespace.as_deref());
+        if authz::permits(caller, &associated) {
+            failure.message = format!(
+                "{}: the claim is not allocated on node {}",
+                failure.message,
+                caller
+                    .node
+                    .as_deref()
+                    .unwrap_or("(none: the token names no node)")
+            );
+        }
+        return Err(failure);
+    }
+    Ok(())
+}
+
+/// The node a claim's devices were allocated on: the one node its allocation's node selector
+/// names (`metadata.name In [node]`), as the scheduler writes it for node-local devices.
+fn allocated_node(claim: &ResourceClaim) -> Option<&str> {
+    let terms = &claim
+        .status
+        .as_ref()?
+        .allocation
+        .as_ref()?
+        .node_selector
+        .as_ref()?
+        .node_selector_terms;
+    let [term] = terms.as_slice() else {
+        return None;
+    };
+    let fields = term.match_fields.as_deref().unwrap_or_default();
+    match fields {
+        [field] if field.key == "metadata.name" && field.operator == "In" => {
+            match field.values.as_deref() {
+                Some([node]) => Some(node.as_str()),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// The entries after an apply, their owners, and problems found while merging.

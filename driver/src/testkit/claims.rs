@@ -127,9 +127,17 @@ impl ClaimApi for MemoryClaims {
 /// The header every `NetworkConfig` needs.
 pub const CONFIG_HEAD: &str = r#""apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig""#;
 
+/// The node selector of an allocation on `node`, as the scheduler writes it for devices of a
+/// node-local pool (the API server's node authorisation of status writes reads it).
+pub fn allocated_on(node: &str) -> serde_json::Value {
+    serde_json::json!({"nodeSelectorTerms": [{"matchFields": [
+        {"key": "metadata.name", "operator": "In", "values": [node]}
+    ]}]})
+}
+
 /// A claim in namespace `ml` allocated one of knd's NICs (request `nic`) and another driver's
 /// GPU, with a class config (MTU 9000), `claim_parameters` as the claim's config for the NIC,
-/// and another driver's config; reserved for pod `pod-uid-1`.
+/// and another driver's config; allocated on node `node-1` and reserved for pod `pod-uid-1`.
 pub fn allocated_claim(name: &str, uid: &str, claim_parameters: &str) -> serde_json::Value {
     let class: serde_json::Value =
         serde_json::from_str(&format!(r#"{{{CONFIG_HEAD},"interface":{{"mtu":9000}}}}"#))
@@ -144,7 +152,7 @@ pub fn allocated_claim(name: &str, uid: &str, claim_parameters: &str) -> serde_j
             {"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com"}}
         ]}},
         "status": {
-            "allocation": {"devices": {
+            "allocation": {"nodeSelector": allocated_on("node-1"), "devices": {
                 "results": [
                     {"request": "nic", "driver": "knd.dev", "pool": "node-1", "device": "pci-0000-b4-00-0"},
                     {"request": "gpu", "driver": "gpu.nvidia.com", "pool": "node-1", "device": "gpu-5"}
