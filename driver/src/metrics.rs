@@ -92,6 +92,8 @@ pub struct Telemetry {
     pub published_devices: Gauge,
     /// Pods whose interfaces could not be attached.
     pub attach_failures: prometheus_client::metrics::counter::Counter,
+    /// Pod records that could not be read and were moved aside.
+    pub quarantined_records: prometheus_client::metrics::counter::Counter,
     /// GPU–NIC distance class of prepared claims with GPUs (rank 0 PIX … 4 SYS).
     pub gpu_nic_distance:
         prometheus_client::metrics::family::Family<crate::dra::alignment::DistanceLabels, Gauge>,
@@ -150,6 +152,7 @@ impl Telemetry {
             attach_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             published_devices: Gauge::default(),
             attach_failures: prometheus_client::metrics::counter::Counter::default(),
+            quarantined_records: prometheus_client::metrics::counter::Counter::default(),
             device_healthy: prometheus_client::metrics::family::Family::default(),
             gpu_nic_distance: prometheus_client::metrics::family::Family::default(),
         }
@@ -284,6 +287,12 @@ impl Telemetry {
             "knd_attach_failures",
             "Pods whose claimed interfaces could not be attached at RunPodSandbox",
             self.attach_failures.clone(),
+        );
+        registry.register(
+            "knd_quarantined_pod_records",
+            "Pod records knd could not read and moved aside (state/pods/quarantine); the \
+             interfaces they described need a look by hand",
+            self.quarantined_records.clone(),
         );
         registry.register(
             "knd_device_healthy",

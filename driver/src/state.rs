@@ -88,6 +88,9 @@ pub struct PreparedDevice {
 /// The records that could be read (by key), and an error for each that could not.
 pub type Readable<T> = (Vec<(String, T)>, Vec<Error>);
 
+/// The records that could be read (by key), and where each unreadable one was moved, with why.
+pub type Quarantined<T> = (Vec<(String, T)>, Vec<(PathBuf, Error)>);
+
 /// A directory of records of one type, keyed by a file-name-safe string; optionally with every
 /// record also held in memory (for records read on hot paths, written only through this value).
 #[derive(Debug)]
@@ -290,6 +293,30 @@ impl<T: Serialize + DeserializeOwned + Clone> Records<T> {
             }
         }
         Ok((records, problems))
+    }
+
+    /// Every record that can be read; each one that cannot is moved aside into the
+    /// `quarantine` directory beside the records (kept for a human to look at, never read
+    /// again) and returned with why it was unreadable.
+    pub fn all_quarantining(&self) -> Result<Quarantined<T>> {
+        let (records, problems) = self.all_readable()?;
+        let mut moved = Vec::new();
+        for problem in problems {
+            let Error::Corrupt { path, .. } = &problem else {
+                return Err(problem);
+            };
+            let quarantine = self.dir.join("quarantine");
+            fs::create_dir_all(&quarantine)
+                .map_err(|source| io_error("creating", &quarantine, source))?;
+            let name = path.file_name().unwrap_or_default();
+            let aside = quarantine.join(name);
+            fs::rename(path, &aside).map_err(|source| io_error("moving aside", path, source))?;
+            moved.push((aside, problem));
+        }
+        if !moved.is_empty() {
+            self.sync_dir()?;
+        }
+        Ok((records, moved))
     }
 
     fn sync_dir(&self) -> Result<()> {

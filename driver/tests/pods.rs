@@ -2,7 +2,10 @@
 //! gives it back when it stops, a failed attachment fails the pod's containers with the claim
 //! named, and a restarted driver finishes the job from its state store.
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::Arc,
+};
 
 use knd::{
     attach,
@@ -128,11 +131,63 @@ async fn a_pod_started_while_knd_was_away_is_refused_then_attached_at_synchroniz
         .create_container(node.sandbox(), container())
         .await
         .unwrap();
-    // The pod disappears while knd is away: the next synchronize gives the NIC back.
+    // The runtime's list no longer has the pod, but its namespace lives (a list can be
+    // incomplete): the NIC stays where the pod uses it.
     let restarted = node.hooks();
+    restarted.synchronize(Vec::new(), Vec::new()).await.unwrap();
+    assert!(attach::record(node.pod.netns(), "net1").await.is_ok());
+    assert_eq!(node.store.pods.all().unwrap().len(), 1);
+    // The namespace dies while knd is away (the kernel hands the NIC back under a name of
+    // its own, emulated): the next synchronize gives the NIC back as it was.
+    let host = node.host.netns().try_clone().unwrap();
+    node.pod
+        .netlink(|link| async move {
+            let index = link.index("net1").await?;
+            link.move_renamed("net1", &host, &format!("dev{index}"))
+                .await
+        })
+        .unwrap();
+    drop(node.pod);
     restarted.synchronize(Vec::new(), Vec::new()).await.unwrap();
     assert!(attach::record(node.host.netns(), "enp1").await.is_ok());
     assert!(node.store.pods.all().unwrap().is_empty());
+}
+
+/// One pod record that cannot be read (a crash mid-write on a filesystem without atomic
+/// rename, a hand edit) is moved aside, logged and counted; it does not fail Synchronize, and
+/// the other records are dealt with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn an_unreadable_pod_record_is_moved_aside_and_the_others_synchronized() {
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
+    node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
+    let telemetry = Arc::new(knd::metrics::Telemetry::new(None, 10));
+    let hooks = node.hooks().with_telemetry(Arc::clone(&telemetry));
+    let pods = node.dir.path().join("pods");
+    std::fs::write(pods.join("pod-broken.json"), b"{\"podUid\": tr").unwrap();
+    hooks
+        .synchronize(vec![node.sandbox()], Vec::new())
+        .await
+        .unwrap();
+    assert!(
+        attach::record(node.pod.netns(), "net1").await.is_ok(),
+        "the live pod attached"
+    );
+    assert!(!pods.join("pod-broken.json").exists());
+    assert!(pods.join("quarantine/pod-broken.json").exists());
+    assert_eq!(telemetry.quarantined_records.get(), 1);
+    let scrape = knd::metrics::encode(&telemetry.registry());
+    assert!(
+        scrape.contains("knd_quarantined_pod_records_total 1"),
+        "{scrape}"
+    );
+    // The next synchronize has nothing left to trip on.
+    hooks
+        .synchronize(vec![node.sandbox()], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(telemetry.quarantined_records.get(), 1);
+    hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
 }
 
 async fn host_sides(node: &Node, names: &[&str]) -> Vec<attach::HostSide> {

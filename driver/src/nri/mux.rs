@@ -9,7 +9,14 @@
 //! frame when it fits in 4096 bytes, else its 10-byte header in one frame and its payload in
 //! the next; never an empty frame, never two messages in one frame.
 
-use std::{collections::HashMap, io, sync::Arc};
+use std::{
+    collections::HashMap,
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use tokio::{
@@ -24,6 +31,10 @@ pub const PLUGIN_CONN: u32 = 1;
 pub const RUNTIME_CONN: u32 = 2;
 /// Frames a connection may have queued before the trunk is closed (as NRI does).
 pub const QUEUE_FRAMES: usize = 256;
+/// Bytes a connection may have queued before the trunk is closed: room for two of the largest
+/// frames, so one trunk holds at most ~80 MiB (two connections and the frame being read), not
+/// 256 frames of 16 MiB each.
+pub const QUEUE_BYTES: usize = 2 * MAX_FRAME;
 /// The largest frame accepted: older NRI sends whole 16 MiB messages in one frame.
 pub const MAX_FRAME: usize = 16 << 20;
 /// Messages up to this size (header included) go out in a single frame.
@@ -91,9 +102,32 @@ pub struct Trunk {
     /// Writes frames.
     pub sender: Sender,
     /// Byte chunks per connection id, in order; ends when the trunk closes.
-    pub receivers: HashMap<u32, mpsc::Receiver<Bytes>>,
+    pub receivers: HashMap<u32, Chunks>,
     /// The reader: `Ok` when the peer closed the stream, else the protocol or I/O error.
     pub reader: JoinHandle<io::Result<()>>,
+}
+
+/// The byte chunks of one logical connection, in order; what is received no longer counts
+/// against the connection's [`QUEUE_BYTES`].
+#[derive(Debug)]
+pub struct Chunks {
+    rx: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Chunks {
+    /// The next chunk; `None` once the trunk closed and everything was received.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let chunk = self.rx.recv().await?;
+        self.queued.fetch_sub(chunk.len(), Ordering::Relaxed);
+        Some(chunk)
+    }
+}
+
+/// The reader's side of a logical connection.
+struct Route {
+    tx: mpsc::Sender<Bytes>,
+    queued: Arc<AtomicUsize>,
 }
 
 /// Splits `stream` into the logical connections `conns`.
@@ -106,8 +140,15 @@ where
     let mut receivers = HashMap::new();
     for &conn in conns {
         let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
-        senders.insert(conn, tx);
-        receivers.insert(conn, rx);
+        let queued = Arc::new(AtomicUsize::new(0));
+        senders.insert(
+            conn,
+            Route {
+                tx,
+                queued: Arc::clone(&queued),
+            },
+        );
+        receivers.insert(conn, Chunks { rx, queued });
     }
     let reader = tokio::spawn(read_frames(read, senders));
     Trunk {
@@ -121,7 +162,7 @@ where
 
 async fn read_frames<R: AsyncRead + Unpin>(
     mut read: R,
-    senders: HashMap<u32, mpsc::Sender<Bytes>>,
+    senders: HashMap<u32, Route>,
 ) -> io::Result<()> {
     let mut header = [0_u8; FRAME_HEADER];
     loop {
@@ -137,17 +178,31 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 format!("frame of {length} bytes for connection {conn} exceeds {MAX_FRAME}"),
             ));
         }
-        let mut payload = vec![0_u8; length];
-        read.read_exact(&mut payload).await?;
-        let Some(sender) = senders.get(&conn) else {
+        let Some(route) = senders.get(&conn) else {
             tracing::debug!(conn, length, "dropping a frame for an unknown connection");
+            skip(&mut read, length).await?;
             continue;
         };
-        if payload.is_empty() {
+        if length == 0 {
             continue;
         }
-        match sender.try_send(Bytes::from(payload)) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        // Checked before the payload is read: a peer that does not read its answers cannot
+        // make the trunk hold more than the budget.
+        let queued = route.queued.load(Ordering::Relaxed);
+        if queued + length > QUEUE_BYTES {
+            return Err(io::Error::other(format!(
+                "connection {conn} has {queued} bytes queued and a frame of {length} more \
+                 exceeds {QUEUE_BYTES}; closing the trunk"
+            )));
+        }
+        let mut payload = vec![0_u8; length];
+        read.read_exact(&mut payload).await?;
+        route.queued.fetch_add(length, Ordering::Relaxed);
+        match route.tx.try_send(Bytes::from(payload)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                route.queued.fetch_sub(length, Ordering::Relaxed);
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 return Err(io::Error::other(format!(
                     "connection {conn} has {QUEUE_FRAMES} frames queued; closing the trunk"
@@ -155,6 +210,16 @@ async fn read_frames<R: AsyncRead + Unpin>(
             }
         }
     }
+}
+
+/// Reads and discards `length` bytes (a frame nobody listens to is not buffered whole).
+async fn skip<R: AsyncRead + Unpin>(read: &mut R, length: usize) -> io::Result<()> {
+    let length = u64::try_from(length).unwrap_or(u64::MAX);
+    let skipped = tokio::io::copy(&mut read.take(length), &mut tokio::io::sink()).await?;
+    if skipped < length {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 /// `(conn id, payload length)` of a frame header.
@@ -227,5 +292,37 @@ mod tests {
         let err = trunk.reader.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("frames queued"), "{err}");
         drop(trunk.receivers);
+    }
+
+    /// Memory is bounded in bytes, not frames: a peer that sends large frames nobody reads
+    /// gets the trunk closed once a connection's queue would pass [`QUEUE_BYTES`], before the
+    /// frame that would pass it is even read; what is received frees its budget.
+    #[tokio::test]
+    async fn a_connection_queues_at_most_its_byte_budget() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let mut trunk = split(ours, &[PLUGIN_CONN]);
+        let big = vec![7_u8; MAX_FRAME];
+        let writer = tokio::spawn(async move {
+            for _ in 0..2 {
+                theirs.write_all(&encode_frame(1, &big)).await.unwrap();
+            }
+            theirs
+        });
+        let mut theirs = writer.await.unwrap();
+        // Two full frames queued: the budget is used up. Taking one frees room for one more.
+        let chunks = trunk.receivers.get_mut(&PLUGIN_CONN).unwrap();
+        assert_eq!(chunks.recv().await.unwrap().len(), MAX_FRAME);
+        theirs
+            .write_all(&encode_frame(1, &vec![1; MAX_FRAME]))
+            .await
+            .unwrap();
+        // Now the queue holds 2 × 16 MiB again; one byte more closes the trunk, and the
+        // frame is refused on its header alone.
+        let mut header = Vec::new();
+        header.extend_from_slice(&1_u32.to_be_bytes());
+        header.extend_from_slice(&1_u32.to_be_bytes());
+        theirs.write_all(&header).await.unwrap();
+        let err = trunk.reader.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("bytes queued"), "{err}");
     }
 }

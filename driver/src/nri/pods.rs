@@ -103,6 +103,20 @@ fn same_namespace(record: &PodRecord, path: &Path) -> bool {
             .is_none_or(|id| Some(id) == NetnsId::of(path))
 }
 
+/// Whether the namespace `record` was made for still exists: the nsfs file at its path has the
+/// recorded identity (or, for records without one, is a namespace at all).
+fn namespace_alive(record: &PodRecord) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let Some(current) = NetnsId::of(&record.netns) else {
+        return false;
+    };
+    match record.netns_id {
+        Some(id) => id == current,
+        None => nix::sys::statfs::statfs(&record.netns)
+            .is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC),
+    }
+}
+
 /// The recorded namespace, opened only if it is still the one recorded.
 fn recorded_namespace(record: &PodRecord) -> Option<Netns> {
     let current = NetnsId::of(&record.netns)?;
@@ -597,15 +611,35 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
                 }
             }
         }
-        // Pods that went away while knd was away: give their interfaces back.
+        // Pods that went away while knd was away: give their interfaces back once their
+        // namespace is gone too (a pod missing from the runtime's list whose namespace lives
+        // keeps its NICs until its stop or remove comes). A record that cannot be read is
+        // moved aside and counted; it must not stop the work on all the others.
         let live: Vec<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
-        let recorded = self
-            .blocking(|store| store.pods.all())
-            .await?
-            .into_iter()
-            .map(|(uid, _)| uid)
-            .filter(|uid| !live.contains(&uid.as_str()));
-        for uid in recorded.collect::<Vec<_>>() {
+        let (recorded, unreadable) = self.blocking(|store| store.pods.all_quarantining()).await?;
+        for (aside, problem) in &unreadable {
+            tracing::error!(
+                record = %aside.display(),
+                error = %crate::error_chain(problem),
+                "an unreadable pod record was moved aside; its interfaces need a look by hand"
+            );
+            if let Some(telemetry) = &self.telemetry {
+                telemetry.quarantined_records.inc();
+            }
+        }
+        for (uid, record) in recorded {
+            if live.contains(&uid.as_str()) {
+                continue;
+            }
+            if !record.detached && namespace_alive(&record) {
+                tracing::warn!(
+                    pod = %record.pod,
+                    netns = %record.netns.display(),
+                    "the runtime does not list this pod but its network namespace lives: \
+                     its interfaces stay until the pod stops"
+                );
+                continue;
+            }
             if let Err(error) = self.release_pod(&uid, true).await {
                 tracing::error!(pod_uid = %uid, %error, "cannot release a pod that is gone");
             }

@@ -18,7 +18,7 @@ use std::{
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use prost::Message as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{mux::Sender, proto::ttrpc as wire};
 
@@ -138,13 +138,13 @@ impl Reassembler {
 /// Reads messages from a connection's chunks.
 #[derive(Debug)]
 pub struct MessageReader {
-    chunks: mpsc::Receiver<Bytes>,
+    chunks: super::mux::Chunks,
     reassembler: Reassembler,
 }
 
 impl MessageReader {
     /// Reads from `chunks`.
-    pub fn new(chunks: mpsc::Receiver<Bytes>) -> Self {
+    pub fn new(chunks: super::mux::Chunks) -> Self {
         Self {
             chunks,
             reassembler: Reassembler::default(),
@@ -192,13 +192,22 @@ pub trait Service: Send + Sync + 'static {
     fn call(&self, service: &str, method: &str, payload: Bytes) -> Reply;
 }
 
-/// Serves requests on connection `conn` until it closes. Each request runs in its own task.
+/// Requests one connection may have in flight; more are answered `RESOURCE_EXHAUSTED` at once
+/// (the runtime sends one event per pod at a time, so this bounds a misbehaving peer only).
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Serves requests on connection `conn` until it closes. Each request runs in its own task, at
+/// most [`MAX_IN_FLIGHT`] at once. A request's deadline (`timeout_nano`) is honoured: when it
+/// passes, the caller is answered `DEADLINE_EXCEEDED` and the work is left to finish in the
+/// background (cutting a NIC's move short would leave it half-configured; the runtime's
+/// next event for the pod sees the outcome).
 pub async fn serve(
     mut reader: MessageReader,
     sender: Sender,
     conn: u32,
     service: Arc<dyn Service>,
 ) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     while let Some(incoming) = reader.next().await {
         let (header, payload) = match incoming {
             Incoming::Oversized(header) => {
@@ -240,17 +249,63 @@ pub async fn serve(
                 continue;
             }
         };
-        let reply = service.call(
+        let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
+            let status = Status::new(
+                code::RESOURCE_EXHAUSTED,
+                format!("{MAX_IN_FLIGHT} requests are in flight already"),
+            );
+            respond(&sender, conn, header.stream_id, Err(status)).await;
+            continue;
+        };
+        let deadline = u64::try_from(request.timeout_nano)
+            .ok()
+            .filter(|nanos| *nanos > 0)
+            .map(Duration::from_nanos);
+        let method = format!("{}/{}", request.service, request.method);
+        let work = service.call(
             &request.service,
             &request.method,
             Bytes::from(request.payload),
         );
+        // The slot is held by the work, also when it outlives the caller's deadline.
+        let reply: Reply = Box::pin(async move {
+            let result = work.await;
+            drop(permit);
+            result
+        });
         let sender = sender.clone();
         tokio::spawn(async move {
-            let result = reply.await;
+            let result = within(deadline, &method, reply).await;
             respond(&sender, conn, header.stream_id, result).await;
         });
     }
+}
+
+/// `reply`'s result, or `DEADLINE_EXCEEDED` once `deadline` passed; the work itself then
+/// goes on in a task of its own, its outcome logged.
+async fn within(deadline: Option<Duration>, method: &str, reply: Reply) -> Result<Vec<u8>, Status> {
+    let Some(deadline) = deadline else {
+        return reply.await;
+    };
+    let mut work = tokio::spawn(reply);
+    if let Ok(joined) = tokio::time::timeout(deadline, &mut work).await {
+        return joined.unwrap_or_else(|error| Err(Status::new(code::INTERNAL, error.to_string())));
+    }
+    let name = method.to_owned();
+    tokio::spawn(async move {
+        let method = name;
+        match work.await {
+            Ok(Ok(_)) => tracing::warn!(%method, "finished after the caller's deadline"),
+            Ok(Err(status)) => {
+                tracing::warn!(%method, error = %status.message, "failed after the caller's deadline");
+            }
+            Err(error) => tracing::error!(%method, %error, "the request's task failed"),
+        }
+    });
+    Err(Status::new(
+        code::DEADLINE_EXCEEDED,
+        format!("{method} did not finish within the caller's {deadline:?}"),
+    ))
 }
 
 async fn respond(sender: &Sender, conn: u32, stream_id: u32, result: Result<Vec<u8>, Status>) {
@@ -454,5 +509,119 @@ mod tests {
         reassembler.push(&message(9, b"next"));
         assert_eq!(reassembler.pop(), Some(Incoming::Oversized(huge)));
         assert!(matches!(reassembler.pop(), Some(Incoming::Message(h, _)) if h.stream_id == 9));
+    }
+
+    /// A service whose `slow` takes 300 ms and whose `wait` waits until the test opens it.
+    struct Work {
+        finished: Arc<AtomicU32>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Service for Work {
+        fn call(&self, _service: &str, method: &str, _payload: Bytes) -> Reply {
+            let (finished, gate) = (Arc::clone(&self.finished), Arc::clone(&self.gate));
+            let slow = method == "slow";
+            Box::pin(async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                } else {
+                    let _open = gate.acquire().await;
+                }
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok(Vec::new())
+            })
+        }
+    }
+
+    /// A server over an in-memory trunk; the runtime's side writes requests and reads answers.
+    fn server() -> (Arc<Work>, Sender, MessageReader) {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let mut plugin = super::super::mux::split(ours, &[1]);
+        let mut runtime = super::super::mux::split(theirs, &[1]);
+        let work = Arc::new(Work {
+            finished: Arc::default(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        });
+        tokio::spawn(serve(
+            MessageReader::new(plugin.receivers.remove(&1).unwrap()),
+            plugin.sender,
+            1,
+            Arc::clone(&work) as Arc<dyn Service>,
+        ));
+        let answers = MessageReader::new(runtime.receivers.remove(&1).unwrap());
+        (work, runtime.sender, answers)
+    }
+
+    async fn request(sender: &Sender, stream_id: u32, method: &str, timeout: Duration) {
+        let payload = wire::Request {
+            service: "test".into(),
+            method: method.into(),
+            payload: Vec::new(),
+            timeout_nano: i64::try_from(timeout.as_nanos()).unwrap(),
+            metadata: Vec::new(),
+        }
+        .encode_to_vec();
+        let header = Header {
+            length: u32::try_from(payload.len()).unwrap(),
+            stream_id,
+            kind: REQUEST,
+            flags: 0,
+        };
+        sender
+            .send_message(1, &header.encode(), &payload)
+            .await
+            .unwrap();
+    }
+
+    /// `(stream id, status code)` of the next answer.
+    async fn answer(answers: &mut MessageReader) -> (u32, i32) {
+        let Some(Incoming::Message(header, payload)) = answers.next().await else {
+            panic!("no answer");
+        };
+        let response = wire::Response::decode(payload).unwrap();
+        (
+            header.stream_id,
+            response.status.map_or(code::OK, |s| s.code),
+        )
+    }
+
+    /// The caller's deadline is honoured: past it the answer is `DEADLINE_EXCEEDED`, and the
+    /// work is not cut short (a NIC half moved is worse than a late one).
+    #[tokio::test]
+    async fn a_request_past_its_deadline_is_answered_and_its_work_still_finishes() {
+        let (work, sender, mut answers) = server();
+        request(&sender, 1, "slow", Duration::from_millis(50)).await;
+        assert_eq!(answer(&mut answers).await, (1, code::DEADLINE_EXCEEDED));
+        assert_eq!(
+            work.finished.load(Ordering::SeqCst),
+            0,
+            "answered before the work ended"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(work.finished.load(Ordering::SeqCst), 1, "the work finished");
+        // Without a deadline (0), the answer waits for the work.
+        request(&sender, 3, "slow", Duration::ZERO).await;
+        assert_eq!(answer(&mut answers).await, (3, code::OK));
+    }
+
+    /// At most [`MAX_IN_FLIGHT`] requests run at once; one more is refused at once, and a slot
+    /// frees when a request ends.
+    #[tokio::test]
+    async fn requests_beyond_the_bound_are_refused_at_once() {
+        let (work, sender, mut answers) = server();
+        let bound = u32::try_from(MAX_IN_FLIGHT).unwrap();
+        for i in 0..=bound {
+            request(&sender, 2 * i + 1, "wait", Duration::ZERO).await;
+        }
+        assert_eq!(
+            answer(&mut answers).await,
+            (2 * bound + 1, code::RESOURCE_EXHAUSTED)
+        );
+        work.gate.add_permits(MAX_IN_FLIGHT);
+        for _ in 0..bound {
+            assert_eq!(answer(&mut answers).await.1, code::OK);
+        }
+        request(&sender, 1001, "wait", Duration::ZERO).await;
+        assert_eq!(answer(&mut answers).await, (1001, code::OK));
     }
 }
