@@ -616,6 +616,24 @@ mod tests {
             .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
     }
 
+    /// Out of the box the metrics (every tenant's namespaces, pods and claims) are served on
+    /// the node's loopback only, never on the node's addresses.
+    #[test]
+    fn the_metrics_stay_on_the_loopback_unless_told() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["knd", "--node-name", "n1"]).unwrap();
+        assert!(
+            cli.run.metrics_addr.ip().is_loopback(),
+            "{}",
+            cli.run.metrics_addr
+        );
+        assert_eq!(cli.run.metrics_addr.port(), 9177);
+    }
+
     /// Scrapes are encoded off the async workers (the server here has one, and stays
     /// responsive while two scrapes hang), and a third concurrent scrape is refused instead of
     /// piling up.
