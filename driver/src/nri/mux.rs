@@ -322,7 +322,8 @@ mod tests {
         header.extend_from_slice(&1_u32.to_be_bytes());
         header.extend_from_slice(&1_u32.to_be_bytes());
         theirs.write_all(&header).await.unwrap();
-        let err = trunk.reader.await.unwrap().unwrap_err();
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), trunk.reader).await;
+        let err = closed.expect("the trunk closed").unwrap().unwrap_err();
         assert!(err.to_string().contains("bytes queued"), "{err}");
     }
 }

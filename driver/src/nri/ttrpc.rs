@@ -575,8 +575,9 @@ mod tests {
 
     /// `(stream id, status code)` of the next answer.
     async fn answer(answers: &mut MessageReader) -> (u32, i32) {
-        let Some(Incoming::Message(header, payload)) = answers.next().await else {
-            panic!("no answer");
+        let next = tokio::time::timeout(Duration::from_secs(5), answers.next()).await;
+        let Ok(Some(Incoming::Message(header, payload))) = next else {
+            panic!("no answer within 5 s");
         };
         let response = wire::Response::decode(payload).unwrap();
         (
