@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-const PROTOS: [&str; 8] = [
+const PROTOS: [&str; 7] = [
     "proto/pluginregistration.proto",
     "proto/dra_v1.proto",
     "proto/dra_v1beta1.proto",
@@ -14,7 +14,6 @@ const PROTOS: [&str; 8] = [
     "proto/dra_health_v1.proto",
     "proto/ttrpc.proto",
     "proto/nri.proto",
-    "proto/cri.proto",
 ];
 
 fn main() -> anyhow::Result<()> {

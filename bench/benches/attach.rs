@@ -23,15 +23,15 @@ use knd::{
         pods::NodeHooks,
     },
     state::{PreparedClaim, PreparedDevice, StateStore},
-    testkit::{
-        TestHost,
-        claims::MemoryClaims,
-        inventory_of, is_root,
-        runtime::{Containerd, CriClient, cri, pod_config},
-        veth_pair,
-    },
 };
 use knd_bench::{report, summarize};
+use knd_testkit::{
+    TestHost,
+    claims::MemoryClaims,
+    inventory_of, is_root,
+    runtime::{Containerd, CriClient, cri, pod_config},
+    veth_pair,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -25,9 +25,9 @@ use knd::{
     config::NetworkConfig,
     netns::Netns,
     telemetry::{self, SocketProbes, TrafficProbes},
-    testkit::{TestHost, bridge, is_root},
 };
 use knd_bench::doc::{Chart, ChartKind, Document, Table, human_bytes};
+use knd_testkit::{TestHost, bridge, is_root};
 use serde::Serialize;
 
 const RANKS: [usize; 3] = [2, 4, 8];
@@ -133,8 +133,8 @@ impl Cluster {
             let (nic, knd_port, plain_port) =
                 (format!("nic{i}"), format!("kp{i}"), format!("pp{i}"));
             node.netlink(|link| async move {
-                link.add_veth(&nic, &knd_port).await?;
-                link.add_veth("ref0", &plain_port).await?;
+                knd_testkit::links::add_veth(&nic, &knd_port).await?;
+                knd_testkit::links::add_veth("ref0", &plain_port).await?;
                 link.move_to("ref0", pod.netns()).await
             })?;
             knd_ports.push(format!("kp{i}"));

@@ -6,9 +6,9 @@ use std::time::Duration;
 use knd::{
     inventory::{self, discover},
     resources,
-    testkit::machines,
 };
 use knd_bench::{measure, report};
+use knd_testkit::machines;
 
 fn main() -> anyhow::Result<()> {
     let tree = machines::gpu_8x8_with_vfs(8);

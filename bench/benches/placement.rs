@@ -6,13 +6,13 @@
 use knd::{
     inventory::{self, host::HostRoot},
     placement::{Catalog, Claim},
-    testkit::{
-        machines,
-        placement::{self, Outcome, Strategy},
-    },
     topology::Distance,
 };
 use knd_bench::doc::{Chart, ChartKind, Document, Table};
+use knd_testkit::{
+    machines,
+    placement::{self, Outcome, Strategy},
+};
 
 const ALLOCATIONS: u64 = 10_000;
 const METHOD: &str = "Pods arrive one after another and ask for one GPU and one NIC; when \

@@ -15,12 +15,12 @@ use knd::{
     },
     k8s::ApiClaims,
     state::StateStore,
-    testkit::{
-        apiserver::FakeApi,
-        claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel},
-    },
 };
 use knd_bench::{Summary, report, summarize};
+use knd_testkit::{
+    apiserver::FakeApi,
+    claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel},
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

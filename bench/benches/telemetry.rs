@@ -18,11 +18,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use knd::{
-    telemetry::{self, AttachmentId, SocketProbes, TrafficProbes},
-    testkit::{TestHost, is_root, veth_pair},
-};
+use knd::telemetry::{self, AttachmentId, SocketProbes, TrafficProbes};
 use knd_bench::doc::{Chart, ChartKind, Document, Table};
+use knd_testkit::{TestHost, is_root, veth_pair};
 use perf_event::{Builder, events::Software};
 use serde::Serialize;
 

@@ -29,18 +29,17 @@ use knd::{
     netns::Netns,
     placement::{Catalog, Claim, Documents},
     state::StateStore,
-    templates,
-    testkit::{
-        TestHost,
-        apiserver::FakeApi,
-        bridge,
-        claims::{self, CONFIG_HEAD},
-        kubelet, machines,
-        placement::{self, GPU_DRIVER},
-        runtime::{Containerd, CriClient, cri, pod_config},
-        tcp_transfer, veth_pair,
-    },
-    top, topology,
+    templates, top, topology,
+};
+use knd_testkit::{
+    TestHost,
+    apiserver::FakeApi,
+    bridge,
+    claims::{self, CONFIG_HEAD},
+    kubelet, machines,
+    placement::{self, GPU_DRIVER},
+    runtime::{Containerd, CriClient, cri, pod_config},
+    tcp_transfer, veth_pair,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -122,7 +121,7 @@ struct Demo {
     node: Arc<TestHost>,
     _switch: TestHost,
     /// The host root the daemon reads (kept until the end).
-    tree: knd::testkit::sysfs::SysfsTree,
+    tree: knd_testkit::sysfs::SysfsTree,
     dir: tempfile::TempDir,
     containerd: Containerd,
     fake: FakeApi,
@@ -607,7 +606,7 @@ impl Demo {
 fn start_daemon(
     node: &TestHost,
     dir: &Path,
-    tree: &knd::testkit::sysfs::SysfsTree,
+    tree: &knd_testkit::sysfs::SysfsTree,
     kubeconfig: &Path,
     containerd: &Containerd,
     metrics_port: u16,

@@ -25,9 +25,6 @@ pub mod templates;
 pub mod top;
 pub mod topology;
 
-#[cfg(feature = "testkit")]
-pub mod testkit;
-
 /// An error with its causes, `a: b: c`.
 pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

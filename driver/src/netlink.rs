@@ -12,10 +12,10 @@ use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage, MacVlanMode},
+    link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
 };
-use rtnetlink::{LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::netns::Netns;
@@ -493,61 +493,6 @@ impl Link {
             }
         }
         Ok(reading)
-    }
-
-    /// Creates a veth pair `name` ↔ `peer` in this namespace (both ends down).
-    pub async fn add_veth(&self, name: &str, peer: &str) -> Result<()> {
-        self.handle
-            .link()
-            .add(LinkVeth::new(name, peer).build())
-            .execute()
-            .await
-            .map_err(|source| Error::Kernel {
-                operation: format!("create veth pair with peer {peer}"),
-                link: name.to_owned(),
-                source,
-            })
-    }
-
-    /// Creates a macvlan `name` in bridge mode on top of `parent`.
-    pub async fn add_macvlan(&self, name: &str, parent: &str) -> Result<()> {
-        let parent_index = self.index(parent).await?;
-        self.handle
-            .link()
-            .add(LinkMacVlan::new(name, parent_index, MacVlanMode::Bridge).build())
-            .execute()
-            .await
-            .map_err(|source| Error::Kernel {
-                operation: format!("create macvlan on {parent}"),
-                link: name.to_owned(),
-                source,
-            })
-    }
-
-    /// Creates a bridge `name` (no STP, no forwarding delay).
-    pub async fn add_bridge(&self, name: &str) -> Result<()> {
-        self.handle
-            .link()
-            .add(LinkBridge::new(name).forward_delay(0).build())
-            .execute()
-            .await
-            .map_err(|source| Error::Kernel {
-                operation: "create bridge".into(),
-                link: name.to_owned(),
-                source,
-            })
-    }
-
-    /// Enslaves the interface `name` to `controller` (e.g. a bridge port).
-    pub async fn set_controller(&self, name: &str, controller: &str) -> Result<()> {
-        let index = self.index(name).await?;
-        let controller_index = self.index(controller).await?;
-        self.set(
-            name,
-            &format!("attach to {controller}"),
-            LinkUnspec::new_with_index(index).controller(controller_index),
-        )
-        .await
     }
 
     /// Moves the interface `name` into the namespace `target`.

@@ -13,10 +13,10 @@ use knd::{
     inventory::{Inventory, discover},
     metrics::{Telemetry, encode},
     state::StateStore,
-    testkit::{
-        claims::{CONFIG_HEAD, MemoryClaims},
-        device_named, machines,
-    },
+};
+use knd_testkit::{
+    claims::{CONFIG_HEAD, MemoryClaims},
+    device_named, machines,
 };
 use tokio::sync::watch;
 

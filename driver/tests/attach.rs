@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use knd::{
     attach::{self, HostSide},
     config::{self, NetworkConfig},
-    testkit::{TestHost, veth_pair},
 };
+use knd_testkit::{TestHost, veth_pair};
 
 /// The changeable device features of `interface` in `netns`, with their wanted state.
 async fn features_of(netns: &knd::netns::Netns, interface: &str) -> BTreeMap<String, bool> {

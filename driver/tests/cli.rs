@@ -3,7 +3,7 @@
 use std::process::{Command, Output};
 
 use k8s_openapi::api::resource::v1::ResourceSlice;
-use knd::testkit::{machines, sysfs::SysfsTree};
+use knd_testkit::{machines, sysfs::SysfsTree};
 
 fn knd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_knd"))

@@ -10,17 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use knd::{
-    dra::{
-        prepare::{ClaimRef, plan},
-        proto::dra_v1,
-    },
-    testkit::{
-        apiserver::FakeApi,
-        claims::{CONFIG_HEAD, allocated_claim, unix_channel},
-        kubelet, machines,
-        sysfs::SysfsTree,
-    },
+use knd::dra::{
+    prepare::{ClaimRef, plan},
+    proto::dra_v1,
+};
+use knd_testkit::{
+    apiserver::FakeApi,
+    claims::{CONFIG_HEAD, allocated_claim, unix_channel},
+    kubelet, machines,
+    sysfs::SysfsTree,
 };
 use nix::{
     sys::signal::{Signal, kill},
@@ -240,7 +238,7 @@ async fn the_daemon_tells_kubelet_which_device_is_unhealthy_and_why() {
     let _daemon = node.start();
     node.register().await;
     let inventory = knd::inventory::scan(&node.tree.host(), None);
-    let vf2 = knd::testkit::device_named(&inventory, "ens1f0v2").unwrap();
+    let vf2 = knd_testkit::device_named(&inventory, "ens1f0v2").unwrap();
     let mut stream = health::dra_resource_health_client::DraResourceHealthClient::new(
         unix_channel(node.dra_socket()).await.unwrap(),
     )
@@ -438,7 +436,7 @@ fn bad_flags_are_refused_with_the_flag_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: runs a real containerd"]
 async fn the_daemon_registers_with_containerd_over_nri() {
-    let containerd = knd::testkit::runtime::Containerd::start().unwrap();
+    let containerd = knd_testkit::runtime::Containerd::start().unwrap();
     let fake = FakeApi::start().await.unwrap();
     fake.add_node("node-1");
     let mut node = Node::new(&fake);

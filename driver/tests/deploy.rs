@@ -13,8 +13,8 @@ use knd::{
     inventory::discover,
     resources::{self, Value},
     selector::Selector,
-    testkit::machines,
 };
+use knd_testkit::machines;
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -551,7 +551,7 @@ fn claim_status_is_written_only_by_the_knd_of_the_claims_node() {
             d["kind"] == "ValidatingAdmissionPolicy" && d["metadata"]["name"] == "knd-claim-status"
         })
         .expect("the claim status policy");
-    let old = knd::testkit::claims::allocated_claim(
+    let old = knd_testkit::claims::allocated_claim(
         "c",
         "uid-c",
         r#"{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig"}"#,

@@ -15,8 +15,8 @@ use knd::{
         proto::{dra_v1, dra_v1beta1, health_v1, health_v1alpha1 as health, registration as reg},
     },
     state::StateStore,
-    testkit::claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel},
 };
+use knd_testkit::claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -8,8 +8,8 @@ use knd::{
     dra::DeviceHealth,
     health::{self, InPod, Policy, Tracker},
     inventory::{Inventory, scan},
-    testkit::{TestHost, device_named, machines, sysfs::SysfsTree, veth_pair},
 };
+use knd_testkit::{TestHost, device_named, machines, sysfs::SysfsTree, veth_pair};
 
 fn policy() -> Policy {
     Policy {

@@ -8,8 +8,8 @@ use knd::{
     config::{self, SysctlKey},
     inventory::{host::HostRoot, uplink},
     nri::plugin::Hooks as _,
-    testkit::{TestHost, pods::Node, veth_pair},
 };
+use knd_testkit::{TestHost, pods::Node, veth_pair};
 
 /// Reads a sysctl as the namespace `host` sees it.
 fn sysctl_in(host: &TestHost, path: &str) -> String {
@@ -196,7 +196,7 @@ async fn release_takes_back_the_claimed_nic_not_what_the_pod_named_like_it() {
     node.pod
         .netlink(|link| async move {
             link.rename("net1", "stolen").await?;
-            link.add_veth("net1", "trap").await
+            knd_testkit::links::add_veth("net1", "trap").await
         })
         .unwrap();
 

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use knd::{
     inventory::{ExclusionReason, Inventory, Nic, scan},
     resources::{self, Value},
-    testkit::{machines, sysfs::SysfsTree},
     topology::{Distance, Report},
 };
+use knd_testkit::{machines, sysfs::SysfsTree};
 
 fn inventory_of(tree: &SysfsTree) -> Inventory {
     scan(&tree.host(), None)
@@ -508,4 +508,44 @@ fn discovery_is_stable_while_the_node_mounts_and_unmounts() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mounts = churn.join().unwrap();
     assert!(mounts > 30, "the mounts really raced the scans ({mounts})");
+}
+
+/// The inventory watch rescans on netlink events (debounced) and on its resync timer only.
+#[tokio::test]
+async fn without_events_only_the_resync_timer_rescans() {
+    let tree = machines::sriov();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let quiet = knd::inventory::watch::spawn(
+        tree.host(),
+        knd::inventory::watch::Scope::default(),
+        knd::inventory::watch::Pacing::default(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let periodic = knd::inventory::watch::spawn(
+        tree.host(),
+        knd::inventory::watch::Scope::default(),
+        knd::inventory::watch::Pacing {
+            debounce: std::time::Duration::from_millis(10),
+            resync: std::time::Duration::from_millis(100),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(quiet.inventory.borrow().nics.len(), 4);
+    tokio::time::sleep(std::time::Duration::from_millis(550)).await;
+    shutdown.cancel();
+    // Every scan after the first was caused by a netlink event (another test may change
+    // this namespace's links), never by a timer.
+    assert!(
+        quiet.scans() - 1 <= quiet.events(),
+        "{} scans, {} events",
+        quiet.scans(),
+        quiet.events()
+    );
+    assert!(periodic.scans() >= 4, "{} scans", periodic.scans());
+    quiet.join().await;
+    periodic.join().await;
 }

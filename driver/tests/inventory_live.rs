@@ -5,8 +5,8 @@ use knd::{
     inventory::discover,
     inventory::{ExclusionReason, host::HostRoot},
     resources::{self, Value},
-    testkit::HostInterfaces,
 };
+use knd_testkit::HostInterfaces;
 
 #[test]
 #[ignore = "needs root: creates interfaces in the host namespace (cargo xtask test runs it as root)"]

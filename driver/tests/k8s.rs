@@ -11,11 +11,11 @@ use knd::{
     k8s::{self, ApiClaims, DeviceReport, Publisher, StatusOutcome},
     resources,
     state::StateStore,
-    testkit::{
-        apiserver::{FakeApi, Release},
-        claims::{CONFIG_HEAD, allocated_claim},
-        inventory_of, machines,
-    },
+};
+use knd_testkit::{
+    apiserver::{FakeApi, Release},
+    claims::{CONFIG_HEAD, allocated_claim},
+    inventory_of, machines,
 };
 use kube::{
     Api,
@@ -156,7 +156,7 @@ async fn the_fake_api_requires_the_token() {
     let path = fake.write_kubeconfig(dir.path()).unwrap();
     let wrong = std::fs::read_to_string(&path)
         .unwrap()
-        .replace(knd::testkit::apiserver::TOKEN, "someone-else");
+        .replace(knd_testkit::apiserver::TOKEN, "someone-else");
     std::fs::write(&path, wrong).unwrap();
     let stranger: Api<ResourceSlice> = Api::all(k8s::client(Some(&path)).await.unwrap());
     assert_eq!(
@@ -581,7 +581,7 @@ async fn claim_status_is_applied_with_retries_until_written_or_gone() {
 /// `allocated_claim` as the scheduler allocates it on `node`.
 fn claim_on(node: &str, name: &str, uid: &str) -> serde_json::Value {
     let mut claim = allocated_claim(name, uid, &format!("{{{CONFIG_HEAD}}}"));
-    claim["status"]["allocation"]["nodeSelector"] = knd::testkit::claims::allocated_on(node);
+    claim["status"]["allocation"]["nodeSelector"] = knd_testkit::claims::allocated_on(node);
     claim
 }
 

@@ -501,7 +501,7 @@ fn plugin_names_and_indexes_are_checked_like_the_runtime_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: runs a real containerd"]
 async fn the_plugin_registers_with_a_real_containerd_and_survives_its_restart() {
-    let mut containerd = knd::testkit::runtime::Containerd::start().unwrap();
+    let mut containerd = knd_testkit::runtime::Containerd::start().unwrap();
     let hooks = Arc::new(Recorder::default());
     let shutdown = CancellationToken::new();
     tokio::spawn(plugin::run(

@@ -10,12 +10,12 @@ use knd::{
     placement::{Catalog, Claim, Documents},
     resources::{self, DRIVER_NAME},
     templates,
-    testkit::{
-        machines,
-        placement::{self, Strategy},
-        sysfs::SysfsTree,
-    },
     topology::Distance,
+};
+use knd_testkit::{
+    machines,
+    placement::{self, Strategy},
+    sysfs::SysfsTree,
 };
 
 fn inventory_of(tree: &SysfsTree) -> Inventory {

@@ -10,8 +10,8 @@ use std::{
 use knd::{
     attach,
     nri::{plugin::Hooks as _, proto::nri as api},
-    testkit::{TestHost, pods::Node},
 };
+use knd_testkit::{TestHost, pods::Node};
 
 fn without_index(mut side: attach::HostSide) -> attach::HostSide {
     side.link.index = 0;

@@ -17,13 +17,13 @@ use knd::{
         pods::NodeHooks,
     },
     state::{PreparedClaim, PreparedDevice, StateStore},
-    testkit::{
-        TestHost,
-        claims::MemoryClaims,
-        inventory_of,
-        runtime::{Containerd, cri, pod_config},
-        veth_pair,
-    },
+};
+use knd_testkit::{
+    TestHost,
+    claims::MemoryClaims,
+    inventory_of,
+    runtime::{Containerd, cri, pod_config},
+    veth_pair,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

@@ -28,15 +28,15 @@ use knd::{
     dra::proto::dra_v1,
     netlink::Link,
     netns::Netns,
-    testkit::{
-        TestHost,
-        apiserver::FakeApi,
-        claims::{self, CONFIG_HEAD},
-        kubelet,
-        runtime::{Containerd, CriClient, cri, pod_config},
-        sysfs::{NetSpec, SysfsTree},
-        veth_pair,
-    },
+};
+use knd_testkit::{
+    TestHost,
+    apiserver::FakeApi,
+    claims::{self, CONFIG_HEAD},
+    kubelet,
+    runtime::{Containerd, CriClient, cri, pod_config},
+    sysfs::{NetSpec, SysfsTree},
+    veth_pair,
 };
 use nix::{
     sys::signal::{Signal, kill},

@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use knd::{
     netlink::LinkStats,
     telemetry::{InterfaceTraffic, TrafficProbes, probes_object},
-    testkit::{TestHost, macvlan, tcp_transfer, veth_pair},
 };
+use knd_testkit::{TestHost, macvlan, tcp_transfer, veth_pair};
 use object::{Object as _, ObjectSection as _};
 
 const A_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1));

@@ -21,10 +21,9 @@ use knd::{
     metrics::{self, Telemetry},
     nri::{plugin::Hooks as _, pods::NodeHooks, proto::nri as api},
     state::{PreparedClaim, PreparedDevice, StateStore},
-    testkit::{
-        TestHost, bridge, claims::MemoryClaims, inventory_of, sysfs::SysfsTree, tcp_transfer,
-        veth_pair,
-    },
+};
+use knd_testkit::{
+    TestHost, bridge, claims::MemoryClaims, inventory_of, sysfs::SysfsTree, tcp_transfer, veth_pair,
 };
 use tokio::sync::watch;
 

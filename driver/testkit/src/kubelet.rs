@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::claims::unix_channel;
-use crate::dra::proto::{dra_v1, registration as reg};
+use knd::dra::proto::{dra_v1, registration as reg};
 
 /// Dials the registration socket until it answers (a killed daemon leaves a stale one behind),
 /// reads the plugin's info and accepts the registration. Gives up after `patience`.

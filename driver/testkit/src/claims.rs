@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 
-use crate::{
+use knd::{
     dra::prepare::{ClaimApi, ClaimRef},
     k8s::DeviceReport,
 };
@@ -94,7 +94,7 @@ impl ClaimApi for MemoryClaims {
             .iter()
             .filter(|((ns, _), _)| ns == namespace)
             .map(|(_, claim)| claim)
-            .filter(|c| crate::dra::prepare::is_reserved_for(c, pod_uid))
+            .filter(|c| knd::dra::prepare::is_reserved_for(c, pod_uid))
             .cloned()
             .collect())
     }

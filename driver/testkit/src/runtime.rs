@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail, ensure};
 
 /// The unpacked testbed (containerd, shims, runc, CNI plugins, pause).
 pub fn testbed_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/testbed/root")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/testbed/root")
 }
 
 /// A running containerd.

@@ -1,6 +1,6 @@
-//! Test kit for kernel-level tests, benchmarks and the demo: throwaway hosts (network
-//! namespaces), veth pairs and macvlans between them, and real traffic. Compiled only with the
-//! `testkit` feature, which the shipped binary never enables.
+//! knd's test kit, a crate of its own that the product never links: throwaway hosts (network
+//! namespaces), links between them and real traffic; sysfs fixtures of real machines; an
+//! in-process Kubernetes API server; a kubelet stand-in; a containerd testbed.
 //!
 //! Everything is anonymous: a [`TestHost`] is a namespace held open by a file descriptor, so the
 //! kernel destroys it — with every interface inside — when the handle is dropped, when a test
@@ -18,13 +18,14 @@ use anyhow::{Context as _, bail, ensure};
 pub mod apiserver;
 pub mod claims;
 pub mod kubelet;
+pub mod links;
 pub mod machines;
 pub mod placement;
 pub mod pods;
 pub mod runtime;
 pub mod sysfs;
 
-use crate::{
+use knd::{
     inventory::{Inventory, Nic, netdev::Netdev},
     netlink::{Link, LinkStats},
     netns::Netns,
@@ -54,7 +55,7 @@ pub fn device_named(inventory: &Inventory, interface: &str) -> Option<String> {
         .nics
         .iter()
         .find(|n| n.netdev.as_ref().is_some_and(|d| d.name == interface))
-        .map(crate::resources::device_name)
+        .map(knd::resources::device_name)
 }
 
 /// True when the process may create namespaces and load eBPF programs.
@@ -111,7 +112,7 @@ impl TestHost {
     pub fn netlink<R, F, Fut>(&self, work: F) -> anyhow::Result<R>
     where
         F: FnOnce(Link) -> Fut + Send,
-        Fut: Future<Output = Result<R, crate::netlink::Error>>,
+        Fut: Future<Output = Result<R, knd::netlink::Error>>,
         R: Send,
     {
         let result = self
@@ -214,12 +215,12 @@ impl HostInterfaces {
             .netns
             .block_on(|| async {
                 let link = Link::connect()?;
-                link.add_veth(&a, &b).await?;
-                link.add_macvlan(&m, &a).await?;
+                links::add_veth(&a, &b).await?;
+                links::add_macvlan(&link, &m, &a).await?;
                 for name in [&a, &b, &m] {
                     link.set_up(name).await?;
                 }
-                Ok::<_, crate::netlink::Error>(())
+                Ok::<_, knd::netlink::Error>(())
             })?
             .context("creating test interfaces in the host namespace")?;
         // The kernel updates operstate asynchronously (linkwatch): wait until all report up.
@@ -260,7 +261,7 @@ impl Drop for HostInterfaces {
 /// Creates a veth pair: `a_if` in host `a`, `b_if` in host `b` (both down).
 pub fn veth_pair(a: &TestHost, a_if: &str, b: &TestHost, b_if: &str) -> anyhow::Result<()> {
     a.netlink(|link| async move {
-        link.add_veth(a_if, b_if).await?;
+        links::add_veth(a_if, b_if).await?;
         link.move_to(b_if, b.netns()).await
     })
     .with_context(|| format!("creating veth {}:{a_if} <-> {}:{b_if}", a.name, b.name))
@@ -268,19 +269,19 @@ pub fn veth_pair(a: &TestHost, a_if: &str, b: &TestHost, b_if: &str) -> anyhow::
 
 /// Creates a macvlan `name` (bridge mode) on `parent` inside `host` (down).
 pub fn macvlan(host: &TestHost, name: &str, parent: &str) -> anyhow::Result<()> {
-    host.netlink(|link| async move { link.add_macvlan(name, parent).await })
+    host.netlink(|link| async move { links::add_macvlan(&link, name, parent).await })
         .with_context(|| format!("creating macvlan {name} on {}:{parent}", host.name))
 }
 
 /// Creates a bridge `name` in `host` with `ports` enslaved; bridge and ports are brought up
 /// with IPv6 off (a switch that carries only the test's traffic).
 pub fn bridge(host: &TestHost, name: &str, ports: &[&str]) -> anyhow::Result<()> {
-    host.netlink(|link| async move { link.add_bridge(name).await })?;
+    host.netlink(|_| async move { links::add_bridge(name).await })?;
     host.disable_ipv6(name)?;
     for port in ports {
         host.disable_ipv6(port)?;
         host.netlink(|link| async move {
-            link.set_controller(port, name).await?;
+            links::set_controller(&link, port, name).await?;
             link.set_up(port).await
         })?;
     }

@@ -1,12 +1,12 @@
 //! A GPU DRA driver stand-in (the slice and DeviceClass NVIDIA's driver would publish for a
 //! fixture machine's GPUs) and the placement simulation: many 1 GPU + 1 NIC allocations on a node
-//! whose pods come and go, placed by claim templates through [`crate::placement`] or at random.
+//! whose pods come and go, placed by claim templates through [`knd::placement`] or at random.
 
 use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::resource::v1::{DeviceClass, ResourceSlice};
 
-use crate::{
+use knd::{
     inventory::{Inventory, pci::PciDevice},
     placement::{Catalog, DeviceId, Evaluated},
     resources::{PCI_BUS_ID, PCIE_ROOT, Value},
@@ -55,13 +55,13 @@ pub fn gpu_class() -> DeviceClass {
 /// Everything an allocation on fixture node `node-1` sees: the templates `knd templates` writes
 /// for it (classes and claim templates), knd's slices, and the GPU driver stand-in's slice and
 /// class.
-pub fn node_documents(inventory: &Inventory) -> anyhow::Result<crate::placement::Documents> {
-    let generated = crate::templates::generate(inventory, GPU_DRIVER);
-    let yaml = crate::templates::to_yaml(&generated, "node-1")?;
-    let mut documents = crate::placement::Documents::parse(&yaml, "templates")?;
-    documents.slices.extend(crate::resources::slices(
+pub fn node_documents(inventory: &Inventory) -> anyhow::Result<knd::placement::Documents> {
+    let generated = knd::templates::generate(inventory, GPU_DRIVER);
+    let yaml = knd::templates::to_yaml(&generated, "node-1")?;
+    let mut documents = knd::placement::Documents::parse(&yaml, "templates")?;
+    documents.slices.extend(knd::resources::slices(
         inventory,
-        crate::resources::DRIVER_NAME,
+        knd::resources::DRIVER_NAME,
         "node-1",
         1,
         None,

@@ -170,7 +170,7 @@ impl FakeApi {
     pub async fn client_on(&self, node: &str) -> anyhow::Result<kube::Client> {
         let dir = tempfile::tempdir()?;
         let path = self.write_kubeconfig_on(dir.path(), node)?;
-        Ok(crate::k8s::client(Some(&path)).await?)
+        Ok(knd::k8s::client(Some(&path)).await?)
     }
 
     /// A kube client of a cluster administrator (another driver, the scheduler, an operator).
@@ -183,7 +183,7 @@ impl FakeApi {
         let path = self.write_kubeconfig(dir.path())?;
         let text = std::fs::read_to_string(&path)?.replace(TOKEN, token);
         std::fs::write(&path, text)?;
-        Ok(crate::k8s::client(Some(&path)).await?)
+        Ok(knd::k8s::client(Some(&path)).await?)
     }
 
     /// Plays the API server of `release` (1.36 unless told).

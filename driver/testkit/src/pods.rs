@@ -9,7 +9,7 @@ use std::{
 use tokio::sync::watch;
 
 use super::{TestHost, claims::MemoryClaims, inventory_of, veth_pair};
-use crate::{
+use knd::{
     config,
     inventory::Inventory,
     nri::{pods::NodeHooks, proto::nri as api},

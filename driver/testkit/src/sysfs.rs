@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::inventory::host::HostRoot;
+use knd::inventory::host::HostRoot;
 
 /// A PCI function to create.
 #[derive(Debug, Clone)]
