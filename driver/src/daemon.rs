@@ -1,4 +1,4 @@
-//! `knd run`: the node daemon. Keeps the inventory current and slices_ready as ResourceSlices,
+//! `knd run`: the node daemon. Keeps the inventory current and published as ResourceSlices,
 //! serves kubelet's DRA calls, reports device health, answers `/healthz` and `/readyz`, and
 //! shuts down within a bounded time on SIGTERM.
 

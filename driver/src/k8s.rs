@@ -612,7 +612,7 @@ fn conditions(device: &DeviceReport) -> Vec<Condition> {
         conditions.push(Condition {
             type_: "TopologyAligned".into(),
             status: if finding.aligned() { "True" } else { "False" }.into(),
-            reason: finding.class.clone(),
+            reason: finding.class.as_str().to_owned(),
             message: finding.describe(&device.device),
             last_transition_time: now,
             observed_generation: None,

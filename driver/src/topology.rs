@@ -168,6 +168,17 @@ impl Serialize for Distance {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Distance {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a distance class (PIX, PXB, PHB, NODE or SYS)"
+            ))
+        })
+    }
+}
+
 impl Report {
     /// The matrix for an inventory.
     pub fn new(inventory: &Inventory) -> Self {

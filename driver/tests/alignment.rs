@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use knd::{
     dra::{
-        alignment::{Alignment, PCI_BUS_ID, Policy},
+        alignment::{Alignment, Policy},
         prepare::{ClaimRef, Preparer},
     },
     inventory::{Inventory, discover},
     metrics::{Telemetry, encode},
+    resources::PCI_BUS_ID,
     state::StateStore,
 };
 use knd_testkit::{

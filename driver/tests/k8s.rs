@@ -493,8 +493,8 @@ async fn claim_status_is_applied_with_retries_until_written_or_gone() {
         }),
         topology: Some(knd::dra::alignment::Finding {
             gpu: "0000:13:00.0".into(),
-            class: "NODE".into(),
-            required: "PXB".into(),
+            class: knd::topology::Distance::Node,
+            required: knd::topology::Distance::Pxb,
         }),
     }];
     fake.fail_next(&[503, 500, 429]);
@@ -872,8 +872,8 @@ async fn a_prepared_claim_with_a_gpu_gets_an_event_and_the_topology_condition() 
             config: knd::config::default_config(),
             topology: Some(knd::dra::alignment::Finding {
                 gpu: "0000:93:00.0".into(),
-                class: "SYS".into(),
-                required: "PXB".into(),
+                class: knd::topology::Distance::Sys,
+                required: knd::topology::Distance::Pxb,
             }),
         }],
     };

@@ -601,8 +601,8 @@ async fn the_dashboard_and_alerts_use_only_metrics_the_driver_exports() {
         config: config::default_config(),
         topology: Some(knd::dra::alignment::Finding {
             gpu: "0000:13:00.0".into(),
-            class: "PIX".into(),
-            required: "PXB".into(),
+            class: knd::topology::Distance::Pix,
+            required: knd::topology::Distance::Pxb,
         }),
     });
     let (_, inventory) = watch::channel(Arc::new(knd::inventory::Inventory::default()));

@@ -21,9 +21,6 @@ use crate::{
     topology::{self, Distance},
 };
 
-/// The standard attribute a GPU driver publishes its PCI address in.
-pub const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
-
 /// What to do about a NIC far from its pod's GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
@@ -41,22 +38,16 @@ pub enum Policy {
 pub struct Finding {
     /// The GPU's PCI address.
     pub gpu: String,
-    /// Their distance class (`PIX` … `SYS`).
-    pub class: String,
+    /// Their distance class (kept as `PIX` … `SYS`).
+    pub class: Distance,
     /// The worst class the claim accepts.
-    pub required: String,
+    pub required: Distance,
 }
 
 impl Finding {
     /// Whether the class is no worse than required.
     pub fn aligned(&self) -> bool {
-        match (
-            Distance::parse(&self.class),
-            Distance::parse(&self.required),
-        ) {
-            (Some(class), Some(required)) => class <= required,
-            _ => false,
-        }
+        self.class <= self.required
     }
 
     /// A sentence for the claim status and logs.
@@ -147,8 +138,8 @@ impl Alignment {
             };
             let finding = Finding {
                 gpu,
-                class: class.as_str().to_owned(),
-                required: required.as_str().to_owned(),
+                class,
+                required,
             };
             if !finding.aligned() {
                 let message = format!(
@@ -171,8 +162,9 @@ impl Alignment {
     pub fn record(&self, claim: &PreparedClaim) {
         for device in &claim.devices {
             if let Some(finding) = &device.topology {
-                let rank = Distance::parse(&finding.class)
-                    .and_then(|d| Distance::ALL.iter().position(|c| *c == d))
+                let rank = Distance::ALL
+                    .iter()
+                    .position(|c| *c == finding.class)
                     .unwrap_or(Distance::ALL.len());
                 self.distances
                     .get_or_create(&labels(claim, &device.device, finding))
@@ -198,6 +190,6 @@ fn labels(claim: &PreparedClaim, device: &str, finding: &Finding) -> DistanceLab
         claim: claim.name.clone(),
         device: device.to_owned(),
         gpu: finding.gpu.clone(),
-        class: finding.class.clone(),
+        class: finding.class.as_str().to_owned(),
     }
 }

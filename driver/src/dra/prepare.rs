@@ -276,7 +276,7 @@ impl<S: ClaimApi> Preparer<S> {
         for (driver, pool, device) in others {
             let address = self
                 .source
-                .device_attribute(&driver, &pool, &device, super::alignment::PCI_BUS_ID)
+                .device_attribute(&driver, &pool, &device, crate::resources::PCI_BUS_ID)
                 .await
                 .map_err(|message| InternalError::Source {
                     claim: claim.to_string(),
