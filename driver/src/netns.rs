@@ -155,6 +155,13 @@ impl Netns {
         })
     }
 
+    /// Whether `path` is a namespace (an nsfs file: a mounted or `/proc` namespace), not the
+    /// empty file a namespace was mounted on and that outlives it.
+    pub fn is_namespace_file(path: &Path) -> bool {
+        const NSFS_MAGIC: i64 = 0x6e73_6673;
+        nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
+    }
+
     /// Whether the calling thread is in this namespace (same nsfs inode).
     pub fn is_current(&self) -> bool {
         let inode = |stat: nix::sys::stat::FileStat| (stat.st_dev, stat.st_ino);

@@ -585,6 +585,23 @@ fn claim_on(node: &str, name: &str, uid: &str) -> serde_json::Value {
     claim
 }
 
+/// Claim `c1` as prepared: one NIC, default configuration, `topology` its GPU finding.
+fn prepared_record(topology: Option<knd::dra::alignment::Finding>) -> knd::state::PreparedClaim {
+    knd::state::PreparedClaim {
+        uid: "uid-1".into(),
+        namespace: "ml".into(),
+        name: "c1".into(),
+        pod_uids: vec!["pod-uid-1".into()],
+        devices: vec![knd::state::PreparedDevice {
+            requests: vec!["nic".into()],
+            pool: "node-1".into(),
+            device: "pci-0000-b4-00-0".into(),
+            config: knd::config::default_config(),
+            topology,
+        }],
+    }
+}
+
 fn attached_report() -> Vec<DeviceReport> {
     vec![DeviceReport {
         pool: "node-1".into(),
@@ -666,19 +683,7 @@ async fn a_late_prepared_status_never_overwrites_attached() {
         "knd.dev",
         CancellationToken::new(),
     );
-    let prepared = knd::state::PreparedClaim {
-        uid: "uid-1".into(),
-        namespace: "ml".into(),
-        name: "c1".into(),
-        pod_uids: vec!["pod-uid-1".into()],
-        devices: vec![knd::state::PreparedDevice {
-            requests: vec!["nic".into()],
-            pool: "node-1".into(),
-            device: "pci-0000-b4-00-0".into(),
-            config: knd::config::parse(format!("{{{CONFIG_HEAD}}}").as_bytes()).unwrap(),
-            topology: None,
-        }],
-    };
+    let prepared = prepared_record(None);
     // The first write ("Prepared") fails and is retried after a backoff; "Attached" comes
     // meanwhile.
     fake.fail_next(&[503]);
@@ -860,23 +865,11 @@ async fn a_prepared_claim_with_a_gpu_gets_an_event_and_the_topology_condition() 
         "uid-1",
         &format!("{{{CONFIG_HEAD}}}"),
     ));
-    let record = knd::state::PreparedClaim {
-        uid: "uid-1".into(),
-        namespace: "ml".into(),
-        name: "c1".into(),
-        pod_uids: vec!["pod-uid-1".into()],
-        devices: vec![knd::state::PreparedDevice {
-            requests: vec!["nic".into()],
-            pool: "node-1".into(),
-            device: "pci-0000-b4-00-0".into(),
-            config: knd::config::default_config(),
-            topology: Some(knd::dra::alignment::Finding {
-                gpu: "0000:93:00.0".into(),
-                class: knd::topology::Distance::Sys,
-                required: knd::topology::Distance::Pxb,
-            }),
-        }],
-    };
+    let record = prepared_record(Some(knd::dra::alignment::Finding {
+        gpu: "0000:93:00.0".into(),
+        class: knd::topology::Distance::Sys,
+        required: knd::topology::Distance::Pxb,
+    }));
     claims.prepared(&record);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while fake.events().is_empty()

@@ -62,8 +62,6 @@ const KILLS: [Moment; 6] = [
     Moment::MidAttach,
     Moment::MidDetach,
 ];
-/// `statfs` magic of nsfs: a mounted network namespace, not the empty file under it.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
 
 fn without_index(mut side: HostSide) -> HostSide {
     side.link.index = 0;
@@ -182,8 +180,7 @@ impl Hardware {
                         if held.contains_key(&path) {
                             continue;
                         }
-                        let mounted = nix::sys::statfs::statfs(&path)
-                            .is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC);
+                        let mounted = Netns::is_namespace_file(&path);
                         if mounted && let Ok(netns) = Netns::open(&path) {
                             held.insert(path, netns);
                         }

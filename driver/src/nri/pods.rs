@@ -106,14 +106,12 @@ fn same_namespace(record: &PodRecord, path: &Path) -> bool {
 /// Whether the namespace `record` was made for still exists: the nsfs file at its path has the
 /// recorded identity (or, for records without one, is a namespace at all).
 fn namespace_alive(record: &PodRecord) -> bool {
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
     let Some(current) = NetnsId::of(&record.netns) else {
         return false;
     };
     match record.netns_id {
         Some(id) => id == current,
-        None => nix::sys::statfs::statfs(&record.netns)
-            .is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC),
+        None => Netns::is_namespace_file(&record.netns),
     }
 }
 

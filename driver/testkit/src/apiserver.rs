@@ -390,12 +390,10 @@ async fn handle(
     if let Some(attributes) = authz::attributes(&method, &segments, watch)
         && !authz::permits(&caller, &attributes)
     {
-        let namespace = match segments.as_slice() {
-            ["api" | "apis", .., "namespaces", namespace, _]
-            | ["api" | "apis", .., "namespaces", namespace, _, _]
-            | ["api" | "apis", .., "namespaces", namespace, _, _, _] => Some(*namespace),
-            _ => None,
-        };
+        let namespace = segments
+            .iter()
+            .position(|s| *s == "namespaces")
+            .and_then(|i| segments.get(i + 1).copied());
         return forbidden(&caller, &attributes, namespace).into_response();
     }
     let request = Incoming {
