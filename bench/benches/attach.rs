@@ -17,12 +17,15 @@ use std::{
 };
 
 use knd::{
-    config,
+    model::{
+        config,
+        records::{PreparedClaim, PreparedDevice},
+    },
     nri::{
         plugin::{self, Identity},
         pods::NodeHooks,
     },
-    state::{PreparedClaim, PreparedDevice, StateStore},
+    os::state::StateStore,
 };
 use knd_bench::{report, summarize};
 use knd_testkit::{
@@ -232,7 +235,7 @@ async fn kernel_moves(node: &TestHost) -> anyhow::Result<Vec<Duration>> {
             let to = to.try_clone()?;
             let elapsed = from
                 .block_on_async(move || async move {
-                    let link = knd::netlink::Link::connect()?;
+                    let link = knd::os::netlink::Link::connect()?;
                     let started = Instant::now();
                     link.move_to("nic0", &to).await?;
                     anyhow::Ok(started.elapsed())

@@ -22,9 +22,9 @@ use std::{
 use anyhow::Context as _;
 use knd::{
     attach,
-    config::NetworkConfig,
-    netns::Netns,
-    telemetry::{self, SocketProbes, TrafficProbes},
+    model::config::NetworkConfig,
+    observe::telemetry::{self, SocketProbes, TrafficProbes},
+    os::netns::Netns,
 };
 use knd_bench::doc::{Chart, ChartKind, Document, Table, human_bytes};
 use knd_testkit::{TestHost, bridge, is_root};

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use knd::{
-    inventory::{self, discover},
-    resources,
+    discover::inventory::{self, discover},
+    publish::resources,
 };
 use knd_bench::{measure, report};
 use knd_testkit::machines;
@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
             std::hint::black_box(slices);
         },
     )?;
-    let live_root = inventory::host::HostRoot::new("/");
+    let live_root = knd::os::host::HostRoot::new("/");
     let live = measure("scan, this host (netlink + /sys)", 5, 100, None, || {
         std::hint::black_box(discover(&live_root));
     })?;

@@ -4,9 +4,10 @@
 //! Reports the share of pairs per distance class. Goal: 100 % aligned with the templates.
 
 use knd::{
-    inventory::{self, host::HostRoot},
-    placement::{Catalog, Claim},
-    topology::Distance,
+    cli::placement::{Catalog, Claim},
+    discover::inventory,
+    model::distance::Distance,
+    os::host::HostRoot,
 };
 use knd_bench::doc::{Chart, ChartKind, Document, Table};
 use knd_testkit::{

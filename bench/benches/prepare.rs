@@ -10,11 +10,12 @@ use std::{sync::Arc, time::Duration};
 use knd::{
     dra::{
         self, Sockets,
-        prepare::{ClaimApi, Preparer},
+        prepare::Preparer,
         proto::dra_v1::{Claim, NodePrepareResourcesRequest, dra_plugin_client::DraPluginClient},
     },
     k8s::ApiClaims,
-    state::StateStore,
+    model::ports::ClaimApi,
+    os::state::StateStore,
 };
 use knd_bench::{Summary, report, summarize};
 use knd_testkit::{

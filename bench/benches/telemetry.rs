@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use knd::telemetry::{self, AttachmentId, SocketProbes, TrafficProbes};
+use knd::observe::telemetry::{self, AttachmentId, SocketProbes, TrafficProbes};
 use knd_bench::doc::{Chart, ChartKind, Document, Table};
 use knd_testkit::{TestHost, is_root, veth_pair};
 use perf_event::{Builder, events::Software};

@@ -24,12 +24,13 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use knd::{
+    cli::{
+        placement::{Catalog, Claim, Documents},
+        templates, top, topo,
+    },
+    discover::inventory,
     dra::proto::dra_v1,
-    inventory,
-    netns::Netns,
-    placement::{Catalog, Claim, Documents},
-    state::StateStore,
-    templates, top, topology,
+    os::{netns::Netns, state::StateStore},
 };
 use knd_testkit::{
     TestHost,
@@ -169,7 +170,7 @@ impl Demo {
             NICS.join(", ")
         );
         let scanned = inventory::discover(&tree.host());
-        for line in topology::Report::new(&scanned).table().lines() {
+        for line in topo::Report::new(&scanned).table().lines() {
             println!("  {line}");
         }
 

@@ -17,19 +17,25 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    discover::inventory::Inventory,
     dra::{self, Registration, Sockets, prepare::Preparer},
-    health,
-    inventory::{
-        Inventory,
+    k8s::{self, ApiClaims, Publisher},
+    model::ports::DeviceHealth,
+    nri,
+    observe::{
+        health,
+        metrics::{self, Telemetry},
+    },
+    os::{
+        backoff::Backoff,
         host::HostRoot,
+        netns::Netns,
+        state::{self, StateStore},
+    },
+    publish::{
+        selector::{self, Selector},
         watch::{self as inventory_watch, Pacing},
     },
-    k8s::{self, ApiClaims, Backoff, Publisher},
-    metrics::{self, Telemetry},
-    netns::Netns,
-    nri,
-    selector::{self, Selector},
-    state::{self, StateStore},
 };
 
 /// How often the pool is compared with the API even when the inventory did not change (repairs
@@ -46,7 +52,7 @@ pub struct RunArgs {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// The DRA driver name (a DNS subdomain of at most 63 characters).
-    #[arg(long, env = "KND_DRIVER_NAME", default_value = crate::resources::DRIVER_NAME,
+    #[arg(long, env = "KND_DRIVER_NAME", default_value = crate::publish::resources::DRIVER_NAME,
           value_parser = parse_driver_name)]
     pub driver_name: String,
     /// Where the DRA socket (`dra.sock`) is created.
@@ -115,8 +121,9 @@ pub struct RunArgs {
 }
 
 fn parse_driver_name(name: &str) -> Result<String, String> {
-    let valid =
-        !name.is_empty() && name.len() <= 63 && name.split('.').all(crate::resources::is_dns_label);
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.split('.').all(crate::publish::resources::is_dns_label);
     if valid {
         Ok(name.to_owned())
     } else {
@@ -240,7 +247,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     let cgroup = args
         .cgroup_root
         .clone()
-        .or_else(crate::telemetry::default_cgroup_root);
+        .or_else(crate::observe::telemetry::default_cgroup_root);
     let telemetry = Arc::new(
         Telemetry::new(cgroup.as_deref(), args.metrics_max_interfaces).with_host_root(host.clone()),
     );
@@ -387,7 +394,7 @@ async fn start_health(
     sources: HealthSources,
     shutdown: CancellationToken,
 ) -> (
-    watch::Receiver<Vec<dra::DeviceHealth>>,
+    watch::Receiver<Vec<DeviceHealth>>,
     tokio::task::JoinHandle<()>,
 ) {
     let mut tracker = health::Tracker::new(health::Policy {
@@ -416,7 +423,7 @@ async fn start_health(
 async fn health_loop(
     mut tracker: health::Tracker,
     mut sources: HealthSources,
-    health: watch::Sender<Vec<dra::DeviceHealth>>,
+    health: watch::Sender<Vec<DeviceHealth>>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {

@@ -6,14 +6,15 @@
 use std::sync::Arc;
 
 use knd::{
+    discover::inventory::{Inventory, discover},
     dra::{
         alignment::{Alignment, Policy},
-        prepare::{ClaimRef, Preparer},
+        prepare::Preparer,
     },
-    inventory::{Inventory, discover},
-    metrics::{Telemetry, encode},
-    resources::PCI_BUS_ID,
-    state::StateStore,
+    model::ports::ClaimRef,
+    observe::metrics::{Telemetry, encode},
+    os::state::StateStore,
+    publish::resources::PCI_BUS_ID,
 };
 use knd_testkit::{
     claims::{CONFIG_HEAD, MemoryClaims},

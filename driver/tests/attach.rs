@@ -5,17 +5,20 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use knd::{
-    attach::{self, HostSide},
-    config::{self, NetworkConfig},
+    attach,
+    model::{
+        config::{self, NetworkConfig},
+        records::HostSide,
+    },
 };
 use knd_testkit::{TestHost, veth_pair};
 
 /// The changeable device features of `interface` in `netns`, with their wanted state.
-async fn features_of(netns: &knd::netns::Netns, interface: &str) -> BTreeMap<String, bool> {
+async fn features_of(netns: &knd::os::netns::Netns, interface: &str) -> BTreeMap<String, bool> {
     let name = interface.to_owned();
     netns
         .block_on_async(move || async move {
-            let mut ethtool = knd::ethtool::Ethtool::connect(&name).unwrap();
+            let mut ethtool = knd::os::ethtool::Ethtool::connect(&name).unwrap();
             ethtool.features(&name).await.unwrap().changeable
         })
         .await
@@ -50,7 +53,7 @@ fn node_and_pod() -> (TestHost, TestHost, TestHost) {
         .configure("sw1", "192.168.50.1".parse().unwrap(), 24)
         .unwrap();
     node.netlink(|link| async move {
-        let route = knd::netlink::Route {
+        let route = knd::model::link::Route {
             destination: "10.50.0.0/16".parse().unwrap(),
             gateway: Some("192.168.50.1".parse().unwrap()),
             source: None,

@@ -10,9 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use knd::dra::{
-    prepare::{ClaimRef, plan},
-    proto::dra_v1,
+use knd::{
+    dra::{prepare::plan, proto::dra_v1},
+    model::ports::ClaimRef,
 };
 use knd_testkit::{
     apiserver::FakeApi,
@@ -237,7 +237,7 @@ async fn the_daemon_tells_kubelet_which_device_is_unhealthy_and_why() {
     let node = Node::new(&fake);
     let _daemon = node.start();
     node.register().await;
-    let inventory = knd::inventory::scan(&node.tree.host(), None);
+    let inventory = knd::discover::inventory::scan(&node.tree.host(), None);
     let vf2 = knd_testkit::device_named(&inventory, "ens1f0v2").unwrap();
     let mut stream = health::dra_resource_health_client::DraResourceHealthClient::new(
         unix_channel(node.dra_socket()).await.unwrap(),

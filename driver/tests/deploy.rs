@@ -10,9 +10,11 @@ use std::{
 };
 
 use knd::{
-    inventory::discover,
-    resources::{self, Value},
-    selector::Selector,
+    discover::inventory::discover,
+    publish::{
+        resources::{self, Value},
+        selector::Selector,
+    },
 };
 use knd_testkit::machines;
 
@@ -201,7 +203,7 @@ fn example_claim_configs_are_valid_network_configs() {
             {
                 let parameters = &config["opaque"]["parameters"];
                 let text = serde_json::to_string(parameters).unwrap();
-                knd::config::parse(text.as_bytes()).unwrap_or_else(|e| {
+                knd::model::config::parse(text.as_bytes()).unwrap_or_else(|e| {
                     panic!("{}: {e}", file.display());
                 });
             }

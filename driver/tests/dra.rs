@@ -10,11 +10,12 @@ use std::{
 
 use knd::{
     dra::{
-        self, DeviceHealth, Registration, Sockets,
+        self, Registration, Sockets,
         prepare::Preparer,
         proto::{dra_v1, dra_v1beta1, health_v1, health_v1alpha1 as health, registration as reg},
     },
-    state::StateStore,
+    model::ports::DeviceHealth,
+    os::state::StateStore,
 };
 use knd_testkit::claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel};
 use tokio::sync::watch;

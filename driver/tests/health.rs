@@ -5,9 +5,9 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use knd::{
-    dra::DeviceHealth,
-    health::{self, InPod, Policy, Tracker},
-    inventory::{Inventory, scan},
+    discover::inventory::{Inventory, scan},
+    model::ports::DeviceHealth,
+    observe::health::{self, InPod, Policy, Tracker},
 };
 use knd_testkit::{TestHost, device_named, machines, sysfs::SysfsTree, veth_pair};
 
@@ -192,10 +192,11 @@ async fn an_attached_device_is_read_in_its_pod_while_its_link_goes_down_and_flap
 #[test]
 fn the_records_say_which_devices_are_in_which_pod() {
     use knd::{
-        attach::{HostSide, PodSide},
-        netlink::LinkSettings,
-        nri::pods::{AttachmentRecord, PodRecord},
-        state::StateStore,
+        model::{
+            link::LinkSettings,
+            records::{AttachmentRecord, HostSide, PodRecord, PodSide},
+        },
+        os::state::StateStore,
     };
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path()).unwrap();
@@ -212,7 +213,7 @@ fn the_records_say_which_devices_are_in_which_pod() {
                 mtu: 1500,
                 mac: None,
                 up: true,
-                offload_sizes: knd::netlink::OffloadSizes::default(),
+                offload_sizes: knd::model::link::OffloadSizes::default(),
                 identity: None,
                 peer: None,
             },

@@ -5,9 +5,10 @@ use std::process::Command;
 
 use knd::{
     attach,
-    config::{self, SysctlKey},
-    inventory::{host::HostRoot, uplink},
+    discover::inventory::uplink,
+    model::config::{self, SysctlKey},
     nri::plugin::Hooks as _,
+    os::host::HostRoot,
 };
 use knd_testkit::{TestHost, pods::Node, veth_pair};
 
@@ -309,7 +310,7 @@ async fn a_claim_cannot_give_its_nic_a_host_interfaces_mac() {
 #[tokio::test]
 #[ignore = "needs root: reads the host's real interfaces"]
 async fn this_machines_hardware_is_found_by_its_identity() {
-    let link = knd::netlink::Link::connect().unwrap();
+    let link = knd::os::netlink::Link::connect().unwrap();
     let entries = link.links().await.unwrap();
     let mut hardware = 0;
     for entry in &entries {

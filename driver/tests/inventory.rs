@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 
 use knd::{
-    inventory::{ExclusionReason, Inventory, Nic, scan},
-    resources::{self, Value},
-    topology::{Distance, Report},
+    cli::topo::Report,
+    discover::inventory::{ExclusionReason, Inventory, Nic, scan},
+    model::distance::Distance,
+    publish::resources::{self, Value},
 };
 use knd_testkit::{machines, sysfs::SysfsTree};
 
@@ -515,18 +516,18 @@ fn discovery_is_stable_while_the_node_mounts_and_unmounts() {
 async fn without_events_only_the_resync_timer_rescans() {
     let tree = machines::sriov();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let quiet = knd::inventory::watch::spawn(
+    let quiet = knd::publish::watch::spawn(
         tree.host(),
-        knd::inventory::watch::Scope::default(),
-        knd::inventory::watch::Pacing::default(),
+        knd::publish::watch::Scope::default(),
+        knd::publish::watch::Pacing::default(),
         shutdown.clone(),
     )
     .await
     .unwrap();
-    let periodic = knd::inventory::watch::spawn(
+    let periodic = knd::publish::watch::spawn(
         tree.host(),
-        knd::inventory::watch::Scope::default(),
-        knd::inventory::watch::Pacing {
+        knd::publish::watch::Scope::default(),
+        knd::publish::watch::Pacing {
             debounce: std::time::Duration::from_millis(10),
             resync: std::time::Duration::from_millis(100),
         },

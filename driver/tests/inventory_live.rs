@@ -2,9 +2,9 @@
 //! host namespace, removed again on drop).
 
 use knd::{
-    inventory::discover,
-    inventory::{ExclusionReason, host::HostRoot},
-    resources::{self, Value},
+    discover::inventory::{ExclusionReason, discover},
+    os::host::HostRoot,
+    publish::resources::{self, Value},
 };
 use knd_testkit::HostInterfaces;
 
@@ -67,9 +67,9 @@ fn live_host_excludes_the_uplink_and_finds_new_veth_and_macvlan() {
 async fn the_watched_view_follows_link_changes_within_a_second() {
     use std::{sync::Arc, time::Duration};
 
-    use knd::inventory::{
-        Inventory,
-        watch::{Pacing, Scope, spawn},
+    use knd::{
+        discover::inventory::Inventory,
+        publish::watch::{Pacing, Scope, spawn},
     };
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;

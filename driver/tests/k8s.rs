@@ -6,11 +6,12 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use knd::{
-    dra::prepare::{ClaimApi as _, ClaimRef, Preparer},
-    inventory::{self, Inventory},
-    k8s::{self, ApiClaims, DeviceReport, Publisher, StatusOutcome},
-    resources,
-    state::StateStore,
+    discover::inventory::{self, Inventory},
+    dra::prepare::Preparer,
+    k8s::{self, ApiClaims, Publisher, StatusOutcome},
+    model::ports::{ClaimApi as _, ClaimRef, DeviceReport},
+    os::state::StateStore,
+    publish::resources,
 };
 use knd_testkit::{
     apiserver::{FakeApi, Release},
@@ -491,10 +492,10 @@ async fn claim_status_is_applied_with_retries_until_written_or_gone() {
             ips: Some(vec!["10.1.0.5/24".into(), "fd00::5/64".into()]),
             hardware_address: Some("02:00:00:00:00:05".into()),
         }),
-        topology: Some(knd::dra::alignment::Finding {
+        topology: Some(knd::model::distance::Finding {
             gpu: "0000:13:00.0".into(),
-            class: knd::topology::Distance::Node,
-            required: knd::topology::Distance::Pxb,
+            class: knd::model::distance::Distance::Node,
+            required: knd::model::distance::Distance::Pxb,
         }),
     }];
     fake.fail_next(&[503, 500, 429]);
@@ -586,17 +587,19 @@ fn claim_on(node: &str, name: &str, uid: &str) -> serde_json::Value {
 }
 
 /// Claim `c1` as prepared: one NIC, default configuration, `topology` its GPU finding.
-fn prepared_record(topology: Option<knd::dra::alignment::Finding>) -> knd::state::PreparedClaim {
-    knd::state::PreparedClaim {
+fn prepared_record(
+    topology: Option<knd::model::distance::Finding>,
+) -> knd::model::records::PreparedClaim {
+    knd::model::records::PreparedClaim {
         uid: "uid-1".into(),
         namespace: "ml".into(),
         name: "c1".into(),
         pod_uids: vec!["pod-uid-1".into()],
-        devices: vec![knd::state::PreparedDevice {
+        devices: vec![knd::model::records::PreparedDevice {
             requests: vec!["nic".into()],
             pool: "node-1".into(),
             device: "pci-0000-b4-00-0".into(),
-            config: knd::config::default_config(),
+            config: knd::model::config::default_config(),
             topology,
         }],
     }
@@ -865,10 +868,10 @@ async fn a_prepared_claim_with_a_gpu_gets_an_event_and_the_topology_condition() 
         "uid-1",
         &format!("{{{CONFIG_HEAD}}}"),
     ));
-    let record = prepared_record(Some(knd::dra::alignment::Finding {
+    let record = prepared_record(Some(knd::model::distance::Finding {
         gpu: "0000:93:00.0".into(),
-        class: knd::topology::Distance::Sys,
-        required: knd::topology::Distance::Pxb,
+        class: knd::model::distance::Distance::Sys,
+        required: knd::model::distance::Distance::Pxb,
     }));
     claims.prepared(&record);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

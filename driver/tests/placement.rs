@@ -6,11 +6,14 @@ use std::{collections::HashSet, process::Command};
 
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use knd::{
-    inventory::{self, Inventory, host::HostRoot},
-    placement::{Catalog, Claim, Documents},
-    resources::{self, DRIVER_NAME},
-    templates,
-    topology::Distance,
+    cli::{
+        placement::{Catalog, Claim, Documents},
+        templates,
+    },
+    discover::inventory::{self, Inventory},
+    model::distance::Distance,
+    os::host::HostRoot,
+    publish::resources::{self, DRIVER_NAME},
 };
 use knd_testkit::{
     machines,
@@ -119,7 +122,7 @@ fn the_allocator_pairs_a_gpu_with_the_nic_on_its_root_and_explains_failures() {
     assert_eq!(allocation.node.as_deref(), Some("node-1"));
     assert_eq!(allocation.device("gpu").unwrap().device, "gpu-0");
     assert_eq!(allocation.device("nic").unwrap().device, "pci-0000-14-00-0");
-    let (text, ok) = knd::placement::explain(&evaluated);
+    let (text, ok) = knd::cli::placement::explain(&evaluated);
     assert!(ok, "{text}");
     assert!(
         text.contains("request gpu (class gpu.nvidia.com): 8 of 16 devices match"),
@@ -135,7 +138,7 @@ fn the_allocator_pairs_a_gpu_with_the_nic_on_its_root_and_explains_failures() {
     // GPU 0's root is full: the next GPU and its NIC.
     let mut in_use: HashSet<_> = allocation.results.iter().map(|(_, d)| d.clone()).collect();
     for vf in 0..8 {
-        in_use.insert(knd::placement::DeviceId {
+        in_use.insert(knd::cli::placement::DeviceId {
             driver: DRIVER_NAME.into(),
             pool: "node-1".into(),
             device: format!(
@@ -163,7 +166,7 @@ fn the_allocator_pairs_a_gpu_with_the_nic_on_its_root_and_explains_failures() {
     .unwrap();
     let claim = Claim::compile("misfit", &claim).unwrap();
     let evaluated = claim.evaluate(&catalog);
-    let (text, ok) = knd::placement::explain(&evaluated);
+    let (text, ok) = knd::cli::placement::explain(&evaluated);
     assert!(!ok, "{text}");
     assert!(
         text.contains(
@@ -183,7 +186,7 @@ fn the_allocator_pairs_a_gpu_with_the_nic_on_its_root_and_explains_failures() {
     )
     .unwrap();
     let claim = Claim::compile("unknown", &unknown).unwrap();
-    let (text, ok) = knd::placement::explain(&claim.evaluate(&catalog));
+    let (text, ok) = knd::cli::placement::explain(&claim.evaluate(&catalog));
     assert!(!ok);
     assert!(
         text.contains("16 rejected: DeviceClass nope is not among the inputs"),

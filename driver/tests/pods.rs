@@ -13,7 +13,7 @@ use knd::{
 };
 use knd_testkit::{TestHost, pods::Node};
 
-fn without_index(mut side: attach::HostSide) -> attach::HostSide {
+fn without_index(mut side: knd::model::records::HostSide) -> knd::model::records::HostSide {
     side.link.index = 0;
     side
 }
@@ -161,7 +161,7 @@ async fn a_pod_started_while_knd_was_away_is_refused_then_attached_at_synchroniz
 async fn an_unreadable_pod_record_is_moved_aside_and_the_others_synchronized() {
     let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
     node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
-    let telemetry = Arc::new(knd::metrics::Telemetry::new(None, 10));
+    let telemetry = Arc::new(knd::observe::metrics::Telemetry::new(None, 10));
     let hooks = node.hooks().with_telemetry(Arc::clone(&telemetry));
     let pods = node.dir.path().join("pods");
     std::fs::write(pods.join("pod-broken.json"), b"{\"podUid\": tr").unwrap();
@@ -176,7 +176,7 @@ async fn an_unreadable_pod_record_is_moved_aside_and_the_others_synchronized() {
     assert!(!pods.join("pod-broken.json").exists());
     assert!(pods.join("quarantine/pod-broken.json").exists());
     assert_eq!(telemetry.quarantined_records.get(), 1);
-    let scrape = knd::metrics::encode(&telemetry.registry());
+    let scrape = knd::observe::metrics::encode(&telemetry.registry());
     assert!(
         scrape.contains("knd_quarantined_pod_records_total 1"),
         "{scrape}"
@@ -190,7 +190,7 @@ async fn an_unreadable_pod_record_is_moved_aside_and_the_others_synchronized() {
     hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
 }
 
-async fn host_sides(node: &Node, names: &[&str]) -> Vec<attach::HostSide> {
+async fn host_sides(node: &Node, names: &[&str]) -> Vec<knd::model::records::HostSide> {
     let mut sides = Vec::new();
     for name in names {
         sides.push(without_index(
@@ -220,12 +220,12 @@ async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
     .unwrap();
     let sandbox = node.sandbox();
     let netns = sandbox.linux.as_ref().unwrap().namespaces[0].path.clone();
-    let record = knd::nri::pods::PodRecord {
+    let record = knd::model::records::PodRecord {
         pod_uid: "pod-1".into(),
         pod: "ml/trainer-0".into(),
         netns: netns.into(),
         netns_id: None,
-        attachments: vec![knd::nri::pods::AttachmentRecord {
+        attachments: vec![knd::model::records::AttachmentRecord {
             claim_uid: "c1".into(),
             claim_namespace: "ml".into(),
             claim_name: "claim-c1".into(),

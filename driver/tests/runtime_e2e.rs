@@ -8,15 +8,17 @@
 use std::{sync::Arc, time::Duration};
 
 use knd::{
-    attach::{self, HostSide},
-    config,
-    inventory::Inventory,
-    netns::Netns,
+    attach,
+    discover::inventory::Inventory,
+    model::{
+        config,
+        records::{HostSide, PreparedClaim, PreparedDevice},
+    },
     nri::{
         plugin::{self, Identity},
         pods::NodeHooks,
     },
-    state::{PreparedClaim, PreparedDevice, StateStore},
+    os::{netns::Netns, state::StateStore},
 };
 use knd_testkit::{
     TestHost,

@@ -24,10 +24,10 @@ use std::{
 };
 
 use knd::{
-    attach::{self, HostSide},
+    attach,
     dra::proto::dra_v1,
-    netlink::Link,
-    netns::Netns,
+    model::records::HostSide,
+    os::{netlink::Link, netns::Netns},
 };
 use knd_testkit::{
     TestHost,
@@ -230,7 +230,7 @@ fn hand_back(pod: &Netns, node: &Netns) -> usize {
                 .await?;
             moved += 1;
         }
-        Ok::<_, knd::netlink::Error>(moved)
+        Ok::<_, knd::os::netlink::Error>(moved)
     })
     .expect("a thread in the pod namespace")
     .expect("NICs handed back")
@@ -313,7 +313,7 @@ async fn reached(
     stream: &tokio::task::JoinHandle<BTreeMap<usize, String>>,
     stopping: &Mutex<Option<usize>>,
 ) -> bool {
-    let store = knd::state::StateStore::open(node.state()).unwrap();
+    let store = knd::os::state::StateStore::open(node.state()).unwrap();
     let since = Instant::now();
     let since_wall = std::time::SystemTime::now();
     loop {
@@ -508,7 +508,7 @@ async fn check_running_pods(
     running: &BTreeMap<usize, String>,
 ) {
     let mut client = containerd.cri().await.unwrap();
-    let store = knd::state::StateStore::open(node.state()).unwrap();
+    let store = knd::os::state::StateStore::open(node.state()).unwrap();
     let settle = Instant::now() + Duration::from_secs(20);
     for (&i, sandbox) in running {
         let uid = format!("pod-uid-{i}");
@@ -570,7 +570,7 @@ async fn check_removed_pods(node: &Node, before: &[HostSide], running: &BTreeMap
         "{names:?}"
     );
     assert!(!names.keys().any(|n| n.starts_with("dev")), "{names:?}");
-    let store = knd::state::StateStore::open(node.state()).unwrap();
+    let store = knd::os::state::StateStore::open(node.state()).unwrap();
     let mut recorded: Vec<String> = store
         .pods
         .all()

@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use knd::state::{PreparedClaim, PreparedDevice, StateStore};
+use knd::{
+    model::records::{PreparedClaim, PreparedDevice},
+    os::state::StateStore,
+};
 
 const CHILD_ENV: &str = "KND_STATE_CRASH_CHILD";
 const BASE_ENV: &str = "KND_STATE_CRASH_BASE";
@@ -25,7 +28,7 @@ fn record(key: &str, generation: u64) -> PreparedClaim {
             pool: "node".into(),
             // Long enough that a write is several pages: a torn write would show.
             device: format!("pci-{generation:0>4000}"),
-            config: knd::config::default_config(),
+            config: knd::model::config::default_config(),
             topology: None,
         }],
     }

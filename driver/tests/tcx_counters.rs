@@ -5,8 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use knd::{
-    netlink::LinkStats,
-    telemetry::{InterfaceTraffic, TrafficProbes, probes_object},
+    model::link::LinkStats,
+    observe::telemetry::{InterfaceTraffic, TrafficProbes, probes_object},
 };
 use knd_testkit::{TestHost, macvlan, tcp_transfer, veth_pair};
 use object::{Object as _, ObjectSection as _};
@@ -56,7 +56,7 @@ fn bring_up(a: &TestHost, b: &TestHost) {
 /// slipped in between the two sources. Retries a few times if something was in flight.
 fn settled(
     probes: &TrafficProbes,
-    id: knd::telemetry::AttachmentId,
+    id: knd::observe::telemetry::AttachmentId,
     host: &TestHost,
     interface: &str,
 ) -> (InterfaceTraffic, LinkStats) {
@@ -213,8 +213,8 @@ fn traffic_is_split_by_class_size_and_roce_opcode_and_tcp_rtt_is_sampled() {
     bring_up(&a, &b);
     let mut probes = TrafficProbes::new();
     let id = probes.attach(a.netns(), "veth-a").unwrap();
-    let cgroup = knd::telemetry::default_cgroup_root().expect("a cgroup v2 mount");
-    let mut sockets = knd::telemetry::SocketProbes::attach(&cgroup).unwrap();
+    let cgroup = knd::observe::telemetry::default_cgroup_root().expect("a cgroup v2 mount");
+    let mut sockets = knd::observe::telemetry::SocketProbes::attach(&cgroup).unwrap();
     let cookie = a.netns().cookie().unwrap();
     sockets.watch(cookie).unwrap();
 

@@ -16,11 +16,14 @@ use std::{
 };
 
 use knd::{
-    config,
-    inventory::rdma::RdmaDevice,
-    metrics::{self, Telemetry},
+    discover::inventory::rdma::RdmaDevice,
+    model::{
+        config,
+        records::{PreparedClaim, PreparedDevice},
+    },
     nri::{plugin::Hooks as _, pods::NodeHooks, proto::nri as api},
-    state::{PreparedClaim, PreparedDevice, StateStore},
+    observe::metrics::{self, Telemetry},
+    os::state::StateStore,
 };
 use knd_testkit::{
     TestHost, bridge, claims::MemoryClaims, inventory_of, sysfs::SysfsTree, tcp_transfer, veth_pair,
@@ -120,7 +123,7 @@ impl Pods {
         }];
         let tree = rdma_counters_tree();
         let (_inventory, inventory) = watch::channel(Arc::new(inventory));
-        let cgroup = knd::telemetry::default_cgroup_root();
+        let cgroup = knd::observe::telemetry::default_cgroup_root();
         let telemetry =
             Arc::new(Telemetry::new(cgroup.as_deref(), 100).with_host_root(tree.host()));
         assert!(telemetry.measures_rtt(), "the sock_ops program attached");
@@ -265,7 +268,13 @@ fn ss_rtt(pods: &Pods) -> f64 {
 
 /// A scrape, and both pods' kernel statistics of net1 from the same moment (read until they do
 /// not move across the scrape).
-fn settled(pods: &Pods) -> (String, knd::netlink::LinkStats, knd::netlink::LinkStats) {
+fn settled(
+    pods: &Pods,
+) -> (
+    String,
+    knd::model::link::LinkStats,
+    knd::model::link::LinkStats,
+) {
     for _ in 0..100 {
         let before = (
             pods.a.link_stats("net1").unwrap(),
@@ -289,7 +298,7 @@ fn settled(pods: &Pods) -> (String, knd::netlink::LinkStats, knd::netlink::LinkS
 fn check_counters(
     (text_before, text): (&str, &str),
     claim: &str,
-    (before, kernel): (&knd::netlink::LinkStats, &knd::netlink::LinkStats),
+    (before, kernel): (&knd::model::link::LinkStats, &knd::model::link::LinkStats),
 ) {
     let labels = [
         &*format!("claim=\"{claim}\""),
@@ -334,11 +343,11 @@ fn check_counters(
 fn check_top(
     text_before: &str,
     text: &str,
-    (before_a, after_a): (&knd::netlink::LinkStats, &knd::netlink::LinkStats),
+    (before_a, after_a): (&knd::model::link::LinkStats, &knd::model::link::LinkStats),
 ) {
-    let rows = knd::top::rows(
-        &knd::top::parse(text_before).unwrap(),
-        &knd::top::parse(text).unwrap(),
+    let rows = knd::cli::top::rows(
+        &knd::cli::top::parse(text_before).unwrap(),
+        &knd::cli::top::parse(text).unwrap(),
         Duration::from_secs(1),
     );
     assert_eq!(rows.len(), 2, "{rows:?}");
@@ -355,9 +364,9 @@ fn check_top(
         "{row_a:?}"
     );
     assert!(
-        knd::top::render(&rows).contains("ml/trainer-a"),
+        knd::cli::top::render(&rows).contains("ml/trainer-a"),
         "{}",
-        knd::top::render(&rows)
+        knd::cli::top::render(&rows)
     );
 }
 
@@ -580,12 +589,13 @@ async fn the_dashboard_and_alerts_use_only_metrics_the_driver_exports() {
     let (a, b) = (&pods.a, &pods.b);
     tokio::task::block_in_place(|| tcp_transfer(a, b, B_ADDR.parse().unwrap(), 1 << 20).unwrap());
     // The daemon's health loop feeds the device health gauge (checked in tests/daemon.rs).
-    pods.telemetry.set_device_health(&[knd::dra::DeviceHealth {
-        pool: "node-1".into(),
-        device: "enp1".into(),
-        healthy: true,
-        reason: String::new(),
-    }]);
+    pods.telemetry
+        .set_device_health(&[knd::model::ports::DeviceHealth {
+            pool: "node-1".into(),
+            device: "enp1".into(),
+            healthy: true,
+            reason: String::new(),
+        }]);
     // The preparer feeds the alignment series (checked in tests/alignment.rs).
     let mut aligned = PreparedClaim {
         uid: "uid-x".into(),
@@ -599,13 +609,13 @@ async fn the_dashboard_and_alerts_use_only_metrics_the_driver_exports() {
         pool: "node-1".into(),
         device: "enp1".into(),
         config: config::default_config(),
-        topology: Some(knd::dra::alignment::Finding {
+        topology: Some(knd::model::distance::Finding {
             gpu: "0000:13:00.0".into(),
-            class: knd::topology::Distance::Pix,
-            required: knd::topology::Distance::Pxb,
+            class: knd::model::distance::Distance::Pix,
+            required: knd::model::distance::Distance::Pxb,
         }),
     });
-    let (_, inventory) = watch::channel(Arc::new(knd::inventory::Inventory::default()));
+    let (_, inventory) = watch::channel(Arc::new(knd::discover::inventory::Inventory::default()));
     knd::dra::alignment::Alignment {
         policy: knd::dra::alignment::Policy::Warn,
         inventory,

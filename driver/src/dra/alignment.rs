@@ -7,18 +7,17 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{family::Family, gauge::Gauge},
-};
-use serde::{Deserialize, Serialize};
+use prometheus_client::metrics::{family::Family, gauge::Gauge};
 use tokio::sync::watch;
 
 use crate::{
-    inventory::Inventory,
-    resources,
-    state::PreparedClaim,
-    topology::{self, Distance},
+    discover::{inventory::Inventory, topology},
+    model::{
+        distance::{Distance, Finding},
+        records::PreparedClaim,
+    },
+    observe::metrics::DistanceLabels,
+    publish::resources,
 };
 
 /// What to do about a NIC far from its pod's GPU.
@@ -30,48 +29,6 @@ pub enum Policy {
     Warn,
     /// Also fail the prepare of a misaligned claim, naming the GPU, the NIC and their class.
     Enforce,
-}
-
-/// A NIC's distance to the closest GPU of its claim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Finding {
-    /// The GPU's PCI address.
-    pub gpu: String,
-    /// Their distance class (kept as `PIX` … `SYS`).
-    pub class: Distance,
-    /// The worst class the claim accepts.
-    pub required: Distance,
-}
-
-impl Finding {
-    /// Whether the class is no worse than required.
-    pub fn aligned(&self) -> bool {
-        self.class <= self.required
-    }
-
-    /// A sentence for the claim status and logs.
-    pub fn describe(&self, device: &str) -> String {
-        format!(
-            "NIC {device} and GPU {} are {} apart (required: {} or better)",
-            self.gpu, self.class, self.required
-        )
-    }
-}
-
-/// Labels of `knd_claim_gpu_nic_distance`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct DistanceLabels {
-    /// Claim namespace.
-    pub namespace: String,
-    /// Claim name.
-    pub claim: String,
-    /// Our device.
-    pub device: String,
-    /// The GPU's PCI address.
-    pub gpu: String,
-    /// The distance class.
-    pub class: String,
 }
 
 /// Alignment checking for a preparer.
@@ -103,12 +60,7 @@ pub fn other_devices(driver: &str, resource: &ResourceClaim) -> Vec<(String, Str
 /// The class between our `device` and the closest of `gpus` (PCI addresses) on this node, or
 /// `None` when the NIC or none of the GPUs is a PCI device here.
 pub fn closest(inventory: &Inventory, device: &str, gpus: &[String]) -> Option<(String, Distance)> {
-    let nic = inventory
-        .nics
-        .iter()
-        .find(|n| resources::device_name(n) == device)?
-        .pci
-        .as_ref()?;
+    let nic = resources::published_nic(inventory, device)?.pci.as_ref()?;
     gpus.iter()
         .filter_map(|address| {
             let gpu = inventory

@@ -16,15 +16,9 @@ use tokio::{net::UnixListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use self::prepare::{ClaimApi, Preparer};
-
-/// The service names kubelet accepts in `PluginInfo.supported_versions`.
-pub const SUPPORTED_VERSIONS: [&str; 4] = [
-    "v1.DRAPlugin",
-    "v1beta1.DRAPlugin",
-    "v1alpha1.DRAResourceHealth",
-    "v1.DRAResourceHealth",
-];
+use self::prepare::Preparer;
+pub use self::service::{Registration, SUPPORTED_VERSIONS};
+use crate::model::ports::{ClaimApi, DeviceHealth};
 
 /// Errors that stop the plugin from serving.
 #[derive(Debug, thiserror::Error)]
@@ -60,30 +54,6 @@ impl Sockets {
             dra: plugin_dir.join("dra.sock"),
         }
     }
-}
-
-/// What kubelet said about our registration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Registration {
-    /// Kubelet has not answered yet.
-    Pending,
-    /// Kubelet accepted the plugin.
-    Registered,
-    /// Kubelet refused it, with its reason.
-    Refused(String),
-}
-
-/// A device's health as reported to kubelet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceHealth {
-    /// Pool (the node's name).
-    pub pool: String,
-    /// Device name.
-    pub device: String,
-    /// Healthy or not (see [`crate::health`]).
-    pub healthy: bool,
-    /// Why it is unhealthy (empty when healthy); sent to kubelets that take a message.
-    pub reason: String,
 }
 
 /// The running plugin.

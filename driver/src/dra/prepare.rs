@@ -1,31 +1,18 @@
 //! NodePrepareResources / NodeUnprepareResources as domain logic: read the claim, take our
 //! allocation results and opaque configs, validate, record in the state store, answer.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClaim};
 
 use crate::{
-    config::{self, ConfigError, DeviceLimits, NetworkConfig},
-    state::{self, PreparedClaim, PreparedDevice, StateStore},
+    model::{
+        config::{self, ConfigError, DeviceLimits, NetworkConfig},
+        ports::{ClaimApi, ClaimOutcome, ClaimRef},
+        records::{PreparedClaim, PreparedDevice},
+    },
+    os::state::{self, StateStore},
 };
-
-/// A claim as kubelet names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimRef {
-    /// Namespace.
-    pub namespace: String,
-    /// UID kubelet expects.
-    pub uid: String,
-    /// Name.
-    pub name: String,
-}
-
-impl std::fmt::Display for ClaimRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// Failures that are not the claim's fault: kubelet gets a gRPC error and retries.
 #[derive(Debug, thiserror::Error)]
@@ -45,57 +32,6 @@ pub enum InternalError {
     #[error("a worker task failed: {0}")]
     Task(String),
 }
-
-/// The claims' side of the API: where claims are read from (the Kubernetes API in the daemon, a
-/// map in tests) and where their status goes.
-pub trait ClaimApi: Send + Sync + 'static {
-    /// The claim, or `None` if it does not exist.
-    fn get(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> impl Future<Output = Result<Option<ResourceClaim>, String>> + Send;
-
-    /// A string attribute of another driver's device from its ResourceSlices (e.g. a GPU's
-    /// `resource.kubernetes.io/pciBusID`), or `None` when it is not published.
-    fn device_attribute(
-        &self,
-        _driver: &str,
-        _pool: &str,
-        _device: &str,
-        _attribute: &str,
-    ) -> impl Future<Output = Result<Option<String>, String>> + Send {
-        async { Ok(None) }
-    }
-
-    /// The other claims of pod `pod` (name, UID) in `namespace` that are reserved for it (a
-    /// pod's GPU often comes in a claim of its own).
-    fn pod_claims(
-        &self,
-        _namespace: &str,
-        _pod: (&str, &str),
-    ) -> impl Future<Output = Result<Vec<ResourceClaim>, String>> + Send {
-        async { Ok(Vec::new()) }
-    }
-
-    /// Called once for each newly prepared claim, after it was recorded; must not block (the
-    /// daemon writes the claim's status in the background).
-    fn prepared(&self, _claim: &PreparedClaim) {}
-
-    /// Called once for each released claim, after it was forgotten; must not block.
-    fn released(&self, _claim: &ClaimRef) {}
-
-    /// Called when a claim's devices were attached to its pod (with what the pod sees); must
-    /// not block.
-    fn attached(&self, _claim: &ClaimRef, _devices: Vec<crate::k8s::DeviceReport>) {}
-
-    /// Tells the claim's owner about something refused on its behalf (a Warning Event with
-    /// `reason`); must not block.
-    fn warn(&self, _claim: &ClaimRef, _reason: &str, _note: &str) {}
-}
-
-/// The outcome for one claim: our devices, or an error meant for the claim's owner.
-pub type ClaimOutcome = Result<Vec<PreparedDevice>, String>;
 
 /// What preparing one claim came to, before anything is recorded.
 enum Planned {
@@ -276,7 +212,12 @@ impl<S: ClaimApi> Preparer<S> {
         for (driver, pool, device) in others {
             let address = self
                 .source
-                .device_attribute(&driver, &pool, &device, crate::resources::PCI_BUS_ID)
+                .device_attribute(
+                    &driver,
+                    &pool,
+                    &device,
+                    crate::publish::resources::PCI_BUS_ID,
+                )
                 .await
                 .map_err(|message| InternalError::Source {
                     claim: claim.to_string(),
@@ -319,15 +260,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| InternalError::Task(e.to_string()))
-}
-
-/// Whether `claim` is reserved for the pod with UID `pod_uid`.
-pub fn is_reserved_for(claim: &ResourceClaim, pod_uid: &str) -> bool {
-    claim
-        .status
-        .as_ref()
-        .and_then(|s| s.reserved_for.as_ref())
-        .is_some_and(|r| r.iter().any(|r| r.uid == pod_uid))
 }
 
 /// What preparing `claim` means for `driver`, or the error to report on the claim.

@@ -8,10 +8,29 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, transport::Server};
 
 use super::{
-    DeviceHealth, Registration, SUPPORTED_VERSIONS,
-    prepare::{ClaimApi, ClaimRef, InternalError, Preparer},
+    prepare::{InternalError, Preparer},
     proto::{dra_v1, dra_v1beta1, health_v1, health_v1alpha1 as health, registration as reg},
 };
+use crate::model::ports::{ClaimApi, ClaimRef, DeviceHealth};
+
+/// The service names kubelet accepts in `PluginInfo.supported_versions`.
+pub const SUPPORTED_VERSIONS: [&str; 4] = [
+    "v1.DRAPlugin",
+    "v1beta1.DRAPlugin",
+    "v1alpha1.DRAResourceHealth",
+    "v1.DRAResourceHealth",
+];
+
+/// What kubelet said about our registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// Kubelet has not answered yet.
+    Pending,
+    /// Kubelet accepted the plugin.
+    Registered,
+    /// Kubelet refused it, with its reason.
+    Refused(String),
+}
 
 /// The one place where internal failures become gRPC statuses: kubelet retries on any error.
 fn status(error: &InternalError) -> Status {

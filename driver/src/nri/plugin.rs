@@ -16,7 +16,7 @@ use super::{
     proto::nri as api,
     ttrpc::{self, MessageReader, Reply, Service, Status, code},
 };
-use crate::k8s::Backoff;
+use crate::os::backoff::Backoff;
 
 /// ttrpc service name of the runtime's side.
 pub const RUNTIME_SERVICE: &str = "nri.pkg.api.v1alpha1.Runtime";

@@ -11,88 +11,20 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{plugin::Hooks, proto::nri as api};
 use crate::{
-    attach::{self, HostSide, PodSide},
-    dra::prepare::{ClaimApi, ClaimRef},
-    inventory::Inventory,
-    k8s::DeviceReport,
-    metrics::{ClaimLabels, Telemetry},
-    netns::Netns,
-    resources,
-    state::{PreparedClaim, StateStore},
+    attach,
+    discover::inventory::Inventory,
+    model::{
+        ports::{ClaimApi, ClaimRef, DeviceReport},
+        records::{AttachmentRecord, NetnsId, PodRecord, PreparedClaim},
+    },
+    observe::metrics::{ClaimLabels, Telemetry},
+    os::{netns::Netns, state::StateStore},
+    publish::resources,
 };
-
-/// One claimed interface of a pod.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AttachmentRecord {
-    /// The claim (namespace, name, UID).
-    pub claim_uid: String,
-    /// Claim namespace.
-    pub claim_namespace: String,
-    /// Claim name.
-    pub claim_name: String,
-    /// Pool.
-    pub pool: String,
-    /// Device.
-    pub device: String,
-    /// The host side as it was before the move.
-    pub host: HostSide,
-    /// The name it gets in the pod (recorded before the move, so a restart can find it).
-    pub pod_name: String,
-    /// The pod side once attached.
-    pub pod: Option<PodSide>,
-    /// Given back to the host and restored (a later release leaves it alone: whatever the pod
-    /// now has under its name is the pod's own).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub returned: bool,
-}
-
-/// A pod's attachments (state store record, keyed by pod UID).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PodRecord {
-    /// Pod UID.
-    pub pod_uid: String,
-    /// `namespace/name` of the pod.
-    pub pod: String,
-    /// The pod's network namespace (stop and remove events do not carry it).
-    pub netns: PathBuf,
-    /// The namespace's identity when it was recorded (device and inode of the nsfs file): a
-    /// path can be reused by a new sandbox after a reboot or a re-created sandbox.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netns_id: Option<NetnsId>,
-    /// Its interfaces.
-    pub attachments: Vec<AttachmentRecord>,
-    /// Why attaching failed, if it did.
-    pub failure: Option<String>,
-    /// Whether everything was given back.
-    pub detached: bool,
-}
-
-/// A network namespace's identity: the nsfs file's device and inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetnsId {
-    /// `st_dev`.
-    pub dev: u64,
-    /// `st_ino`.
-    pub ino: u64,
-}
-
-impl NetnsId {
-    /// The identity of the namespace at `path`, if it (still) exists.
-    pub fn of(path: &Path) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt as _;
-        std::fs::metadata(path).ok().map(|m| Self {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
-    }
-}
 
 /// Whether `record` was made for the namespace now at `path`: the same path and the same
 /// identity (records written before identities were kept are trusted by path).
@@ -208,10 +140,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                     .attachments
                     .iter()
                     .map(|a| {
-                        let names = inventory
-                            .nics
-                            .iter()
-                            .find(|nic| resources::device_name(nic) == a.device)
+                        let names = resources::published_nic(&inventory, &a.device)
                             .map(|nic| nic.rdma.iter().map(|r| r.name.clone()).collect())
                             .unwrap_or_default();
                         (a.device.clone(), names)
@@ -242,7 +171,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                     let devices = rdma.get(&attachment.device).cloned().unwrap_or_default();
                     worker
                         .watch(&ours.pod_uid, &pod_ns, labels, devices)
-                        .map_err(|e| crate::error_chain(&e))?;
+                        .map_err(|e| crate::model::error_chain(&e))?;
                 }
                 Ok(())
             })
@@ -267,7 +196,7 @@ impl<C: ClaimApi> NodeHooks<C> {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&StateStore) -> crate::state::Result<T> + Send + 'static,
+        work: impl FnOnce(&StateStore) -> crate::os::state::Result<T> + Send + 'static,
     ) -> Result<T, String> {
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || work(&store))
@@ -303,10 +232,7 @@ impl<C: ClaimApi> NodeHooks<C> {
     /// The host interface of `device`, from the current inventory.
     fn interface_of(&self, device: &str) -> Option<String> {
         let inventory = self.inventory.borrow();
-        inventory
-            .nics
-            .iter()
-            .find(|nic| resources::device_name(nic) == device)
+        resources::published_nic(&inventory, device)
             .and_then(|nic| nic.netdev.as_ref())
             .map(|netdev| netdev.name.clone())
     }
@@ -570,11 +496,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             gid: Some(api::OptionalUInt32 { value: 0 }),
         };
         for device in claims.iter().flat_map(|c| &c.devices) {
-            let Some(nic) = inventory
-                .nics
-                .iter()
-                .find(|nic| resources::device_name(nic) == device.device)
-            else {
+            let Some(nic) = resources::published_nic(&inventory, &device.device) else {
                 continue;
             };
             for rdma in &nic.rdma {
@@ -618,7 +540,7 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
         for (aside, problem) in &unreadable {
             tracing::error!(
                 record = %aside.display(),
-                error = %crate::error_chain(problem),
+                error = %crate::model::error_chain(problem),
                 "an unreadable pod record was moved aside; its interfaces need a look by hand"
             );
             if let Some(telemetry) = &self.telemetry {

@@ -8,10 +8,7 @@ use std::{
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 
-use knd::{
-    dra::prepare::{ClaimApi, ClaimRef},
-    k8s::DeviceReport,
-};
+use knd::model::ports::{ClaimApi, ClaimRef, DeviceReport};
 
 type ClaimMap = HashMap<(String, String), ResourceClaim>;
 type Reports = Vec<(ClaimRef, Vec<DeviceReport>)>;
@@ -94,7 +91,7 @@ impl ClaimApi for MemoryClaims {
             .iter()
             .filter(|((ns, _), _)| ns == namespace)
             .map(|(_, claim)| claim)
-            .filter(|c| knd::dra::prepare::is_reserved_for(c, pod_uid))
+            .filter(|c| knd::model::ports::is_reserved_for(c, pod_uid))
             .cloned()
             .collect())
     }

@@ -26,9 +26,9 @@ pub mod runtime;
 pub mod sysfs;
 
 use knd::{
-    inventory::{Inventory, Nic, netdev::Netdev},
-    netlink::{Link, LinkStats},
-    netns::Netns,
+    discover::inventory::{Inventory, Nic, netdev::Netdev},
+    model::link::LinkStats,
+    os::{netlink::Link, netns::Netns},
 };
 
 /// An inventory of NICs known only by their interface names (virtual stand-ins for hardware;
@@ -55,7 +55,7 @@ pub fn device_named(inventory: &Inventory, interface: &str) -> Option<String> {
         .nics
         .iter()
         .find(|n| n.netdev.as_ref().is_some_and(|d| d.name == interface))
-        .map(knd::resources::device_name)
+        .map(knd::publish::resources::device_name)
 }
 
 /// True when the process may create namespaces and load eBPF programs.
@@ -112,7 +112,7 @@ impl TestHost {
     pub fn netlink<R, F, Fut>(&self, work: F) -> anyhow::Result<R>
     where
         F: FnOnce(Link) -> Fut + Send,
-        Fut: Future<Output = Result<R, knd::netlink::Error>>,
+        Fut: Future<Output = Result<R, knd::os::netlink::Error>>,
         R: Send,
     {
         let result = self
@@ -220,7 +220,7 @@ impl HostInterfaces {
                 for name in [&a, &b, &m] {
                     link.set_up(name).await?;
                 }
-                Ok::<_, knd::netlink::Error>(())
+                Ok::<_, knd::os::netlink::Error>(())
             })?
             .context("creating test interfaces in the host namespace")?;
         // The kernel updates operstate asynchronously (linkwatch): wait until all report up.

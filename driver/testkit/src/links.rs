@@ -1,8 +1,8 @@
 //! Creating links, which only tests do (the product moves, configures and reads interfaces, and
 //! never creates one). Each call opens its own netlink socket, so it acts on the namespace of
-//! the thread it runs on, as [`knd::netlink::Link`] does.
+//! the thread it runs on, as [`knd::os::netlink::Link`] does.
 
-use knd::netlink::{Error, Link, Result};
+use knd::os::netlink::{Error, Link, Result};
 use rtnetlink::{
     Handle, LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, packet_route::link::MacVlanMode,
 };

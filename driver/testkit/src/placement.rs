@@ -1,16 +1,16 @@
 //! A GPU DRA driver stand-in (the slice and DeviceClass NVIDIA's driver would publish for a
 //! fixture machine's GPUs) and the placement simulation: many 1 GPU + 1 NIC allocations on a node
-//! whose pods come and go, placed by claim templates through [`knd::placement`] or at random.
+//! whose pods come and go, placed by claim templates through [`knd::cli::placement`] or at random.
 
 use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::resource::v1::{DeviceClass, ResourceSlice};
 
 use knd::{
-    inventory::{Inventory, pci::PciDevice},
-    placement::{Catalog, DeviceId, Evaluated},
-    resources::{PCI_BUS_ID, PCIE_ROOT, Value},
-    topology::{self, Distance},
+    cli::placement::{Catalog, DeviceId, Evaluated},
+    discover::{inventory::Inventory, pci::PciDevice, topology},
+    model::distance::Distance,
+    publish::resources::{PCI_BUS_ID, PCIE_ROOT, Value},
 };
 
 /// The stand-in GPU driver's name (NVIDIA's).
@@ -55,13 +55,13 @@ pub fn gpu_class() -> DeviceClass {
 /// Everything an allocation on fixture node `node-1` sees: the templates `knd templates` writes
 /// for it (classes and claim templates), knd's slices, and the GPU driver stand-in's slice and
 /// class.
-pub fn node_documents(inventory: &Inventory) -> anyhow::Result<knd::placement::Documents> {
-    let generated = knd::templates::generate(inventory, GPU_DRIVER);
-    let yaml = knd::templates::to_yaml(&generated, "node-1")?;
-    let mut documents = knd::placement::Documents::parse(&yaml, "templates")?;
-    documents.slices.extend(knd::resources::slices(
+pub fn node_documents(inventory: &Inventory) -> anyhow::Result<knd::cli::placement::Documents> {
+    let generated = knd::cli::templates::generate(inventory, GPU_DRIVER);
+    let yaml = knd::cli::templates::to_yaml(&generated, "node-1")?;
+    let mut documents = knd::cli::placement::Documents::parse(&yaml, "templates")?;
+    documents.slices.extend(knd::publish::resources::slices(
         inventory,
-        knd::resources::DRIVER_NAME,
+        knd::publish::resources::DRIVER_NAME,
         "node-1",
         1,
         None,

@@ -10,10 +10,13 @@ use tokio::sync::watch;
 
 use super::{TestHost, claims::MemoryClaims, inventory_of, veth_pair};
 use knd::{
-    config,
-    inventory::Inventory,
+    discover::inventory::Inventory,
+    model::{
+        config,
+        records::{PreparedClaim, PreparedDevice},
+    },
     nri::{pods::NodeHooks, proto::nri as api},
-    state::{PreparedClaim, PreparedDevice, StateStore},
+    os::state::StateStore,
 };
 
 /// A node (namespace) with NICs `enp1` (192.168.50.2/24) and `enp2` cabled to a switch, a pod

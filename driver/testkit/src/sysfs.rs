@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use knd::inventory::host::HostRoot;
+use knd::os::host::HostRoot;
 
 /// A PCI function to create.
 #[derive(Debug, Clone)]

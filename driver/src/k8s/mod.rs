@@ -1,0 +1,721 @@
+//! The Kubernetes API side of the driver (kube-rs): the client, claims read for prepare, the
+//! node's ResourceSlices, and claim status written with server-side apply.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::Node,
+        resource::v1::{AllocatedDeviceStatus, NetworkDeviceData, ResourceClaim, ResourceSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    discover::inventory::Inventory,
+    model::{
+        ports::{ClaimApi, ClaimRef, DeviceReport},
+        records::PreparedClaim,
+    },
+    os::backoff::Backoff,
+    publish::resources::{self, NodeOwner},
+};
+
+/// Errors talking to the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// No kubeconfig was given and the in-cluster configuration is missing.
+    #[error("no --kubeconfig and no in-cluster configuration: {0}")]
+    InCluster(String),
+    /// The node this driver runs on is not registered with the API server.
+    #[error("node {0} does not exist in the API")]
+    NodeNotFound(String),
+    /// A request failed.
+    #[error("{action}: {source}")]
+    Api {
+        /// What was being done.
+        action: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    fn api(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+        let action = action.into();
+        move |source| Self::Api { action, source }
+    }
+
+    /// The HTTP status of an API error, if the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api {
+                source: kube::Error::Api(status),
+                ..
+            } => Some(status.code),
+            _ => None,
+        }
+    }
+}
+
+/// A client from `kubeconfig`, or from the in-cluster service account when `None`.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let problem = |message: String| Error::Kubeconfig {
+                path: path.display().to_string(),
+                message,
+            };
+            let file = Kubeconfig::read_from(path).map_err(|e| problem(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| problem(e.to_string()))?
+        }
+        None => kube::Config::incluster().map_err(|e| Error::InCluster(e.to_string()))?,
+    };
+    // kube's built-in retry backs off for minutes inside a single request, where neither
+    // shutdown nor kubelet's deadline can interrupt it. knd retries where it knows the stakes:
+    // status writes and publishing retry with a cancellable backoff; prepare fails fast and
+    // kubelet retries the call.
+    config.default_retry = false;
+    Client::try_from(config).map_err(|e| Error::Kubeconfig {
+        path: kubeconfig.map_or_else(|| "in-cluster".into(), |p| p.display().to_string()),
+        message: e.to_string(),
+    })
+}
+
+/// What one publication did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The pool generation now in the API.
+    pub generation: i64,
+    /// Slices in the pool.
+    pub slices: usize,
+    /// Devices in the pool.
+    pub devices: usize,
+    /// Slices created, updated and deleted by this publication (all zero when nothing changed).
+    pub created: usize,
+    /// See `created`.
+    pub updated: usize,
+    /// See `created`.
+    pub deleted: usize,
+}
+
+/// The Node's `InternalIP` and `ExternalIP` addresses (`status.addresses`).
+pub async fn node_addresses(client: Client, node: &str) -> Result<Vec<std::net::IpAddr>, Error> {
+    let found = Api::<Node>::all(client)
+        .get_opt(node)
+        .await
+        .map_err(Error::api(format!("read node {node}")))?
+        .ok_or_else(|| Error::NodeNotFound(node.to_owned()))?;
+    Ok(found
+        .status
+        .and_then(|s| s.addresses)
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect())
+}
+
+/// Publishes the node's pool: one or more ResourceSlices owned by the Node, the pool generation
+/// bumped whenever the content changes, slices that are no longer needed deleted.
+#[derive(Debug)]
+pub struct Publisher {
+    slices: Api<ResourceSlice>,
+    nodes: Api<Node>,
+    driver: String,
+    node: String,
+    owner: Option<NodeOwner>,
+    /// The newest generation this publisher wrote: never goes backwards, even if every slice
+    /// was deleted behind its back.
+    generation: i64,
+}
+
+impl Publisher {
+    /// A publisher for `driver`'s pool on `node`.
+    pub fn new(client: Client, driver: &str, node: &str) -> Self {
+        Self {
+            slices: Api::all(client.clone()),
+            nodes: Api::all(client),
+            driver: driver.to_owned(),
+            node: node.to_owned(),
+            owner: None,
+            generation: 0,
+        }
+    }
+
+    /// The Node that owns the slices (read once).
+    async fn owner(&mut self) -> Result<NodeOwner, Error> {
+        if let Some(owner) = &self.owner {
+            return Ok(owner.clone());
+        }
+        let node = self
+            .nodes
+            .get_opt(&self.node)
+            .await
+            .map_err(Error::api(format!("read node {}", self.node)))?
+            .ok_or_else(|| Error::NodeNotFound(self.node.clone()))?;
+        let owner = NodeOwner {
+            name: self.node.clone(),
+            uid: node.metadata.uid.unwrap_or_default(),
+        };
+        self.owner = Some(owner.clone());
+        Ok(owner)
+    }
+
+    /// Makes the API's slices for this pool match `inventory`. Safe to repeat: when the API
+    /// already holds this content, nothing is written.
+    pub async fn publish(&mut self, inventory: &Inventory) -> Result<Published, Error> {
+        let owner = self.owner().await?;
+        let selector = format!("spec.driver={},spec.nodeName={}", self.driver, self.node);
+        let existing: BTreeMap<String, ResourceSlice> = self
+            .slices
+            .list(&ListParams::default().fields(&selector))
+            .await
+            .map_err(Error::api("list ResourceSlices"))?
+            .items
+            .into_iter()
+            .map(|s| (s.metadata.name.clone().unwrap_or_default(), s))
+            .collect();
+        let current = existing
+            .values()
+            .map(|s| s.spec.pool.generation)
+            .max()
+            .unwrap_or(0);
+        let build = |generation| {
+            resources::slices(
+                inventory,
+                &self.driver,
+                &self.node,
+                generation,
+                Some(&owner),
+            )
+        };
+        let devices = inventory.nics.len();
+        let unchanged = build(current);
+        if !existing.is_empty() && same_pool(&existing, &unchanged) {
+            return Ok(Published {
+                generation: current,
+                slices: unchanged.len(),
+                devices,
+                ..Published::default()
+            });
+        }
+        let generation = current.max(self.generation) + 1;
+        let desired = build(generation);
+        let mut published = Published {
+            generation,
+            slices: desired.len(),
+            devices,
+            ..Published::default()
+        };
+        self.write(&existing, &desired, &mut published).await?;
+        self.generation = generation;
+        Ok(published)
+    }
+
+    /// Writes the new generation first, then removes what it no longer needs: a reader sees the
+    /// old pool or an incomplete new one, which the scheduler waits out.
+    async fn write(
+        &self,
+        existing: &BTreeMap<String, ResourceSlice>,
+        desired: &[ResourceSlice],
+        published: &mut Published,
+    ) -> Result<(), Error> {
+        for mut slice in desired.iter().cloned() {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            if let Some(old) = existing.get(&name) {
+                slice
+                    .metadata
+                    .resource_version
+                    .clone_from(&old.metadata.resource_version);
+                self.slices
+                    .replace(&name, &PostParams::default(), &slice)
+                    .await
+                    .map_err(Error::api(format!("update ResourceSlice {name}")))?;
+                published.updated += 1;
+            } else {
+                self.slices
+                    .create(&PostParams::default(), &slice)
+                    .await
+                    .map_err(Error::api(format!("create ResourceSlice {name}")))?;
+                published.created += 1;
+            }
+        }
+        let wanted: Vec<_> = desired
+            .iter()
+            .filter_map(|s| s.metadata.name.as_ref())
+            .collect();
+        for (name, old) in existing {
+            if wanted.contains(&name) {
+                continue;
+            }
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: old.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match self.slices.delete(name, &params).await {
+                Ok(_) => published.deleted += 1,
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(err) => return Err(Error::api(format!("delete ResourceSlice {name}"))(err)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the API's slices are exactly the wanted ones (names, specs, owners, labels).
+fn same_pool(existing: &BTreeMap<String, ResourceSlice>, wanted: &[ResourceSlice]) -> bool {
+    existing.len() == wanted.len()
+        && wanted.iter().all(|slice| {
+            let name = slice.metadata.name.as_deref().unwrap_or_default();
+            existing.get(name).is_some_and(|old| {
+                old.metadata.owner_references == slice.metadata.owner_references
+                    && old.metadata.labels == slice.metadata.labels
+                    && serde_json::to_value(&old.spec).ok()
+                        == serde_json::to_value(&slice.spec).ok()
+            })
+        })
+}
+
+/// Reads claims for prepare and writes their status with server-side apply.
+#[derive(Clone)]
+pub struct ApiClaims {
+    client: Client,
+    driver: String,
+    shutdown: CancellationToken,
+    /// `reportingInstance` of the Events knd creates (the node's name in the daemon).
+    instance: String,
+    writers: Arc<Writers>,
+}
+
+/// The status writers: at most one per claim, writing the latest report it was given.
+#[derive(Debug, Default)]
+struct Writers {
+    state: std::sync::Mutex<WriterState>,
+    idle: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    /// By claim UID: the newest report not yet taken by its writer.
+    pending: HashMap<String, (ClaimRef, Vec<DeviceReport>)>,
+    /// Claims whose writer runs.
+    running: HashSet<String>,
+}
+
+impl Writers {
+    fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a newer report than the one being written waits for `uid`.
+    fn superseded(&self, uid: &str) -> bool {
+        self.state().pending.contains_key(uid)
+    }
+}
+
+impl std::fmt::Debug for ApiClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClaims")
+            .field("driver", &self.driver)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a status write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusOutcome {
+    /// Written.
+    Written,
+    /// A newer report for the claim came while this one waited to be retried; the newer one
+    /// is written instead.
+    Superseded,
+    /// The API server does not allow knd to write this claim's status (e.g. the claim is
+    /// allocated on another node); retrying cannot help.
+    Forbidden,
+    /// The claim no longer exists (or is another claim with the same name now).
+    Gone,
+    /// The API refused the content; retrying cannot help.
+    Rejected,
+    /// Shutdown came first.
+    Cancelled,
+}
+
+impl ApiClaims {
+    /// Claims of `driver` through `client`; background writes stop when `shutdown` is cancelled.
+    pub fn new(client: Client, driver: &str, shutdown: CancellationToken) -> Self {
+        Self {
+            client,
+            driver: driver.to_owned(),
+            shutdown,
+            instance: driver.to_owned(),
+            writers: Arc::default(),
+        }
+    }
+
+    /// Hands `devices` to the claim's status writer: written after what is being written now,
+    /// replacing any report still waiting (the latest wins; a late "prepared" never overwrites
+    /// "attached").
+    fn submit(&self, claim: ClaimRef, devices: Vec<DeviceReport>) {
+        let uid = claim.uid.clone();
+        let mut state = self.writers.state();
+        state.pending.insert(uid.clone(), (claim, devices));
+        if !state.running.insert(uid.clone()) {
+            return;
+        }
+        drop(state);
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = {
+                    let mut state = this.writers.state();
+                    let next = state.pending.remove(&uid);
+                    if next.is_none() {
+                        state.running.remove(&uid);
+                    }
+                    next
+                };
+                let Some((claim, devices)) = next else {
+                    this.writers.idle.notify_waiters();
+                    return;
+                };
+                this.write_status(&claim, &devices).await;
+            }
+        });
+    }
+
+    /// Waits until every status handed to the writers is written or given up.
+    pub async fn flushed(&self) {
+        loop {
+            let idle = self.writers.idle.notified();
+            if self.writers.state().running.is_empty() {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Names this instance in the Events it creates (e.g. the node).
+    #[must_use]
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        instance.clone_into(&mut self.instance);
+        self
+    }
+
+    /// Creates an `events.k8s.io/v1` Event about `claim` (`kind` `Normal` or `Warning`); a
+    /// failure is logged, not retried (Events are best effort).
+    pub async fn event(
+        &self,
+        claim: &ClaimRef,
+        kind: &str,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        use k8s_openapi::{
+            api::{core::v1::ObjectReference, events::v1::Event},
+            apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+        };
+        let event = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.", claim.name)),
+                namespace: Some(claim.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            type_: Some(kind.to_owned()),
+            reason: Some(reason.to_owned()),
+            action: Some(action.to_owned()),
+            note: Some(note.chars().take(1024).collect()),
+            reporting_controller: Some(self.driver.clone()),
+            reporting_instance: Some(self.instance.chars().take(128).collect()),
+            regarding: Some(ObjectReference {
+                api_version: Some("resource.k8s.io/v1".into()),
+                kind: Some("ResourceClaim".into()),
+                name: Some(claim.name.clone()),
+                namespace: Some(claim.namespace.clone()),
+                uid: Some(claim.uid.clone()),
+                ..ObjectReference::default()
+            }),
+            ..Event::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &claim.namespace);
+        if let Err(error) = api.create(&PostParams::default(), &event).await {
+            tracing::warn!(%claim, %error, reason, "cannot create an Event");
+        }
+    }
+
+    /// The field manager knd applies status as.
+    pub fn field_manager(&self) -> String {
+        self.driver.clone()
+    }
+
+    /// Applies our entries of `claim`'s `status.devices` (an empty list removes them), retrying
+    /// with backoff until written, the claim is gone, a newer report for it is handed to its
+    /// writer, or the API refuses the write for good (403, 400, 422: logged, and a Warning
+    /// Event on the claim says why).
+    pub async fn write_status(&self, claim: &ClaimRef, devices: &[DeviceReport]) -> StatusOutcome {
+        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), &claim.namespace);
+        let entries: Vec<AllocatedDeviceStatus> = devices
+            .iter()
+            .map(|d| AllocatedDeviceStatus {
+                driver: self.driver.clone(),
+                pool: d.pool.clone(),
+                device: d.device.clone(),
+                conditions: Some(conditions(d)),
+                network_data: d.network.clone(),
+                ..AllocatedDeviceStatus::default()
+            })
+            .collect();
+        let patch = serde_json::json!({
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaim",
+            // The UID makes the write a precondition: a new claim with the same name is not ours.
+            "metadata": {"name": claim.name, "namespace": claim.namespace, "uid": claim.uid},
+            "status": {"devices": entries},
+        });
+        let params = PatchParams::apply(&self.field_manager()).force();
+        let mut backoff = Backoff::new(Duration::from_secs(10));
+        loop {
+            match api
+                .patch_status(&claim.name, &params, &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => return StatusOutcome::Written,
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+                    tracing::info!(%claim, reason = %status.message, "claim gone; status not written");
+                    return StatusOutcome::Gone;
+                }
+                Err(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 422) => {
+                    let outcome = if status.code == 403 {
+                        StatusOutcome::Forbidden
+                    } else {
+                        StatusOutcome::Rejected
+                    };
+                    tracing::error!(
+                        %claim,
+                        code = status.code,
+                        reason = %status.message,
+                        "the API refused the claim status; not retried"
+                    );
+                    let note = format!(
+                        "knd could not write the status of its devices ({}): {}",
+                        status.code, status.message
+                    );
+                    self.event(claim, "Warning", "StatusNotWritten", "WriteStatus", &note)
+                        .await;
+                    return outcome;
+                }
+                Err(err) => {
+                    tracing::warn!(%claim, %err, "cannot write claim status; retrying");
+                    if !backoff.wait(&self.shutdown).await {
+                        return StatusOutcome::Cancelled;
+                    }
+                    if self.writers.superseded(&claim.uid) {
+                        return StatusOutcome::Superseded;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A device's status conditions: `Ready`, and `TopologyAligned` when the claim has GPUs (reason:
+/// the distance class).
+fn conditions(device: &DeviceReport) -> Vec<Condition> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut conditions = vec![Condition {
+        type_: "Ready".into(),
+        status: if device.ready { "True" } else { "False" }.into(),
+        reason: device.reason.clone(),
+        message: device.message.clone(),
+        last_transition_time: now.clone(),
+        observed_generation: None,
+    }];
+    if let Some(finding) = &device.topology {
+        conditions.push(Condition {
+            type_: "TopologyAligned".into(),
+            status: if finding.aligned() { "True" } else { "False" }.into(),
+            reason: finding.class.as_str().to_owned(),
+            message: finding.describe(&device.device),
+            last_transition_time: now,
+            observed_generation: None,
+        });
+    }
+    conditions
+}
+
+/// What the claim's status says once it is prepared: not ready yet (the pod's sandbox does not
+/// exist), with the network data the configuration already fixes.
+pub fn prepared_report(claim: &PreparedClaim) -> Vec<DeviceReport> {
+    claim
+        .devices
+        .iter()
+        .map(|device| {
+            let interface = device.config.interface.clone().unwrap_or_default();
+            let ips = interface.addresses.unwrap_or_default();
+            let network =
+                (interface.name.is_some() || !ips.is_empty() || interface.hardware_addr.is_some())
+                    .then(|| NetworkDeviceData {
+                        interface_name: interface.name,
+                        ips: (!ips.is_empty()).then_some(ips),
+                        hardware_address: interface.hardware_addr,
+                    });
+            DeviceReport {
+                pool: device.pool.clone(),
+                device: device.device.clone(),
+                ready: false,
+                reason: "Prepared".into(),
+                message: "prepared; attached when the pod sandbox starts".into(),
+                network,
+                topology: device.topology.clone(),
+            }
+        })
+        .collect()
+}
+
+impl ClaimApi for ApiClaims {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
+        let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name).await.map_err(|e| e.to_string())
+    }
+
+    async fn pod_claims(
+        &self,
+        namespace: &str,
+        (pod_name, pod_uid): (&str, &str),
+    ) -> Result<Vec<ResourceClaim>, String> {
+        // The pod names its claims (templates' generated names in its status): one GET per
+        // claim of the pod rather than a LIST of the namespace.
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), namespace);
+        let Some(pod) = pods.get_opt(pod_name).await.map_err(|e| e.to_string())? else {
+            return Ok(Vec::new());
+        };
+        if pod.metadata.uid.as_deref() != Some(pod_uid) {
+            return Ok(Vec::new());
+        }
+        let generated = pod
+            .status
+            .iter()
+            .flat_map(|s| s.resource_claim_statuses.iter().flatten())
+            .filter_map(|s| s.resource_claim_name.clone());
+        let direct = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.resource_claims.iter().flatten())
+            .filter_map(|c| c.resource_claim_name.clone());
+        let mut names: Vec<String> = generated.chain(direct).collect();
+        names.sort();
+        names.dedup();
+        let claims: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
+        let mut found = Vec::new();
+        for name in names {
+            if let Some(claim) = claims.get_opt(&name).await.map_err(|e| e.to_string())?
+                && crate::model::ports::is_reserved_for(&claim, pod_uid)
+            {
+                found.push(claim);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn device_attribute(
+        &self,
+        driver: &str,
+        pool: &str,
+        device: &str,
+        attribute: &str,
+    ) -> Result<Option<String>, String> {
+        let api: Api<ResourceSlice> = Api::all(self.client.clone());
+        let slices = api
+            .list(&ListParams::default().fields(&format!("spec.driver={driver}")))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Unqualified attribute names belong to the driver's own domain.
+        let short = attribute
+            .strip_prefix(driver)
+            .and_then(|rest| rest.strip_prefix('/'));
+        Ok(slices
+            .items
+            .iter()
+            .filter(|slice| slice.spec.pool.name == pool)
+            .flat_map(|slice| slice.spec.devices.iter().flatten())
+            .find(|d| d.name == device)
+            .and_then(|d| d.attributes.as_ref())
+            .and_then(|attributes| {
+                attributes
+                    .get(attribute)
+                    .or_else(|| short.and_then(|s| attributes.get(s)))
+            })
+            .and_then(|value| value.string.clone()))
+    }
+
+    fn prepared(&self, claim: &PreparedClaim) {
+        let this = self.clone();
+        let reference = ClaimRef {
+            namespace: claim.namespace.clone(),
+            uid: claim.uid.clone(),
+            name: claim.name.clone(),
+        };
+        let report = prepared_report(claim);
+        self.submit(reference.clone(), report.clone());
+        tokio::spawn(async move {
+            for device in &report {
+                if let Some(finding) = &device.topology {
+                    let (kind, reason) = if finding.aligned() {
+                        ("Normal", "TopologyAligned")
+                    } else {
+                        ("Warning", "TopologyMisaligned")
+                    };
+                    let note = finding.describe(&device.device);
+                    this.event(&reference, kind, reason, "Prepare", &note).await;
+                }
+            }
+        });
+    }
+
+    fn attached(&self, claim: &ClaimRef, devices: Vec<DeviceReport>) {
+        self.submit(claim.clone(), devices);
+    }
+
+    fn warn(&self, claim: &ClaimRef, reason: &str, note: &str) {
+        let (this, claim) = (self.clone(), claim.clone());
+        let (reason, note) = (reason.to_owned(), note.to_owned());
+        tokio::spawn(async move {
+            this.event(&claim, "Warning", &reason, "Release", &note)
+                .await;
+        });
+    }
+
+    fn released(&self, claim: &ClaimRef) {
+        self.submit(claim.clone(), Vec::new());
+    }
+}

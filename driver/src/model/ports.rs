@@ -1,0 +1,115 @@
+//! The ports between the stages and the outside: how claims are read and their status written
+//! ([`ClaimApi`]), and what the adapters report (device status, device health).
+
+use k8s_openapi::api::resource::v1::{NetworkDeviceData, ResourceClaim};
+
+use super::records::{PreparedClaim, PreparedDevice};
+
+/// A claim as kubelet names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRef {
+    /// Namespace.
+    pub namespace: String,
+    /// UID kubelet expects.
+    pub uid: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ClaimRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The claims' side of the API: where claims are read from (the Kubernetes API in the daemon, a
+/// map in tests) and where their status goes.
+pub trait ClaimApi: Send + Sync + 'static {
+    /// The claim, or `None` if it does not exist.
+    fn get(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<ResourceClaim>, String>> + Send;
+
+    /// A string attribute of another driver's device from its ResourceSlices (e.g. a GPU's
+    /// `resource.kubernetes.io/pciBusID`), or `None` when it is not published.
+    fn device_attribute(
+        &self,
+        _driver: &str,
+        _pool: &str,
+        _device: &str,
+        _attribute: &str,
+    ) -> impl Future<Output = Result<Option<String>, String>> + Send {
+        async { Ok(None) }
+    }
+
+    /// The other claims of pod `pod` (name, UID) in `namespace` that are reserved for it (a
+    /// pod's GPU often comes in a claim of its own).
+    fn pod_claims(
+        &self,
+        _namespace: &str,
+        _pod: (&str, &str),
+    ) -> impl Future<Output = Result<Vec<ResourceClaim>, String>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
+    /// Called once for each newly prepared claim, after it was recorded; must not block (the
+    /// daemon writes the claim's status in the background).
+    fn prepared(&self, _claim: &PreparedClaim) {}
+
+    /// Called once for each released claim, after it was forgotten; must not block.
+    fn released(&self, _claim: &ClaimRef) {}
+
+    /// Called when a claim's devices were attached to its pod (with what the pod sees); must
+    /// not block.
+    fn attached(&self, _claim: &ClaimRef, _devices: Vec<DeviceReport>) {}
+
+    /// Tells the claim's owner about something refused on its behalf (a Warning Event with
+    /// `reason`); must not block.
+    fn warn(&self, _claim: &ClaimRef, _reason: &str, _note: &str) {}
+}
+
+/// The outcome for one claim: our devices, or an error meant for the claim's owner.
+pub type ClaimOutcome = Result<Vec<PreparedDevice>, String>;
+
+/// Whether `claim` is reserved for the pod with UID `pod_uid`.
+pub fn is_reserved_for(claim: &ResourceClaim, pod_uid: &str) -> bool {
+    claim
+        .status
+        .as_ref()
+        .and_then(|s| s.reserved_for.as_ref())
+        .is_some_and(|r| r.iter().any(|r| r.uid == pod_uid))
+}
+
+/// What a device's status entry says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReport {
+    /// Pool.
+    pub pool: String,
+    /// Device.
+    pub device: String,
+    /// Whether the device is ready for the pod.
+    pub ready: bool,
+    /// `Ready` condition reason (CamelCase).
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// KEP-4817 network data, when known.
+    pub network: Option<NetworkDeviceData>,
+    /// Its distance to the claim's closest GPU (the `TopologyAligned` condition).
+    pub topology: Option<crate::model::distance::Finding>,
+}
+
+/// A device's health as reported to kubelet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceHealth {
+    /// Pool (the node's name).
+    pub pool: String,
+    /// Device name.
+    pub device: String,
+    /// Healthy or not (see [`crate::observe::health`]).
+    pub healthy: bool,
+    /// Why it is unhealthy (empty when healthy); sent to kubelets that take a message.
+    pub reason: String,
+}

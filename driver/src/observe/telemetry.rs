@@ -1,0 +1,699 @@
+//! In-kernel telemetry: loads knd's eBPF programs, attaches the traffic classifiers to
+//! interfaces in any network namespace and the sock_ops program to a cgroup v2 directory, and
+//! reads their per-CPU maps back.
+
+use std::{collections::HashMap, fmt, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::{
+        CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, tc::TcAttachOptions,
+    },
+};
+use knd_common::{DirectionStats, RttStats, TrafficCounters, direction, names};
+
+use crate::os::netns::{self, Netns};
+
+/// The compiled kernel-side programs (`ebpf/`), built by `build.rs` and embedded here.
+static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/knd-probes"));
+
+/// The embedded eBPF object file (ELF, with `.BTF` and `.BTF.ext`).
+pub fn probes_object() -> &'static [u8] {
+    PROBES_OBJECT
+}
+
+/// Errors from loading, attaching and reading the programs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The binary was built with `AYA_BUILD_SKIP=1` (for type-checking), without the programs.
+    #[error("this knd binary was built without its eBPF programs (AYA_BUILD_SKIP was set)")]
+    NotBuilt,
+    /// The object could not be parsed or a program/map could not be created in the kernel.
+    #[error("cannot load the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// The object lacks a program or map the driver expects (a build mismatch).
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        /// "program" or "map".
+        kind: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// The verifier or the kernel refused a program.
+    #[error("the kernel refused program {program}")]
+    Program {
+        /// The program's name.
+        program: &'static str,
+        /// What the kernel said (the verifier log is in the source chain).
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// A map operation failed.
+    #[error("{operation} in map {map} failed")]
+    Map {
+        /// What was attempted.
+        operation: &'static str,
+        /// The map's name.
+        map: &'static str,
+        /// What the kernel said.
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    /// Attaching to the interface failed.
+    #[error("cannot attach {program} to {interface} in {namespace}")]
+    Attach {
+        /// The program's name.
+        program: &'static str,
+        /// The interface.
+        interface: String,
+        /// The namespace it lives in.
+        namespace: String,
+        /// What the kernel said.
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// The interface does not exist in the namespace.
+    #[error("no interface {interface} in {namespace}")]
+    NoSuchInterface {
+        /// The interface.
+        interface: String,
+        /// The namespace searched.
+        namespace: String,
+    },
+    /// The interface is already watched.
+    #[error("interface {interface} in {namespace} is already watched")]
+    AlreadyAttached {
+        /// The interface.
+        interface: String,
+        /// Its namespace.
+        namespace: String,
+    },
+    /// No attachment has this id.
+    #[error("no attachment {0}")]
+    UnknownAttachment(AttachmentId),
+    /// Entering the namespace failed.
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Identifies one watched interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttachmentId(u64);
+
+impl fmt::Display for AttachmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// An interface's traffic in detail, both directions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficDetail {
+    /// What the interface received (summed over CPUs).
+    pub rx: DirectionStats,
+    /// What the interface sent.
+    pub tx: DirectionStats,
+}
+
+/// Traffic counted on one interface since it was attached, summed over all CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceTraffic {
+    /// Frames and bytes the interface received.
+    pub rx: TrafficCounters,
+    /// Frames and bytes the interface sent.
+    pub tx: TrafficCounters,
+}
+
+/// One watched interface: its own instance of the programs and maps. Dropping it detaches the
+/// programs (their TCX links close) and frees the maps.
+struct Attachment {
+    interface: String,
+    namespace: String,
+    netns_cookie: u64,
+    ifindex: u32,
+    ebpf: Ebpf,
+    programs: Vec<&'static str>,
+}
+
+/// One program's run-time statistics from the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The program's name.
+    pub program: &'static str,
+    /// Total time spent running it.
+    pub run_time: std::time::Duration,
+    /// Times it ran.
+    pub runs: u64,
+}
+
+/// Turns on the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`) for as long as
+/// the returned descriptor lives; they cost every program some nanoseconds per run.
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|source| Error::Program {
+        program: "(statistics)",
+        source: Box::new(aya::programs::ProgramError::SyscallError(source)),
+    })
+}
+
+/// Every interface the traffic programs are attached to.
+///
+/// Each attachment loads its own instance of the object: the kernel gives TC programs no
+/// reliable way to tell which namespace a received frame's device belongs to, and a private
+/// per-CPU array is also the cheapest possible lookup on the data path.
+#[derive(Default)]
+pub struct TrafficProbes {
+    attachments: HashMap<AttachmentId, Attachment>,
+    next_id: u64,
+}
+
+impl fmt::Debug for TrafficProbes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrafficProbes")
+            .field("attachments", &self.attachments.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrafficProbes {
+    /// No interface watched yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loads an instance of the programs and attaches it, ingress and egress, to `interface`
+    /// inside `netns`. Counting starts at zero now. Other TC programs on the interface keep
+    /// running (ours return "next").
+    pub fn attach(&mut self, netns: &Netns, interface: &str) -> Result<AttachmentId> {
+        self.attach_programs(
+            netns,
+            interface,
+            [names::TRAFFIC_INGRESS_PROG, names::TRAFFIC_EGRESS_PROG],
+        )
+    }
+
+    /// Attaches the do-nothing program, ingress and egress, the way [`Self::attach`] attaches
+    /// the counting ones: the baseline for measuring what counting costs per packet (see
+    /// [`Self::program_stats`]). Its counters stay at zero.
+    pub fn attach_baseline(&mut self, netns: &Netns, interface: &str) -> Result<AttachmentId> {
+        self.attach_programs(netns, interface, [names::NOOP_PROG, names::NOOP_PROG])
+    }
+
+    /// The kernel's run-time statistics of an attachment's programs (ingress, egress): total
+    /// run time and runs. They only count while statistics are enabled ([`enable_run_stats`]).
+    pub fn program_stats(&self, id: AttachmentId) -> Result<Vec<ProgramStats>> {
+        let attachment = self
+            .attachments
+            .get(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        attachment
+            .programs
+            .iter()
+            .map(|&name| {
+                let program = attachment.ebpf.program(name).ok_or(Error::Missing {
+                    kind: "program",
+                    name,
+                })?;
+                let info = program.info().map_err(|source| Error::Program {
+                    program: name,
+                    source: Box::new(source),
+                })?;
+                Ok(ProgramStats {
+                    program: name,
+                    run_time: info.run_time(),
+                    runs: info.run_count(),
+                })
+            })
+            .collect()
+    }
+
+    fn attach_programs(
+        &mut self,
+        netns: &Netns,
+        interface: &str,
+        [ingress, egress]: [&'static str; 2],
+    ) -> Result<AttachmentId> {
+        if PROBES_OBJECT.is_empty() {
+            return Err(Error::NotBuilt);
+        }
+        let namespace = netns.to_string();
+        raise_memlock_limit();
+        // The RTT map belongs to the node-wide sock_ops instance: one entry is enough here.
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::NETNS_RTT_MAP, 1)
+            .load(PROBES_OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        let attachments = &self.attachments;
+        // One thread in the namespace for everything that must happen there: identify the
+        // interface, refuse a second attachment, load and attach both programs.
+        let (netns_cookie, ifindex) = netns.run(|| -> Result<(u64, u32)> {
+            let netns_cookie =
+                netns::socket_netns_cookie().map_err(|source| netns::Error::Cookie {
+                    namespace: namespace.clone(),
+                    source,
+                })?;
+            let ifindex = nix::net::if_::if_nametoindex(interface).map_err(|_errno| {
+                Error::NoSuchInterface {
+                    interface: interface.to_owned(),
+                    namespace: namespace.clone(),
+                }
+            })?;
+            if attachments
+                .values()
+                .any(|a| a.netns_cookie == netns_cookie && a.ifindex == ifindex)
+            {
+                return Err(Error::AlreadyAttached {
+                    interface: interface.to_owned(),
+                    namespace: namespace.clone(),
+                });
+            }
+            for (program, attach_type) in [
+                (ingress, TcAttachType::Ingress),
+                (egress, TcAttachType::Egress),
+            ] {
+                let classifier = classifier(&mut ebpf, program)?;
+                // The same program both ways (the baseline) is loaded once.
+                if classifier.fd().is_err() {
+                    classifier.load().map_err(|source| Error::Program {
+                        program,
+                        source: Box::new(source),
+                    })?;
+                }
+                // On error, dropping `ebpf` detaches whatever was attached already.
+                classifier
+                    .attach_with_options(
+                        interface,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|source| Error::Attach {
+                        program,
+                        interface: interface.to_owned(),
+                        namespace: namespace.clone(),
+                        source: Box::new(source),
+                    })?;
+            }
+            Ok((netns_cookie, ifindex))
+        })??;
+
+        self.next_id += 1;
+        let id = AttachmentId(self.next_id);
+        self.attachments.insert(
+            id,
+            Attachment {
+                interface: interface.to_owned(),
+                namespace,
+                netns_cookie,
+                ifindex,
+                ebpf,
+                programs: if ingress == egress {
+                    vec![ingress]
+                } else {
+                    vec![ingress, egress]
+                },
+            },
+        );
+        Ok(id)
+    }
+
+    /// Detaches the programs from the interface and frees its counters.
+    pub fn detach(&mut self, id: AttachmentId) -> Result<()> {
+        self.attachments
+            .remove(&id)
+            .map(drop)
+            .ok_or(Error::UnknownAttachment(id))
+    }
+
+    /// Traffic counted on the attachment so far, summed over CPUs.
+    pub fn traffic(&self, id: AttachmentId) -> Result<InterfaceTraffic> {
+        let detail = self.detail(id)?;
+        Ok(InterfaceTraffic {
+            rx: detail.rx.total(),
+            tx: detail.tx.total(),
+        })
+    }
+
+    /// Traffic counted on the attachment so far by class, frame size and RoCEv2 opcode class.
+    pub fn detail(&self, id: AttachmentId) -> Result<TrafficDetail> {
+        let attachment = self
+            .attachments
+            .get(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        let stats = read_array::<DirectionStats>(&attachment.ebpf, names::IFACE_STATS_MAP)?;
+        Ok(TrafficDetail::of(&stats))
+    }
+
+    /// A reader of the attachment's counters with a map handle of its own: it reads without
+    /// these probes (and their owner's lock), and keeps working, frozen, after a detach.
+    pub fn reader(&self, id: AttachmentId) -> Result<TrafficReader> {
+        let attachment = self
+            .attachments
+            .get(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        let name = names::IFACE_STATS_MAP;
+        let map = own_handle(&attachment.ebpf, name)?;
+        Ok(TrafficReader(
+            PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(map_error("open", name))?,
+        ))
+    }
+}
+
+/// Reads one attachment's counters (see [`TrafficProbes::reader`]).
+pub struct TrafficReader(PerCpuArray<MapData, DirectionStats>);
+
+impl fmt::Debug for TrafficReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrafficReader").finish_non_exhaustive()
+    }
+}
+
+impl TrafficReader {
+    /// Traffic counted so far by class, frame size and RoCEv2 opcode class.
+    pub fn detail(&self) -> Result<TrafficDetail> {
+        Ok(TrafficDetail::of(&sum_array(
+            &self.0,
+            names::IFACE_STATS_MAP,
+        )?))
+    }
+}
+
+impl TrafficDetail {
+    fn of(stats: &[DirectionStats]) -> Self {
+        let of = |d: u32| stats.get(d as usize).copied().unwrap_or_default();
+        Self {
+            rx: of(direction::INGRESS),
+            tx: of(direction::EGRESS),
+        }
+    }
+}
+
+/// A handle of its own (a duplicated file descriptor) on the map `name` of `ebpf`.
+fn own_handle(ebpf: &Ebpf, name: &'static str) -> Result<MapData> {
+    let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+    let (Map::PerCpuArray(data) | Map::PerCpuHashMap(data)) = map else {
+        return Err(Error::Missing {
+            kind: "per-CPU map",
+            name,
+        });
+    };
+    let fd = std::os::fd::AsFd::as_fd(data.fd())
+        .try_clone_to_owned()
+        .map_err(|e| map_error("duplicate", name)(aya::maps::MapError::IoError(e)))?;
+    MapData::from_fd(fd).map_err(map_error("reopen", name))
+}
+
+impl TrafficProbes {
+    /// The interface and namespace an attachment watches, for display.
+    pub fn describe(&self, id: AttachmentId) -> Option<(&str, &str)> {
+        self.attachments
+            .get(&id)
+            .map(|a| (a.interface.as_str(), a.namespace.as_str()))
+    }
+}
+
+/// Values that sum over CPUs.
+trait PerCpuSum: aya::Pod + Default {
+    fn plus(self, other: &Self) -> Self;
+}
+
+impl PerCpuSum for DirectionStats {
+    fn plus(self, other: &Self) -> Self {
+        self.merged(other)
+    }
+}
+
+impl PerCpuSum for RttStats {
+    fn plus(self, other: &Self) -> Self {
+        self.merged(other)
+    }
+}
+
+fn map_error(operation: &'static str, map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map {
+        operation,
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// Every entry of a per-CPU array, each summed over CPUs.
+fn read_array<T: PerCpuSum>(ebpf: &Ebpf, name: &'static str) -> Result<Vec<T>> {
+    let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+    let map: PerCpuArray<_, T> = PerCpuArray::try_from(map).map_err(map_error("open", name))?;
+    sum_array(&map, name)
+}
+
+/// Every entry of a per-CPU array, summed over CPUs.
+fn sum_array<T: PerCpuSum, M: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<M, T>,
+    name: &'static str,
+) -> Result<Vec<T>> {
+    (0..map.len())
+        .map(|index| {
+            let per_cpu = map.get(&index, 0).map_err(map_error("lookup", name))?;
+            Ok(per_cpu.iter().fold(T::default(), PerCpuSum::plus))
+        })
+        .collect()
+}
+
+/// The node-wide sock_ops program: attached once to a cgroup v2 directory (the root sees every
+/// TCP socket of the node), it measures only the network namespaces put in with
+/// [`SocketProbes::watch`] — a pod's sockets are told apart by their namespace's cookie, which
+/// works whether or not the pod has a cgroup v2 directory of its own.
+pub struct SocketProbes {
+    ebpf: Ebpf,
+    cgroup: String,
+}
+
+impl fmt::Debug for SocketProbes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SocketProbes")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SocketProbes {
+    /// Loads the sock_ops program and attaches it to the cgroup v2 directory `cgroup`
+    /// (alongside any other sock_ops programs there). Detached when dropped.
+    pub fn attach(cgroup: &Path) -> Result<Self> {
+        if PROBES_OBJECT.is_empty() {
+            return Err(Error::NotBuilt);
+        }
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .load(PROBES_OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        let program = names::SOCKOPS_PROG;
+        let sock_ops: &mut SockOps = ebpf
+            .program_mut(program)
+            .ok_or(Error::Missing {
+                kind: "program",
+                name: program,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        sock_ops.load().map_err(|source| Error::Program {
+            program,
+            source: Box::new(source),
+        })?;
+        let directory = std::fs::File::open(cgroup).map_err(|e| Error::Attach {
+            program,
+            interface: String::new(),
+            namespace: cgroup.display().to_string(),
+            source: Box::new(aya::programs::ProgramError::IOError(e)),
+        })?;
+        // Through a BPF link (what aya uses where the kernel has them) the kernel takes no mode
+        // flags and always lets other programs on the cgroup keep running.
+        sock_ops
+            .attach(directory, CgroupAttachMode::Single)
+            .map_err(|source| Error::Attach {
+                program,
+                interface: String::new(),
+                namespace: cgroup.display().to_string(),
+                source: Box::new(source),
+            })?;
+        Ok(Self {
+            ebpf,
+            cgroup: cgroup.display().to_string(),
+        })
+    }
+
+    fn map(&mut self) -> Result<PerCpuHashMap<&mut MapData, u64, RttStats>> {
+        let name = names::NETNS_RTT_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        PerCpuHashMap::try_from(map).map_err(map_error("open", name))
+    }
+
+    /// Starts measuring the sockets of the namespace with `cookie` (from zero). Connections
+    /// established from now on are measured.
+    pub fn watch(&mut self, cookie: u64) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Map {
+            operation: "count CPUs",
+            map: names::NETNS_RTT_MAP,
+            source: Box::new(aya::maps::MapError::IoError(e)),
+        })?;
+        let zero = PerCpuValues::try_from(vec![RttStats::default(); cpus]).map_err(|e| {
+            map_error("prepare", names::NETNS_RTT_MAP)(aya::maps::MapError::IoError(e))
+        })?;
+        self.map()?
+            .insert(cookie, zero, 0)
+            .map_err(map_error("insert", names::NETNS_RTT_MAP))
+    }
+
+    /// Stops measuring the namespace with `cookie` and forgets its statistics.
+    pub fn unwatch(&mut self, cookie: u64) -> Result<()> {
+        match self.map()?.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error("remove", names::NETNS_RTT_MAP)(e)),
+        }
+    }
+
+    /// The namespace's RTT statistics so far, summed over CPUs; `None` if it is not watched.
+    pub fn rtt(&mut self, cookie: u64) -> Result<Option<RttStats>> {
+        rtt_of(&self.map()?, cookie)
+    }
+
+    /// A reader of the RTT map with a handle of its own (reads without these probes).
+    pub fn reader(&self) -> Result<RttReader> {
+        let name = names::NETNS_RTT_MAP;
+        let map = own_handle(&self.ebpf, name)?;
+        Ok(RttReader(
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(map)).map_err(map_error("open", name))?,
+        ))
+    }
+}
+
+/// Reads the pods' RTT statistics (see [`SocketProbes::reader`]).
+pub struct RttReader(PerCpuHashMap<MapData, u64, RttStats>);
+
+impl fmt::Debug for RttReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RttReader").finish_non_exhaustive()
+    }
+}
+
+impl RttReader {
+    /// The namespace's RTT statistics so far, summed over CPUs; `None` if it is not watched.
+    pub fn rtt(&self, cookie: u64) -> Result<Option<RttStats>> {
+        rtt_of(&self.0, cookie)
+    }
+}
+
+fn rtt_of<M: std::borrow::Borrow<MapData>>(
+    map: &PerCpuHashMap<M, u64, RttStats>,
+    cookie: u64,
+) -> Result<Option<RttStats>> {
+    match map.get(&cookie, 0) {
+        Ok(per_cpu) => Ok(Some(
+            per_cpu.iter().fold(RttStats::default(), PerCpuSum::plus),
+        )),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_error("lookup", names::NETNS_RTT_MAP)(e)),
+    }
+}
+
+/// The cgroup v2 directory to attach sock_ops to: the unified hierarchy of a hybrid layout
+/// (`/sys/fs/cgroup/unified`) or the root of a pure cgroup v2 node (`/sys/fs/cgroup`).
+pub fn default_cgroup_root() -> Option<std::path::PathBuf> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|path| {
+            nix::sys::statfs::statfs(path.as_path())
+                .is_ok_and(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+        })
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let program = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
+    program.try_into().map_err(|source| Error::Program {
+        program: name,
+        source: Box::new(source),
+    })
+}
+
+/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; newer ones use memcg. Raising the
+/// limit needs `CAP_SYS_RESOURCE`, which some nodes (and this project's CI) lack; that only
+/// matters on old kernels, so a failure is a warning.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit only reads the struct passed by reference.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK (harmless on kernels with memcg-based BPF accounting)"
+        );
+    }
+}
+
+/// One RDMA port's counters, from sysfs (`ports/<n>/counters`, `ports/<n>/hw_counters`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RdmaPortCounters {
+    /// Port number.
+    pub port: u32,
+    /// Bytes sent (`port_xmit_data` × 4: the counter is in 4-byte words).
+    pub tx_bytes: u64,
+    /// Bytes received (`port_rcv_data` × 4).
+    pub rx_bytes: u64,
+    /// Packets sent (`port_xmit_packets`).
+    pub tx_packets: u64,
+    /// Packets received (`port_rcv_packets`).
+    pub rx_packets: u64,
+    /// Every hardware counter the driver exposes (`np_cnp_sent`, `rp_cnp_handled`,
+    /// `out_of_sequence`, `local_ack_timeout_err`, …), by name.
+    pub hw: std::collections::BTreeMap<String, u64>,
+}
+
+/// The counters of every port of RDMA device `device` (e.g. `mlx5_0`) under `host`. A counter
+/// that is missing or unreadable is left out (and a port without any is still listed).
+pub fn rdma_counters(host: &crate::os::host::HostRoot, device: &str) -> Vec<RdmaPortCounters> {
+    let base = format!("/sys/class/infiniband/{device}/ports");
+    let number = |path: &str| -> Option<u64> {
+        host.read(path)
+            .ok()
+            .flatten()
+            .and_then(|text| text.trim().parse().ok())
+    };
+    let mut ports: Vec<RdmaPortCounters> = host
+        .list(&base)
+        .into_iter()
+        .filter_map(|name| name.parse::<u32>().ok())
+        .map(|port| {
+            let counter = |name: &str| number(&format!("{base}/{port}/counters/{name}"));
+            let hw_dir = format!("{base}/{port}/hw_counters");
+            let hw = host
+                .list(&hw_dir)
+                .into_iter()
+                .filter_map(|name| Some((name.clone(), number(&format!("{hw_dir}/{name}"))?)))
+                .collect();
+            RdmaPortCounters {
+                port,
+                tx_bytes: counter("port_xmit_data").unwrap_or(0).saturating_mul(4),
+                rx_bytes: counter("port_rcv_data").unwrap_or(0).saturating_mul(4),
+                tx_packets: counter("port_xmit_packets").unwrap_or(0),
+                rx_packets: counter("port_rcv_packets").unwrap_or(0),
+                hw,
+            }
+        })
+        .collect();
+    ports.sort_by_key(|p| p.port);
+    ports
+}

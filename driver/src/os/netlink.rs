@@ -1,0 +1,1191 @@
+//! Link-level netlink operations (rtnetlink) used to build, move and inspect interfaces.
+//!
+//! A netlink socket belongs to the namespace of the thread that opened it: open a [`Link`] handle
+//! inside the target namespace (see [`crate::os::netns::Netns::block_on`]).
+
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use futures::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+};
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+
+use crate::{
+    model::link::{
+        DeviceIdentity, LINK_ERRORS, LinkPeer, LinkReading, LinkSettings, LinkStats, Neighbor,
+        OffloadSizes, Route,
+    },
+    os::netns::Netns,
+};
+
+/// Errors from netlink operations. Each names the operation and the interface.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The netlink socket could not be opened.
+    #[error("cannot open a netlink socket")]
+    Connect(#[source] std::io::Error),
+    /// No interface has this name in the namespace.
+    #[error("interface {0} does not exist")]
+    NoSuchLink(String),
+    /// The kernel refused an operation.
+    #[error("{operation} on interface {link} failed")]
+    Kernel {
+        /// What was attempted (e.g. "set up", "add address 10.0.0.1/24").
+        operation: String,
+        /// The interface, by name or index.
+        link: String,
+        /// What the kernel said.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The request cannot be expressed (e.g. a malformed MAC address).
+    #[error("interface {link}: {reason}")]
+    InvalidRequest {
+        /// The interface.
+        link: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The kernel's reply lacked an attribute every link carries.
+    #[error("the kernel's reply for interface {link} has no {attribute}")]
+    MissingAttribute {
+        /// The interface.
+        link: String,
+        /// The attribute looked for.
+        attribute: &'static str,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl DeviceIdentity {
+    /// The identity `link` reports.
+    pub fn of(link: &LinkMessage) -> Self {
+        let mut identity = Self::default();
+        let (mut bus, mut device) = (None, None);
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::PermAddress(bytes) if bytes.iter().any(|b| *b != 0) => {
+                    identity.permanent_mac = Some(format_mac(bytes));
+                }
+                LinkAttribute::ParentDevBusName(name) => bus = Some(name.clone()),
+                LinkAttribute::ParentDevName(name) => device = Some(name.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    identity.kind = infos.iter().find_map(|info| match info {
+                        LinkInfo::Kind(kind) => Some(kind.to_string()),
+                        _ => None,
+                    });
+                }
+                _ => {}
+            }
+        }
+        identity.parent = device.map(|d| format!("{}/{d}", bus.unwrap_or_default()));
+        identity
+    }
+
+    /// Whether the identity names one device on the node (a permanent MAC or a parent device);
+    /// a virtual interface's kind alone does not.
+    pub fn is_hardware(&self) -> bool {
+        self.permanent_mac.is_some() || self.parent.is_some()
+    }
+}
+
+impl LinkPeer {
+    /// The peer `link` reports, if any (hardware has none).
+    pub fn of(link: &LinkMessage) -> Option<Self> {
+        let mut peer = None;
+        let mut netnsid = None;
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::Link(index) => peer = Some(*index),
+                LinkAttribute::LinkNetNsId(id) => netnsid = Some(*id),
+                _ => {}
+            }
+        }
+        peer.map(|index| Self { netnsid, index })
+    }
+}
+
+/// The interface of `entries` with hardware identity `identity` (never one that merely has
+/// the same current MAC address: that is anyone's to set).
+pub fn with_identity<'a>(
+    entries: &'a [LinkEntry],
+    identity: &DeviceIdentity,
+) -> Option<&'a LinkEntry> {
+    if !identity.is_hardware() {
+        return None;
+    }
+    entries.iter().find(|entry| entry.identity == *identity)
+}
+
+/// The interface of `entries` that is the device recorded with `identity` and `peer` (seen
+/// from the same namespace): by hardware identity, or for a veth by its peer, which no other
+/// veth can have. Never by name or MAC; a macvlan's parent is shared, so a macvlan is not
+/// found.
+pub fn recorded<'a>(
+    entries: &'a [LinkEntry],
+    identity: &DeviceIdentity,
+    peer: Option<LinkPeer>,
+) -> Option<&'a LinkEntry> {
+    if identity.is_hardware() {
+        return with_identity(entries, identity);
+    }
+    let peer = peer?;
+    if identity.kind.as_deref() != Some("veth") {
+        return None;
+    }
+    entries
+        .iter()
+        .find(|entry| entry.identity == *identity && entry.peer == Some(peer))
+}
+
+/// The name `link` reports.
+pub fn name_of(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
+}
+
+/// One interface as a link dump shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkEntry {
+    /// Interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// `IFLA_INFO_KIND`, for virtual devices.
+    pub kind: Option<String>,
+    /// Its current MAC address, if it has one.
+    pub mac: Option<String>,
+    /// What identifies it whatever its name or MAC.
+    pub identity: DeviceIdentity,
+    /// What it is linked to (a veth's peer, a macvlan's parent).
+    pub peer: Option<LinkPeer>,
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<Vec<u8>> {
+    let bytes: Option<Vec<u8>> = text
+        .split(':')
+        .map(|part| {
+            u8::from_str_radix(part, 16)
+                .ok()
+                .filter(|_| part.len() == 2)
+        })
+        .collect();
+    bytes.filter(|b| b.len() == 6)
+}
+
+fn route_address(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+/// Notifications from [`Link::subscribe`].
+#[derive(Debug)]
+pub struct Events {
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+}
+
+impl Events {
+    /// Waits for the next notification; `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<()> {
+        use futures::StreamExt as _;
+        self.messages.next().await.map(|_| ())
+    }
+}
+
+/// A netlink connection in the namespace of the thread that created it.
+#[derive(Clone, Debug)]
+pub struct Link {
+    handle: rtnetlink::Handle,
+}
+
+impl Link {
+    /// Opens a connection in the calling thread's namespace; must be called inside a tokio runtime
+    /// (the connection's driver task is spawned on it).
+    pub fn connect() -> Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(Error::Connect)?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// Opens a connection in `netns` that the caller's runtime drives: a netlink socket belongs
+    /// to the namespace it was created in, whichever thread uses it, so only the socket's
+    /// creation runs on a thread inside `netns` (none when the caller is already there). Not
+    /// for `/proc/sys/net`, which resolves against the reading thread's namespace.
+    pub async fn connect_in(netns: &Netns) -> Result<Self> {
+        use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+        if netns.is_current() {
+            return Self::connect();
+        }
+        let socket = netns
+            .run_async(|| rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE))
+            .await
+            .map_err(|e| Error::Connect(std::io::Error::other(e)))?
+            .map_err(Error::Connect)?;
+        socket.set_non_blocking(true).map_err(Error::Connect)?;
+        let fd = socket.into_raw_fd();
+        // SAFETY: `fd` is an open netlink socket that nothing else owns (`into_raw_fd` gave up
+        // ownership) and it is non-blocking, so `from_raw_fd` cannot fail on that account.
+        let socket = unsafe { rtnetlink::sys::TokioSocket::from_raw_fd(fd) };
+        let (connection, handle, _) = rtnetlink::from_socket(socket);
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// Opens a connection in the calling thread's namespace that also receives the kernel's
+    /// link and route notifications (`RTNLGRP_LINK`, `RTNLGRP_IPV4_ROUTE`,
+    /// `RTNLGRP_IPV6_ROUTE`): interfaces added, removed, renamed, changed or moved to another
+    /// namespace, and default routes coming and going.
+    pub fn subscribe() -> Result<(Self, Events)> {
+        use rtnetlink::{
+            constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK},
+            sys::{AsyncSocket as _, SocketAddr},
+        };
+        let (mut connection, handle, messages) =
+            rtnetlink::new_connection().map_err(Error::Connect)?;
+        // Join the groups through the bind address (measured here: NETLINK_ADD_MEMBERSHIP on
+        // the not yet bound socket delivered nothing).
+        let groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(0, groups))
+            .map_err(Error::Connect)?;
+        tokio::spawn(connection);
+        Ok((Self { handle }, Events { messages }))
+    }
+
+    /// The interface called `name`.
+    pub async fn get(&self, name: &str) -> Result<LinkMessage> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link),
+            Ok(None) => Err(Error::NoSuchLink(name.to_owned())),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                Err(Error::NoSuchLink(name.to_owned()))
+            }
+            Err(source) => Err(Error::Kernel {
+                operation: "get".into(),
+                link: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The index of the interface called `name`.
+    pub async fn index(&self, name: &str) -> Result<u32> {
+        Ok(self.get(name).await?.header.index)
+    }
+
+    /// The kernel's traffic counters for the interface called `name`.
+    pub async fn stats(&self, name: &str) -> Result<LinkStats> {
+        let link = self.get(name).await?;
+        link.attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                LinkAttribute::Stats64(stats) => Some(LinkStats {
+                    rx_packets: stats.rx_packets,
+                    rx_bytes: stats.rx_bytes,
+                    tx_packets: stats.tx_packets,
+                    tx_bytes: stats.tx_bytes,
+                    tx_dropped: stats.tx_dropped,
+                }),
+                _ => None,
+            })
+            .ok_or_else(|| Error::MissingAttribute {
+                link: name.to_owned(),
+                attribute: "IFLA_STATS64",
+            })
+    }
+
+    /// The interface's operational state, carrier changes and error counters, as the health
+    /// monitor reads them (the same values sysfs shows for an interface on the node).
+    pub async fn health(&self, name: &str) -> Result<LinkReading> {
+        use netlink_packet_route::link::State;
+        let link = self.get(name).await?;
+        let mut reading = LinkReading {
+            interface: name.to_owned(),
+            operstate: "unknown".to_owned(),
+            ..LinkReading::default()
+        };
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::OperState(state) => {
+                    match state {
+                        State::NotPresent => "notpresent",
+                        State::Down => "down",
+                        State::LowerLayerDown => "lowerlayerdown",
+                        State::Testing => "testing",
+                        State::Dormant => "dormant",
+                        State::Up => "up",
+                        _ => "unknown",
+                    }
+                    .clone_into(&mut reading.operstate);
+                }
+                LinkAttribute::CarrierChanges(changes) => {
+                    reading.carrier_changes = Some(u64::from(*changes));
+                }
+                LinkAttribute::Stats64(stats) => {
+                    let values = [
+                        stats.rx_errors,
+                        stats.tx_errors,
+                        stats.rx_crc_errors,
+                        stats.rx_frame_errors,
+                        stats.rx_fifo_errors,
+                        stats.rx_missed_errors,
+                        stats.rx_length_errors,
+                        stats.rx_over_errors,
+                        stats.tx_aborted_errors,
+                        stats.tx_carrier_errors,
+                        stats.tx_fifo_errors,
+                        stats.tx_heartbeat_errors,
+                        stats.tx_window_errors,
+                    ];
+                    reading.errors = LINK_ERRORS
+                        .iter()
+                        .zip(values)
+                        .map(|(name, value)| ((*name).to_owned(), value))
+                        .collect();
+                }
+                _ => {}
+            }
+        }
+        Ok(reading)
+    }
+
+    /// Moves the interface `name` into the namespace `target`.
+    pub async fn move_to(&self, name: &str, target: &Netns) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(
+            name,
+            &format!("move to {target}"),
+            LinkUnspec::new_with_index(index).setns_by_fd(target.as_fd().as_raw_fd()),
+        )
+        .await
+    }
+
+    /// Deletes the interface `name` (a veth's peer goes with it).
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: "delete".into(),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Brings the interface `name` up.
+    pub async fn set_up(&self, name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(name, "set up", LinkUnspec::new_with_index(index).up())
+            .await
+    }
+
+    /// Adds `address/prefix_len` to the interface `name`.
+    pub async fn add_address(&self, name: &str, address: IpAddr, prefix_len: u8) -> Result<()> {
+        let index = self.index(name).await?;
+        self.handle
+            .address()
+            .add(index, address, prefix_len)
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("add address {address}/{prefix_len}"),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// The interface's index, name, MTU, MAC, up flag and identity.
+    pub async fn settings(&self, name: &str) -> Result<LinkSettings> {
+        Ok(settings_of(&self.get(name).await?, name))
+    }
+
+    /// The interface with index `index` (which no one in the namespace can give another
+    /// device while it exists), as a link message.
+    pub async fn get_index(&self, index: u32) -> Result<LinkMessage> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link),
+            Ok(None) => Err(Error::NoSuchLink(format!("#{index}"))),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                Err(Error::NoSuchLink(format!("#{index}")))
+            }
+            Err(source) => Err(Error::Kernel {
+                operation: "get".into(),
+                link: format!("#{index}"),
+                source,
+            }),
+        }
+    }
+
+    /// The settings of the interface with index `index`, under its current name.
+    pub async fn settings_at(&self, index: u32) -> Result<LinkSettings> {
+        let link = self.get_index(index).await?;
+        let name = name_of(&link).unwrap_or_default().to_owned();
+        Ok(settings_of(&link, &name))
+    }
+
+    /// The addresses on the interface `name` (with their prefix lengths).
+    pub async fn addresses(&self, name: &str) -> Result<Vec<IpNet>> {
+        let index = self.index(name).await?;
+        let mut dump = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut addresses = Vec::new();
+        loop {
+            match dump.try_next().await {
+                Ok(Some(message)) => {
+                    let prefix = message.header.prefix_len;
+                    // IFA_ADDRESS is the local address except on point-to-point links, where
+                    // IFA_LOCAL is; prefer IFA_LOCAL when present.
+                    let local = message.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    let address = local.or_else(|| {
+                        message.attributes.iter().find_map(|a| match a {
+                            AddressAttribute::Address(ip) => Some(*ip),
+                            _ => None,
+                        })
+                    });
+                    // IPv6 link-local addresses are the kernel's own, made again on every link.
+                    let link_local = matches!(address, Some(IpAddr::V6(v6)) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                    if let Some(ip) = address
+                        && !link_local
+                        && let Ok(net) = IpNet::new(ip, prefix)
+                        && !addresses.contains(&net)
+                    {
+                        addresses.push(net);
+                    }
+                }
+                Ok(None) => return Ok(addresses),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "list addresses".into(),
+                        link: name.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Routes out of the interface `name` in every table except `local`, leaving out those the
+    /// kernel adds by itself for addresses (protocol `kernel`) and IPv6 multicast/link-local
+    /// routes: what a restore has to put back.
+    pub async fn routes(&self, name: &str) -> Result<Vec<Route>> {
+        let index = self.index(name).await?;
+        let mut routes = Vec::new();
+        for query in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut dump = self.handle.route().get(query).execute();
+            loop {
+                let message = match dump.try_next().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(source) => {
+                        return Err(Error::Kernel {
+                            operation: "list routes".into(),
+                            link: name.to_owned(),
+                            source,
+                        });
+                    }
+                };
+                if let Some(route) = own_route(&message, index) {
+                    routes.push(route);
+                }
+            }
+        }
+        Ok(routes)
+    }
+
+    /// Moves the interface `name` into `target` under the name `new_name`, in one request (a
+    /// pod usually has an `eth0` already, so moving first and renaming after could collide).
+    pub async fn move_renamed(&self, name: &str, target: &Netns, new_name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(
+            name,
+            &format!("move to {target} as {new_name}"),
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(target.as_fd().as_raw_fd())
+                .name(new_name.to_owned()),
+        )
+        .await
+    }
+
+    /// The name of the interface whose identity is `identity`, if any; only hardware
+    /// identities are looked for (a virtual interface's kind names no single device).
+    pub async fn name_with_identity(&self, identity: &DeviceIdentity) -> Result<Option<String>> {
+        if !identity.is_hardware() {
+            return Ok(None);
+        }
+        Ok(with_identity(&self.links().await?, identity).map(|entry| entry.name.clone()))
+    }
+
+    /// The name of the interface recorded with `identity` and `peer` (see [`recorded`]).
+    pub async fn name_of_recorded(
+        &self,
+        identity: &DeviceIdentity,
+        peer: Option<LinkPeer>,
+    ) -> Result<Option<String>> {
+        Ok(recorded(&self.links().await?, identity, peer).map(|entry| entry.name.clone()))
+    }
+
+    /// Takes the interface with index `index` down and moves it into `target` as `new_name`,
+    /// addressed by index throughout (a name inside a pod is the tenant's to change).
+    pub async fn move_index_renamed(
+        &self,
+        index: u32,
+        target: &Netns,
+        new_name: &str,
+    ) -> Result<()> {
+        let label = format!("#{index}");
+        self.set(&label, "set down", LinkUnspec::new_with_index(index).down())
+            .await?;
+        self.set(
+            &label,
+            &format!("move to {target} as {new_name}"),
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(target.as_fd().as_raw_fd())
+                .name(new_name.to_owned()),
+        )
+        .await
+    }
+
+    /// Renames the interface `name` to `new_name`.
+    pub async fn rename(&self, name: &str, new_name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(
+            name,
+            &format!("rename to {new_name}"),
+            LinkUnspec::new_with_index(index).name(new_name.to_owned()),
+        )
+        .await
+    }
+
+    /// Sets the GSO/GRO limits of the interface `name` that `sizes` names (others unchanged),
+    /// in one request.
+    pub async fn set_offload_sizes(&self, name: &str, sizes: OffloadSizes) -> Result<()> {
+        let index = self.index(name).await?;
+        let mut message = LinkUnspec::new_with_index(index);
+        let wanted = [
+            sizes.gso_max_size.map(LinkAttribute::GsoMaxSize),
+            sizes.gro_max_size.map(LinkAttribute::GroMaxSize),
+            sizes.gso_ipv4_max_size.map(LinkAttribute::GsoIpv4MaxSize),
+            sizes.gro_ipv4_max_size.map(LinkAttribute::GroIpv4MaxSize),
+        ];
+        for attribute in wanted.into_iter().flatten() {
+            message = message.append_extra_attribute(attribute);
+        }
+        self.set(name, &format!("set GSO/GRO sizes {sizes:?}"), message)
+            .await
+    }
+
+    /// Sets the MTU of the interface `name`.
+    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(
+            name,
+            &format!("set MTU {mtu}"),
+            LinkUnspec::new_with_index(index).mtu(mtu),
+        )
+        .await
+    }
+
+    /// Sets the MAC address of the interface `name`.
+    pub async fn set_mac(&self, name: &str, mac: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        let bytes = parse_mac(mac).ok_or_else(|| Error::InvalidRequest {
+            link: name.to_owned(),
+            reason: format!("{mac} is not a MAC address"),
+        })?;
+        self.set(
+            name,
+            &format!("set MAC {mac}"),
+            LinkUnspec::new_with_index(index).address(bytes),
+        )
+        .await
+    }
+
+    /// Takes the interface `name` down.
+    pub async fn set_down(&self, name: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        self.set(name, "set down", LinkUnspec::new_with_index(index).down())
+            .await
+    }
+
+    /// Adds `route` out of the interface `name`.
+    pub async fn add_route(&self, name: &str, route: &Route) -> Result<()> {
+        let index = self.index(name).await?;
+        let failed = |reason: String| Error::InvalidRequest {
+            link: name.to_owned(),
+            reason: format!("route to {}: {reason}", route.destination),
+        };
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(route.destination.addr(), route.destination.prefix_len())
+            .map_err(|e| failed(e.to_string()))?
+            .output_interface(index)
+            .table_id(route.table);
+        if let Some(gateway) = route.gateway {
+            builder = builder
+                .gateway(gateway)
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        if let Some(source) = route.source {
+            builder = builder
+                .pref_source(source)
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        if let Some(metric) = route.metric {
+            builder = builder.priority(metric);
+        }
+        if route.link_scope {
+            builder = builder.scope(RouteScope::Link);
+        }
+        self.handle
+            .route()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("add route to {}", route.destination),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Adds a policy routing rule: traffic from `source` and/or to `destination` (at least one,
+    /// of one address family) looks up `table`.
+    pub async fn add_rule(
+        &self,
+        priority: Option<u32>,
+        source: Option<IpNet>,
+        destination: Option<IpNet>,
+        table: u32,
+    ) -> Result<()> {
+        use netlink_packet_route::rule::RuleAction;
+        let what = format!(
+            "add rule{}{} lookup {table}",
+            source.map(|s| format!(" from {s}")).unwrap_or_default(),
+            destination.map(|d| format!(" to {d}")).unwrap_or_default()
+        );
+        let invalid = |reason: &str| Error::InvalidRequest {
+            link: "*".into(),
+            reason: format!("{what}: {reason}"),
+        };
+        let base = self
+            .handle
+            .rule()
+            .add()
+            .table_id(table)
+            .action(RuleAction::ToTable);
+        let base = match priority {
+            Some(priority) => base.priority(priority),
+            None => base,
+        };
+        let outcome = match (source, destination) {
+            (None, None) => return Err(invalid("needs a source or a destination")),
+            (Some(IpNet::V4(_)) | None, Some(IpNet::V4(_)) | None) => {
+                let mut request = base.v4();
+                if let Some(IpNet::V4(net)) = source {
+                    request = request.source_prefix(net.addr(), net.prefix_len());
+                }
+                if let Some(IpNet::V4(net)) = destination {
+                    request = request.destination_prefix(net.addr(), net.prefix_len());
+                }
+                request.execute().await
+            }
+            (Some(IpNet::V6(_)) | None, Some(IpNet::V6(_)) | None) => {
+                let mut request = base.v6();
+                if let Some(IpNet::V6(net)) = source {
+                    request = request.source_prefix(net.addr(), net.prefix_len());
+                }
+                if let Some(IpNet::V6(net)) = destination {
+                    request = request.destination_prefix(net.addr(), net.prefix_len());
+                }
+                request.execute().await
+            }
+            _ => return Err(invalid("source and destination are of different families")),
+        };
+        outcome.map_err(|source| Error::Kernel {
+            operation: what,
+            link: "*".into(),
+            source,
+        })
+    }
+
+    /// Adds a permanent neighbor entry `ip` → `mac` on the interface `name`.
+    pub async fn add_neighbor(&self, name: &str, ip: IpAddr, mac: &str) -> Result<()> {
+        let index = self.index(name).await?;
+        let bytes = parse_mac(mac).ok_or_else(|| Error::InvalidRequest {
+            link: name.to_owned(),
+            reason: format!("{mac} is not a MAC address"),
+        })?;
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(&bytes)
+            .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("add neighbor {ip} at {mac}"),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// The permanent neighbor entries (static ARP/NDP) on the interface `name`, as
+    /// `(address, MAC)`: the kernel drops them when the interface leaves the namespace.
+    pub async fn permanent_neighbors(&self, name: &str) -> Result<Vec<Neighbor>> {
+        use netlink_packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourState,
+        };
+        let index = self.index(name).await?;
+        let mut dump = self.handle.neighbours().get().execute();
+        let mut found = Vec::new();
+        loop {
+            let message = match dump.try_next().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(found),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "list neighbors".into(),
+                        link: name.to_owned(),
+                        source,
+                    });
+                }
+            };
+            if message.header.ifindex != index || message.header.state != NeighbourState::Permanent
+            {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for attribute in &message.attributes {
+                match attribute {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        ip = Some(IpAddr::V4(*v4));
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        ip = Some(IpAddr::V6(*v6));
+                    }
+                    NeighbourAttribute::LinkLayerAddress(bytes) if !bytes.is_empty() => {
+                        mac = Some(format_mac(bytes));
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                found.push(Neighbor { ip, mac });
+            }
+        }
+    }
+
+    /// The kind of every interface that has one, by name (see [`Link::links`]).
+    pub async fn kinds(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .filter_map(|l| Some((l.name, l.kind?)))
+            .collect())
+    }
+
+    /// Interfaces that carry a default route in the main table, with the address family
+    /// (`IPv4`/`IPv6`), multipath next hops included.
+    pub async fn default_route_interfaces(&self) -> Result<Vec<(String, &'static str)>> {
+        let mut indexes: Vec<(u32, &'static str)> = Vec::new();
+        let dumps = [
+            (
+                RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+                "IPv4",
+            ),
+            (
+                RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+                "IPv6",
+            ),
+        ];
+        for (query, family) in dumps {
+            let mut routes = self.handle.route().get(query).execute();
+            loop {
+                let route = match routes.try_next().await {
+                    Ok(Some(route)) => route,
+                    Ok(None) => break,
+                    Err(source) => {
+                        return Err(Error::Kernel {
+                            operation: format!("dump {family} routes"),
+                            link: "*".into(),
+                            source,
+                        });
+                    }
+                };
+                for index in default_route_oifs(&route) {
+                    if !indexes.contains(&(index, family)) {
+                        indexes.push((index, family));
+                    }
+                }
+            }
+        }
+        let mut named = Vec::new();
+        for (index, family) in indexes {
+            let mut links = self.handle.link().get().match_index(index).execute();
+            if let Ok(Some(link)) = links.try_next().await
+                && let Some(name) = link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                })
+            {
+                named.push((name, family));
+            }
+        }
+        Ok(named)
+    }
+
+    /// Every interface of the namespace: name, index and kind (`veth`, `macvlan`, `bridge`,
+    /// `bond`, …, from `IFLA_LINKINFO`; hardware interfaces have none).
+    pub async fn links(&self) -> Result<Vec<LinkEntry>> {
+        let mut entries = Vec::new();
+        let mut links = self.handle.link().get().execute();
+        loop {
+            let link = match links.try_next().await {
+                Ok(Some(link)) => link,
+                Ok(None) => return Ok(entries),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "dump links".into(),
+                        link: "*".into(),
+                        source,
+                    });
+                }
+            };
+            let identity = DeviceIdentity::of(&link);
+            let mac = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(bytes) if !bytes.is_empty() => Some(format_mac(bytes)),
+                _ => None,
+            });
+            if let Some(name) = name_of(&link) {
+                entries.push(LinkEntry {
+                    index: link.header.index,
+                    name: name.to_owned(),
+                    kind: identity.kind.clone(),
+                    mac,
+                    identity,
+                    peer: LinkPeer::of(&link),
+                });
+            }
+        }
+    }
+
+    /// Every address of the namespace (link-local ones included), by interface index.
+    pub async fn all_addresses(&self) -> Result<std::collections::BTreeSet<(u32, IpAddr)>> {
+        let mut dump = self.handle.address().get().execute();
+        let mut found = std::collections::BTreeSet::new();
+        loop {
+            match dump.try_next().await {
+                Ok(Some(message)) => {
+                    for attribute in &message.attributes {
+                        if let AddressAttribute::Local(ip) | AddressAttribute::Address(ip) =
+                            attribute
+                        {
+                            found.insert((message.header.index, *ip));
+                        }
+                    }
+                }
+                Ok(None) => return Ok(found),
+                Err(source) => {
+                    return Err(Error::Kernel {
+                        operation: "list addresses".into(),
+                        link: "*".into(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn set(
+        &self,
+        name: &str,
+        operation: &str,
+        message: rtnetlink::LinkMessageBuilder<LinkUnspec>,
+    ) -> Result<()> {
+        self.handle
+            .link()
+            .set(message.build())
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: operation.to_owned(),
+                link: name.to_owned(),
+                source,
+            })
+    }
+}
+
+/// The settings `link` reports, under `name`.
+fn settings_of(link: &LinkMessage, name: &str) -> LinkSettings {
+    let mut settings = LinkSettings {
+        index: link.header.index,
+        name: name.to_owned(),
+        mtu: 0,
+        mac: None,
+        up: link.header.flags.contains(LinkFlags::Up),
+        offload_sizes: OffloadSizes::default(),
+        identity: Some(DeviceIdentity::of(link)),
+        peer: LinkPeer::of(link),
+    };
+    let sizes = &mut settings.offload_sizes;
+    for attribute in &link.attributes {
+        match attribute {
+            LinkAttribute::Mtu(mtu) => settings.mtu = *mtu,
+            LinkAttribute::GsoMaxSize(size) => sizes.gso_max_size = Some(*size),
+            LinkAttribute::GroMaxSize(size) => sizes.gro_max_size = Some(*size),
+            LinkAttribute::GsoIpv4MaxSize(size) => sizes.gso_ipv4_max_size = Some(*size),
+            LinkAttribute::GroIpv4MaxSize(size) => sizes.gro_ipv4_max_size = Some(*size),
+            LinkAttribute::Address(mac) if !mac.is_empty() => {
+                settings.mac = Some(format_mac(mac));
+            }
+            _ => {}
+        }
+    }
+    settings
+}
+
+/// `message` as a [`Route`] if it goes out of `index` and is one a restore must re-add.
+fn own_route(message: &RouteMessage, index: u32) -> Option<Route> {
+    let header = &message.header;
+    if header.protocol == RouteProtocol::Kernel
+        || header.kind != RouteType::Unicast
+        || header.table == 255
+    {
+        return None;
+    }
+    let mut oif = None;
+    let mut destination = None;
+    let mut gateway = None;
+    let mut source = None;
+    let mut table = u32::from(header.table);
+    let mut metric = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(a) => destination = route_address(a),
+            RouteAttribute::Gateway(a) => gateway = route_address(a),
+            RouteAttribute::PrefSource(a) => source = route_address(a),
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => metric = Some(*p),
+            _ => {}
+        }
+    }
+    if oif != Some(index) {
+        return None;
+    }
+    let unspecified = match header.address_family {
+        netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    };
+    let destination = IpNet::new(
+        destination.unwrap_or(unspecified),
+        header.destination_prefix_length,
+    )
+    .ok()?;
+    // The kernel adds IPv6 link-local and multicast routes itself, with protocol `kernel` or
+    // `boot` in some versions: never restore those.
+    if let IpNet::V6(net) = destination
+        && (net.addr().segments()[0] & 0xffc0 == 0xfe80 || net.addr().is_multicast())
+    {
+        return None;
+    }
+    Some(Route {
+        destination,
+        gateway,
+        source,
+        table,
+        link_scope: header.scope == RouteScope::Link,
+        metric: metric.filter(|m| *m != 0 && !(destination.addr().is_ipv6() && *m == 1024)),
+    })
+}
+
+/// The output interfaces of a route if it is a unicast default route of the main table.
+fn default_route_oifs(route: &RouteMessage) -> Vec<u32> {
+    const MAIN_TABLE: u32 = 254;
+    let table = route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or_else(|| u32::from(route.header.table));
+    if route.header.destination_prefix_length != 0
+        || route.header.kind != RouteType::Unicast
+        || table != MAIN_TABLE
+    {
+        return Vec::new();
+    }
+    route
+        .attributes
+        .iter()
+        .flat_map(|a| match a {
+            RouteAttribute::Oif(index) => vec![*index],
+            RouteAttribute::MultiPath(hops) => hops.iter().map(|h| h.interface_index).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+
+    use super::{DeviceIdentity, LinkEntry, LinkPeer, recorded, with_identity};
+
+    fn message(attributes: Vec<LinkAttribute>) -> LinkMessage {
+        let mut link = LinkMessage::default();
+        link.header.index = 7;
+        link.attributes = attributes;
+        link
+    }
+
+    #[test]
+    fn identity_is_what_the_kernel_reports_not_what_a_tenant_sets() {
+        let nic = message(vec![
+            LinkAttribute::IfName("net1".into()),
+            LinkAttribute::Address(vec![2, 0, 0, 0, 0, 0x43]),
+            LinkAttribute::PermAddress(vec![0xb8, 0x3f, 0xd2, 0, 0, 1]),
+            LinkAttribute::ParentDevBusName("pci".into()),
+            LinkAttribute::ParentDevName("0000:3b:00.1".into()),
+        ]);
+        let identity = DeviceIdentity::of(&nic);
+        assert_eq!(identity.permanent_mac.as_deref(), Some("b8:3f:d2:00:00:01"));
+        assert_eq!(identity.parent.as_deref(), Some("pci/0000:3b:00.1"));
+        assert_eq!(identity.kind, None);
+        assert!(identity.is_hardware());
+        assert_eq!(LinkPeer::of(&nic), None);
+        // A veth: its kind only, an all-zero permanent address is none; its peer elsewhere.
+        let veth = message(vec![
+            LinkAttribute::PermAddress(vec![0; 6]),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+            LinkAttribute::Link(12),
+            LinkAttribute::LinkNetNsId(3),
+        ]);
+        let virtual_identity = DeviceIdentity::of(&veth);
+        assert_eq!(virtual_identity.kind.as_deref(), Some("veth"));
+        assert!(!virtual_identity.is_hardware());
+        assert_eq!(
+            LinkPeer::of(&veth),
+            Some(LinkPeer {
+                netnsid: Some(3),
+                index: 12
+            })
+        );
+    }
+
+    #[test]
+    fn a_returned_nic_is_found_by_identity_never_by_its_current_mac() {
+        let hardware = |permanent: &str, parent: &str| DeviceIdentity {
+            kind: None,
+            permanent_mac: Some(permanent.into()),
+            parent: Some(parent.into()),
+        };
+        let entry = |index: u32, name: &str, mac: &str, identity: DeviceIdentity| LinkEntry {
+            index,
+            name: name.into(),
+            kind: identity.kind.clone(),
+            mac: Some(mac.into()),
+            identity,
+            peer: None,
+        };
+        let claimed = hardware("b8:3f:d2:00:00:01", "pci/0000:3b:00.1");
+        let entries = [
+            // The uplink, whose current MAC a claim set as the pod's MAC.
+            entry(
+                2,
+                "eth0",
+                "02:00:00:00:00:43",
+                hardware("b8:3f:d2:00:00:09", "pci/0000:01:00.0"),
+            ),
+            // The claimed NIC back from a dead pod, renamed by the kernel, with the pod's MAC.
+            entry(9, "dev9", "02:00:00:00:00:43", claimed.clone()),
+        ];
+        assert_eq!(
+            with_identity(&entries, &claimed).map(|e| e.name.as_str()),
+            Some("dev9")
+        );
+        // A virtual interface's kind names no single device: never searched for.
+        let veth = DeviceIdentity {
+            kind: Some("veth".into()),
+            ..DeviceIdentity::default()
+        };
+        let virtual_entries = [entry(3, "enp1", "02:00:00:00:00:43", veth.clone())];
+        assert_eq!(with_identity(&virtual_entries, &veth), None);
+        // A veth is found by its peer, which is one device; a macvlan's parent is shared.
+        let peer = |index| LinkPeer {
+            netnsid: Some(1),
+            index,
+        };
+        let mut veths = [
+            entry(3, "dev3", "02:00:00:00:00:43", veth.clone()),
+            entry(4, "other", "02:00:00:00:00:43", veth.clone()),
+        ];
+        veths[0].peer = Some(peer(7));
+        veths[1].peer = Some(peer(8));
+        let found = |veths: &[LinkEntry], identity: &DeviceIdentity, at| {
+            recorded(veths, identity, Some(peer(at))).map(|e| e.name.clone())
+        };
+        assert_eq!(found(&veths, &veth, 7).as_deref(), Some("dev3"));
+        assert_eq!(found(&veths, &veth, 9), None);
+        assert_eq!(recorded(&veths, &veth, None), None);
+        let macvlan = DeviceIdentity {
+            kind: Some("macvlan".into()),
+            ..DeviceIdentity::default()
+        };
+        veths[0].identity = macvlan.clone();
+        assert_eq!(found(&veths, &macvlan, 7), None);
+        assert_eq!(recorded(&entries, &claimed, None).map(|e| e.index), Some(9));
+    }
+}

@@ -1,0 +1,411 @@
+//! The crash-safe state store: what the driver has prepared and attached, so that a restarted
+//! driver — even after SIGKILL at any instant — knows every prepared claim and every interface
+//! it moved.
+//!
+//! One small JSON file per record, replaced atomically: written to a temporary file, fsynced,
+//! renamed over the old one, and the directory fsynced. A reader therefore sees either the old or
+//! the new record, never a torn one; leftover temporary files from a crash are removed at open.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::{self, Write as _},
+    marker::PhantomData,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::model::records::PreparedClaim;
+
+/// Errors from the store. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory operation failed.
+    #[error("{operation} {path}")]
+    Io {
+        /// What was attempted.
+        operation: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// A record does not parse (written by an incompatible version, or edited by hand).
+    #[error("record {path} is unreadable")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A key that is not a safe file name.
+    #[error("`{0}` cannot be used as a record key")]
+    BadKey(String),
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The records that could be read (by key), and an error for each that could not.
+pub type Readable<T> = (Vec<(String, T)>, Vec<Error>);
+
+/// The records that could be read (by key), and where each unreadable one was moved, with why.
+pub type Quarantined<T> = (Vec<(String, T)>, Vec<(PathBuf, Error)>);
+
+/// A directory of records of one type, keyed by a file-name-safe string; optionally with every
+/// record also held in memory (for records read on hot paths, written only through this value).
+#[derive(Debug)]
+pub struct Records<T> {
+    dir: PathBuf,
+    cache: Option<Mutex<BTreeMap<String, T>>>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: Serialize + DeserializeOwned + Clone> Records<T> {
+    /// Opens the directory and keeps every record in memory as well: reads are served from
+    /// memory, writes go to disk first and then to memory. Only for a directory this process
+    /// alone writes. A record that cannot be read at open is logged (naming the file) and left
+    /// out, as if it did not exist.
+    pub fn open_cached(dir: impl Into<PathBuf>) -> Result<Self> {
+        let mut records = Self::open(dir)?;
+        let (readable, problems) = records.all_readable()?;
+        for problem in problems {
+            tracing::error!(problem = %crate::model::error_chain(&problem), "ignoring an unreadable record");
+        }
+        records.cache = Some(Mutex::new(readable.into_iter().collect()));
+        Ok(records)
+    }
+
+    fn cached(&self) -> Option<MutexGuard<'_, BTreeMap<String, T>>> {
+        self.cache.as_ref().map(|cache| {
+            cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        })
+    }
+
+    /// Opens (creating, mode 0700) the directory and removes temporary files a crash left.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| io_error("creating", &dir, source))?;
+        for entry in fs::read_dir(&dir).map_err(|source| io_error("listing", &dir, source))? {
+            let path = entry
+                .map_err(|source| io_error("listing", &dir, source))?
+                .path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                fs::remove_file(&path).map_err(|source| io_error("removing", &path, source))?;
+            }
+        }
+        Ok(Self {
+            dir,
+            cache: None,
+            _type: PhantomData,
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        let safe = !key.is_empty()
+            && key.len() <= 200
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && !key.starts_with('.');
+        if safe {
+            Ok(self.dir.join(format!("{key}.json")))
+        } else {
+            Err(Error::BadKey(key.to_owned()))
+        }
+    }
+
+    /// Stores `value` under `key`, replacing any earlier record atomically and durably.
+    pub fn put(&self, key: &str, value: &T) -> Result<()> {
+        self.write(key, value)?;
+        self.sync_dir()?;
+        if let Some(mut cache) = self.cached() {
+            cache.insert(key.to_owned(), value.clone());
+        }
+        Ok(())
+    }
+
+    /// Stores several records, each atomically; all are durable when this returns (one
+    /// directory sync for the batch instead of one per record).
+    pub fn put_all<'a>(&self, records: impl IntoIterator<Item = (&'a str, &'a T)>) -> Result<()>
+    where
+        T: 'a,
+    {
+        let mut written = Vec::new();
+        for (key, value) in records {
+            self.write(key, value)?;
+            written.push((key, value));
+        }
+        if written.is_empty() {
+            return Ok(());
+        }
+        self.sync_dir()?;
+        if let Some(mut cache) = self.cached() {
+            for (key, value) in written {
+                cache.insert(key.to_owned(), value.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one record to a temporary file, syncs it, and renames it into place.
+    fn write(&self, key: &str, value: &T) -> Result<()> {
+        let path = self.path(key)?;
+        let temporary = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(value).map_err(|source| Error::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(|source| io_error("creating", &temporary, source))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|source| io_error("writing", &temporary, source))?;
+        drop(file);
+        fs::rename(&temporary, &path).map_err(|source| io_error("renaming", &temporary, source))
+    }
+
+    /// The record under `key`, if any.
+    pub fn get(&self, key: &str) -> Result<Option<T>> {
+        let path = self.path(key)?;
+        if let Some(cache) = self.cached() {
+            return Ok(cache.get(key).cloned());
+        }
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| Error::Corrupt { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(io_error("reading", &path, source)),
+        }
+    }
+
+    /// Removes the record under `key` (no error if there is none).
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => self.sync_dir()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io_error("removing", &path, source)),
+        }
+        if let Some(mut cache) = self.cached() {
+            cache.remove(key);
+        }
+        Ok(())
+    }
+
+    /// The records (by key, sorted) for which `wanted` holds; from memory when cached.
+    pub fn matching(&self, wanted: impl Fn(&T) -> bool) -> Result<Readable<T>> {
+        if let Some(cache) = self.cached() {
+            let records = cache
+                .iter()
+                .filter(|(_, value)| wanted(value))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            return Ok((records, Vec::new()));
+        }
+        let (mut records, problems) = self.all_readable()?;
+        records.retain(|(_, value)| wanted(value));
+        Ok((records, problems))
+    }
+
+    /// Every record, by key, sorted.
+    pub fn all(&self) -> Result<Vec<(String, T)>> {
+        let (records, mut problems) = self.all_readable()?;
+        match problems.pop() {
+            Some(problem) => Err(problem),
+            None => Ok(records),
+        }
+    }
+
+    /// Every record that can be read, and an error for each that cannot (a corrupt record must
+    /// not stop the work on all the others).
+    pub fn all_readable(&self) -> Result<Readable<T>> {
+        if let Some(cache) = self.cached() {
+            let records = cache.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            return Ok((records, Vec::new()));
+        }
+        let mut keys: Vec<String> = fs::read_dir(&self.dir)
+            .map_err(|source| io_error("listing", &self.dir, source))?
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                name.strip_suffix(".json").map(str::to_owned)
+            })
+            .collect();
+        keys.sort();
+        let mut records = Vec::with_capacity(keys.len());
+        let mut problems = Vec::new();
+        for key in keys {
+            match self.get(&key) {
+                Ok(Some(value)) => records.push((key, value)),
+                Ok(None) => {}
+                Err(problem) => problems.push(problem),
+            }
+        }
+        Ok((records, problems))
+    }
+
+    /// Every record that can be read; each one that cannot is moved aside into the
+    /// `quarantine` directory beside the records (kept for a human to look at, never read
+    /// again) and returned with why it was unreadable.
+    pub fn all_quarantining(&self) -> Result<Quarantined<T>> {
+        let (records, problems) = self.all_readable()?;
+        let mut moved = Vec::new();
+        for problem in problems {
+            let Error::Corrupt { path, .. } = &problem else {
+                return Err(problem);
+            };
+            let quarantine = self.dir.join("quarantine");
+            fs::create_dir_all(&quarantine)
+                .map_err(|source| io_error("creating", &quarantine, source))?;
+            let name = path.file_name().unwrap_or_default();
+            let aside = quarantine.join(name);
+            fs::rename(path, &aside).map_err(|source| io_error("moving aside", path, source))?;
+            moved.push((aside, problem));
+        }
+        if !moved.is_empty() {
+            self.sync_dir()?;
+        }
+        Ok((records, moved))
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|source| io_error("syncing", &self.dir, source))
+    }
+}
+
+fn io_error(operation: &'static str, path: &Path, source: io::Error) -> Error {
+    Error::Io {
+        operation,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Everything the driver keeps across restarts, under its state directory. Claims are also held
+/// in memory (the NRI hooks look up a pod's claims on every sandbox and container start), so
+/// one process at a time owns a state directory; others may read `pods`.
+#[derive(Debug)]
+pub struct StateStore {
+    /// Prepared claims by UID.
+    pub claims: Records<PreparedClaim>,
+    /// Pods' attached interfaces by pod UID.
+    pub pods: Records<crate::model::records::PodRecord>,
+}
+
+impl StateStore {
+    /// Opens the store under `dir` (e.g. `/var/lib/knd`).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Ok(Self {
+            claims: Records::open_cached(dir.as_ref().join("claims"))?,
+            pods: Records::open(dir.as_ref().join("pods"))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::records::PreparedDevice;
+
+    fn claim(uid: &str, generation: usize) -> PreparedClaim {
+        PreparedClaim {
+            uid: uid.into(),
+            namespace: "ml".into(),
+            name: format!("claim-{generation}"),
+            pod_uids: vec!["pod-1".into()],
+            devices: vec![PreparedDevice {
+                requests: vec!["nic".into()],
+                pool: "node-1".into(),
+                device: "pci-0000-b4-00-0".into(),
+                config: crate::model::config::default_config(),
+                topology: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        store.claims.put("uid-1", &claim("uid-1", 1)).unwrap();
+        store.claims.put("uid-2", &claim("uid-2", 1)).unwrap();
+        store
+            .claims
+            .put_all([("uid-1", &claim("uid-1", 2)), ("uid-4", &claim("uid-4", 1))])
+            .unwrap();
+        store.claims.remove("uid-4").unwrap();
+        store.claims.remove("uid-2").unwrap();
+        store.claims.remove("uid-2").unwrap();
+        // A crash mid-write leaves a temporary file behind: reopening cleans it up.
+        fs::write(dir.path().join("claims/uid-3.json.tmp"), "{\"half").unwrap();
+        let reopened = StateStore::open(dir.path()).unwrap();
+        let all = reopened.claims.all().unwrap();
+        assert_eq!(all, vec![("uid-1".to_owned(), claim("uid-1", 2))]);
+        assert!(!dir.path().join("claims/uid-3.json.tmp").exists());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(dir.path().join("claims/uid-1.json"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn bad_keys_and_corrupt_records_are_errors_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        for key in ["", "../escape", "a/b", ".hidden"] {
+            assert!(
+                matches!(store.claims.get(key), Err(Error::BadKey(_))),
+                "{key}"
+            );
+        }
+        fs::write(dir.path().join("pods/uid-9.json"), "not json").unwrap();
+        let err = store.pods.get("uid-9").unwrap_err().to_string();
+        assert!(err.contains("uid-9.json"), "{err}");
+    }
+
+    #[test]
+    fn cached_records_follow_writes_and_skip_what_they_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("claims")).unwrap();
+        fs::write(dir.path().join("claims/bad.json"), "not json").unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        assert_eq!(store.claims.get("bad").unwrap(), None);
+        store.claims.put("uid-1", &claim("uid-1", 1)).unwrap();
+        let mut other = claim("uid-2", 1);
+        other.pod_uids = vec!["pod-2".into()];
+        store.claims.put_all([("uid-2", &other)]).unwrap();
+        let (for_pod_2, _) = store
+            .claims
+            .matching(|c| c.pod_uids.iter().any(|p| p == "pod-2"))
+            .unwrap();
+        assert_eq!(for_pod_2, vec![("uid-2".to_owned(), other)]);
+        store.claims.remove("uid-1").unwrap();
+        assert_eq!(store.claims.get("uid-1").unwrap(), None);
+        // What is in memory is what is on disk.
+        let fresh = Records::<PreparedClaim>::open(dir.path().join("claims")).unwrap();
+        let (on_disk, problems) = fresh.all_readable().unwrap();
+        assert_eq!(on_disk, store.claims.all().unwrap());
+        assert_eq!(problems.len(), 1, "the unreadable record is still there");
+    }
+}
