@@ -8,7 +8,7 @@ use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClai
 use crate::{
     model::{
         config::{self, ConfigError, DeviceLimits, NetworkConfig},
-        ports::{ClaimApi, ClaimOutcome, ClaimRef},
+        ports::{ClaimApi, ClaimOutcome, ClaimRef, SourceError},
         records::{PreparedClaim, PreparedDevice},
     },
     os::state::{self, StateStore},
@@ -17,20 +17,21 @@ use crate::{
 /// Failures that are not the claim's fault: kubelet gets a gRPC error and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum InternalError {
-    /// The claim could not be read from the API.
-    #[error("cannot read claim {claim}: {message}")]
+    /// The claim, or what it refers to, could not be read from the API.
+    #[error("cannot read claim {claim}")]
     Source {
         /// The claim.
         claim: String,
-        /// What went wrong.
-        message: String,
+        /// What could not be read, and why.
+        #[source]
+        source: SourceError,
     },
     /// The state store failed.
     #[error(transparent)]
     State(#[from] state::Error),
     /// A blocking task died.
-    #[error("a worker task failed: {0}")]
-    Task(String),
+    #[error("a worker task failed")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// What preparing one claim came to, before anything is recorded.
@@ -145,9 +146,9 @@ impl<S: ClaimApi> Preparer<S> {
             .source
             .get(&claim.namespace, &claim.name)
             .await
-            .map_err(|message| InternalError::Source {
+            .map_err(|source| InternalError::Source {
                 claim: claim.to_string(),
-                message,
+                source,
             })?;
         let Some(resource) = resource else {
             return Ok(Planned::Refused(format!("claim {claim} does not exist")));
@@ -199,9 +200,9 @@ impl<S: ClaimApi> Preparer<S> {
                     .source
                     .pod_claims(&claim.namespace, (&pod.name, &pod.uid))
                     .await
-                    .map_err(|message| InternalError::Source {
+                    .map_err(|source| InternalError::Source {
                         claim: claim.to_string(),
-                        message: format!("reading the claims of pod {}: {message}", pod.name),
+                        source,
                     })?;
                 for other in &claims {
                     others.extend(super::alignment::other_devices(&self.driver, other));
@@ -219,9 +220,9 @@ impl<S: ClaimApi> Preparer<S> {
                     crate::publish::resources::PCI_BUS_ID,
                 )
                 .await
-                .map_err(|message| InternalError::Source {
+                .map_err(|source| InternalError::Source {
                     claim: claim.to_string(),
-                    message: format!("reading {driver}'s device {pool}/{device}: {message}"),
+                    source,
                 })?;
             gpus.extend(address);
         }
@@ -259,7 +260,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, InternalError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| InternalError::Task(e.to_string()))
+        .map_err(InternalError::Task)
 }
 
 /// What preparing `claim` means for `driver`, or the error to report on the claim.

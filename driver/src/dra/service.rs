@@ -35,8 +35,10 @@ pub enum Registration {
 /// The one place where internal failures become gRPC statuses: kubelet retries on any error.
 fn status(error: &InternalError) -> Status {
     match error {
-        InternalError::Source { .. } => Status::unavailable(error.to_string()),
-        InternalError::State(_) | InternalError::Task(_) => Status::internal(error.to_string()),
+        InternalError::Source { .. } => Status::unavailable(crate::model::error_chain(error)),
+        InternalError::State(_) | InternalError::Task(_) => {
+            Status::internal(crate::model::error_chain(error))
+        }
     }
 }
 

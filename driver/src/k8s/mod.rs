@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     discover::inventory::Inventory,
     model::{
-        ports::{ClaimApi, ClaimRef, DeviceReport},
+        ports::{ClaimApi, ClaimRef, DeviceReport, SourceError},
         records::PreparedClaim,
     },
     os::backoff::Backoff,
@@ -602,21 +602,27 @@ pub fn prepared_report(claim: &PreparedClaim) -> Vec<DeviceReport> {
 }
 
 impl ClaimApi for ApiClaims {
-    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, SourceError> {
         let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
-        api.get_opt(name).await.map_err(|e| e.to_string())
+        api.get_opt(name)
+            .await
+            .map_err(|e| SourceError::new(format!("reading ResourceClaim {namespace}/{name}"), e))
     }
 
     async fn pod_claims(
         &self,
         namespace: &str,
         (pod_name, pod_uid): (&str, &str),
-    ) -> Result<Vec<ResourceClaim>, String> {
+    ) -> Result<Vec<ResourceClaim>, SourceError> {
         // The pod names its claims (templates' generated names in its status): one GET per
         // claim of the pod rather than a LIST of the namespace.
         let pods: Api<k8s_openapi::api::core::v1::Pod> =
             Api::namespaced(self.client.clone(), namespace);
-        let Some(pod) = pods.get_opt(pod_name).await.map_err(|e| e.to_string())? else {
+        let Some(pod) = pods
+            .get_opt(pod_name)
+            .await
+            .map_err(|e| SourceError::new(format!("reading Pod {namespace}/{pod_name}"), e))?
+        else {
             return Ok(Vec::new());
         };
         if pod.metadata.uid.as_deref() != Some(pod_uid) {
@@ -638,8 +644,9 @@ impl ClaimApi for ApiClaims {
         let claims: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
         let mut found = Vec::new();
         for name in names {
-            if let Some(claim) = claims.get_opt(&name).await.map_err(|e| e.to_string())?
-                && crate::model::ports::is_reserved_for(&claim, pod_uid)
+            if let Some(claim) = claims.get_opt(&name).await.map_err(|e| {
+                SourceError::new(format!("reading ResourceClaim {namespace}/{name}"), e)
+            })? && crate::model::ports::is_reserved_for(&claim, pod_uid)
             {
                 found.push(claim);
             }
@@ -653,12 +660,12 @@ impl ClaimApi for ApiClaims {
         pool: &str,
         device: &str,
         attribute: &str,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, SourceError> {
         let api: Api<ResourceSlice> = Api::all(self.client.clone());
         let slices = api
             .list(&ListParams::default().fields(&format!("spec.driver={driver}")))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SourceError::new(format!("listing {driver}'s ResourceSlices"), e))?;
         // Unqualified attribute names belong to the driver's own domain.
         let short = attribute
             .strip_prefix(driver)

@@ -22,6 +22,31 @@ impl std::fmt::Display for ClaimRef {
     }
 }
 
+/// Why the claims' source could not answer: what was asked, and the cause (in the daemon, the
+/// Kubernetes API client's error, kept whole).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct SourceError {
+    /// What was being read (`reading ResourceClaim ml/c1`).
+    pub what: String,
+    /// Why it could not be.
+    #[source]
+    pub cause: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SourceError {
+    /// `what` failed because of `cause`.
+    pub fn new(
+        what: impl Into<String>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            cause: cause.into(),
+        }
+    }
+}
+
 /// The claims' side of the API: where claims are read from (the Kubernetes API in the daemon, a
 /// map in tests) and where their status goes.
 pub trait ClaimApi: Send + Sync + 'static {
@@ -30,7 +55,7 @@ pub trait ClaimApi: Send + Sync + 'static {
         &self,
         namespace: &str,
         name: &str,
-    ) -> impl Future<Output = Result<Option<ResourceClaim>, String>> + Send;
+    ) -> impl Future<Output = Result<Option<ResourceClaim>, SourceError>> + Send;
 
     /// A string attribute of another driver's device from its ResourceSlices (e.g. a GPU's
     /// `resource.kubernetes.io/pciBusID`), or `None` when it is not published.
@@ -40,7 +65,7 @@ pub trait ClaimApi: Send + Sync + 'static {
         _pool: &str,
         _device: &str,
         _attribute: &str,
-    ) -> impl Future<Output = Result<Option<String>, String>> + Send {
+    ) -> impl Future<Output = Result<Option<String>, SourceError>> + Send {
         async { Ok(None) }
     }
 
@@ -50,7 +75,7 @@ pub trait ClaimApi: Send + Sync + 'static {
         &self,
         _namespace: &str,
         _pod: (&str, &str),
-    ) -> impl Future<Output = Result<Vec<ResourceClaim>, String>> + Send {
+    ) -> impl Future<Output = Result<Vec<ResourceClaim>, SourceError>> + Send {
         async { Ok(Vec::new()) }
     }
 

@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 
-use knd::model::ports::{ClaimApi, ClaimRef, DeviceReport};
+use knd::model::ports::{ClaimApi, ClaimRef, DeviceReport, SourceError};
 
 type ClaimMap = HashMap<(String, String), ResourceClaim>;
 type Reports = Vec<(ClaimRef, Vec<DeviceReport>)>;
@@ -83,7 +83,7 @@ impl ClaimApi for MemoryClaims {
         &self,
         namespace: &str,
         (_, pod_uid): (&str, &str),
-    ) -> Result<Vec<ResourceClaim>, String> {
+    ) -> Result<Vec<ResourceClaim>, SourceError> {
         Ok(self
             .0
             .lock()
@@ -102,7 +102,7 @@ impl ClaimApi for MemoryClaims {
         pool: &str,
         device: &str,
         attribute: &str,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, SourceError> {
         Ok(self
             .2
             .lock()
@@ -111,7 +111,7 @@ impl ClaimApi for MemoryClaims {
             .cloned())
     }
 
-    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, String> {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, SourceError> {
         Ok(self
             .0
             .lock()
