@@ -57,7 +57,7 @@ async fn connect(
     let shutdown = CancellationToken::new();
     tokio::spawn(plugin::run(
         containerd.nri_socket(),
-        Identity::new("knd", "10").map_err(anyhow::Error::msg)?,
+        Identity::new("knd", "10")?,
         Arc::clone(hooks),
         shutdown.clone(),
     ));

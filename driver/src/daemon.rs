@@ -154,9 +154,12 @@ pub enum Error {
     /// The kubelet plugin sockets cannot be served.
     #[error(transparent)]
     Plugin(#[from] dra::Error),
-    /// The NRI plugin cannot be set up.
-    #[error("NRI: {0}")]
-    Nri(String),
+    /// The NRI plugin's name or index is refused.
+    #[error("NRI")]
+    NriIdentity(#[from] nri::plugin::IdentityError),
+    /// knd's own network namespace cannot be opened (the NRI hooks move devices back to it).
+    #[error("NRI: cannot open knd's own network namespace")]
+    OwnNamespace(#[source] crate::os::netns::Error),
     /// The HTTP server cannot listen.
     #[error("--metrics-addr {addr}: {source}")]
     Metrics {
@@ -273,12 +276,12 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     ));
 
     let claims = ApiClaims::new(client, &driver, shutdown.clone()).with_instance(&node);
-    let identity = nri::plugin::Identity::new("knd", &args.nri_index).map_err(Error::Nri)?;
+    let identity = nri::plugin::Identity::new("knd", &args.nri_index)?;
     let hooks = Arc::new(
         nri::pods::NodeHooks::new(
             Arc::clone(&store),
             watcher.inventory.clone(),
-            Netns::current().map_err(|e| Error::Nri(e.to_string()))?,
+            Netns::current().map_err(Error::OwnNamespace)?,
             Arc::new(claims.clone()),
         )
         .with_telemetry(Arc::clone(&telemetry)),
@@ -286,11 +289,11 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     let nri_task = tokio::spawn(nri::plugin::run(
         args.nri_socket.clone(),
         identity,
-        hooks,
+        Arc::clone(&hooks),
         shutdown.clone(),
     ));
     let preparer = Arc::new(
-        Preparer::new(driver.clone(), store, claims)
+        Preparer::new(driver.clone(), store, claims.clone())
             .with_durations(telemetry.prepare_seconds.clone())
             .with_alignment(alignment(&args, &watcher, &telemetry)),
     );
@@ -318,6 +321,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         plugin,
         watcher,
         [publisher, health_task, nri_task, http],
+        (&claims, &hooks),
     )
     .await;
     Ok(())
@@ -363,6 +367,7 @@ async fn stop(
     plugin: dra::Plugin,
     watcher: inventory_watch::Watcher,
     tasks: [tokio::task::JoinHandle<()>; 4],
+    (claims, hooks): (&ApiClaims, &nri::pods::NodeHooks<ApiClaims>),
 ) {
     let stopped = tokio::time::timeout(grace, async {
         plugin.join().await;
@@ -370,6 +375,10 @@ async fn stop(
         for task in tasks {
             let _ignored = task.await;
         }
+        // What they left running in the background: telemetry attachments, then the claims'
+        // status writes and Events.
+        hooks.drained().await;
+        claims.drained().await;
     })
     .await;
     if stopped.is_err() {

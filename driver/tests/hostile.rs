@@ -257,7 +257,10 @@ async fn release_refuses_a_device_the_pod_made_at_the_claimed_index() {
     let host_before = names_in(&node.host);
 
     let refused = hooks.stop_pod_sandbox(node.sandbox()).await.unwrap_err();
-    assert!(refused.contains("could not be given back"), "{refused}");
+    assert!(
+        matches!(refused, knd::nri::pods::HookError::NotReturned { .. }),
+        "{refused}"
+    );
     assert_eq!(names_in(&node.host), host_before, "the host is untouched");
     assert!(names_in(&node.pod).contains(&"net1".to_owned()));
     let record = node.store.pods.get("pod-1").unwrap().unwrap();
@@ -288,11 +291,13 @@ async fn a_claim_cannot_give_its_nic_a_host_interfaces_mac() {
         &format!(r#""interface":{{"name":"net1","hardwareAddr":"{mac}"}}"#),
     );
     let before = attach::record(node.host.netns(), "enp1").await.unwrap();
-    let err = node
-        .hooks()
-        .run_pod_sandbox(node.sandbox())
-        .await
-        .unwrap_err();
+    let err = knd::model::error_chain(
+        &node
+            .hooks()
+            .run_pod_sandbox(node.sandbox())
+            .await
+            .unwrap_err(),
+    );
     assert!(
         err.contains(&format!("set MAC {mac}")) && err.contains("enp2 on the host already uses it"),
         "{err}"

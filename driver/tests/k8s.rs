@@ -715,6 +715,27 @@ async fn a_late_prepared_status_never_overwrites_attached() {
     assert!(status.devices.is_none(), "{status:?}");
 }
 
+/// Shutdown waits for the background work of the claims port: an Event posted just before is
+/// in the API when `drained` returns, and nothing new starts after.
+#[tokio::test]
+async fn shutdown_drains_the_events_and_status_writes_in_flight() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.put_claim(claim_on("node-1", "c1", "uid-1"));
+    let claims = ApiClaims::new(
+        fake.client().await.unwrap(),
+        "knd.dev",
+        CancellationToken::new(),
+    );
+    claims.warn(&claim_ref("c1", "uid-1"), "ReleaseRefused", "pod ml/p: not ours");
+    claims.attached(&claim_ref("c1", "uid-1"), attached_report());
+    claims.drained().await;
+    let events = fake.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].reason.as_deref(), Some("ReleaseRefused"));
+    let status = fake.claim("ml", "c1").unwrap().status.unwrap();
+    assert!(status.devices.is_some(), "the status write finished: {status:?}");
+}
+
 #[tokio::test]
 async fn prepare_reads_the_claim_from_the_api_and_reports_it_prepared() {
     let fake = FakeApi::start().await.unwrap();

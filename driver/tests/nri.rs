@@ -9,7 +9,7 @@ use std::{
 use bytes::Bytes;
 use knd::nri::{
     mux::{self, PLUGIN_CONN, RUNTIME_CONN},
-    plugin::{self, Hooks, Identity, PLUGIN_SERVICE, RUNTIME_SERVICE, SUBSCRIBED},
+    plugin::{self, Hooks, Identity, IdentityError, PLUGIN_SERVICE, RUNTIME_SERVICE, SUBSCRIBED},
     proto::{nri as api, ttrpc as wire},
     ttrpc::{self, Header, MessageReader, REQUEST, Reply, Service, Status, code},
 };
@@ -26,22 +26,29 @@ impl Recorder {
         self.0.lock().unwrap().clone()
     }
 
-    fn record(&self, event: String, pod: &api::PodSandbox) -> Result<(), String> {
+    fn record(&self, event: String, pod: &api::PodSandbox) -> Result<(), Refused> {
         self.0.lock().unwrap().push(event);
         if pod.name.starts_with("fail") {
-            Err(format!("pod {} has no NIC", pod.name))
+            Err(Refused(format!("pod {} has no NIC", pod.name)))
         } else {
             Ok(())
         }
     }
 }
 
+/// The stand-in's refusal.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
 impl Hooks for Recorder {
+    type Error = Refused;
+
     async fn synchronize(
         &self,
         pods: Vec<api::PodSandbox>,
         containers: Vec<api::Container>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refused> {
         self.0.lock().unwrap().push(format!(
             "sync {} pods {} containers",
             pods.len(),
@@ -49,20 +56,20 @@ impl Hooks for Recorder {
         ));
         Ok(())
     }
-    async fn run_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+    async fn run_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), Refused> {
         self.record(format!("run {}", pod.name), &pod)
     }
-    async fn stop_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+    async fn stop_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), Refused> {
         self.record(format!("stop {}", pod.name), &pod)
     }
-    async fn remove_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+    async fn remove_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), Refused> {
         self.record(format!("remove {}", pod.name), &pod)
     }
     async fn create_container(
         &self,
         pod: api::PodSandbox,
         container: api::Container,
-    ) -> Result<api::ContainerAdjustment, String> {
+    ) -> Result<api::ContainerAdjustment, Refused> {
         self.record(format!("create {}/{}", pod.name, container.name), &pod)?;
         Ok(api::ContainerAdjustment {
             env: vec![api::KeyValue {
@@ -486,16 +493,12 @@ async fn the_plugin_reconnects_when_the_runtime_comes_back() {
 #[test]
 fn plugin_names_and_indexes_are_checked_like_the_runtime_does() {
     assert!(Identity::new("knd", "00").is_ok());
-    assert!(
-        Identity::new("knd dev", "00")
-            .unwrap_err()
-            .contains("[A-Za-z0-9_.+-]+")
-    );
-    assert!(
-        Identity::new("knd", "1")
-            .unwrap_err()
-            .contains("two digits")
-    );
+    let name = Identity::new("knd dev", "00").unwrap_err();
+    assert_eq!(name, IdentityError::Name("knd dev".into()));
+    assert!(name.to_string().contains("[A-Za-z0-9_.+-]+"), "{name}");
+    let index = Identity::new("knd", "1").unwrap_err();
+    assert_eq!(index, IdentityError::Index("1".into()));
+    assert!(index.to_string().contains("two digits"), "{index}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

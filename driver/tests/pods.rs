@@ -9,7 +9,7 @@ use std::{
 
 use knd::{
     attach,
-    nri::{plugin::Hooks as _, proto::nri as api},
+    nri::{plugin::Hooks as _, pods::HookError, proto::nri as api},
 };
 use knd_testkit::{TestHost, pods::Node};
 
@@ -92,6 +92,12 @@ async fn a_failed_attachment_fails_the_pod_and_its_containers_naming_the_claim()
     let before: Vec<_> = host_sides(&node, &["enp1", "enp2"]).await;
     let hooks = node.hooks();
     let error = hooks.run_pod_sandbox(node.sandbox()).await.unwrap_err();
+    assert!(
+        matches!(&error, HookError::Attach { claim, .. } if claim == "claim ml/claim-c2"),
+        "{error:?}"
+    );
+    // The runtime is told the claim, the interface and the step.
+    let error = knd::model::error_chain(&error);
     assert!(error.contains("claim ml/claim-c2"), "{error}");
     assert!(
         error.contains("interface enp2: add route to 10.99.0.0/16"),
@@ -103,7 +109,8 @@ async fn a_failed_attachment_fails_the_pod_and_its_containers_naming_the_claim()
     let refused = hooks
         .create_container(node.sandbox(), container())
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         refused.contains("claim ml/claim-c1") && refused.contains("not attached"),
         "{refused}"
@@ -120,7 +127,8 @@ async fn a_pod_started_while_knd_was_away_is_refused_then_attached_at_synchroniz
     let refused = hooks
         .create_container(node.sandbox(), container())
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(refused.contains("knd was not connected"), "{refused}");
     hooks
         .synchronize(vec![node.sandbox()], Vec::new())

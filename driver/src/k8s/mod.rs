@@ -20,7 +20,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
     config::{KubeConfigOptions, Kubeconfig},
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     discover::inventory::Inventory,
@@ -311,6 +311,8 @@ pub struct ApiClaims {
     /// `reportingInstance` of the Events knd creates (the node's name in the daemon).
     instance: String,
     writers: Arc<Writers>,
+    /// The status writers and Event posts running in the background, drained at shutdown.
+    tasks: TaskTracker,
 }
 
 /// The status writers: at most one per claim, writing the latest report it was given.
@@ -377,6 +379,7 @@ impl ApiClaims {
             shutdown,
             instance: driver.to_owned(),
             writers: Arc::default(),
+            tasks: TaskTracker::new(),
         }
     }
 
@@ -392,7 +395,7 @@ impl ApiClaims {
         }
         drop(state);
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 let next = {
                     let mut state = this.writers.state();
@@ -409,6 +412,13 @@ impl ApiClaims {
                 this.write_status(&claim, &devices).await;
             }
         });
+    }
+
+    /// Shutdown: takes no more background work and waits for what runs (status writes stop
+    /// retrying once shutdown is requested, so this ends).
+    pub async fn drained(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Waits until every status handed to the writers is written or given up.
@@ -694,7 +704,7 @@ impl ClaimApi for ApiClaims {
         };
         let report = prepared_report(claim);
         self.submit(reference.clone(), report.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             for device in &report {
                 if let Some(finding) = &device.topology {
                     let (kind, reason) = if finding.aligned() {
@@ -716,7 +726,7 @@ impl ClaimApi for ApiClaims {
     fn warn(&self, claim: &ClaimRef, reason: &str, note: &str) {
         let (this, claim) = (self.clone(), claim.clone());
         let (reason, note) = (reason.to_owned(), note.to_owned());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             this.event(&claim, "Warning", &reason, "Release", &note)
                 .await;
         });

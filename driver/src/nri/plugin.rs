@@ -46,35 +46,50 @@ pub const SUBSCRIBED: i32 = event::mask(event::RUN_POD_SANDBOX)
     | event::mask(event::REMOVE_POD_SANDBOX)
     | event::mask(event::CREATE_CONTAINER);
 
-/// What the plugin does on each event. An `Err` fails the runtime's operation with that message.
+/// What the plugin does on each event. An `Err` fails the runtime's operation with its message
+/// (the error and its causes).
 pub trait Hooks: Send + Sync + 'static {
+    /// Why a hook failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+
     /// The pods and containers that exist when the plugin connects.
     fn synchronize(
         &self,
         pods: Vec<api::PodSandbox>,
         containers: Vec<api::Container>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// A pod sandbox was created (its network namespace exists; containers do not yet).
     fn run_pod_sandbox(
         &self,
         pod: api::PodSandbox,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// A pod sandbox is stopping (its network namespace still exists).
     fn stop_pod_sandbox(
         &self,
         pod: api::PodSandbox,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// A pod sandbox was removed.
     fn remove_pod_sandbox(
         &self,
         pod: api::PodSandbox,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// A container is being created: what to add to it.
     fn create_container(
         &self,
         pod: api::PodSandbox,
         container: api::Container,
-    ) -> impl Future<Output = Result<api::ContainerAdjustment, String>> + Send;
+    ) -> impl Future<Output = Result<api::ContainerAdjustment, Self::Error>> + Send;
+}
+
+/// A plugin name or index the runtime would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The name has characters the runtime does not take.
+    #[error("NRI plugin name `{0}` must match [A-Za-z0-9_.+-]+")]
+    Name(String),
+    /// The index is not two digits.
+    #[error("NRI plugin index `{0}` must be two digits, e.g. 00")]
+    Index(String),
 }
 
 /// How the plugin presents itself.
@@ -88,20 +103,16 @@ pub struct Identity {
 
 impl Identity {
     /// Checks the name and index the way the runtime will.
-    pub fn new(name: &str, index: &str) -> Result<Self, String> {
+    pub fn new(name: &str, index: &str) -> Result<Self, IdentityError> {
         let name_ok = !name.is_empty()
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.+-".contains(&b));
         if !name_ok {
-            return Err(format!(
-                "NRI plugin name `{name}` must match [A-Za-z0-9_.+-]+"
-            ));
+            return Err(IdentityError::Name(name.to_owned()));
         }
         if index.len() != 2 || !index.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!(
-                "NRI plugin index `{index}` must be two digits, e.g. 00"
-            ));
+            return Err(IdentityError::Index(index.to_owned()));
         }
         Ok(Self {
             name: name.to_owned(),
@@ -127,8 +138,8 @@ fn decode<M: prost::Message + Default>(payload: &Bytes) -> Result<M, Status> {
     })
 }
 
-fn hook_error(message: String) -> Status {
-    Status::new(code::INTERNAL, message)
+fn hook_error(error: impl std::error::Error) -> Status {
+    Status::new(code::INTERNAL, crate::model::error_chain(&error))
 }
 
 impl<H: Hooks> PluginService<H> {

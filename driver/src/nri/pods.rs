@@ -12,6 +12,7 @@ use std::{
 };
 
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use super::{plugin::Hooks, proto::nri as api};
 use crate::{
@@ -57,6 +58,73 @@ fn recorded_namespace(record: &PodRecord) -> Option<Netns> {
     Netns::open(&record.netns).ok()
 }
 
+/// Why a hook failed; the runtime's operation fails with the error and its causes.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The state store could not be read or written.
+    #[error("state store")]
+    Store(#[from] crate::os::state::Error),
+    /// The state store's worker thread died.
+    #[error("state store worker failed")]
+    Worker(#[from] tokio::task::JoinError),
+    /// The pod's network namespace could not be opened.
+    #[error("cannot open the pod's network namespace")]
+    Namespace(#[source] crate::os::netns::Error),
+    /// A claimed device has no interface on this node.
+    #[error("{claim}: device {device} has no network interface on this node")]
+    NoInterface {
+        /// The claim.
+        claim: String,
+        /// The device.
+        device: String,
+    },
+    /// Recording or attaching a claim's interface failed (all moved ones were given back).
+    #[error("{claim}")]
+    Attach {
+        /// The claim.
+        claim: String,
+        /// The failed step.
+        #[source]
+        source: attach::StepError,
+    },
+    /// A pod with claims runs without a network namespace of its own.
+    #[error("{claim}: pod {pod} has no network namespace of its own (host network?)")]
+    NoNetworkNamespace {
+        /// The claim.
+        claim: String,
+        /// `namespace/name` of the pod.
+        pod: String,
+    },
+    /// A container starts while its pod's claimed device is not attached.
+    #[error("{claim}: its network device is not attached to pod {pod}: {why}")]
+    NotAttached {
+        /// The claim.
+        claim: String,
+        /// `namespace/name` of the pod.
+        pod: String,
+        /// Why (the recorded failure).
+        why: String,
+    },
+    /// The interfaces of an earlier sandbox of the pod could not be given back.
+    #[error("pod {pod}: the interfaces of its earlier sandbox could not be given back")]
+    EarlierSandbox {
+        /// `namespace/name` of the pod.
+        pod: String,
+    },
+    /// An attachment interrupted by a crash could not be undone.
+    #[error("pod {pod}: an interrupted attachment could not be undone")]
+    Interrupted {
+        /// `namespace/name` of the pod.
+        pod: String,
+    },
+    /// Some interfaces could not be given back (they stay recorded, for a later retry).
+    #[error("pod {pod}: some interfaces could not be given back")]
+    NotReturned {
+        /// `namespace/name` of the pod.
+        pod: String,
+    },
+}
+
 /// The hooks, over the state store, the current inventory and the claims API.
 #[derive(Debug)]
 pub struct NodeHooks<C> {
@@ -66,6 +134,8 @@ pub struct NodeHooks<C> {
     claims: Arc<C>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     telemetry: Option<Arc<Telemetry>>,
+    /// Telemetry attachments running in the background, drained at shutdown.
+    tasks: TaskTracker,
 }
 
 fn network_namespace(pod: &api::PodSandbox) -> Option<PathBuf> {
@@ -96,6 +166,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             claims,
             locks: Mutex::default(),
             telemetry: None,
+            tasks: TaskTracker::new(),
         }
     }
 
@@ -125,7 +196,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             let current = store.pods.get(&record.pod_uid).ok().flatten();
             current.is_some_and(|r| !r.detached && r.netns == record.netns)
         };
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if !still_attached(&store, &record) {
                 return; // gone, or re-attached elsewhere, meanwhile
             }
@@ -148,37 +219,42 @@ impl<C: ClaimApi> NodeHooks<C> {
                     .collect()
             };
             let (ours, worker) = (record.clone(), Arc::clone(&telemetry));
-            let watched = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                let pod_ns = Netns::open(&ours.netns).map_err(|e| e.to_string())?;
-                for attachment in &ours.attachments {
-                    let Some(side) = &attachment.pod else {
-                        continue;
-                    };
-                    let request = claims
-                        .iter()
-                        .find(|(uid, _)| *uid == attachment.claim_uid)
-                        .and_then(|(_, c)| c.devices.iter().find(|d| d.device == attachment.device))
-                        .map(|d| d.requests.join(","))
-                        .unwrap_or_default();
-                    let labels = ClaimLabels {
-                        namespace: attachment.claim_namespace.clone(),
-                        pod: pod_name.clone(),
-                        claim: attachment.claim_name.clone(),
-                        request,
-                        device: attachment.device.clone(),
-                        interface: side.name.clone(),
-                    };
-                    let devices = rdma.get(&attachment.device).cloned().unwrap_or_default();
-                    worker
-                        .watch(&ours.pod_uid, &pod_ns, labels, devices)
-                        .map_err(|e| crate::model::error_chain(&e))?;
-                }
-                Ok(())
-            })
+            let watched = tokio::task::spawn_blocking(
+                move || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                    let pod_ns = Netns::open(&ours.netns)?;
+                    for attachment in &ours.attachments {
+                        let Some(side) = &attachment.pod else {
+                            continue;
+                        };
+                        let request = claims
+                            .iter()
+                            .find(|(uid, _)| *uid == attachment.claim_uid)
+                            .and_then(|(_, c)| {
+                                c.devices.iter().find(|d| d.device == attachment.device)
+                            })
+                            .map(|d| d.requests.join(","))
+                            .unwrap_or_default();
+                        let labels = ClaimLabels {
+                            namespace: attachment.claim_namespace.clone(),
+                            pod: pod_name.clone(),
+                            claim: attachment.claim_name.clone(),
+                            request,
+                            device: attachment.device.clone(),
+                            interface: side.name.clone(),
+                        };
+                        let devices = rdma.get(&attachment.device).cloned().unwrap_or_default();
+                        worker.watch(&ours.pod_uid, &pod_ns, labels, devices)?;
+                    }
+                    Ok(())
+                },
+            )
             .await;
             match watched {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "cannot measure a pod's interfaces"),
+                Ok(Err(error)) => tracing::warn!(
+                    error = %crate::model::error_chain(error.as_ref()),
+                    "cannot measure a pod's interfaces"
+                ),
                 Err(error) => tracing::error!(%error, "the telemetry worker failed"),
             }
             let _guard = lock.lock().await;
@@ -186,6 +262,12 @@ impl<C: ClaimApi> NodeHooks<C> {
                 telemetry.unwatch_pod(&record.pod_uid);
             }
         });
+    }
+
+    /// Shutdown: starts no more telemetry attachments and waits for those running.
+    pub async fn drained(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// One pod's events are handled one at a time.
@@ -197,34 +279,30 @@ impl<C: ClaimApi> NodeHooks<C> {
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&StateStore) -> crate::os::state::Result<T> + Send + 'static,
-    ) -> Result<T, String> {
+    ) -> Result<T, HookError> {
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || work(&store))
-            .await
-            .map_err(|e| format!("state store worker failed: {e}"))?
-            .map_err(|e| format!("state store: {e}"))
+        Ok(tokio::task::spawn_blocking(move || work(&store)).await??)
     }
 
     /// The prepared claims reserved for `pod_uid` (from memory: the store caches claims).
-    fn claims_of(&self, pod_uid: &str) -> Result<Vec<PreparedClaim>, String> {
+    fn claims_of(&self, pod_uid: &str) -> Result<Vec<PreparedClaim>, HookError> {
         let (claims, problems) = self
             .store
             .claims
-            .matching(|claim| claim.pod_uids.iter().any(|uid| uid == pod_uid))
-            .map_err(|e| format!("state store: {e}"))?;
+            .matching(|claim| claim.pod_uids.iter().any(|uid| uid == pod_uid))?;
         for problem in problems {
             tracing::error!(%problem, "skipping an unreadable claim record");
         }
         Ok(claims.into_iter().map(|(_, claim)| claim).collect())
     }
 
-    async fn save(&self, record: &PodRecord) -> Result<(), String> {
+    async fn save(&self, record: &PodRecord) -> Result<(), HookError> {
         let record = record.clone();
         self.blocking(move |store| store.pods.put(&record.pod_uid, &record))
             .await
     }
 
-    async fn load(&self, pod_uid: &str) -> Result<Option<PodRecord>, String> {
+    async fn load(&self, pod_uid: &str) -> Result<Option<PodRecord>, HookError> {
         let uid = pod_uid.to_owned();
         self.blocking(move |store| store.pods.get(&uid)).await
     }
@@ -237,7 +315,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             .map(|netdev| netdev.name.clone())
     }
 
-    async fn attach_pod(&self, pod: &api::PodSandbox, netns_path: &Path) -> Result<(), String> {
+    async fn attach_pod(&self, pod: &api::PodSandbox, netns_path: &Path) -> Result<(), HookError> {
         let claims = self.claims_of(&pod.uid)?;
         if claims.is_empty() {
             return Ok(());
@@ -256,10 +334,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                 }
                 let old_ns = recorded_namespace(&existing);
                 if !self.detach_all(&mut existing, old_ns.as_ref()).await {
-                    return Err(format!(
-                        "pod {}: the interfaces of its earlier sandbox could not be given back",
-                        existing.pod
-                    ));
+                    return Err(HookError::EarlierSandbox { pod: existing.pod });
                 }
             } else if complete && !existing.detached {
                 // Already attached (e.g. before a restart): make sure it is measured.
@@ -276,10 +351,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                 // A crash interrupted an earlier attempt: give back what it moved first.
                 let pod_ns = recorded_namespace(&existing);
                 if !self.detach_all(&mut existing, pod_ns.as_ref()).await {
-                    return Err(format!(
-                        "pod {}: an interrupted attachment could not be undone",
-                        existing.pod
-                    ));
+                    return Err(HookError::Interrupted { pod: existing.pod });
                 }
             }
         }
@@ -295,8 +367,8 @@ impl<C: ClaimApi> NodeHooks<C> {
         };
         let started = std::time::Instant::now();
         let outcome = self.attach_claims(&claims, netns_path, &mut record).await;
-        if let Err(message) = &outcome {
-            record.failure = Some(message.clone());
+        if let Err(error) = &outcome {
+            record.failure = Some(crate::model::error_chain(error));
             // Whatever could not be given back stays recorded as attached, for stop to retry.
             record.detached = record.attachments.iter().all(|a| a.pod.is_none());
         }
@@ -323,22 +395,23 @@ impl<C: ClaimApi> NodeHooks<C> {
         claims: &[PreparedClaim],
         netns_path: &Path,
         record: &mut PodRecord,
-    ) -> Result<(), String> {
-        let pod_ns = Netns::open(netns_path)
-            .map_err(|e| format!("cannot open the pod's network namespace: {e}"))?;
+    ) -> Result<(), HookError> {
+        let pod_ns = Netns::open(netns_path).map_err(HookError::Namespace)?;
         let mut plan = Vec::new();
         for claim in claims {
             for device in &claim.devices {
                 let Some(interface) = self.interface_of(&device.device) else {
-                    return Err(format!(
-                        "{}: device {} has no network interface on this node",
-                        claim_label(claim),
-                        device.device
-                    ));
+                    return Err(HookError::NoInterface {
+                        claim: claim_label(claim),
+                        device: device.device.clone(),
+                    });
                 };
                 let host = attach::record_for(&self.host, &interface, &device.config)
                     .await
-                    .map_err(|e| format!("{}: {e}", claim_label(claim)))?;
+                    .map_err(|source| HookError::Attach {
+                        claim: claim_label(claim),
+                        source,
+                    })?;
                 let pod_name = device
                     .config
                     .interface
@@ -369,7 +442,10 @@ impl<C: ClaimApi> NodeHooks<C> {
                 Ok(side) => record.attachments[index].pod = Some(side),
                 Err(error) => {
                     self.detach_all(record, Some(&pod_ns)).await;
-                    return Err(format!("{}: {error}", claim_label(claim)));
+                    return Err(HookError::Attach {
+                        claim: claim_label(claim),
+                        source: error,
+                    });
                 }
             }
         }
@@ -412,7 +488,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         complete
     }
 
-    async fn release_pod(&self, pod_uid: &str, forget: bool) -> Result<(), String> {
+    async fn release_pod(&self, pod_uid: &str, forget: bool) -> Result<(), HookError> {
         let Some(mut record) = self.load(pod_uid).await? else {
             return Ok(());
         };
@@ -423,10 +499,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             let pod_ns = recorded_namespace(&record);
             if !self.detach_all(&mut record, pod_ns.as_ref()).await {
                 self.save(&record).await?;
-                return Err(format!(
-                    "pod {}: some interfaces could not be given back",
-                    record.pod
-                ));
+                return Err(HookError::NotReturned { pod: record.pod });
             }
             record.detached = true;
             self.save(&record).await?;
@@ -516,18 +589,20 @@ impl<C: ClaimApi> NodeHooks<C> {
 }
 
 impl<C: ClaimApi> Hooks for NodeHooks<C> {
+    type Error = HookError;
+
     async fn synchronize(
         &self,
         pods: Vec<api::PodSandbox>,
         _containers: Vec<api::Container>,
-    ) -> Result<(), String> {
+    ) -> Result<(), HookError> {
         // Pods that started while knd was away: attach now.
         for pod in &pods {
             if let Some(netns) = network_namespace(pod) {
                 let lock = self.lock(&pod.uid);
                 let _guard = lock.lock().await;
                 if let Err(error) = self.attach_pod(pod, &netns).await {
-                    tracing::error!(pod = %pod.name, %error, "cannot attach to a running pod");
+                    tracing::error!(pod = %pod.name, error = %crate::model::error_chain(&error), "cannot attach to a running pod");
                 }
             }
         }
@@ -561,37 +636,35 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
                 continue;
             }
             if let Err(error) = self.release_pod(&uid, true).await {
-                tracing::error!(pod_uid = %uid, %error, "cannot release a pod that is gone");
+                tracing::error!(pod_uid = %uid, error = %crate::model::error_chain(&error), "cannot release a pod that is gone");
             }
         }
         Ok(())
     }
 
-    async fn run_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+    async fn run_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), HookError> {
         let lock = self.lock(&pod.uid);
         let _guard = lock.lock().await;
         let Some(netns) = network_namespace(&pod) else {
             let claims = self.claims_of(&pod.uid)?;
             return match claims.first() {
-                Some(claim) => Err(format!(
-                    "{}: pod {}/{} has no network namespace of its own (host network?)",
-                    claim_label(claim),
-                    pod.namespace,
-                    pod.name
-                )),
+                Some(claim) => Err(HookError::NoNetworkNamespace {
+                    claim: claim_label(claim),
+                    pod: format!("{}/{}", pod.namespace, pod.name),
+                }),
                 None => Ok(()),
             };
         };
         self.attach_pod(&pod, &netns).await
     }
 
-    async fn stop_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+    async fn stop_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), HookError> {
         let lock = self.lock(&pod.uid);
         let _guard = lock.lock().await;
         self.release_pod(&pod.uid, false).await
     }
 
-    async fn remove_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), String> {
+    async fn remove_pod_sandbox(&self, pod: api::PodSandbox) -> Result<(), HookError> {
         let lock = self.lock(&pod.uid);
         let _guard = lock.lock().await;
         let outcome = self.release_pod(&pod.uid, true).await;
@@ -606,7 +679,7 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
         &self,
         pod: api::PodSandbox,
         _container: api::Container,
-    ) -> Result<api::ContainerAdjustment, String> {
+    ) -> Result<api::ContainerAdjustment, HookError> {
         let claims = self.claims_of(&pod.uid)?;
         if claims.is_empty() {
             return Ok(api::ContainerAdjustment::default());
@@ -628,12 +701,11 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
                     .as_ref()
                     .and_then(|r| r.failure.clone())
                     .unwrap_or_else(|| "knd was not connected when the pod sandbox started".into());
-                return Err(format!(
-                    "{}: its network device is not attached to pod {}/{}: {why}",
-                    claim_label(claim),
-                    pod.namespace,
-                    pod.name
-                ));
+                return Err(HookError::NotAttached {
+                    claim: claim_label(claim),
+                    pod: format!("{}/{}", pod.namespace, pod.name),
+                    why,
+                });
             }
         }
         let devices = self.rdma_devices(&claims);
