@@ -726,14 +726,21 @@ async fn shutdown_drains_the_events_and_status_writes_in_flight() {
         "knd.dev",
         CancellationToken::new(),
     );
-    claims.warn(&claim_ref("c1", "uid-1"), "ReleaseRefused", "pod ml/p: not ours");
+    claims.warn(
+        &claim_ref("c1", "uid-1"),
+        "ReleaseRefused",
+        "pod ml/p: not ours",
+    );
     claims.attached(&claim_ref("c1", "uid-1"), attached_report());
     claims.drained().await;
     let events = fake.events();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].reason.as_deref(), Some("ReleaseRefused"));
     let status = fake.claim("ml", "c1").unwrap().status.unwrap();
-    assert!(status.devices.is_some(), "the status write finished: {status:?}");
+    assert!(
+        status.devices.is_some(),
+        "the status write finished: {status:?}"
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! accepted survives a round trip through JSON and merging.
 #![no_main]
 
-#[path = "../../src/config.rs"]
+#[path = "../../src/model/config.rs"]
 #[allow(dead_code, reason = "the target uses part of the module")]
 mod config;
 
