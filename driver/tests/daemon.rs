@@ -308,7 +308,9 @@ async fn kill_during_prepare(fake: &FakeApi, node: &Node, mut daemon: Daemon) ->
             uid: format!("uid-{i}"),
             name: format!("c{i}"),
         };
-        plan("knd.dev", &reference, &claim).unwrap().devices
+        plan("knd.dev", &reference, &knd::k8s::claim_from(&claim))
+            .unwrap()
+            .devices
     };
     let mut acknowledged = vec![0];
     let mut outcomes = Vec::new();

@@ -993,21 +993,18 @@ async fn a_pods_claims_are_those_it_names_that_are_reserved_for_it() {
                                     {"name": "other", "resourceClaimName": "c2"}]},
         "status": {"resourceClaimStatuses": [{"name": "gpu", "resourceClaimName": "c1"}]}
     }));
-    let names = |claims: Vec<ResourceClaim>| -> Vec<String> {
-        claims
-            .iter()
-            .map(|c| c.metadata.name.clone().unwrap())
-            .collect()
+    let uids = |claims: Vec<knd::model::claim::Claim>| -> Vec<String> {
+        claims.into_iter().map(|c| c.uid).collect()
     };
     // c2 is named but reserved for another pod; c3 is reserved for it but not named.
     assert_eq!(
-        names(
+        uids(
             claims
                 .pod_claims("ml", ("trainer-0", "pod-uid-1"))
                 .await
                 .unwrap()
         ),
-        ["c1"]
+        ["uid-1"]
     );
     // A pod of that name with another UID, or no such pod: nothing.
     assert!(

@@ -6,13 +6,13 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::resource::v1::ResourceClaim;
 use prometheus_client::metrics::{family::Family, gauge::Gauge};
 use tokio::sync::watch;
 
 use crate::{
     discover::{inventory::Inventory, topology},
     model::{
+        claim::Claim,
         distance::{Distance, Finding},
         records::PreparedClaim,
     },
@@ -43,15 +43,11 @@ pub struct Alignment {
 }
 
 /// The GPUs other drivers allocated in `resource`: `(driver, pool, device)`.
-pub fn other_devices(driver: &str, resource: &ResourceClaim) -> Vec<(String, String, String)> {
+pub fn other_devices(driver: &str, resource: &Claim) -> Vec<(String, String, String)> {
     resource
-        .status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .and_then(|a| a.devices.as_ref())
-        .and_then(|d| d.results.as_ref())
-        .into_iter()
-        .flatten()
+        .allocation
+        .iter()
+        .flat_map(|a| &a.results)
         .filter(|r| r.driver != driver)
         .map(|r| (r.driver.clone(), r.pool.clone(), r.device.clone()))
         .collect()

@@ -3,10 +3,9 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClaim};
-
 use crate::{
     model::{
+        claim::{AllocationConfig, Claim},
         config::{self, ConfigError, DeviceLimits, NetworkConfig},
         ports::{ClaimApi, ClaimOutcome, ClaimRef, SourceError},
         records::{PreparedClaim, PreparedDevice},
@@ -183,19 +182,12 @@ impl<S: ClaimApi> Preparer<S> {
     async fn gpus_of(
         &self,
         claim: &ClaimRef,
-        resource: &ResourceClaim,
+        resource: &Claim,
     ) -> Result<Vec<String>, InternalError> {
         let mut others = super::alignment::other_devices(&self.driver, resource);
         // No GPU in this claim: the pod's other claims.
         if others.is_empty() {
-            let pods = resource
-                .status
-                .as_ref()
-                .and_then(|s| s.reserved_for.as_ref())
-                .into_iter()
-                .flatten()
-                .filter(|r| r.resource == "pods");
-            for pod in pods {
+            for pod in resource.pods() {
                 let claims = self
                     .source
                     .pod_claims(&claim.namespace, (&pod.name, &pod.uid))
@@ -264,29 +256,20 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// What preparing `claim` means for `driver`, or the error to report on the claim.
-pub fn plan(
-    driver: &str,
-    claim: &ClaimRef,
-    resource: &ResourceClaim,
-) -> Result<PreparedClaim, String> {
-    let actual_uid = resource.metadata.uid.as_deref().unwrap_or_default();
-    if actual_uid != claim.uid {
+pub fn plan(driver: &str, claim: &ClaimRef, resource: &Claim) -> Result<PreparedClaim, String> {
+    let actual_uid = &resource.uid;
+    if *actual_uid != claim.uid {
         return Err(format!(
             "claim {claim} has UID {actual_uid}, but kubelet asked for UID {}",
             claim.uid
         ));
     }
-    let status = resource.status.as_ref();
-    let Some(devices) = status
-        .and_then(|s| s.allocation.as_ref())
-        .and_then(|a| a.devices.as_ref())
-    else {
+    let Some(devices) = &resource.allocation else {
         return Err(format!("claim {claim} is not allocated"));
     };
     let results: Vec<_> = devices
         .results
         .iter()
-        .flatten()
         .filter(|r| r.driver == driver)
         .collect();
     if results.is_empty() {
@@ -294,8 +277,7 @@ pub fn plan(
             "claim {claim} has no devices allocated by {driver}"
         ));
     }
-    let configs = parse_configs(driver, devices.config.as_deref().unwrap_or_default())
-        .map_err(|e| e.to_string())?;
+    let configs = parse_configs(driver, &devices.configs).map_err(|e| e.to_string())?;
     let prepared_devices = results
         .iter()
         .map(|result| {
@@ -327,10 +309,9 @@ pub fn plan(
         uid: claim.uid.clone(),
         namespace: claim.namespace.clone(),
         name: claim.name.clone(),
-        pod_uids: status
-            .and_then(|s| s.reserved_for.as_ref())
-            .into_iter()
-            .flatten()
+        pod_uids: resource
+            .reserved_for
+            .iter()
             .map(|r| r.uid.clone())
             .collect(),
         devices: prepared_devices,
@@ -346,23 +327,20 @@ struct Layer {
 
 /// Our opaque configs in the order they apply: class configs first, then claim configs; each
 /// validated alone so an error names `config[i]` as it appears in the claim's status.
-fn parse_configs(
-    driver: &str,
-    entries: &[DeviceAllocationConfiguration],
-) -> Result<Vec<Layer>, ConfigError> {
+fn parse_configs(driver: &str, entries: &[AllocationConfig]) -> Result<Vec<Layer>, ConfigError> {
     let mut layers: Vec<(bool, Layer)> = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
-        let Some(opaque) = entry.opaque.as_ref().filter(|o| o.driver == driver) else {
+        let Some((_, parameters)) = entry.opaque.as_ref().filter(|(d, _)| d == driver) else {
             continue;
         };
-        let raw = serde_json::to_vec(&opaque.parameters.0).unwrap_or_default();
+        let raw = serde_json::to_vec(parameters).unwrap_or_default();
         let parent = format!("config[{index}]");
         let config = config::parse(&raw).map_err(|e| e.within(&parent))?;
         config
             .validate(DeviceLimits::default())
             .map_err(|e| e.within(&parent))?;
         layers.push((
-            entry.source == "FromClaim",
+            entry.from_claim,
             Layer {
                 requests: entry.requests.clone().filter(|r| !r.is_empty()),
                 config,
@@ -384,30 +362,46 @@ fn applies(requests: Option<&[String]>, request: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::claim::{AllocatedDevice, Allocation};
 
     /// A tenant's claim config names the pod's `eth0` in a sysctl while the class config names
     /// the claim's interface `net1`: each layer is valid alone, the merged one is refused.
     #[test]
     fn layers_that_only_together_name_another_interface_are_refused() {
-        let opaque = |source: &str, parameters: serde_json::Value| {
-            serde_json::json!({"source": source, "opaque": {"driver": "knd.dev", "parameters":
+        let opaque = |from_claim: bool, parameters: serde_json::Value| AllocationConfig {
+            from_claim,
+            requests: None,
+            opaque: Some((
+                "knd.dev".into(),
                 serde_json::json!({"apiVersion": "knd.dev/v1alpha1", "kind": "NetworkConfig"})
-                    .as_object().unwrap().clone().into_iter()
+                    .as_object()
+                    .unwrap()
+                    .clone()
+                    .into_iter()
                     .chain(parameters.as_object().unwrap().clone())
-                    .collect::<serde_json::Map<_, _>>()}})
+                    .collect::<serde_json::Map<_, _>>()
+                    .into(),
+            )),
         };
-        let claim: ResourceClaim = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "c", "namespace": "ml", "uid": "u1"},
-            "spec": {},
-            "status": {"allocation": {"devices": {
-                "results": [{"request": "nic", "driver": "knd.dev", "pool": "n", "device": "d"}],
-                "config": [
-                    opaque("FromClass", serde_json::json!({"interface": {"name": "net1"}})),
-                    opaque("FromClaim", serde_json::json!(
-                        {"sysctls": {"net.ipv4.conf.eth0.rp_filter": "0"}})),
-                ]}}}
-        }))
-        .unwrap();
+        let claim = Claim {
+            uid: "u1".into(),
+            reserved_for: Vec::new(),
+            allocation: Some(Allocation {
+                results: vec![AllocatedDevice {
+                    request: "nic".into(),
+                    driver: "knd.dev".into(),
+                    pool: "n".into(),
+                    device: "d".into(),
+                }],
+                configs: vec![
+                    opaque(false, serde_json::json!({"interface": {"name": "net1"}})),
+                    opaque(
+                        true,
+                        serde_json::json!({"sysctls": {"net.ipv4.conf.eth0.rp_filter": "0"}}),
+                    ),
+                ],
+            }),
+        };
         let reference = ClaimRef {
             namespace: "ml".into(),
             uid: "u1".into(),

@@ -25,6 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     discover::inventory::Inventory,
     model::{
+        claim::{AllocatedDevice, Allocation, AllocationConfig, Claim, Reservation},
         ports::{ClaimApi, ClaimRef, DeviceReport, SourceError},
         records::PreparedClaim,
     },
@@ -611,19 +612,67 @@ pub fn prepared_report(claim: &PreparedClaim) -> Vec<DeviceReport> {
         .collect()
 }
 
+/// The claim as the driver reads it: the API object converted at this edge, once.
+pub fn claim_from(resource: &ResourceClaim) -> Claim {
+    let status = resource.status.as_ref();
+    let devices = status
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref());
+    Claim {
+        uid: resource.metadata.uid.clone().unwrap_or_default(),
+        reserved_for: status
+            .and_then(|s| s.reserved_for.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|r| Reservation {
+                resource: r.resource.clone(),
+                name: r.name.clone(),
+                uid: r.uid.clone(),
+            })
+            .collect(),
+        allocation: devices.map(|d| Allocation {
+            results: d
+                .results
+                .iter()
+                .flatten()
+                .map(|r| AllocatedDevice {
+                    request: r.request.clone(),
+                    driver: r.driver.clone(),
+                    pool: r.pool.clone(),
+                    device: r.device.clone(),
+                })
+                .collect(),
+            configs: d
+                .config
+                .iter()
+                .flatten()
+                .map(|c| AllocationConfig {
+                    from_claim: c.source == "FromClaim",
+                    requests: c.requests.clone(),
+                    opaque: c
+                        .opaque
+                        .as_ref()
+                        .map(|o| (o.driver.clone(), o.parameters.0.clone())),
+                })
+                .collect(),
+        }),
+    }
+}
+
 impl ClaimApi for ApiClaims {
-    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, SourceError> {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<Claim>, SourceError> {
         let api: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
-        api.get_opt(name)
-            .await
-            .map_err(|e| SourceError::new(format!("reading ResourceClaim {namespace}/{name}"), e))
+        let claim = api.get_opt(name).await.map_err(|e| {
+            SourceError::new(format!("reading ResourceClaim {namespace}/{name}"), e)
+        })?;
+        Ok(claim.as_ref().map(claim_from))
     }
 
     async fn pod_claims(
         &self,
         namespace: &str,
         (pod_name, pod_uid): (&str, &str),
-    ) -> Result<Vec<ResourceClaim>, SourceError> {
+    ) -> Result<Vec<Claim>, SourceError> {
         // The pod names its claims (templates' generated names in its status): one GET per
         // claim of the pod rather than a LIST of the namespace.
         let pods: Api<k8s_openapi::api::core::v1::Pod> =
@@ -654,9 +703,15 @@ impl ClaimApi for ApiClaims {
         let claims: Api<ResourceClaim> = Api::namespaced(self.client.clone(), namespace);
         let mut found = Vec::new();
         for name in names {
-            if let Some(claim) = claims.get_opt(&name).await.map_err(|e| {
-                SourceError::new(format!("reading ResourceClaim {namespace}/{name}"), e)
-            })? && crate::model::ports::is_reserved_for(&claim, pod_uid)
+            if let Some(claim) = claims
+                .get_opt(&name)
+                .await
+                .map_err(|e| {
+                    SourceError::new(format!("reading ResourceClaim {namespace}/{name}"), e)
+                })?
+                .as_ref()
+                .map(claim_from)
+                && claim.is_reserved_for(pod_uid)
             {
                 found.push(claim);
             }

@@ -1,5 +1,6 @@
 //! The model: the records and ports every stage shares (claim config, claim, pod and attachment records, distance findings, device reports, link settings and readings) — plain data, no I/O.
 
+pub mod claim;
 pub mod config;
 pub mod distance;
 pub mod link;

@@ -1,9 +1,12 @@
 //! The ports between the stages and the outside: how claims are read and their status written
 //! ([`ClaimApi`]), and what the adapters report (device status, device health).
 
-use k8s_openapi::api::resource::v1::{NetworkDeviceData, ResourceClaim};
+use k8s_openapi::api::resource::v1::NetworkDeviceData;
 
-use super::records::{PreparedClaim, PreparedDevice};
+use super::{
+    claim::Claim,
+    records::{PreparedClaim, PreparedDevice},
+};
 
 /// A claim as kubelet names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +58,7 @@ pub trait ClaimApi: Send + Sync + 'static {
         &self,
         namespace: &str,
         name: &str,
-    ) -> impl Future<Output = Result<Option<ResourceClaim>, SourceError>> + Send;
+    ) -> impl Future<Output = Result<Option<Claim>, SourceError>> + Send;
 
     /// A string attribute of another driver's device from its ResourceSlices (e.g. a GPU's
     /// `resource.kubernetes.io/pciBusID`), or `None` when it is not published.
@@ -75,7 +78,7 @@ pub trait ClaimApi: Send + Sync + 'static {
         &self,
         _namespace: &str,
         _pod: (&str, &str),
-    ) -> impl Future<Output = Result<Vec<ResourceClaim>, SourceError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Claim>, SourceError>> + Send {
         async { Ok(Vec::new()) }
     }
 
@@ -97,15 +100,6 @@ pub trait ClaimApi: Send + Sync + 'static {
 
 /// The outcome for one claim: our devices, or an error meant for the claim's owner.
 pub type ClaimOutcome = Result<Vec<PreparedDevice>, String>;
-
-/// Whether `claim` is reserved for the pod with UID `pod_uid`.
-pub fn is_reserved_for(claim: &ResourceClaim, pod_uid: &str) -> bool {
-    claim
-        .status
-        .as_ref()
-        .and_then(|s| s.reserved_for.as_ref())
-        .is_some_and(|r| r.iter().any(|r| r.uid == pod_uid))
-}
 
 /// What a device's status entry says.
 #[derive(Debug, Clone, PartialEq)]

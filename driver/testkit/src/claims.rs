@@ -8,7 +8,13 @@ use std::{
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 
-use knd::model::ports::{ClaimApi, ClaimRef, DeviceReport, SourceError};
+use knd::{
+    k8s::claim_from,
+    model::{
+        claim::Claim,
+        ports::{ClaimApi, ClaimRef, DeviceReport, SourceError},
+    },
+};
 
 type ClaimMap = HashMap<(String, String), ResourceClaim>;
 type Reports = Vec<(ClaimRef, Vec<DeviceReport>)>;
@@ -83,16 +89,16 @@ impl ClaimApi for MemoryClaims {
         &self,
         namespace: &str,
         (_, pod_uid): (&str, &str),
-    ) -> Result<Vec<ResourceClaim>, SourceError> {
+    ) -> Result<Vec<Claim>, SourceError> {
+        // Converted at the same edge as the daemon's claims (knd::k8s::claim_from).
         Ok(self
             .0
             .lock()
             .expect("not poisoned")
             .iter()
             .filter(|((ns, _), _)| ns == namespace)
-            .map(|(_, claim)| claim)
-            .filter(|c| knd::model::ports::is_reserved_for(c, pod_uid))
-            .cloned()
+            .map(|(_, claim)| claim_from(claim))
+            .filter(|c| c.is_reserved_for(pod_uid))
             .collect())
     }
 
@@ -111,13 +117,13 @@ impl ClaimApi for MemoryClaims {
             .cloned())
     }
 
-    async fn get(&self, namespace: &str, name: &str) -> Result<Option<ResourceClaim>, SourceError> {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<Claim>, SourceError> {
         Ok(self
             .0
             .lock()
             .expect("not poisoned")
             .get(&(namespace.to_owned(), name.to_owned()))
-            .cloned())
+            .map(claim_from))
     }
 }
 
