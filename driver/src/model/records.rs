@@ -61,7 +61,7 @@ pub struct HostSide {
     /// need no restore; these are flushed when the interface leaves).
     #[serde(default)]
     pub neighbors: Vec<Neighbor>,
-    /// The host's state of the device features a claim changes (see [`record_for`]).
+    /// The host's state of the device features a claim changes (see [`crate::attach::record_for`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub features: BTreeMap<String, bool>,
 }
