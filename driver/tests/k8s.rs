@@ -463,6 +463,15 @@ async fn publishing_reports_api_failures_and_succeeds_on_retry() {
     }
 }
 
+/// The claims port of the daemon over `fake`, never shut down.
+async fn api_claims(fake: &FakeApi) -> ApiClaims {
+    ApiClaims::new(
+        fake.client().await.unwrap(),
+        "knd.dev",
+        CancellationToken::new(),
+    )
+}
+
 fn claim_ref(name: &str, uid: &str) -> ClaimRef {
     ClaimRef {
         namespace: "ml".into(),
@@ -681,11 +690,7 @@ async fn a_status_write_the_api_server_forbids_is_given_up_with_a_warning() {
 async fn a_late_prepared_status_never_overwrites_attached() {
     let fake = FakeApi::start().await.unwrap();
     fake.put_claim(claim_on("node-1", "c1", "uid-1"));
-    let claims = ApiClaims::new(
-        fake.client().await.unwrap(),
-        "knd.dev",
-        CancellationToken::new(),
-    );
+    let claims = api_claims(&fake).await;
     let prepared = prepared_record(None);
     // The first write ("Prepared") fails and is retried after a backoff; "Attached" comes
     // meanwhile.
@@ -715,17 +720,13 @@ async fn a_late_prepared_status_never_overwrites_attached() {
     assert!(status.devices.is_none(), "{status:?}");
 }
 
-/// Shutdown waits for the background work of the claims port: an Event posted just before is
-/// in the API when `drained` returns, and nothing new starts after.
+/// Shutdown waits for the background work of the claims port: an Event and a status write
+/// handed over just before are in the API when `drained` returns.
 #[tokio::test]
 async fn shutdown_drains_the_events_and_status_writes_in_flight() {
     let fake = FakeApi::start().await.unwrap();
     fake.put_claim(claim_on("node-1", "c1", "uid-1"));
-    let claims = ApiClaims::new(
-        fake.client().await.unwrap(),
-        "knd.dev",
-        CancellationToken::new(),
-    );
+    let claims = api_claims(&fake).await;
     claims.warn(
         &claim_ref("c1", "uid-1"),
         "ReleaseRefused",
@@ -748,11 +749,7 @@ async fn prepare_reads_the_claim_from_the_api_and_reports_it_prepared() {
     let fake = FakeApi::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(StateStore::open(dir.path()).unwrap());
-    let claims = ApiClaims::new(
-        fake.client().await.unwrap(),
-        "knd.dev",
-        CancellationToken::new(),
-    );
+    let claims = api_claims(&fake).await;
     let own = format!(
         r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","addresses":["10.9.0.2/24"],"hardwareAddr":"02:aa:00:00:00:01"}}}}"#
     );
@@ -885,12 +882,7 @@ async fn other_drivers_devices_are_read_from_their_slices() {
 #[tokio::test]
 async fn a_prepared_claim_with_a_gpu_gets_an_event_and_the_topology_condition() {
     let fake = FakeApi::start().await.unwrap();
-    let claims = ApiClaims::new(
-        fake.client().await.unwrap(),
-        "knd.dev",
-        CancellationToken::new(),
-    )
-    .with_instance("node-1");
+    let claims = api_claims(&fake).await.with_instance("node-1");
     fake.put_claim(allocated_claim(
         "c1",
         "uid-1",
@@ -965,11 +957,7 @@ async fn a_prepared_claim_with_a_gpu_gets_an_event_and_the_topology_condition() 
 #[tokio::test]
 async fn a_pods_claims_are_those_it_names_that_are_reserved_for_it() {
     let fake = FakeApi::start().await.unwrap();
-    let claims = ApiClaims::new(
-        fake.client().await.unwrap(),
-        "knd.dev",
-        CancellationToken::new(),
-    );
+    let claims = api_claims(&fake).await;
     // A pod's claims: those it names (its generated claim in status, a direct reference in its
     // spec) and that are reserved for it.
     fake.put_claim(allocated_claim(

@@ -415,8 +415,8 @@ impl ApiClaims {
         });
     }
 
-    /// Shutdown: takes no more background work and waits for what runs (status writes stop
-    /// retrying once shutdown is requested, so this ends).
+    /// Shutdown: waits for the status writes and Events running in the background (a status
+    /// write stops retrying once shutdown is requested, so this ends).
     pub async fn drained(&self) {
         self.tasks.close();
         self.tasks.wait().await;

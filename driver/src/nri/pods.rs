@@ -264,7 +264,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         });
     }
 
-    /// Shutdown: starts no more telemetry attachments and waits for those running.
+    /// Shutdown: waits for the telemetry attachments running in the background.
     pub async fn drained(&self) {
         self.tasks.close();
         self.tasks.wait().await;

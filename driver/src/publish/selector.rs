@@ -143,7 +143,8 @@ impl std::fmt::Debug for Selector {
 }
 
 impl Selector {
-    /// Keeps only the NICs of `inventory` this selector accepts; the others are excluded with the reason.
+    /// Keeps only the NICs of `inventory` this selector accepts; the others are excluded with
+    /// the reason.
     pub fn retain_in(&self, inventory: &mut Inventory) {
         for nic in std::mem::take(&mut inventory.nics) {
             let attributes = resources::attributes(&nic);
