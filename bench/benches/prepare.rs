@@ -20,7 +20,8 @@ use knd::{
 use knd_bench::{Summary, report, summarize};
 use knd_testkit::{
     apiserver::FakeApi,
-    claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel},
+    claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, node_devices, unix_channel},
+    machines,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -74,7 +75,12 @@ async fn suite<C: ClaimApi>(
         &dir.path().join("registry"),
     );
     let store = Arc::new(StateStore::open(dir.path().join("state"))?);
-    let preparer = Arc::new(Preparer::new("knd.dev", store, claims));
+    let preparer = Arc::new(Preparer::new(
+        "knd.dev",
+        node_devices("node-1", &machines::gpu_8x8()),
+        store,
+        claims,
+    ));
     let (_health, health) = watch::channel(Vec::new());
     let shutdown = CancellationToken::new();
     let plugin = dra::serve("knd.dev", sockets.clone(), preparer, health, &shutdown)?;

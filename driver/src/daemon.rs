@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     discover::inventory::Inventory,
-    dra::{self, Registration, Sockets, prepare::Preparer},
+    dra::{
+        self, Registration, Sockets,
+        prepare::{NodeDevices, Preparer},
+    },
     k8s::{self, ApiClaims, Publisher},
     model::ports::DeviceHealth,
     nri,
@@ -292,11 +295,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         Arc::clone(&hooks),
         shutdown.clone(),
     ));
-    let preparer = Arc::new(
-        Preparer::new(driver.clone(), store, claims.clone())
-            .with_durations(telemetry.prepare_seconds.clone())
-            .with_alignment(alignment(&args, &watcher, &telemetry)),
-    );
+    let preparer = preparer(&args, &watcher, store, claims.clone(), &telemetry);
     let sockets = Sockets::new(&driver, &args.plugin_dir, &args.registry_dir);
     let plugin = dra::serve(&driver, sockets, preparer, health_rx, &shutdown)?;
 
@@ -346,6 +345,26 @@ async fn inventory_scope(
         filter,
         node_addresses: node_addresses.into(),
     }
+}
+
+/// The DRA side's preparer: claims checked against this node's pool and live inventory, their
+/// GPU alignment as the flags say, each call's duration recorded.
+fn preparer(
+    args: &RunArgs,
+    watcher: &inventory_watch::Watcher,
+    store: Arc<StateStore>,
+    claims: ApiClaims,
+    telemetry: &Telemetry,
+) -> Arc<Preparer<ApiClaims>> {
+    let node = NodeDevices {
+        pool: args.node_name.clone(),
+        inventory: watcher.inventory.clone(),
+    };
+    Arc::new(
+        Preparer::new(args.driver_name.clone(), node, store, claims)
+            .with_durations(telemetry.prepare_seconds.clone())
+            .with_alignment(alignment(args, watcher, telemetry)),
+    )
 }
 
 /// GPU–NIC alignment checking as the flags say, over the live inventory.

@@ -9,7 +9,7 @@ use knd::{
     discover::inventory::{Inventory, discover},
     dra::{
         alignment::{Alignment, Policy},
-        prepare::Preparer,
+        prepare::{NodeDevices, Preparer},
     },
     model::ports::ClaimRef,
     observe::metrics::{Telemetry, encode},
@@ -78,11 +78,16 @@ fn setup(policy: Policy) -> Setup {
     let telemetry = Arc::new(Telemetry::new(None, 10));
     // A receiver keeps the last inventory after its sender is gone.
     let (_, receiver) = watch::channel(Arc::new(inventory.clone()));
-    let preparer = Preparer::new("knd.dev", store, claims.clone()).with_alignment(Alignment {
-        policy,
-        inventory: receiver,
-        distances: telemetry.gpu_nic_distance.clone(),
-    });
+    let node = NodeDevices {
+        pool: "node-1".into(),
+        inventory: receiver.clone(),
+    };
+    let preparer =
+        Preparer::new("knd.dev", node, store, claims.clone()).with_alignment(Alignment {
+            policy,
+            inventory: receiver,
+            distances: telemetry.gpu_nic_distance.clone(),
+        });
     Setup {
         dir,
         claims,

@@ -2,7 +2,10 @@
 //! throwaway namespace standing in for the host) with a veth NIC cabled to a switch, and pods
 //! that already have an `eth0`.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use knd::{
     attach,
@@ -76,12 +79,15 @@ fn node_and_pod() -> (TestHost, TestHost, TestHost) {
 fn wanted_config() -> NetworkConfig {
     config(
         r#""interface":{"name":"net1","mtu":9000,"hardwareAddr":"02:00:00:00:00:42","addresses":["10.9.0.2/24"],
-                        "gsoMaxSize":131072,"groMaxSize":131072},
+                        "gsoMaxSize":131072,"groMaxSize":131072,"gsoIPv4MaxSize":98304,"groIPv4MaxSize":81920,
+                        "arpIgnore":1,"arpAnnounce":2,"dhcp":false,"disableEbpfPrograms":false},
            "ethtool":{"features":{"rx-gro":true,"tx-checksum-ip-generic":false}},
-           "routes":[{"destination":"10.99.0.0/16","gateway":"10.9.0.1"}],
+           "routes":[{"destination":"10.99.0.0/16","gateway":"10.9.0.1"},
+                     {"destination":"10.98.0.0/16","source":"10.9.0.2","scope":"link","table":100}],
            "neighbors":[{"destination":"10.9.0.1","hardwareAddr":"02:00:00:00:00:01"}],
-           "rules":[{"priority":100,"source":"10.9.0.0/24","table":100}],
-           "sysctls":{"net.ipv4.conf.net1.arp_ignore":"1"}"#,
+           "rules":[{"priority":100,"source":"10.9.0.0/24","table":100},
+                    {"priority":101,"destination":"10.97.0.0/16","table":101}],
+           "sysctls":{"net.ipv4.conf.net1.arp_notify":"1"}"#,
     )
 }
 
@@ -93,21 +99,37 @@ async fn check_inside_the_pod(pod: &TestHost) {
     assert_eq!(inside.addresses, ["10.9.0.2/24".parse().unwrap()]);
     assert_eq!(inside.link.offload_sizes.gso_max_size, Some(131_072));
     assert_eq!(inside.link.offload_sizes.gro_max_size, Some(131_072));
+    assert_eq!(inside.link.offload_sizes.gso_ipv4_max_size, Some(98_304));
+    assert_eq!(inside.link.offload_sizes.gro_ipv4_max_size, Some(81_920));
     assert_eq!(inside.neighbors.len(), 1, "the pod's static neighbor");
-    assert_eq!(inside.routes.len(), 1);
+    assert_eq!(inside.routes.len(), 2, "{:?}", inside.routes);
+    let via = inside.routes.iter().find(|r| r.table == 254).unwrap();
+    assert_eq!(via.gateway, Some("10.9.0.1".parse::<IpAddr>().unwrap()));
+    let on_link = inside.routes.iter().find(|r| r.table == 100).unwrap();
     assert_eq!(
-        inside.routes[0].gateway,
-        Some("10.9.0.1".parse::<IpAddr>().unwrap())
+        (on_link.link_scope, on_link.source),
+        (true, Some("10.9.0.2".parse::<IpAddr>().unwrap())),
+        "{on_link:?}"
     );
     let pod_clone = pod.netns().try_clone().unwrap();
-    let arp_ignore = tokio::task::spawn_blocking(move || {
-        pod_clone
-            .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/net1/arp_ignore").unwrap())
+    let sysctls = tokio::task::spawn_blocking(move || {
+        pod_clone.run(|| {
+            ["arp_ignore", "arp_announce", "arp_notify"].map(|setting| {
+                std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/net1/{setting}"))
+                    .unwrap()
+                    .trim()
+                    .to_owned()
+            })
+        })
     })
     .await
     .unwrap()
     .unwrap();
-    assert_eq!(arp_ignore.trim(), "1");
+    assert_eq!(
+        sysctls,
+        ["1", "2", "1"],
+        "arpIgnore, arpAnnounce and a sysctl"
+    );
     let features = features_of(pod.netns(), "net1").await;
     assert_eq!(features.get("rx-gro"), Some(&true));
     assert_eq!(features.get("tx-checksum-ip-generic"), Some(&false));
@@ -126,6 +148,10 @@ async fn check_inside_the_pod(pod: &TestHost) {
     let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
     assert!(
         rules.contains("100:\tfrom 10.9.0.0/24 lookup 100"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("101:\tfrom all to 10.97.0.0/16 lookup 101"),
         "{rules}"
     );
 }
@@ -258,15 +284,19 @@ async fn a_failed_step_is_named_and_undone() {
         portable(before.clone())
     );
 
-    // What this build cannot apply is refused before anything moves.
-    let private = config(r#""ethtool":{"privateFlags":{"legacy-rx":true}}"#);
+    // What knd does not do is refused before anything moves, even in a record written by an
+    // older knd whose prepare let it through.
+    let private = config::parse(
+        br#"{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig","ethtool":{"privateFlags":{"legacy-rx":true}}}"#,
+    )
+    .unwrap();
     let error = attach::attach(node.netns(), pod.netns(), &before, "net1", &private)
         .await
         .unwrap_err();
     assert!(
         error
             .reason
-            .contains("ethtool.privateFlags is not supported"),
+            .contains("ethtool.privateFlags: driver private flags are not supported"),
         "{error}"
     );
     assert_eq!(
@@ -314,4 +344,137 @@ async fn a_nic_handed_back_by_a_dying_pod_is_never_found_by_the_mac_the_claim_se
         portable(before),
         "host MAC, MTU, addresses, routes and neighbors restored"
     );
+}
+
+/// The fields of a JSON Schema node, as paths (`routes[].gateway`; a map such as `sysctls` is
+/// one field).
+fn schema_fields(root: &serde_json::Value, node: &serde_json::Value, path: &str) -> Vec<String> {
+    if let Some(reference) = node["$ref"].as_str() {
+        let name = reference.trim_start_matches("#/$defs/");
+        return schema_fields(root, &root["$defs"][name], path);
+    }
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    if let Some(properties) = node["properties"].as_object() {
+        return properties
+            .iter()
+            .flat_map(|(key, sub)| schema_fields(root, sub, &join(key)))
+            .collect();
+    }
+    if node.get("items").is_some() {
+        return schema_fields(root, &node["items"], &format!("{path}[]"));
+    }
+    for alternatives in ["anyOf", "oneOf"] {
+        if let Some(variants) = node[alternatives].as_array() {
+            return variants
+                .iter()
+                .flat_map(|v| schema_fields(root, v, path))
+                .collect();
+        }
+    }
+    if node["type"] == "null" {
+        return Vec::new();
+    }
+    vec![path.to_owned()]
+}
+
+/// Every path present in a JSON value, intermediate ones included (`routes[]`, `routes[].table`).
+fn value_paths(value: &serde_json::Value, path: &str, out: &mut BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, sub) in map {
+                let here = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                value_paths(sub, &here, out);
+                out.insert(here);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            let here = format!("{path}[]");
+            for item in items {
+                value_paths(item, &here, out);
+            }
+            out.insert(here);
+        }
+        _ => {}
+    }
+}
+
+/// Nothing in the claim configuration is silently ignored: every field of its JSON Schema is
+/// set in [`wanted_config`] (whose effect the root tests above read back from the kernel), or
+/// applied by another stage (named here with the test that reads its effect), or refused at
+/// prepare with an error naming it.
+#[test]
+fn every_configuration_field_is_applied_or_refused() {
+    let schema: serde_json::Value = serde_json::from_str(&config::json_schema()).unwrap();
+    let fields: BTreeSet<String> = schema_fields(&schema, &schema, "").into_iter().collect();
+    assert!(fields.len() > 30, "{fields:?}");
+    let mut in_the_kernel_test = BTreeSet::new();
+    value_paths(
+        &serde_json::to_value(wanted_config()).unwrap(),
+        "",
+        &mut in_the_kernel_test,
+    );
+    let elsewhere = [
+        (
+            "telemetry.enabled",
+            "telemetry.rs a_claim_with_telemetry_off_gets_no_programs_and_no_series",
+        ),
+        (
+            "topology.require",
+            "alignment.rs (prepare checks the NIC's class to the claim's GPU)",
+        ),
+        (
+            "rdma.mode",
+            "pods.rs shared_rdma_gives_every_container_the_claimed_nics_verbs_devices \
+             (`exclusive` is refused below)",
+        ),
+    ];
+    let refused = [
+        ("interface.dhcp", r#""interface":{"dhcp":true}"#),
+        (
+            "interface.disableEbpfPrograms",
+            r#""interface":{"disableEbpfPrograms":true}"#,
+        ),
+        (
+            "ethtool.privateFlags",
+            r#""ethtool":{"privateFlags":{"rx_striding_rq":true}}"#,
+        ),
+        ("rdma.mode", r#""rdma":{"mode":"exclusive"}"#),
+    ];
+    for (field, json) in refused {
+        let text = format!(r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig",{json}}}"#);
+        let error = config::parse(text.as_bytes())
+            .and_then(|c| c.validate(config::DeviceLimits::default()))
+            .expect_err(json);
+        assert_eq!(error.path, field, "{error}");
+    }
+    let unaccounted: Vec<&String> = fields
+        .iter()
+        .filter(|field| {
+            !in_the_kernel_test.contains(*field)
+                && !elsewhere.iter().any(|(f, _)| f == field)
+                && !refused.iter().any(|(f, _)| f == field)
+        })
+        .collect();
+    assert!(
+        unaccounted.is_empty(),
+        "fields neither applied in a test nor refused: {unaccounted:?}"
+    );
+    // And the lists name only real fields.
+    for field in elsewhere
+        .iter()
+        .map(|e| e.0)
+        .chain(refused.iter().map(|r| r.0))
+    {
+        assert!(fields.contains(field), "{field} is not in the schema");
+    }
 }

@@ -124,12 +124,15 @@ impl Drop for Daemon {
     }
 }
 
+/// Claim `c<index>`, allocated the sriov machine's first VF.
 fn claim_json(index: usize) -> serde_json::Value {
-    allocated_claim(
+    let mut claim = allocated_claim(
         &format!("c{index}"),
         &format!("uid-{index}"),
         &format!(r#"{{{CONFIG_HEAD},"interface":{{"name":"net{index}"}}}}"#),
-    )
+    );
+    claim["status"]["allocation"]["devices"]["results"][0]["device"] = "pci-0000-3b-01-0".into();
+    claim
 }
 
 fn claims(range: std::ops::Range<usize>) -> Vec<dra_v1::Claim> {

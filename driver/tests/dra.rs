@@ -17,7 +17,13 @@ use knd::{
     model::ports::DeviceHealth,
     os::state::StateStore,
 };
-use knd_testkit::claims::{CONFIG_HEAD, MemoryClaims, allocated_claim, unix_channel};
+use knd_testkit::{
+    claims::{
+        CONFIG_HEAD, MemoryClaims, allocated_claim, attachment_record, node_devices, pod_record,
+        unix_channel,
+    },
+    machines,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -46,7 +52,12 @@ fn start(dir: &Path, claims: &Claims) -> Running {
         &dir.join("registry"),
     );
     let store = Arc::new(StateStore::open(dir.join("state")).unwrap());
-    let preparer = Arc::new(Preparer::new("knd.dev", Arc::clone(&store), claims.clone()));
+    let preparer = Arc::new(Preparer::new(
+        "knd.dev",
+        node_devices("node-1", &machines::gpu_8x8()),
+        Arc::clone(&store),
+        claims.clone(),
+    ));
     let (health, health_rx) = watch::channel(vec![DeviceHealth {
         pool: "node-1".into(),
         device: "pci-0000-b4-00-0".into(),
@@ -308,6 +319,107 @@ async fn bad_claims_get_their_own_error_naming_the_field() {
         running.store.claims.all().unwrap().len(),
         1,
         "only the good claim is recorded"
+    );
+    running.shutdown.cancel();
+    running.plugin.join().await;
+}
+
+/// The allocation is checked against what this node publishes: a device it never published,
+/// a device of another pool and an adminAccess request each get their own error at prepare
+/// (before, they were prepared and failed only at pod start). A NIC already in one of the
+/// claim's pods has left the host's inventory: its attachment record vouches for it.
+#[tokio::test]
+async fn allocations_this_node_cannot_give_are_refused_naming_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = Claims::default();
+    let config = format!("{{{CONFIG_HEAD}}}");
+    let with_nic = |name: &str, uid: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut claim = claim(name, uid, &config);
+        edit(&mut claim["status"]["allocation"]["devices"]["results"][0]);
+        claims.add(claim);
+        dra_v1::Claim {
+            namespace: "ml".into(),
+            uid: uid.into(),
+            name: name.into(),
+        }
+    };
+    let requests = vec![
+        with_nic("unknown", "uid-u", &|nic| {
+            nic["device"] = "no-such-device".into()
+        }),
+        with_nic("elsewhere", "uid-e", &|nic| nic["pool"] = "node-2".into()),
+        with_nic("admin", "uid-a", &|nic| nic["adminAccess"] = true.into()),
+        with_nic("attached", "uid-m", &|nic| {
+            nic["device"] = "in-the-pod".into()
+        }),
+        with_nic("someone-elses", "uid-s", &|nic| {
+            nic["device"] = "in-another-pod".into()
+        }),
+        with_nic("good", "uid-g", &|_| {}),
+    ];
+    let running = start(dir.path(), &claims);
+    // "in-the-pod" was moved into a pod of this very claim; "in-another-pod" into a pod of
+    // another claim, which does not make it this claim's.
+    let store = &running.store;
+    store
+        .pods
+        .put(
+            "pod-m",
+            &pod_record("pod-m", vec![attachment_record("uid-m", "in-the-pod")]),
+        )
+        .unwrap();
+    store
+        .pods
+        .put(
+            "pod-o",
+            &pod_record("pod-o", vec![attachment_record("uid-o", "in-another-pod")]),
+        )
+        .unwrap();
+
+    let mut v1 =
+        dra_v1::dra_plugin_client::DraPluginClient::new(channel(running.sockets.dra.clone()).await);
+    let response = v1
+        .node_prepare_resources(dra_v1::NodePrepareResourcesRequest { claims: requests })
+        .await
+        .unwrap()
+        .into_inner();
+    let error = |uid: &str| response.claims[uid].error.clone();
+    assert_eq!(
+        error("uid-u"),
+        "claim ml/unknown: request nic was allocated device no-such-device, which knd.dev does \
+         not publish in pool node-1 (unknown, or gone from this node)"
+    );
+    assert_eq!(
+        error("uid-e"),
+        "claim ml/elsewhere: request nic was allocated device pci-0000-b4-00-0 of pool node-2, \
+         but this node's pool is node-1"
+    );
+    assert!(
+        error("uid-a").starts_with(
+            "claim ml/admin: request nic asks for adminAccess to device pci-0000-b4-00-0; \
+             knd.dev refuses it"
+        ),
+        "{}",
+        error("uid-a")
+    );
+    assert_eq!(error("uid-m"), "");
+    assert!(
+        error("uid-s").contains("device in-another-pod, which knd.dev does not publish"),
+        "{}",
+        error("uid-s")
+    );
+    assert_eq!(error("uid-g"), "");
+    let recorded: Vec<String> = store
+        .claims
+        .all()
+        .unwrap()
+        .into_iter()
+        .map(|(uid, _)| uid)
+        .collect();
+    assert_eq!(
+        recorded,
+        ["uid-g", "uid-m"],
+        "only the claims prepared are recorded"
     );
     running.shutdown.cancel();
     running.plugin.join().await;

@@ -192,53 +192,22 @@ async fn an_attached_device_is_read_in_its_pod_while_its_link_goes_down_and_flap
 #[test]
 fn the_records_say_which_devices_are_in_which_pod() {
     use knd::{
-        model::{
-            link::LinkSettings,
-            records::{AttachmentRecord, HostSide, PodRecord, PodSide},
-        },
+        model::records::{AttachmentRecord, PodRecord, PodSide},
         os::state::StateStore,
     };
+    use knd_testkit::claims::{attachment_record, pod_record};
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path()).unwrap();
     let attachment = |device: &str, pod: Option<&str>| AttachmentRecord {
-        claim_uid: "uid".into(),
-        claim_namespace: "ml".into(),
-        claim_name: "c".into(),
-        pool: "node-1".into(),
-        device: device.into(),
-        host: HostSide {
-            link: LinkSettings {
-                index: 7,
-                name: device.into(),
-                mtu: 1500,
-                mac: None,
-                up: true,
-                offload_sizes: knd::model::link::OffloadSizes::default(),
-                identity: None,
-                peer: None,
-            },
-            addresses: Vec::new(),
-            routes: Vec::new(),
-            neighbors: Vec::new(),
-            features: BTreeMap::new(),
-        },
-        pod_name: "net1".into(),
-        returned: false,
         pod: pod.map(|name| PodSide {
             name: name.into(),
-            addresses: Vec::new(),
-            mac: None,
-            place: None,
+            ..attachment_record("uid", device).pod.unwrap()
         }),
+        ..attachment_record("uid", device)
     };
     let record = |uid: &str, attachments, detached| PodRecord {
-        pod_uid: uid.into(),
-        pod: format!("ml/{uid}"),
-        netns: format!("/run/netns/{uid}").into(),
-        netns_id: None,
-        attachments,
-        failure: None,
         detached,
+        ..pod_record(uid, attachments)
     };
     store
         .pods

@@ -15,7 +15,7 @@ use knd::{
 };
 use knd_testkit::{
     apiserver::{FakeApi, Release},
-    claims::{CONFIG_HEAD, allocated_claim},
+    claims::{CONFIG_HEAD, allocated_claim, node_devices},
     inventory_of, machines,
 };
 use kube::{
@@ -439,6 +439,59 @@ async fn the_pool_is_published_owned_by_the_node_and_kept_in_step() {
     assert_eq!(fake.slices().len(), 1);
 }
 
+/// A pci.ids name of 62 characters but 69 bytes (UTF-8): the API server counts bytes, so if knd
+/// cut at 64 characters the whole slice — every device of the node — would be rejected.
+const LONG_NON_ASCII_NAME: &str = "Contrôleur Ethernet « ConnectX-7 » à 2 ports 400 Gb/s — réseau";
+
+#[tokio::test]
+async fn a_non_ascii_pci_name_over_64_bytes_is_cut_and_the_slice_accepted() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.add_node("gpu-node-1");
+    let tree = machines::gpu_8x8();
+    tree.file(
+        "/usr/share/misc/pci.ids",
+        &format!("15b3  Mellanox Technologies\n\t1021  {LONG_NON_ASCII_NAME}\n"),
+    );
+    let inventory = inventory::discover(&tree.host());
+
+    // The fake counts bytes like the real API server: the name as it is gets refused.
+    let mut uncut = resources::slices(&inventory, "knd.dev", "gpu-node-1", 1, None);
+    let devices = uncut[0].spec.devices.as_mut().unwrap();
+    let attribute = devices[0]
+        .attributes
+        .as_mut()
+        .unwrap()
+        .get_mut("knd.dev/pciDevice")
+        .unwrap();
+    assert!(LONG_NON_ASCII_NAME.starts_with(attribute.string.as_deref().unwrap()));
+    attribute.string = Some(LONG_NON_ASCII_NAME.to_owned());
+    let slices: Api<ResourceSlice> = Api::all(fake.client().await.unwrap());
+    let (code, message) = api_status(slices.create(&PostParams::default(), &uncut[0]).await);
+    assert_eq!(code, 422, "{message}");
+    assert!(
+        message.contains("string: Too long: may not be more than 64 bytes"),
+        "{message}"
+    );
+
+    // knd's own publication cuts on a character boundary and the node's pool is accepted.
+    let mut publisher = Publisher::new(fake.client().await.unwrap(), "knd.dev", "gpu-node-1");
+    publisher.publish(&inventory).await.unwrap();
+    let stored = fake.slices();
+    let devices = stored[0].spec.devices.as_ref().unwrap();
+    assert_eq!(devices.len(), 8);
+    for device in devices {
+        let name = device.attributes.as_ref().unwrap()["knd.dev/pciDevice"]
+            .string
+            .clone()
+            .unwrap();
+        assert_eq!(
+            name,
+            "Contrôleur Ethernet « ConnectX-7 » à 2 ports 400 Gb/s — r"
+        );
+        assert!(name.len() <= 64 && LONG_NON_ASCII_NAME.starts_with(&name));
+    }
+}
+
 #[tokio::test]
 async fn publishing_reports_api_failures_and_succeeds_on_retry() {
     let fake = FakeApi::start().await.unwrap();
@@ -755,7 +808,12 @@ async fn prepare_reads_the_claim_from_the_api_and_reports_it_prepared() {
     );
     fake.put_claim(allocated_claim("c1", "uid-1", &own));
     assert!(claims.get("ml", "missing").await.unwrap().is_none());
-    let preparer = Preparer::new("knd.dev", store, claims);
+    let preparer = Preparer::new(
+        "knd.dev",
+        node_devices("node-1", &machines::gpu_8x8()),
+        store,
+        claims,
+    );
     let answers = preparer.prepare(&[claim_ref("c1", "uid-1")]).await.unwrap();
     assert_eq!(
         answers["uid-1"].as_ref().unwrap()[0].device,

@@ -306,3 +306,58 @@ async fn a_new_sandbox_of_the_same_pod_gets_the_nic_not_the_old_record() {
     hooks.remove_pod_sandbox(sandbox).await.unwrap();
     assert!(attach::record(node.host.netns(), "enp1").await.is_ok());
 }
+
+/// `rdma.mode: shared` (the default): the RDMA device stays in the host namespace and every
+/// container of the pod gets its verbs device and `rdma_cm` as character devices; a claim whose
+/// NIC has no RDMA device adds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn shared_rdma_gives_every_container_the_claimed_nics_verbs_devices() {
+    use knd::discover::inventory::rdma::{CharDevice, RdmaDevice};
+
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
+    let char_device = |path: &str, minor: u32| CharDevice {
+        path: path.into(),
+        major: 231,
+        minor,
+    };
+    node.inventory.send_modify(|inventory| {
+        let inventory = Arc::make_mut(inventory);
+        inventory.nics[0].rdma = vec![RdmaDevice {
+            name: "mlx5_3".into(),
+            uverbs: Some(char_device("/dev/infiniband/uverbs3", 195)),
+            ..RdmaDevice::default()
+        }];
+        inventory.rdma_cm = Some(CharDevice {
+            path: "/dev/infiniband/rdma_cm".into(),
+            major: 10,
+            minor: 58,
+        });
+    });
+    node.prepare(
+        "c1",
+        "enp1",
+        r#""interface":{"name":"net1"},"rdma":{"mode":"shared"}"#,
+    );
+    let hooks = node.hooks();
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+    let adjust = hooks
+        .create_container(node.sandbox(), container())
+        .await
+        .unwrap();
+    let devices: Vec<(String, i64, i64)> = adjust
+        .linux
+        .unwrap()
+        .devices
+        .into_iter()
+        .map(|d| (d.path, d.major, d.minor))
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("/dev/infiniband/uverbs3".to_owned(), 231, 195),
+            ("/dev/infiniband/rdma_cm".to_owned(), 10, 58)
+        ]
+    );
+    hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
+}

@@ -76,9 +76,10 @@ fn pod_host(name: &str) -> TestHost {
     pod
 }
 
-fn claim(uid: &str, pod: &str, device: &str, address: &str) -> PreparedClaim {
+/// Pod `pod`'s claim of `device` as `net1` with `address`; `extra` is more of its config.
+fn claim(uid: &str, pod: &str, device: &str, address: &str, extra: &str) -> PreparedClaim {
     let text = format!(
-        r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig","interface":{{"name":"net1","addresses":["{address}/24"]}}}}"#
+        r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig","interface":{{"name":"net1","addresses":["{address}/24"]}}{extra}}}"#
     );
     PreparedClaim {
         uid: uid.into(),
@@ -97,6 +98,11 @@ fn claim(uid: &str, pod: &str, device: &str, address: &str) -> PreparedClaim {
 
 impl Pods {
     fn new() -> Self {
+        Self::with_claim_a("")
+    }
+
+    /// Pods whose claim a has `extra` in its config.
+    fn with_claim_a(extra: &str) -> Self {
         let node = TestHost::new("node").unwrap();
         let switch = TestHost::new("switch").unwrap();
         veth_pair(&node, "enp1", &switch, "sw1").unwrap();
@@ -109,11 +115,11 @@ impl Pods {
         let store = Arc::new(StateStore::open(dir.path()).unwrap());
         store
             .claims
-            .put("claim-a", &claim("claim-a", "a", "enp1", A_ADDR))
+            .put("claim-a", &claim("claim-a", "a", "enp1", A_ADDR, extra))
             .unwrap();
         store
             .claims
-            .put("claim-b", &claim("claim-b", "b", "enp2", B_ADDR))
+            .put("claim-b", &claim("claim-b", "b", "enp2", B_ADDR, ""))
             .unwrap();
         let mut inventory = inventory_of(["enp1", "enp2"]);
         // enp1 stands in for a RoCE NIC: an RDMA device whose counters sysfs shows.
@@ -465,6 +471,49 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
         text.contains("knd_telemetry_watched_interfaces 0"),
         "{text}"
     );
+    drop(pods.node);
+}
+
+/// `telemetry: {enabled: false}` is honoured: the claim's interface carries no program (read from
+/// the kernel) and exports no series, while the other pod's claim is measured as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn a_claim_with_telemetry_off_gets_no_programs_and_no_series() {
+    let pods =
+        tokio::task::spawn_blocking(|| Pods::with_claim_a(r#","telemetry":{"enabled":false}"#))
+            .await
+            .unwrap();
+    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
+        pods.hooks
+            .run_pod_sandbox(Pods::sandbox(pod, name))
+            .await
+            .unwrap();
+    }
+    // Every background attachment has finished.
+    pods.hooks.drained().await;
+    assert!(pods.telemetry.watches("uid-b"));
+    assert!(!pods.telemetry.watches("uid-a"));
+    let on_a = pods.a.tcx_programs("net1").unwrap();
+    assert_eq!(
+        on_a,
+        Vec::<String>::new(),
+        "no program on the claim without telemetry"
+    );
+    let on_b = pods.b.tcx_programs("net1").unwrap();
+    assert_eq!(
+        on_b.len(),
+        2,
+        "both directions measured on the other: {on_b:?}"
+    );
+    let text = pods.scrape();
+    assert!(!text.contains("claim=\"nic-a\""), "{text}");
+    assert!(text.contains("claim=\"nic-b\""), "{text}");
+    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
+        pods.hooks
+            .stop_pod_sandbox(Pods::sandbox(pod, name))
+            .await
+            .unwrap();
+    }
     drop(pods.node);
 }
 

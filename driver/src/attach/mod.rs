@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 use crate::{
     model::{
-        config::{NetworkConfig, SysctlKey},
+        config::{InterfaceConfig, NetworkConfig, SysctlKey},
         link::{DeviceIdentity, LinkPeer, LinkSettings, OffloadSizes, Route},
         records::{HostSide, PodPlace, PodSide},
     },
@@ -196,22 +196,6 @@ pub async fn record_for(
     Ok(side)
 }
 
-/// Parts of a configuration this build cannot apply yet: refused by name rather than ignored.
-fn unsupported(config: &NetworkConfig) -> Option<&'static str> {
-    let interface = config.interface.as_ref();
-    if config
-        .ethtool
-        .as_ref()
-        .is_some_and(|e| e.private_flags.as_ref().is_some_and(|f| !f.is_empty()))
-    {
-        return Some("ethtool.privateFlags");
-    }
-    if interface.is_some_and(|i| i.dhcp == Some(true)) {
-        return Some("interface.dhcp");
-    }
-    None
-}
-
 /// Moves the interface recorded in `host_side` from `host` into `pod` as `pod_name` and applies
 /// `config` there. On failure everything done is undone before the error is returned.
 pub async fn attach(
@@ -222,11 +206,11 @@ pub async fn attach(
     config: &NetworkConfig,
 ) -> Result<PodSide, StepError> {
     let interface = host_side.link.name.clone();
-    if let Some(field) = unsupported(config) {
+    if let Some((field, why)) = config.unsupported() {
         return Err(StepError::new(
             &interface,
             "check the configuration",
-            format!("{field} is not supported by this version of knd"),
+            format!("{field}: {why}"),
         ));
     }
     if let Some(mac) = config
@@ -404,7 +388,18 @@ async fn apply_sysctls(
     name: &str,
     config: &NetworkConfig,
 ) -> Result<(), StepError> {
-    if let Some(sysctls) = config.sysctls.clone().filter(|s| !s.is_empty()) {
+    let mut sysctls = config.sysctls.clone().unwrap_or_default();
+    // `interface.arpIgnore` and `arpAnnounce` are per-interface sysctls of the pod's name.
+    for (field, setting, value) in config
+        .interface
+        .iter()
+        .flat_map(InterfaceConfig::sysctl_fields)
+    {
+        let key = SysctlKey::ipv4(name, setting)
+            .map_err(|e| StepError::new(host_name, format!("set interface.{field}"), e))?;
+        sysctls.insert(key, value.to_string());
+    }
+    if !sysctls.is_empty() {
         // Only the claim's own interface: a key naming another (the pod's eth0) would set it
         // around kubelet's sysctl policy.
         if let Some(key) = sysctls.keys().find(|k| k.interface() != name) {

@@ -1,9 +1,16 @@
 //! NodePrepareResources / NodeUnprepareResources as domain logic: read the claim, take our
-//! allocation results and opaque configs, validate, record in the state store, answer.
+//! allocation results and opaque configs, check that each device is this node's to give,
+//! validate, record in the state store, answer.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use tokio::sync::watch;
 
 use crate::{
+    discover::inventory::Inventory,
     model::{
         claim::{AllocationConfig, Claim},
         config::{self, ConfigError, DeviceLimits, NetworkConfig},
@@ -11,6 +18,7 @@ use crate::{
         records::{PreparedClaim, PreparedDevice},
     },
     os::state::{self, StateStore},
+    publish::resources,
 };
 
 /// Failures that are not the claim's fault: kubelet gets a gRPC error and retries.
@@ -43,10 +51,22 @@ enum Planned {
     Refused(String),
 }
 
+/// What this node can give: its pool and the devices it publishes now. An allocation naming
+/// anything else (another pool, a device never published or gone since) is refused at prepare,
+/// not discovered at pod start.
+#[derive(Debug, Clone)]
+pub struct NodeDevices {
+    /// This node's pool (the node's name).
+    pub pool: String,
+    /// The live inventory the pool is published from.
+    pub inventory: watch::Receiver<Arc<Inventory>>,
+}
+
 /// Prepares and unprepares claims for one driver.
 #[derive(Debug)]
 pub struct Preparer<S> {
     driver: String,
+    node: NodeDevices,
     store: Arc<StateStore>,
     source: S,
     durations: Option<prometheus_client::metrics::histogram::Histogram>,
@@ -54,10 +74,16 @@ pub struct Preparer<S> {
 }
 
 impl<S: ClaimApi> Preparer<S> {
-    /// A preparer for `driver` recording into `store`.
-    pub fn new(driver: impl Into<String>, store: Arc<StateStore>, source: S) -> Self {
+    /// A preparer for `driver` on the node whose devices are `node`, recording into `store`.
+    pub fn new(
+        driver: impl Into<String>,
+        node: NodeDevices,
+        store: Arc<StateStore>,
+        source: S,
+    ) -> Self {
         Self {
             driver: driver.into(),
+            node,
             store,
             source,
             durations: None,
@@ -156,6 +182,9 @@ impl<S: ClaimApi> Preparer<S> {
             Ok(prepared) => prepared,
             Err(message) => return Ok(Planned::Refused(message)),
         };
+        if let Some(message) = self.not_ours(claim, &prepared).await? {
+            return Ok(Planned::Refused(message));
+        }
         if let Some(alignment) = &self.alignment
             && alignment.policy != super::alignment::Policy::Ignore
         {
@@ -175,6 +204,63 @@ impl<S: ClaimApi> Preparer<S> {
             }
         }
         Ok(Planned::New(prepared))
+    }
+
+    /// Why a device of `prepared` is not this node's to give, if one is not: from another pool,
+    /// or neither published now nor already attached to one of this claim's pods (a NIC in a
+    /// pod's namespace has left the host's inventory).
+    async fn not_ours(
+        &self,
+        claim: &ClaimRef,
+        prepared: &PreparedClaim,
+    ) -> Result<Option<String>, InternalError> {
+        let pool = &self.node.pool;
+        if let Some(device) = prepared.devices.iter().find(|d| d.pool != *pool) {
+            return Ok(Some(format!(
+                "claim {claim}: request {} was allocated device {} of pool {}, but this node's \
+                 pool is {pool}",
+                device.requests.join(","),
+                device.device,
+                device.pool
+            )));
+        }
+        let unpublished: Vec<&PreparedDevice> = {
+            let inventory = self.node.inventory.borrow();
+            prepared
+                .devices
+                .iter()
+                .filter(|d| resources::published_nic(&inventory, &d.device).is_none())
+                .collect()
+        };
+        if unpublished.is_empty() {
+            return Ok(None);
+        }
+        let store = Arc::clone(&self.store);
+        let uid = claim.uid.clone();
+        let (pods, _unreadable) = blocking(move || {
+            store
+                .pods
+                .matching(|pod| pod.attachments.iter().any(|a| a.claim_uid == uid))
+        })
+        .await??;
+        let attached: BTreeSet<&str> = pods
+            .iter()
+            .flat_map(|(_, pod)| &pod.attachments)
+            .filter(|a| a.claim_uid == claim.uid && !a.returned)
+            .map(|a| a.device.as_str())
+            .collect();
+        Ok(unpublished
+            .iter()
+            .find(|d| !attached.contains(d.device.as_str()))
+            .map(|device| {
+                format!(
+                    "claim {claim}: request {} was allocated device {}, which {} does not \
+                     publish in pool {pool} (unknown, or gone from this node)",
+                    device.requests.join(","),
+                    device.device,
+                    self.driver
+                )
+            }))
     }
 
     /// The PCI addresses of the GPUs other drivers allocated in `resource`, or else in the
@@ -205,12 +291,7 @@ impl<S: ClaimApi> Preparer<S> {
         for (driver, pool, device) in others {
             let address = self
                 .source
-                .device_attribute(
-                    &driver,
-                    &pool,
-                    &device,
-                    crate::publish::resources::PCI_BUS_ID,
-                )
+                .device_attribute(&driver, &pool, &device, resources::PCI_BUS_ID)
                 .await
                 .map_err(|source| InternalError::Source {
                     claim: claim.to_string(),
@@ -275,6 +356,14 @@ pub fn plan(driver: &str, claim: &ClaimRef, resource: &Claim) -> Result<Prepared
     if results.is_empty() {
         return Err(format!(
             "claim {claim} has no devices allocated by {driver}"
+        ));
+    }
+    if let Some(admin) = results.iter().find(|r| r.admin_access) {
+        return Err(format!(
+            "claim {claim}: request {} asks for adminAccess to device {}; {driver} refuses it: \
+             a NIC is moved into one pod's namespace, so it cannot also be handed to an \
+             administrator's pod",
+            admin.request, admin.device
         ));
     }
     let configs = parse_configs(driver, &devices.configs).map_err(|e| e.to_string())?;
@@ -392,6 +481,7 @@ mod tests {
                     driver: "knd.dev".into(),
                     pool: "n".into(),
                     device: "d".into(),
+                    admin_access: false,
                 }],
                 configs: vec![
                     opaque(false, serde_json::json!({"interface": {"name": "net1"}})),

@@ -640,6 +640,7 @@ pub fn claim_from(resource: &ResourceClaim) -> Claim {
                     driver: r.driver.clone(),
                     pool: r.pool.clone(),
                     device: r.device.clone(),
+                    admin_access: r.admin_access == Some(true),
                 })
                 .collect(),
             configs: d

@@ -43,6 +43,8 @@ pub struct AllocatedDevice {
     pub pool: String,
     /// The device.
     pub device: String,
+    /// `adminAccess`: the request asked for access to a device that may be in use by others.
+    pub admin_access: bool,
 }
 
 /// One entry of `config[]`.

@@ -108,7 +108,7 @@ pub struct InterfaceConfig {
     /// Addresses in CIDR form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses: Option<Vec<String>>,
-    /// DHCP (accepted for DraNet compatibility; knd does not run a DHCP client).
+    /// DHCP: only `false` is accepted (DraNet compatibility); knd does not run a DHCP client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<bool>,
     /// MTU.
@@ -137,13 +137,14 @@ pub struct InterfaceConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub gro_ipv4_max_size: Option<u32>,
-    /// Detach other eBPF programs from the interface when it moves.
+    /// DraNet's "detach other eBPF programs when the interface moves": only `false` is
+    /// accepted; knd does not detach programs it did not attach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disable_ebpf_programs: Option<bool>,
-    /// `net.ipv4.conf.<if>.arp_ignore` (0–8).
+    /// `net.ipv4.conf.<if>.arp_ignore` (0–8) in the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arp_ignore: Option<u8>,
-    /// `net.ipv4.conf.<if>.arp_announce` (0–2).
+    /// `net.ipv4.conf.<if>.arp_announce` (0–2) in the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arp_announce: Option<u8>,
 }
@@ -248,7 +249,7 @@ pub struct EthtoolConfig {
     /// state of each is recorded and restored when the interface comes back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<BTreeMap<String, bool>>,
-    /// Driver private flags on or off.
+    /// Driver private flags: refused when set (they change the device's firmware behaviour).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_flags: Option<BTreeMap<String, bool>>,
 }
@@ -257,7 +258,8 @@ pub struct EthtoolConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RdmaConfig {
-    /// Shared (the RDMA device stays in the host namespace) or exclusive (it moves to the pod).
+    /// Shared (the RDMA device stays in the host namespace; the containers get its verbs
+    /// devices). `exclusive` (moving the RDMA link with the NIC) is refused.
     pub mode: RdmaMode,
 }
 
@@ -404,6 +406,46 @@ impl NetworkConfig {
     }
 
     /// Checks every value; the first problem is returned with its path.
+    /// The first field set to something knd does not do, by its path, and why: such a value is
+    /// refused when the claim is prepared, never ignored. (Prepare validates every layer and the
+    /// merged result; attach checks again for records written by an older knd.)
+    pub fn unsupported(&self) -> Option<(&'static str, &'static str)> {
+        let interface = self.interface.as_ref();
+        if interface.is_some_and(|i| i.dhcp == Some(true)) {
+            return Some((
+                "interface.dhcp",
+                "knd does not run a DHCP client; set interface.addresses",
+            ));
+        }
+        if interface.is_some_and(|i| i.disable_ebpf_programs == Some(true)) {
+            return Some((
+                "interface.disableEbpfPrograms",
+                "knd does not detach other parties' eBPF programs from a NIC (they belong to \
+                 whoever attached them, and would not come back at release); only `false` is \
+                 accepted",
+            ));
+        }
+        if self
+            .ethtool
+            .as_ref()
+            .is_some_and(|e| e.private_flags.as_ref().is_some_and(|f| !f.is_empty()))
+        {
+            return Some((
+                "ethtool.privateFlags",
+                "driver private flags are not supported: they change the device's firmware \
+                 behaviour, not only the pod's traffic",
+            ));
+        }
+        if self.rdma.is_some_and(|r| r.mode == RdmaMode::Exclusive) {
+            return Some((
+                "rdma.mode",
+                "`exclusive` is not supported: knd leaves RDMA devices in the kernel's shared \
+                 mode and hands the containers their verbs devices",
+            ));
+        }
+        None
+    }
+
     pub fn validate(&self, limits: DeviceLimits) -> Result<(), ConfigError> {
         if self.api_version != API_VERSION {
             return Err(ConfigError::new(
@@ -416,6 +458,9 @@ impl NetworkConfig {
                 "kind",
                 format!("`{}` is not supported; use {KIND}", self.kind),
             ));
+        }
+        if let Some((field, why)) = self.unsupported() {
+            return Err(ConfigError::new(field, why));
         }
         if let Some(interface) = &self.interface {
             interface
@@ -468,6 +513,17 @@ impl NetworkConfig {
         }
         for (key, value) in self.sysctls.iter().flatten() {
             sysctl_value(value).map_err(|e| e.within(&format!("sysctls.{key}")))?;
+            if let Some(field) = self
+                .interface
+                .as_ref()
+                .and_then(|i| i.sysctl_fields().find(|(_, setting, _)| key.is(setting)))
+                .map(|(field, _, _)| field)
+            {
+                return Err(ConfigError::new(
+                    format!("sysctls.{key}"),
+                    format!("interface.{field} sets it too; set it in one place"),
+                ));
+            }
             if let Some(name) = self.interface.as_ref().and_then(|i| i.name.as_deref())
                 && key.interface != name
             {
@@ -485,6 +541,16 @@ impl NetworkConfig {
 }
 
 impl InterfaceConfig {
+    /// The fields that are per-interface IPv4 sysctls in the pod: (field, setting, value).
+    pub fn sysctl_fields(&self) -> impl Iterator<Item = (&'static str, &'static str, u8)> {
+        [
+            ("arpIgnore", "arp_ignore", self.arp_ignore),
+            ("arpAnnounce", "arp_announce", self.arp_announce),
+        ]
+        .into_iter()
+        .filter_map(|(field, setting, value)| value.map(|v| (field, setting, v)))
+    }
+
     fn validate(&self, limits: DeviceLimits) -> Result<(), ConfigError> {
         if let Some(name) = &self.name
             && !is_interface_name(name)
@@ -494,12 +560,6 @@ impl InterfaceConfig {
                 format!(
                     "`{name}` is not a valid interface name (1-15 bytes, no '/', ':' or spaces)"
                 ),
-            ));
-        }
-        if self.dhcp == Some(true) {
-            return Err(ConfigError::new(
-                "dhcp",
-                "knd does not run a DHCP client; set interface.addresses",
             ));
         }
         for (i, address) in self.addresses.iter().flatten().enumerate() {
@@ -796,6 +856,16 @@ impl fmt::Display for SysctlKey {
 }
 
 impl SysctlKey {
+    /// The IPv4 key of `setting` for `interface` (a valid interface name).
+    pub fn ipv4(interface: &str, setting: &str) -> Result<Self, ConfigError> {
+        format!("net.ipv4.conf.{interface}.{setting}").parse()
+    }
+
+    /// Whether this is the IPv4 `setting` (whatever the interface).
+    pub fn is(&self, setting: &str) -> bool {
+        self.family == SysctlFamily::Ipv4 && self.setting == setting
+    }
+
     /// The address family.
     pub fn family(&self) -> SysctlFamily {
         self.family
@@ -870,14 +940,14 @@ mod tests {
                         {{"destination":"default","gateway":"10.0.0.1","scope":"universe"}}],
               "rules":[{{"priority":100,"source":"10.0.0.0/24","table":100}}],
               "neighbors":[{{"destination":"10.0.0.1","hardwareAddr":"02:00:00:00:00:02"}}],
-              "ethtool":{{"features":{{"rx-gro-hw":true}},"privateFlags":{{"rx_striding_rq":false}}}},
+              "ethtool":{{"features":{{"rx-gro-hw":true}},"privateFlags":{{}}}},
               "sysctls":{{"net.ipv4.conf.net1.rp_filter":"0"}},
-              "rdma":{{"mode":"exclusive"}},"telemetry":{{"enabled":true}},
+              "rdma":{{"mode":"shared"}},"telemetry":{{"enabled":true}},
               "topology":{{"require":"PXB"}}}}"#
         ))
         .unwrap();
         assert_eq!(config.interface.as_ref().unwrap().mtu, Some(9000));
-        assert_eq!(config.rdma.unwrap().mode, RdmaMode::Exclusive);
+        assert_eq!(config.rdma.unwrap().mode, RdmaMode::Shared);
         assert_eq!(
             Distance::from(config.topology.unwrap().require),
             Distance::Pxb
@@ -934,6 +1004,22 @@ mod tests {
             (
                 r#","interface":{"dhcp":true}"#,
                 "interface.dhcp: knd does not run a DHCP client",
+            ),
+            (
+                r#","interface":{"disableEbpfPrograms":true}"#,
+                "interface.disableEbpfPrograms: knd does not detach other parties' eBPF",
+            ),
+            (
+                r#","ethtool":{"privateFlags":{"rx_striding_rq":false}}"#,
+                "ethtool.privateFlags: driver private flags are not supported",
+            ),
+            (
+                r#","rdma":{"mode":"exclusive"}"#,
+                "rdma.mode: `exclusive` is not supported",
+            ),
+            (
+                r#","interface":{"name":"net1","arpIgnore":1},"sysctls":{"net.ipv4.conf.net1.arp_ignore":"2"}"#,
+                "sysctls.net.ipv4.conf.net1.arp_ignore: interface.arpIgnore sets it too",
             ),
             (
                 r#","interface":{"name":"a/b"}"#,

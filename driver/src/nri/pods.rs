@@ -226,14 +226,20 @@ impl<C: ClaimApi> NodeHooks<C> {
                         let Some(side) = &attachment.pod else {
                             continue;
                         };
-                        let request = claims
+                        let prepared = claims
                             .iter()
                             .find(|(uid, _)| *uid == attachment.claim_uid)
                             .and_then(|(_, c)| {
                                 c.devices.iter().find(|d| d.device == attachment.device)
-                            })
-                            .map(|d| d.requests.join(","))
-                            .unwrap_or_default();
+                            });
+                        // `telemetry: {enabled: false}`: no programs, no series.
+                        if prepared
+                            .and_then(|d| d.config.telemetry)
+                            .is_some_and(|t| !t.enabled)
+                        {
+                            continue;
+                        }
+                        let request = prepared.map(|d| d.requests.join(",")).unwrap_or_default();
                         let labels = ClaimLabels {
                             namespace: attachment.claim_namespace.clone(),
                             pod: pod_name.clone(),

@@ -20,7 +20,7 @@ pub const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
 /// At most this many attributes and capacities on one device.
 pub const MAX_ATTRIBUTES_PER_DEVICE: usize = 32;
-/// At most this many characters in a string attribute.
+/// At most this many bytes (UTF-8, as the API server counts them) in a string attribute.
 pub const MAX_STRING_ATTRIBUTE: usize = 64;
 
 /// The Node a pool's slices belong to (for the owner reference that garbage-collects them).
@@ -87,7 +87,7 @@ fn fnv32(bytes: &[u8]) -> u32 {
 /// Attribute values before they are turned into API objects.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
-    /// A string (cut to the API's 64 characters).
+    /// A string (cut to the API's 64 bytes).
     Str(String),
     /// An integer.
     Int(i64),
@@ -187,8 +187,14 @@ pub fn attributes(nic: &Nic) -> BTreeMap<String, Value> {
     out
 }
 
+/// The longest prefix of `text` within the API's byte limit that ends on a character boundary,
+/// so a non-ASCII pci.ids name is shortened rather than getting the whole slice rejected.
 fn truncate(text: &str) -> String {
-    text.chars().take(MAX_STRING_ATTRIBUTE).collect()
+    let mut end = text.len().min(MAX_STRING_ATTRIBUTE);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// The API object for one NIC.
@@ -365,5 +371,20 @@ mod tests {
             panic!("state is a string")
         };
         assert_eq!(state.len(), MAX_STRING_ATTRIBUTE);
+    }
+
+    #[test]
+    fn non_ascii_strings_are_cut_to_64_bytes_on_a_character_boundary() {
+        // 62 characters but 69 bytes: the 64th byte falls inside the last "é".
+        let name = "Contrôleur Ethernet « ConnectX-7 » à 2 ports 400 Gb/s — réseau";
+        assert_eq!((name.chars().count(), name.len()), (62, 69));
+        let cut = truncate(name);
+        assert_eq!(
+            cut,
+            "Contrôleur Ethernet « ConnectX-7 » à 2 ports 400 Gb/s — r"
+        );
+        assert_eq!(cut.len(), 63);
+        assert_eq!(truncate("é".repeat(40).as_str()).len(), 64);
+        assert_eq!(truncate("short"), "short");
     }
 }

@@ -942,7 +942,7 @@ fn attribute_problems(
         ));
     }
     if let Some(text) = &attribute.string
-        && text.chars().count() > 64
+        && text.len() > 64
     {
         errors.push(format!(
             "{path}.string: Too long: may not be more than 64 bytes"

@@ -9,10 +9,13 @@ use std::{
 use k8s_openapi::api::resource::v1::ResourceClaim;
 
 use knd::{
+    dra::prepare::NodeDevices,
     k8s::claim_from,
     model::{
         claim::Claim,
+        link::{LinkSettings, OffloadSizes},
         ports::{ClaimApi, ClaimRef, DeviceReport, SourceError},
+        records::{AttachmentRecord, HostSide, PodRecord, PodSide},
     },
 };
 
@@ -169,6 +172,67 @@ pub fn allocated_claim(name: &str, uid: &str, claim_parameters: &str) -> serde_j
             "reservedFor": [{"resource": "pods", "name": "trainer-0", "uid": "pod-uid-1"}]
         }
     })
+}
+
+/// What a preparer on node `pool` may give: the devices `machine` publishes (the receiver keeps
+/// the inventory after its sender is gone). [`allocated_claim`]'s NIC is on
+/// [`machines::gpu_8x8`](crate::machines::gpu_8x8), pool `node-1`.
+pub fn node_devices(pool: &str, machine: &crate::sysfs::SysfsTree) -> NodeDevices {
+    let inventory = knd::discover::inventory::discover(&machine.host());
+    let (_, inventory) = tokio::sync::watch::channel(Arc::new(inventory));
+    NodeDevices {
+        pool: pool.into(),
+        inventory,
+    }
+}
+
+/// A pod's record holding `attachments`, as the NRI hooks write it (pod `ml/<uid>`).
+pub fn pod_record(pod_uid: &str, attachments: Vec<AttachmentRecord>) -> PodRecord {
+    PodRecord {
+        pod_uid: pod_uid.into(),
+        pod: format!("ml/{pod_uid}"),
+        netns: format!("/run/netns/{pod_uid}").into(),
+        netns_id: None,
+        attachments,
+        failure: None,
+        detached: false,
+    }
+}
+
+/// The record of `device` of claim `claim_uid` (`ml/c`, pool `node-1`) moved into a pod as
+/// `net1`, its host side an interface of that name with index 7.
+pub fn attachment_record(claim_uid: &str, device: &str) -> AttachmentRecord {
+    AttachmentRecord {
+        claim_uid: claim_uid.into(),
+        claim_namespace: "ml".into(),
+        claim_name: "c".into(),
+        pool: "node-1".into(),
+        device: device.into(),
+        host: HostSide {
+            link: LinkSettings {
+                index: 7,
+                name: device.into(),
+                mtu: 1500,
+                mac: None,
+                up: true,
+                offload_sizes: OffloadSizes::default(),
+                identity: None,
+                peer: None,
+            },
+            addresses: Vec::new(),
+            routes: Vec::new(),
+            neighbors: Vec::new(),
+            features: std::collections::BTreeMap::new(),
+        },
+        pod_name: "net1".into(),
+        returned: false,
+        pod: Some(PodSide {
+            name: "net1".into(),
+            addresses: Vec::new(),
+            mac: None,
+            place: None,
+        }),
+    }
 }
 
 /// A gRPC channel to a unix socket, as kubelet dials plugin endpoints.

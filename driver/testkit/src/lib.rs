@@ -108,6 +108,22 @@ impl TestHost {
             .with_context(|| format!("running inside test host {}", self.name))
     }
 
+    /// The names of the TCX programs on `interface` in this host, ingress then egress.
+    pub fn tcx_programs(&self, interface: &str) -> anyhow::Result<Vec<String>> {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        self.run(|| {
+            let mut names = Vec::new();
+            for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let (_, programs) = SchedClassifier::query_tcx(interface, direction)
+                    .with_context(|| format!("querying the TCX programs of {interface}"))?;
+                for program in programs {
+                    names.push(program.name_as_str().unwrap_or("?").to_owned());
+                }
+            }
+            Ok(names)
+        })?
+    }
+
     /// Runs netlink work inside this host's namespace.
     pub fn netlink<R, F, Fut>(&self, work: F) -> anyhow::Result<R>
     where
