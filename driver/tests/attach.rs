@@ -57,12 +57,8 @@ fn node_and_pod() -> (TestHost, TestHost, TestHost) {
         .unwrap();
     node.netlink(|link| async move {
         let route = knd::model::link::Route {
-            destination: "10.50.0.0/16".parse().unwrap(),
             gateway: Some("192.168.50.1".parse().unwrap()),
-            source: None,
-            table: 254,
-            link_scope: false,
-            metric: None,
+            ..knd::model::link::Route::new("10.50.0.0/16".parse().unwrap(), 254)
         };
         link.add_route("enp1", &route).await?;
         link.add_neighbor(
@@ -96,7 +92,7 @@ async fn check_inside_the_pod(pod: &TestHost) {
     let inside = attach::record(pod.netns(), "net1").await.unwrap();
     assert_eq!(inside.link.mtu, 9000);
     assert!(inside.link.up);
-    assert_eq!(inside.addresses, ["10.9.0.2/24".parse().unwrap()]);
+    assert_eq!(inside.nets(), ["10.9.0.2/24".parse().unwrap()]);
     assert_eq!(inside.link.offload_sizes.gso_max_size, Some(131_072));
     assert_eq!(inside.link.offload_sizes.gro_max_size, Some(131_072));
     assert_eq!(inside.link.offload_sizes.gso_ipv4_max_size, Some(98_304));
@@ -107,8 +103,11 @@ async fn check_inside_the_pod(pod: &TestHost) {
     assert_eq!(via.gateway, Some("10.9.0.1".parse::<IpAddr>().unwrap()));
     let on_link = inside.routes.iter().find(|r| r.table == 100).unwrap();
     assert_eq!(
-        (on_link.link_scope, on_link.source),
-        (true, Some("10.9.0.2".parse::<IpAddr>().unwrap())),
+        (on_link.scope, on_link.source),
+        (
+            knd::model::link::SCOPE_LINK,
+            Some("10.9.0.2".parse::<IpAddr>().unwrap())
+        ),
         "{on_link:?}"
     );
     let pod_clone = pod.netns().try_clone().unwrap();
@@ -174,7 +173,7 @@ async fn an_interface_is_configured_in_the_pod_and_restored_exactly_on_the_host(
         "the host's state of the features the claim changes"
     );
     assert_eq!(before.link.mtu, 1500);
-    assert_eq!(before.addresses, ["192.168.50.2/24".parse().unwrap()]);
+    assert_eq!(before.nets(), ["192.168.50.2/24".parse().unwrap()]);
     assert_eq!(before.routes.len(), 1, "{:?}", before.routes);
     assert_eq!(before.neighbors.len(), 1, "{:?}", before.neighbors);
     assert_eq!(before.link.offload_sizes.gso_max_size, Some(65536));
@@ -476,5 +475,200 @@ fn every_configuration_field_is_applied_or_refused() {
         .chain(refused.iter().map(|r| r.0))
     {
         assert!(fields.contains(field), "{field} is not in the schema");
+    }
+}
+
+/// Runs `ip` with `args` inside `host`; its standard output.
+fn ip(host: &TestHost, args: &[&str]) -> String {
+    let output = host
+        .run(|| {
+            std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap()
+        })
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// What iproute2 — an independent reader — dumps of `enp1`'s addresses (IPv4 and IPv6) and
+/// routes (both families, every table), as JSON, without what differs by nature after a round
+/// trip: the interface index and the seconds ticking off finite lifetimes (checked apart).
+fn host_dump(node: &TestHost) -> (serde_json::Value, Vec<(String, u64, u64)>) {
+    let mut lifetimes = Vec::new();
+    let mut addresses: serde_json::Value =
+        serde_json::from_str(&ip(node, &["-d", "-j", "address", "show", "dev", "enp1"])).unwrap();
+    for link in addresses.as_array_mut().unwrap() {
+        let link = link.as_object_mut().unwrap();
+        link.remove("ifindex");
+        for address in link["addr_info"].as_array_mut().unwrap() {
+            let address = address.as_object_mut().unwrap();
+            let (valid, preferred) = (
+                address.remove("valid_life_time").unwrap().as_u64().unwrap(),
+                address
+                    .remove("preferred_life_time")
+                    .unwrap()
+                    .as_u64()
+                    .unwrap(),
+            );
+            lifetimes.push((address["local"].to_string(), valid, preferred));
+        }
+    }
+    let mut routes = Vec::new();
+    for family in ["-4", "-6"] {
+        let dump: serde_json::Value = serde_json::from_str(&ip(
+            node,
+            &[
+                family, "-d", "-j", "route", "show", "table", "all", "dev", "enp1",
+            ],
+        ))
+        .unwrap();
+        for mut route in dump.as_array().unwrap().iter().cloned() {
+            // A prefix route of an address with a lifetime expires with it.
+            if let Some(expires) = route.as_object_mut().unwrap().remove("expires") {
+                lifetimes.push((route["dst"].to_string(), expires.as_u64().unwrap(), 0));
+            }
+            routes.push(route);
+        }
+    }
+    routes.sort_by_key(ToString::to_string);
+    (
+        serde_json::json!({"addresses": addresses, "routes": routes}),
+        lifetimes,
+    )
+}
+
+/// [`node_and_pod`], with IPv6 on `enp1` and more on it: addresses with a label, without a
+/// prefix route, with a broadcast and a metric, with lifetimes; routes of protocols boot, static,
+/// dhcp and bgp in tables main, 100 and 200, onlink, with a source, with metrics.
+fn node_with_a_rich_host_side() -> (TestHost, TestHost, TestHost) {
+    let (node, switch, pod) = node_and_pod();
+    node.run(|| {
+        // IPv6 on, without duplicate address detection (a tentative state is not a field).
+        for key in ["all", "default", "enp1"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/accept_dad"), "0").unwrap();
+        }
+        std::fs::write("/proc/sys/net/ipv6/conf/enp1/disable_ipv6", "0").unwrap();
+    })
+    .unwrap();
+    for command in [
+        "address add 192.168.51.2/24 dev enp1 label enp1:two noprefixroute",
+        "address add 192.168.52.2/24 broadcast 192.168.52.255 dev enp1 metric 77",
+        "address add fd00:50::2/64 dev enp1 nodad",
+        "address add fd00:51::2/64 dev enp1 nodad valid_lft 3600 preferred_lft 1800",
+        "route add 198.18.20.0/24 via 192.168.50.1 dev enp1",
+        "route add 198.18.21.0/24 via 10.255.0.1 dev enp1 onlink table 100 metric 50 \
+         proto static",
+        "route add 198.18.22.0/24 dev enp1 scope link proto dhcp table 200 src 192.168.50.2",
+        "route add 198.18.23.0/24 via 192.168.50.1 dev enp1 mtu lock 1400 advmss 1300 \
+         initcwnd 10 congctl reno",
+        "-6 route add fd00:99::/64 via fd00:50::1 dev enp1 proto static metric 300 table 100",
+        "-6 route add 2001:db8:1::/48 dev enp1 proto 186",
+    ] {
+        let args: Vec<&str> = command.split_whitespace().collect();
+        ip(&node, &args);
+    }
+    (node, switch, pod)
+}
+
+/// The host gets its interface back exactly: addresses with their flags, labels, scopes,
+/// broadcast and lifetimes; routes in several tables with their protocol (`boot` as `ip route
+/// add` makes them, `dhcp`, `static`), scope, metric, flags (onlink), preferred source and
+/// metrics (mtu lock, advmss, initcwnd, congestion control) — IPv4 and IPv6, compared field for
+/// field with iproute2's dump before the attachment and after the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn the_host_gets_every_route_and_address_back_field_for_field() {
+    let (node, _switch, pod) = tokio::task::spawn_blocking(node_with_a_rich_host_side)
+        .await
+        .unwrap();
+    let (before, lifetimes_before) = host_dump(&node);
+    let text = before.to_string();
+    for field in [
+        "\"protocol\":\"boot\"",
+        "\"protocol\":\"dhcp\"",
+        "\"table\":\"100\"",
+        "\"table\":\"200\"",
+        "onlink",
+        "\"congestion\":\"reno\"",
+        "\"label\":\"enp1:two\"",
+        "noprefixroute",
+        "\"protocol\":\"bgp\"",
+    ] {
+        assert!(text.contains(field), "the setup has {field}: {text}");
+    }
+
+    let wanted = wanted_config();
+    let recorded = attach::record_for(node.netns(), "enp1", &wanted)
+        .await
+        .unwrap();
+    let side = attach::attach(node.netns(), pod.netns(), &recorded, "net1", &wanted)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    attach::detach(
+        node.netns(),
+        Some(pod.netns()),
+        "net1",
+        &recorded,
+        side.place,
+    )
+    .await
+    .unwrap();
+    let (after, lifetimes_after) = host_dump(&node);
+    let lines = |dump: &serde_json::Value| -> Vec<String> {
+        dump["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(dump["addresses"][0]["addr_info"].as_array().unwrap())
+            .map(ToString::to_string)
+            .collect()
+    };
+    let (was, is) = (lines(&before), lines(&after));
+    let gone: Vec<&String> = was.iter().filter(|l| !is.contains(l)).collect();
+    let new: Vec<&String> = is.iter().filter(|l| !was.contains(l)).collect();
+    assert!(
+        gone.is_empty() && new.is_empty(),
+        "lost: {gone:#?}\nnew: {new:#?}"
+    );
+    assert_eq!(after, before, "the same, in the same order");
+    check_lifetimes(&lifetimes_before, &lifetimes_after);
+}
+
+/// Finite lifetimes go on from where they were (what was left, less the time away); forever
+/// stays forever. Entries are `(what, valid or expiry, preferred or 0 for a route's expiry)`.
+fn check_lifetimes(
+    lifetimes_before: &[(String, u64, u64)],
+    lifetimes_after: &[(String, u64, u64)],
+) {
+    assert_eq!(lifetimes_after.len(), lifetimes_before.len());
+    for ((address, valid, preferred), (_, valid_before, preferred_before)) in
+        lifetimes_after.iter().zip(lifetimes_before)
+    {
+        let forever = u64::from(u32::MAX);
+        if *preferred_before == 0 {
+            // A route's expiry.
+            assert!(
+                *valid <= *valid_before && *valid + 5 >= *valid_before,
+                "{address}: expires in {valid_before} s before, {valid} s after"
+            );
+        } else if *valid_before == forever {
+            assert_eq!((*valid, *preferred), (forever, forever), "{address}");
+        } else {
+            assert!(
+                *valid < *valid_before && *valid + 5 >= *valid_before,
+                "{address}: valid {valid_before} s before, {valid} s after"
+            );
+            assert!(
+                *preferred < *preferred_before && *preferred + 5 >= *preferred_before,
+                "{address}: preferred {preferred_before} s before, {preferred} s after"
+            );
+        }
     }
 }

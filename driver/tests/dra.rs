@@ -345,15 +345,15 @@ async fn allocations_this_node_cannot_give_are_refused_naming_the_device() {
     };
     let requests = vec![
         with_nic("unknown", "uid-u", &|nic| {
-            nic["device"] = "no-such-device".into()
+            nic["device"] = "no-such-device".into();
         }),
         with_nic("elsewhere", "uid-e", &|nic| nic["pool"] = "node-2".into()),
         with_nic("admin", "uid-a", &|nic| nic["adminAccess"] = true.into()),
         with_nic("attached", "uid-m", &|nic| {
-            nic["device"] = "in-the-pod".into()
+            nic["device"] = "in-the-pod".into();
         }),
         with_nic("someone-elses", "uid-s", &|nic| {
-            nic["device"] = "in-another-pod".into()
+            nic["device"] = "in-another-pod".into();
         }),
         with_nic("good", "uid-g", &|_| {}),
     ];

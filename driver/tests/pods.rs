@@ -39,7 +39,7 @@ async fn a_pod_gets_its_claimed_nic_and_gives_it_back_even_after_a_restart() {
     let hooks = node.hooks();
     hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
     let inside = attach::record(node.pod.netns(), "net1").await.unwrap();
-    assert_eq!(inside.addresses, ["10.9.0.2/24".parse().unwrap()]);
+    assert_eq!(inside.nets(), ["10.9.0.2/24".parse().unwrap()]);
     assert!(attach::record(node.host.netns(), "enp1").await.is_err());
     // Again (a retried hook): nothing changes.
     hooks.run_pod_sandbox(node.sandbox()).await.unwrap();

@@ -168,10 +168,7 @@ async fn twenty_pods_get_their_nics_from_a_real_containerd_and_give_them_back() 
         );
         let inside = attach::record(&pod_ns, "net1").await.unwrap();
         assert_eq!(inside.link.mtu, 1400 + u32::try_from(i).unwrap());
-        assert_eq!(
-            inside.addresses,
-            [format!("10.{i}.0.2/24").parse().unwrap()]
-        );
+        assert_eq!(inside.nets(), [format!("10.{i}.0.2/24").parse().unwrap()]);
         assert_eq!(inside.routes.len(), 1, "pod {i}: {:?}", inside.routes);
         assert!(
             attach::record(node.netns(), &format!("nic{i}"))

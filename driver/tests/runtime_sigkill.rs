@@ -530,7 +530,7 @@ async fn check_running_pods(
         let pod_ns = Netns::open(&inside.netns).unwrap();
         let net1 = attach::record(&pod_ns, "net1").await.unwrap();
         assert_eq!(net1.link.mtu, 1400 + u32::try_from(i).unwrap(), "pod {i}");
-        assert_eq!(net1.addresses, [format!("10.{i}.0.2/24").parse().unwrap()]);
+        assert_eq!(net1.nets(), [format!("10.{i}.0.2/24").parse().unwrap()]);
         assert_eq!(net1.routes.len(), 1, "pod {i}: {:?}", net1.routes);
         assert!(
             node.interface(&format!("nic{i}")).await.is_none(),

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use crate::{
     model::{
         config::{InterfaceConfig, NetworkConfig, SysctlKey},
-        link::{DeviceIdentity, LinkPeer, LinkSettings, OffloadSizes, Route},
+        link::{self, Address, DeviceIdentity, LinkPeer, LinkSettings, OffloadSizes, Route},
         records::{HostSide, PodPlace, PodSide},
     },
     os::{
@@ -125,7 +125,7 @@ pub async fn record(host: &Netns, interface: &str) -> Result<HostSide, StepError
             .await
             .map_err(step(&name, "read settings"))?;
         let addresses = link
-            .addresses(&name)
+            .address_records(&name)
             .await
             .map_err(step(&name, "read addresses"))?;
         let routes = link
@@ -436,13 +436,18 @@ fn pod_route(route: &crate::model::config::RouteConfig) -> Result<Route, String>
             .map(|t| t.parse::<IpAddr>().map_err(|e| format!("{field}: {e}")))
             .transpose()
     };
+    let scope = match route.scope.as_deref() {
+        None | Some("universe") => link::SCOPE_UNIVERSE,
+        Some("site") => link::SCOPE_SITE,
+        Some("link") => link::SCOPE_LINK,
+        Some("host") => link::SCOPE_HOST,
+        Some(other) => return Err(format!("scope: `{other}` is not a scope")),
+    };
     Ok(Route {
-        destination,
         gateway: parse_ip(&route.gateway, "gateway")?,
         source: parse_ip(&route.source, "source")?,
-        table: route.table.unwrap_or(254),
-        link_scope: route.scope.as_deref() == Some("link"),
-        metric: None,
+        scope,
+        ..Route::new(destination, route.table.unwrap_or(254))
     })
 }
 
@@ -639,17 +644,24 @@ async fn restore(host: &Netns, host_side: &HostSide) -> Result<(), StepError> {
                 .await
                 .map_err(fail("restore GSO/GRO sizes"))?;
         }
+        // Up before the addresses: the kernel keeps the prefix route of an IPv6 address with a
+        // lifetime only if the address arrives on a running interface.
+        if side.link.up && !current.up {
+            link.set_up(&name).await.map_err(fail("set up"))?;
+        }
         let present = link
             .addresses(&name)
             .await
             .map_err(fail("read addresses"))?;
-        for net in side.addresses.iter().filter(|a| !present.contains(a)) {
-            link.add_address(&name, net.addr(), net.prefix_len())
+        // In the order the kernel lists them again: IPv4 in the order added (the first of a
+        // subnet is its primary), IPv6 newest first.
+        let (v4, v6): (Vec<&Address>, Vec<&Address>) =
+            side.addresses.iter().partition(|a| a.net.addr().is_ipv4());
+        let ordered = v4.into_iter().chain(v6.into_iter().rev());
+        for address in ordered.filter(|a| !present.contains(&a.net)) {
+            link.add_address_record(&name, address)
                 .await
-                .map_err(fail(&format!("restore address {net}")))?;
-        }
-        if side.link.up && !current.up {
-            link.set_up(&name).await.map_err(fail("set up"))?;
+                .map_err(fail(&format!("restore address {}", address.net)))?;
         }
         let routes = link.routes(&name).await.map_err(fail("read routes"))?;
         for route in side.routes.iter().filter(|r| !routes.contains(r)) {

@@ -106,8 +106,11 @@ pub struct OffloadSizes {
     pub gro_ipv4_max_size: Option<u32>,
 }
 
-/// A route through an interface (the interface itself is implied).
+/// A route through an interface (the interface itself is implied), with everything a restore
+/// needs to put it back as it was: routing daemons and network managers own routes by protocol,
+/// so a route that comes back `proto static` instead of `proto boot` is not the same route.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredRoute")]
 pub struct Route {
     /// Destination prefix.
     pub destination: IpNet,
@@ -117,10 +120,183 @@ pub struct Route {
     pub source: Option<IpAddr>,
     /// Routing table (254 = main).
     pub table: u32,
-    /// `link` scope (on-link, no gateway) rather than `universe`.
-    pub link_scope: bool,
-    /// Metric.
+    /// Scope (`RT_SCOPE_*`: 0 universe, 200 site, 253 link, 254 host).
+    pub scope: u8,
+    /// Who added it (`RTPROT_*`: 3 boot, 4 static, 16 dhcp, 186 bgp, …).
+    pub protocol: u8,
+    /// Next-hop flags (`RTNH_F_*`, e.g. 4 onlink).
+    pub flags: u32,
+    /// Metric (priority).
     pub metric: Option<u32>,
+    /// Route metrics (`RTA_METRICS`) by `RTAX_*` number: mtu, advmss, initcwnd, lock, ….
+    pub metrics: BTreeMap<u16, u32>,
+    /// The congestion control algorithm set on the route (`RTAX_CC_ALGO`).
+    pub congestion_control: Option<String>,
+}
+
+/// `RT_SCOPE_UNIVERSE`.
+pub const SCOPE_UNIVERSE: u8 = 0;
+/// `RT_SCOPE_SITE`.
+pub const SCOPE_SITE: u8 = 200;
+/// `RT_SCOPE_LINK`.
+pub const SCOPE_LINK: u8 = 253;
+/// `RT_SCOPE_HOST`.
+pub const SCOPE_HOST: u8 = 254;
+/// `RTPROT_STATIC`: what routes knd adds for a claim carry, and what records written before
+/// protocols were kept are restored with.
+pub const PROTOCOL_STATIC: u8 = 4;
+
+impl Route {
+    /// A plain route as a claim's configuration gives it: protocol static, no flags or metrics.
+    pub fn new(destination: IpNet, table: u32) -> Self {
+        Self {
+            destination,
+            gateway: None,
+            source: None,
+            table,
+            scope: SCOPE_UNIVERSE,
+            protocol: PROTOCOL_STATIC,
+            flags: 0,
+            metric: None,
+            metrics: BTreeMap::new(),
+            congestion_control: None,
+        }
+    }
+}
+
+/// A route as records hold it; those written before scopes, protocols, flags and metrics were
+/// kept have only `link_scope`.
+#[derive(Deserialize)]
+struct StoredRoute {
+    destination: IpNet,
+    gateway: Option<IpAddr>,
+    source: Option<IpAddr>,
+    table: u32,
+    #[serde(default)]
+    link_scope: bool,
+    scope: Option<u8>,
+    protocol: Option<u8>,
+    #[serde(default)]
+    flags: u32,
+    metric: Option<u32>,
+    #[serde(default)]
+    metrics: BTreeMap<u16, u32>,
+    congestion_control: Option<String>,
+}
+
+impl From<StoredRoute> for Route {
+    fn from(stored: StoredRoute) -> Self {
+        let linked = if stored.link_scope {
+            SCOPE_LINK
+        } else {
+            SCOPE_UNIVERSE
+        };
+        Self {
+            destination: stored.destination,
+            gateway: stored.gateway,
+            source: stored.source,
+            table: stored.table,
+            scope: stored.scope.unwrap_or(linked),
+            protocol: stored.protocol.unwrap_or(PROTOCOL_STATIC),
+            flags: stored.flags,
+            metric: stored.metric,
+            metrics: stored.metrics,
+            congestion_control: stored.congestion_control,
+        }
+    }
+}
+
+/// An address on an interface with what a restore needs to put it back exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredAddress")]
+pub struct Address {
+    /// The (local) address and prefix length.
+    pub net: IpNet,
+    /// IPv4 broadcast address, when set.
+    pub broadcast: Option<std::net::Ipv4Addr>,
+    /// IPv4 label (`eth0:1`), when set.
+    pub label: Option<String>,
+    /// Scope (`RT_SCOPE_*`).
+    pub scope: u8,
+    /// `IFA_F_*` flags (nodad, noprefixroute, mngtmpaddr, …; the kernel's state flags too).
+    pub flags: u32,
+    /// When it stops being valid (seconds since the epoch; `None`: forever). Kept as a moment,
+    /// not a lifetime, so a restore gives back what is left of it.
+    pub valid_until: Option<u64>,
+    /// When it stops being preferred (seconds since the epoch; `None`: forever).
+    pub preferred_until: Option<u64>,
+    /// Metric of the prefix route the kernel adds for it (`IFA_RT_PRIORITY`).
+    pub route_priority: Option<u32>,
+    /// Who added it (`IFA_PROTO`), when said.
+    pub protocol: Option<u8>,
+}
+
+/// `IFA_F_PERMANENT`: the kernel's mark of an address without lifetimes.
+pub const ADDRESS_PERMANENT: u32 = 0x80;
+
+impl Address {
+    /// A permanent address of universe scope, as a claim's configuration gives it.
+    pub fn new(net: IpNet) -> Self {
+        Self {
+            net,
+            broadcast: None,
+            label: None,
+            scope: SCOPE_UNIVERSE,
+            flags: ADDRESS_PERMANENT,
+            valid_until: None,
+            preferred_until: None,
+            route_priority: None,
+            protocol: None,
+        }
+    }
+}
+
+/// An address as records hold it: records written before the details were kept have the
+/// prefix alone (`"192.168.50.2/24"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredAddress {
+    Plain(IpNet),
+    Full {
+        net: IpNet,
+        broadcast: Option<std::net::Ipv4Addr>,
+        label: Option<String>,
+        scope: u8,
+        flags: u32,
+        valid_until: Option<u64>,
+        preferred_until: Option<u64>,
+        route_priority: Option<u32>,
+        protocol: Option<u8>,
+    },
+}
+
+impl From<StoredAddress> for Address {
+    fn from(stored: StoredAddress) -> Self {
+        match stored {
+            StoredAddress::Plain(net) => Self::new(net),
+            StoredAddress::Full {
+                net,
+                broadcast,
+                label,
+                scope,
+                flags,
+                valid_until,
+                preferred_until,
+                route_priority,
+                protocol,
+            } => Self {
+                net,
+                broadcast,
+                label,
+                scope,
+                flags,
+                valid_until,
+                preferred_until,
+                route_priority,
+                protocol,
+            },
+        }
+    }
 }
 
 /// Interface error counters watched for a rise (`/sys/class/net/*/statistics`, `IFLA_STATS64`).
@@ -152,4 +328,34 @@ pub struct LinkReading {
     pub carrier_changes: Option<u64>,
     /// Error counters ([`LINK_ERRORS`]) the kernel reported.
     pub errors: BTreeMap<String, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written before protocols, scopes and address details were kept still restore:
+    /// as what the older knd would have put back (protocol static, permanent addresses).
+    #[test]
+    fn records_of_an_older_knd_are_read() {
+        let route: Route = serde_json::from_str(
+            r#"{"destination":"10.50.0.0/16","gateway":"192.168.50.1","source":null,
+                "table":254,"link_scope":true,"metric":null}"#,
+        )
+        .unwrap();
+        assert_eq!((route.scope, route.protocol), (SCOPE_LINK, PROTOCOL_STATIC));
+        let address: Address = serde_json::from_str(r#""192.168.50.2/24""#).unwrap();
+        assert_eq!(address, Address::new("192.168.50.2/24".parse().unwrap()));
+        // And what is written now reads back the same.
+        let mut full = Address::new("fd00::2/64".parse().unwrap());
+        full.valid_until = Some(1_900_000_000);
+        full.label = Some("eth0:1".into());
+        let text = serde_json::to_string(&full).unwrap();
+        assert_eq!(serde_json::from_str::<Address>(&text).unwrap(), full);
+        let mut route = Route::new("10.0.0.0/8".parse().unwrap(), 100);
+        route.metrics.insert(2, 1400);
+        route.congestion_control = Some("reno".into());
+        let text = serde_json::to_string(&route).unwrap();
+        assert_eq!(serde_json::from_str::<Route>(&text).unwrap(), route);
+    }
 }

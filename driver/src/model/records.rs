@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     config::NetworkConfig,
-    link::{LinkPeer, LinkSettings, Neighbor, Route},
+    link::{Address, LinkPeer, LinkSettings, Neighbor, Route},
 };
 
 /// A claim as prepared for kubelet.
@@ -53,9 +53,9 @@ pub struct PreparedDevice {
 pub struct HostSide {
     /// Index, name, MTU, MAC, up.
     pub link: LinkSettings,
-    /// Its addresses.
-    pub addresses: Vec<IpNet>,
-    /// The routes out of it (not the kernel's own).
+    /// Its addresses, with their flags, labels, scopes and lifetimes.
+    pub addresses: Vec<Address>,
+    /// The routes out of it (not the kernel's own), in every table.
     pub routes: Vec<Route>,
     /// Its static neighbor entries (policy rules name interfaces and outlive them, so they
     /// need no restore; these are flushed when the interface leaves).
@@ -64,6 +64,13 @@ pub struct HostSide {
     /// The host's state of the device features a claim changes (see [`crate::attach::record_for`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub features: BTreeMap<String, bool>,
+}
+
+impl HostSide {
+    /// The prefixes of its addresses.
+    pub fn nets(&self) -> Vec<IpNet> {
+        self.addresses.iter().map(|a| a.net).collect()
+    }
 }
 
 /// What the pod sees after attachment (for the claim's `networkData`).

@@ -11,16 +11,21 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::{
-    address::AddressAttribute,
+    address::{
+        AddressAttribute, AddressFlags, AddressMessage, AddressProtocol, AddressScope, CacheInfo,
+    },
     link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    route::{
+        RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMetric, RouteProtocol,
+        RouteScope, RouteType,
+    },
 };
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
 use crate::{
     model::link::{
-        DeviceIdentity, LINK_ERRORS, LinkPeer, LinkReading, LinkSettings, LinkStats, Neighbor,
-        OffloadSizes, Route,
+        Address, DeviceIdentity, LINK_ERRORS, LinkPeer, LinkReading, LinkSettings, LinkStats,
+        Neighbor, OffloadSizes, Route,
     },
     os::netns::Netns,
 };
@@ -464,6 +469,18 @@ impl Link {
 
     /// The addresses on the interface `name` (with their prefix lengths).
     pub async fn addresses(&self, name: &str) -> Result<Vec<IpNet>> {
+        Ok(self
+            .address_records(name)
+            .await?
+            .into_iter()
+            .map(|a| a.net)
+            .collect())
+    }
+
+    /// The addresses on the interface `name` with their broadcast, label, scope, flags,
+    /// lifetimes, prefix-route metric and protocol; IPv6 link-local ones (the kernel's own,
+    /// made again on every link) left out.
+    pub async fn address_records(&self, name: &str) -> Result<Vec<Address>> {
         let index = self.index(name).await?;
         let mut dump = self
             .handle
@@ -471,31 +488,15 @@ impl Link {
             .get()
             .set_link_index_filter(index)
             .execute();
-        let mut addresses = Vec::new();
+        let now = unix_now();
+        let mut addresses: Vec<Address> = Vec::new();
         loop {
             match dump.try_next().await {
                 Ok(Some(message)) => {
-                    let prefix = message.header.prefix_len;
-                    // IFA_ADDRESS is the local address except on point-to-point links, where
-                    // IFA_LOCAL is; prefer IFA_LOCAL when present.
-                    let local = message.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Local(ip) => Some(*ip),
-                        _ => None,
-                    });
-                    let address = local.or_else(|| {
-                        message.attributes.iter().find_map(|a| match a {
-                            AddressAttribute::Address(ip) => Some(*ip),
-                            _ => None,
-                        })
-                    });
-                    // IPv6 link-local addresses are the kernel's own, made again on every link.
-                    let link_local = matches!(address, Some(IpAddr::V6(v6)) if v6.segments()[0] & 0xffc0 == 0xfe80);
-                    if let Some(ip) = address
-                        && !link_local
-                        && let Ok(net) = IpNet::new(ip, prefix)
-                        && !addresses.contains(&net)
+                    if let Some(address) = address_of(&message, now)
+                        && !addresses.iter().any(|a| a.net == address.net)
                     {
-                        addresses.push(net);
+                        addresses.push(address);
                     }
                 }
                 Ok(None) => return Ok(addresses),
@@ -508,6 +509,75 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Adds `address` to the interface `name` exactly as recorded: broadcast (none unless
+    /// recorded), label, scope, the flags one may set, what is left of its lifetimes, the
+    /// prefix route's metric and the protocol. An address whose valid lifetime ran out while it
+    /// was away is not added (the kernel would have removed it).
+    pub async fn add_address_record(&self, name: &str, address: &Address) -> Result<()> {
+        let index = self.index(name).await?;
+        let net = address.net;
+        let now = unix_now();
+        let left = |until: Option<u64>| {
+            until.map_or(u32::MAX, |t| {
+                u32::try_from(t.saturating_sub(now)).unwrap_or(u32::MAX - 1)
+            })
+        };
+        let valid = left(address.valid_until);
+        if valid == 0 {
+            return Ok(());
+        }
+        let mut request = self
+            .handle
+            .address()
+            .add(index, net.addr(), net.prefix_len());
+        let message = request.message_mut();
+        message
+            .attributes
+            .retain(|a| !matches!(a, AddressAttribute::Broadcast(_)));
+        message.header.scope = AddressScope::from(address.scope);
+        if let Some(broadcast) = address.broadcast {
+            message
+                .attributes
+                .push(AddressAttribute::Broadcast(broadcast));
+        }
+        if let Some(label) = &address.label {
+            message
+                .attributes
+                .push(AddressAttribute::Label(label.clone()));
+        }
+        let settable = address.flags & SETTABLE_ADDRESS_FLAGS;
+        if settable != 0 {
+            message
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::from_bits_retain(
+                    settable,
+                )));
+        }
+        if valid != u32::MAX || address.preferred_until.is_some() {
+            let mut lifetimes = CacheInfo::default();
+            lifetimes.ifa_preferred = left(address.preferred_until).min(valid);
+            lifetimes.ifa_valid = valid;
+            message
+                .attributes
+                .push(AddressAttribute::CacheInfo(lifetimes));
+        }
+        if let Some(priority) = address.route_priority {
+            message
+                .attributes
+                .push(AddressAttribute::RoutePriority(priority));
+        }
+        if let Some(protocol) = address.protocol {
+            message
+                .attributes
+                .push(AddressAttribute::Protocol(AddressProtocol::from(protocol)));
+        }
+        request.execute().await.map_err(|source| Error::Kernel {
+            operation: format!("add address {net}"),
+            link: name.to_owned(),
+            source,
+        })
     }
 
     /// Routes out of the interface `name` in every table except `local`, leaving out those the
@@ -681,12 +751,25 @@ impl Link {
         if let Some(metric) = route.metric {
             builder = builder.priority(metric);
         }
-        if route.link_scope {
-            builder = builder.scope(RouteScope::Link);
+        let mut message = builder
+            .protocol(RouteProtocol::from(route.protocol))
+            .scope(RouteScope::from(route.scope))
+            .build();
+        message.header.flags = RouteFlags::from_bits_retain(route.flags & SETTABLE_ROUTE_FLAGS);
+        let mut metrics: Vec<RouteMetric> = route
+            .metrics
+            .iter()
+            .map(|(kind, value)| metric_from(*kind, *value))
+            .collect();
+        if let Some(algorithm) = &route.congestion_control {
+            metrics.push(RouteMetric::CcAlgo(algorithm.clone()));
+        }
+        if !metrics.is_empty() {
+            message.attributes.push(RouteAttribute::Metrics(metrics));
         }
         self.handle
             .route()
-            .add(builder.build())
+            .add(message)
             .execute()
             .await
             .map_err(|source| Error::Kernel {
@@ -1010,6 +1093,8 @@ fn own_route(message: &RouteMessage, index: u32) -> Option<Route> {
     let mut source = None;
     let mut table = u32::from(header.table);
     let mut metric = None;
+    let mut metrics = std::collections::BTreeMap::new();
+    let mut congestion_control = None;
     for attribute in &message.attributes {
         match attribute {
             RouteAttribute::Oif(i) => oif = Some(*i),
@@ -1018,6 +1103,17 @@ fn own_route(message: &RouteMessage, index: u32) -> Option<Route> {
             RouteAttribute::PrefSource(a) => source = route_address(a),
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Priority(p) => metric = Some(*p),
+            RouteAttribute::Metrics(list) => {
+                for each in list {
+                    match metric_value(each) {
+                        Some(MetricValue::Number(kind, value)) => {
+                            metrics.insert(kind, value);
+                        }
+                        Some(MetricValue::Algorithm(name)) => congestion_control = Some(name),
+                        None => {}
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -1045,9 +1141,133 @@ fn own_route(message: &RouteMessage, index: u32) -> Option<Route> {
         gateway,
         source,
         table,
-        link_scope: header.scope == RouteScope::Link,
+        scope: u8::from(header.scope),
+        protocol: u8::from(header.protocol),
+        flags: header.flags.bits() & SETTABLE_ROUTE_FLAGS,
         metric: metric.filter(|m| *m != 0 && !(destination.addr().is_ipv6() && *m == 1024)),
+        metrics,
+        congestion_control,
     })
+}
+
+/// Route next-hop flags one may set (`RTNH_F_ONLINK`); the others are the kernel's state.
+const SETTABLE_ROUTE_FLAGS: u32 = 4;
+
+/// Address flags one may set: nodad, optimistic, homeaddress, mngtmpaddr, noprefixroute,
+/// mcautojoin, stable-privacy; the others (permanent, tentative, deprecated, …) are state.
+const SETTABLE_ADDRESS_FLAGS: u32 = 0x02 | 0x04 | 0x10 | 0x100 | 0x200 | 0x400 | 0x800;
+
+/// One route metric as recorded.
+enum MetricValue {
+    Number(u16, u32),
+    Algorithm(String),
+}
+
+/// A route metric by its `RTAX_*` number, or the congestion control algorithm.
+fn metric_value(metric: &RouteMetric) -> Option<MetricValue> {
+    use netlink_packet_core::Nla as _;
+    let number = match metric {
+        RouteMetric::CcAlgo(name) => return Some(MetricValue::Algorithm(name.clone())),
+        RouteMetric::Lock(v)
+        | RouteMetric::Mtu(v)
+        | RouteMetric::Window(v)
+        | RouteMetric::Rtt(v)
+        | RouteMetric::RttVar(v)
+        | RouteMetric::SsThresh(v)
+        | RouteMetric::Cwnd(v)
+        | RouteMetric::Advmss(v)
+        | RouteMetric::Reordering(v)
+        | RouteMetric::Hoplimit(v)
+        | RouteMetric::InitCwnd(v)
+        | RouteMetric::Features(v)
+        | RouteMetric::RtoMin(v)
+        | RouteMetric::InitRwnd(v)
+        | RouteMetric::QuickAck(v)
+        | RouteMetric::FastopenNoCookie(v) => *v,
+        _ => return None,
+    };
+    Some(MetricValue::Number(metric.kind(), number))
+}
+
+/// The route metric `RTAX_*` number `kind` with `value`.
+fn metric_from(kind: u16, value: u32) -> RouteMetric {
+    match kind {
+        1 => RouteMetric::Lock(value),
+        2 => RouteMetric::Mtu(value),
+        3 => RouteMetric::Window(value),
+        4 => RouteMetric::Rtt(value),
+        5 => RouteMetric::RttVar(value),
+        6 => RouteMetric::SsThresh(value),
+        7 => RouteMetric::Cwnd(value),
+        8 => RouteMetric::Advmss(value),
+        9 => RouteMetric::Reordering(value),
+        10 => RouteMetric::Hoplimit(value),
+        11 => RouteMetric::InitCwnd(value),
+        12 => RouteMetric::Features(value),
+        13 => RouteMetric::RtoMin(value),
+        14 => RouteMetric::InitRwnd(value),
+        15 => RouteMetric::QuickAck(value),
+        17 => RouteMetric::FastopenNoCookie(value),
+        _ => RouteMetric::Other(netlink_packet_core::DefaultNla::new(
+            kind,
+            value.to_ne_bytes().to_vec(),
+        )),
+    }
+}
+
+/// `message` as an [`Address`], unless it is an IPv6 link-local one; `now` in seconds since
+/// the epoch turns the kernel's remaining lifetimes into moments.
+fn address_of(message: &AddressMessage, now: u64) -> Option<Address> {
+    let mut local = None;
+    let mut address = None;
+    let mut broadcast = None;
+    let mut label = None;
+    let mut flags = u32::from(message.header.flags.bits());
+    let mut lifetimes = None;
+    let mut route_priority = None;
+    let mut protocol = None;
+    for attribute in &message.attributes {
+        match attribute {
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            AddressAttribute::Broadcast(ip) => broadcast = Some(*ip),
+            AddressAttribute::Label(text) => label = Some(text.clone()),
+            AddressAttribute::Flags(bits) => flags = bits.bits(),
+            AddressAttribute::CacheInfo(info) => {
+                lifetimes = Some((info.ifa_valid, info.ifa_preferred));
+            }
+            AddressAttribute::RoutePriority(p) => route_priority = Some(*p),
+            AddressAttribute::Protocol(p) => protocol = Some(u8::from(*p)),
+            _ => {}
+        }
+    }
+    // IFA_ADDRESS is the local address except on point-to-point links, where IFA_LOCAL is.
+    let ip = local.or(address)?;
+    if matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80) {
+        return None;
+    }
+    let until = |left: u32| (left != u32::MAX).then(|| now + u64::from(left));
+    let (valid, preferred) = lifetimes.unwrap_or((u32::MAX, u32::MAX));
+    Some(Address {
+        net: IpNet::new(ip, message.header.prefix_len).ok()?,
+        broadcast,
+        // The kernel reports the interface's name as the label of an unlabelled IPv4 address:
+        // only a label of its own (`eth0:1`) is one.
+        label: label.filter(|l| l.contains(':')),
+        scope: u8::from(message.header.scope),
+        flags,
+        valid_until: until(valid),
+        preferred_until: until(preferred),
+        route_priority,
+        protocol,
+    })
+}
+
+/// Seconds since the epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The output interfaces of a route if it is a unicast default route of the main table.
