@@ -2,6 +2,7 @@
 //!
 //! Every command runs `setup` first, so a fresh clone needs nothing else.
 
+mod leftovers;
 mod setup;
 mod testbed;
 
@@ -117,11 +118,35 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // Last, and silent after success: the test runner's own summary is the final line.
     let mut tests = cargo(&args);
     eprintln!("xtask: unit and kernel tests: {}", display(&tests));
+    let before = leftovers::Snapshot::take();
     let status = tests.status().context("cannot start cargo nextest")?;
+    let left = left_behind(&before);
     if !status.success() {
         bail!("unit and kernel tests failed ({status})");
     }
-    Ok(())
+    left
+}
+
+/// Fails naming every process, interface and mount that was not there at `before` and is
+/// still there (after a few seconds' grace for shims that are still exiting).
+fn left_behind(before: &leftovers::Snapshot) -> anyhow::Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let found = before.left_behind(&leftovers::Snapshot::take());
+        if found.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            for thing in &found {
+                eprintln!("xtask: left behind: {thing}");
+            }
+            bail!(
+                "the run left {} things behind on this machine (listed above)",
+                found.len()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// A bounded libFuzzer run of one target in `driver/fuzz`: new inputs go to a scratch corpus
@@ -158,7 +183,10 @@ fn demo() -> anyhow::Result<()> {
     )?;
     let mut run = cargo(&["run", "--quiet", "--package", "knd", "--example", "demo"]);
     run.env("KND_BIN", Path::new("target/debug/knd").canonicalize()?);
-    step("demo", run)
+    let before = leftovers::Snapshot::take();
+    let outcome = step("demo", run);
+    let left = left_behind(&before);
+    outcome.and(left)
 }
 
 /// The suites in bench/, in the order `cargo xtask bench` runs them.

@@ -1,6 +1,8 @@
 //! A real containerd 1.7 (CRI + NRI) for tests, from the testbed `cargo xtask setup` unpacks
 //! into `.tools/testbed/root` (shared/docs/runtime-testbed.md): private root, state, sockets
-//! and NRI socket in a temporary directory, stopped and cleaned up when dropped.
+//! and NRI socket in a temporary directory. Dropped, it leaves nothing behind: its pods stopped
+//! and removed through CRI while it runs, then whatever a killed containerd or test left —
+//! shims, the pods' processes, the mounts of their namespaces, the CNI bridge — removed by force.
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -16,11 +18,16 @@ pub fn testbed_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/testbed/root")
 }
 
+/// Numbers the CNI bridges of this process's containerds.
+static NEXT_BRIDGE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// A running containerd.
 #[derive(Debug)]
 pub struct Containerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The CNI bridge of its pods' `eth0`s (one per containerd, so tests do not share it).
+    bridge: String,
 }
 
 impl Containerd {
@@ -36,7 +43,16 @@ impl Containerd {
         let dir = tempfile::Builder::new()
             .prefix("knd-containerd-")
             .tempdir()?;
-        let mut this = Self { dir, child: None };
+        let bridge = format!(
+            "kndt{:x}{:x}",
+            std::process::id() & 0xffff,
+            NEXT_BRIDGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut this = Self {
+            dir,
+            child: None,
+            bridge,
+        };
         this.spawn()?;
         this.import_pause_image()?;
         Ok(this)
@@ -122,7 +138,10 @@ impl Containerd {
         let dir = self.dir.path();
         let config = dir.join("config.toml");
         std::fs::create_dir_all(dir.join("cni"))?;
-        std::fs::write(dir.join("cni/10-knd-test.conflist"), cni_conflist(dir))?;
+        std::fs::write(
+            dir.join("cni/10-knd-test.conflist"),
+            cni_conflist(dir, &self.bridge),
+        )?;
         std::fs::write(&config, config_toml(dir, &testbed))
             .with_context(|| format!("writing {}", config.display()))?;
         let log = std::fs::File::create(dir.join("containerd.log"))?;
@@ -162,21 +181,162 @@ impl Containerd {
     }
 }
 
+impl Containerd {
+    /// Leaves nothing behind (see the module's documentation); every step is tried, and what
+    /// could not be removed is returned.
+    pub fn clean_up(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+            && let Err(error) = self.remove_all_pods()
+        {
+            problems.push(format!("removing the pods through CRI: {error:#}"));
+        }
+        self.stop();
+        let dir = self.dir.path().to_path_buf();
+        problems.extend(kill_leftovers(&dir));
+        problems.extend(unmount_below(&dir));
+        let bridge = self.bridge.clone();
+        if let Err(error) = on_fresh_runtime(async move {
+            let link = knd::os::netlink::Link::connect()?;
+            match link.delete(&bridge).await {
+                Err(knd::os::netlink::Error::NoSuchLink(_)) | Ok(()) => Ok(()),
+                Err(error) => Err(error),
+            }
+        }) {
+            problems.push(format!("deleting the CNI bridge {}: {error}", self.bridge));
+        }
+        problems
+    }
+
+    /// Stops and removes every pod sandbox through CRI (the CNI plugins run, the namespace
+    /// mounts go, the shims exit).
+    fn remove_all_pods(&self) -> anyhow::Result<()> {
+        let socket = self.cri_socket();
+        on_fresh_runtime(async move {
+            let channel = super::claims::unix_channel(socket).await?;
+            let mut cri = cri::runtime_service_client::RuntimeServiceClient::new(channel);
+            let pods = cri
+                .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+                .await?
+                .into_inner()
+                .items;
+            for pod in pods {
+                let id = pod.id;
+                cri.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                })
+                .await?;
+                cri.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
-        self.stop();
+        for problem in self.clean_up() {
+            eprintln!("containerd testbed: {problem}");
+        }
     }
+}
+
+/// Runs `work` to completion on a runtime of its own, on a thread of its own (so it works from
+/// synchronous code, from inside another runtime, and from `Drop`).
+fn on_fresh_runtime<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+            .block_on(work)
+    })
+    .join()
+    .expect("the clean-up thread")
+}
+
+/// Kills what a containerd running from `dir` left: its shims (their command line names its
+/// socket) and the pods' processes (each task's `init.pid`).
+fn kill_leftovers(dir: &Path) -> Vec<String> {
+    use nix::{
+        sys::signal::{Signal, kill},
+        unistd::Pid,
+    };
+    let mut pids = Vec::new();
+    let tasks = dir.join("state/io.containerd.runtime.v2.task/k8s.io");
+    for task in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("init.pid"))
+            && let Ok(pid) = text.trim().parse::<i32>()
+        {
+            pids.push(pid);
+        }
+    }
+    let marker = dir.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&marker) {
+            pids.push(pid);
+        }
+    }
+    for pid in &pids {
+        let _gone = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let alive = |pid: i32| {
+        // A killed child of ours stays a zombie until reaped; zombies hold nothing.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pids.into_iter()
+        .filter(|p| alive(*p))
+        .map(|p| format!("process {p} survived SIGKILL"))
+        .collect()
+}
+
+/// Unmounts (lazily, deepest first) everything mounted below `dir`: the pods' namespace files,
+/// their `/dev/shm`, the rootfs of their sandboxes.
+fn unmount_below(dir: &Path) -> Vec<String> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return vec!["cannot read /proc/self/mountinfo".into()];
+    };
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(point.replace("\\040", " ")))
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    points
+        .into_iter()
+        .filter_map(|point| {
+            nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH)
+                .err()
+                .filter(|e| *e != nix::errno::Errno::EINVAL && *e != nix::errno::Errno::ENOENT)
+                .map(|e| format!("unmounting {}: {e}", point.display()))
+        })
+        .collect()
 }
 
 /// A bridge network for the pods' `eth0` (no gateway, no masquerading: iptables is not
 /// needed), with a bridge name of its own per containerd.
-fn cni_conflist(dir: &Path) -> String {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let bridge = format!(
-        "kndt{:x}{:x}",
-        std::process::id() & 0xffff,
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
+fn cni_conflist(dir: &Path, bridge: &str) -> String {
     format!(
         r#"{{"cniVersion":"1.0.0","name":"knd-test","plugins":[{{"type":"bridge","bridge":"{bridge}","isGateway":false,"ipMasq":false,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.254.0.0/16"}}]],"dataDir":"{}/cni-ipam"}}}}]}}"#,
         dir.display()
