@@ -5,11 +5,13 @@
 //! joined by plain veths on a second bridge, without the driver: the reference.
 //!
 //! Conditions, interleaved per size and round in a shuffled order: knd's NIC with full telemetry
-//! (TCX counters on `eth1`, sock_ops RTT for the pod), knd's NIC with telemetry off, the plain
-//! veth (telemetry off). Reported as nccl-tests does: time per operation, algbw = size / time,
-//! busbw = algbw · 2(n−1)/n (all_reduce) or algbw · (n−1)/n (all_gather), `#wrong` from a checked
-//! run, and the average bus bandwidth over all sizes. Goal: knd's NIC with telemetry within 5 %
-//! of the plain veth's average busbw.
+//! (TCX counters on `eth1`, sock_ops RTT for the pod — the knd ring's connections are opened
+//! again each time telemetry is installed, since the RTT program measures only connections made
+//! after it, as a pod's are), knd's NIC with telemetry off, the plain veth (telemetry off).
+//! Reported as nccl-tests does: time per operation, algbw = size / time, busbw = algbw ·
+//! 2(n−1)/n (all_reduce) or algbw · (n−1)/n (all_gather), `#wrong` from a checked run (the run
+//! fails unless it is 0 everywhere), and the average bus bandwidth over all sizes. Goal: knd's
+//! NIC with telemetry within 5 % of the plain veth's average busbw.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -92,13 +94,16 @@ impl Condition {
     }
 }
 
-/// A command for every rank.
+/// A command for every rank: measure, or open the knd-NIC ring's connections again.
 #[derive(Debug, Clone, Copy)]
 struct Job {
     plain: bool,
     collective: Collective,
     size: usize,
     iterations: usize,
+    /// Reconnect the knd ring instead: telemetry was just installed, and the RTT program
+    /// (sock_ops) measures only connections established after it, as a pod's are.
+    reconnect: bool,
 }
 
 /// A rank's answer: the timed iterations' duration and the wrong elements of the checked run.
@@ -331,8 +336,7 @@ fn rank_main(
         .map(|&plain| TcpListener::bind(SocketAddr::new(subnet_address(plain, rank), PORT)))
         .collect::<Result<_, _>>()?;
     barrier.wait();
-    let mut rings = Vec::new();
-    for (plain, listener) in [false, true].into_iter().zip(&listeners) {
+    let connect = |plain: bool, listener: &TcpListener| -> anyhow::Result<Ring> {
         let next = TcpStream::connect(SocketAddr::new(subnet_address(plain, (rank + 1) % n), PORT))
             .with_context(|| format!("rank {rank} connecting to the next rank"))?;
         let (previous, _) = listener.accept()?;
@@ -340,12 +344,26 @@ fn rank_main(
             stream.set_nodelay(true)?;
             stream.set_nonblocking(true)?;
         }
-        rings.push(Ring { next, previous });
+        Ok(Ring { next, previous })
+    };
+    let mut rings = Vec::new();
+    for (plain, listener) in [false, true].into_iter().zip(&listeners) {
+        rings.push(connect(plain, listener)?);
     }
     barrier.wait();
     let mut data = Vec::new();
     let mut scratch = Vec::new();
     while let Ok(job) = jobs.recv() {
+        if job.reconnect {
+            barrier.wait();
+            let answer = connect(false, &listeners[0]).map(|ring| {
+                rings[0] = ring;
+                (Duration::ZERO, 0)
+            });
+            barrier.wait();
+            answers.send(answer).ok();
+            continue;
+        }
         let ring = &mut rings[usize::from(job.plain)];
         let answer = (|| -> Answer {
             data.resize(job.size, 0);
@@ -442,7 +460,22 @@ fn sweep(
                 let wanted = condition == Condition::KndTelemetry;
                 if wanted != installed.is_some() {
                     installed = if wanted {
-                        Some(Telemetry::install(cluster, cgroup)?)
+                        let telemetry = Telemetry::install(cluster, cgroup)?;
+                        // Connections of the knd ring made under telemetry, as a pod's are.
+                        let reconnect = Job {
+                            plain: false,
+                            collective: kind,
+                            size,
+                            iterations,
+                            reconnect: true,
+                        };
+                        for sender in jobs {
+                            sender.send(reconnect)?;
+                        }
+                        for _ in 0..n {
+                            answers.recv()??;
+                        }
+                        Some(telemetry)
                     } else {
                         None
                     };
@@ -453,6 +486,7 @@ fn sweep(
                     collective: kind,
                     size,
                     iterations,
+                    reconnect: false,
                 };
                 for sender in jobs {
                     sender.send(job)?;
@@ -647,11 +681,16 @@ fn main() -> anyhow::Result<()> {
         }
         all.extend(points);
     }
+    let wrong: u64 = all.iter().map(|p| p.wrong).sum();
     let document = document(&all, started.elapsed());
     for table in &document.tables[..1] {
         knd_bench::print_table(table);
     }
     document.write(&knd_bench::results_dir())?;
+    anyhow::ensure!(
+        wrong == 0,
+        "{wrong} wrong elements in the checked runs: the collectives computed wrong results"
+    );
     Ok(())
 }
 

@@ -30,8 +30,21 @@ pub struct Summary {
     pub mean_us: f64,
     /// The goal for p99, microseconds, if the project set one.
     pub goal_p99_us: Option<u64>,
-    /// Whether p99 met the goal.
+    /// The goal for p50, microseconds, if the project set one.
+    pub goal_p50_us: Option<u64>,
+    /// Whether every goal set was met.
     pub met: Option<bool>,
+}
+
+impl Summary {
+    /// With a goal for the median too: met only if both are.
+    #[must_use]
+    pub fn with_p50_goal(mut self, goal: Duration) -> Self {
+        let goal = u64::try_from(goal.as_micros()).unwrap_or(u64::MAX);
+        self.goal_p50_us = Some(goal);
+        self.met = Some(self.met.unwrap_or(true) && self.p50_us <= goal);
+        self
+    }
 }
 
 /// Runs `operation` `warmup` times unmeasured, then `samples` times measured.
@@ -76,6 +89,7 @@ pub fn summarize(
         max_us: histogram.max(),
         mean_us: histogram.mean(),
         goal_p99_us,
+        goal_p50_us: None,
         met: goal_p99_us.map(|goal| p99_us <= goal),
     })
 }
@@ -96,10 +110,14 @@ pub fn report(suite: &str, title: &str, summaries: &[Summary]) -> anyhow::Result
         ],
     );
     for s in summaries {
-        let goal = match (s.goal_p99_us, s.met) {
-            (Some(goal), Some(true)) => format!("p99 ≤ {goal} µs: met"),
-            (Some(goal), _) => format!("p99 ≤ {goal} µs: MISSED"),
-            _ => String::new(),
+        let goals: Vec<String> = [("p50", s.goal_p50_us), ("p99", s.goal_p99_us)]
+            .into_iter()
+            .filter_map(|(which, goal)| goal.map(|g| format!("{which} ≤ {g} µs")))
+            .collect();
+        let goal = match s.met {
+            _ if goals.is_empty() => String::new(),
+            Some(true) => format!("{}: met", goals.join(", ")),
+            _ => format!("{}: MISSED", goals.join(", ")),
         };
         table.row(vec![
             s.name.clone(),

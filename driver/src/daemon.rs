@@ -278,7 +278,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         shutdown.clone(),
     ));
 
-    let claims = ApiClaims::new(client, &driver, shutdown.clone()).with_instance(&node);
+    let claims = ApiClaims::new(client, &driver, shutdown.clone()).on_node(&node);
     let identity = nri::plugin::Identity::new("knd", &args.nri_index)?;
     let hooks = Arc::new(
         nri::pods::NodeHooks::new(

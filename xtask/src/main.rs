@@ -43,7 +43,7 @@ enum Task {
     /// Run the benchmarks in bench/ (all, or one suite by name) and write JSON, Markdown and SVG
     /// charts under bench-results/ (or `$KND_BENCH_RESULTS`), with index.md over all of them.
     Bench {
-        /// One suite: discovery, prepare, attach, telemetry, collectives or placement.
+        /// One suite: discovery, prepare, api, attach, telemetry, collectives or placement.
         suite: Option<String>,
     },
 }
@@ -190,9 +190,10 @@ fn demo() -> anyhow::Result<()> {
 }
 
 /// The suites in bench/, in the order `cargo xtask bench` runs them.
-const SUITES: [&str; 6] = [
+const SUITES: [&str; 7] = [
     "discovery",
     "prepare",
+    "api",
     "attach",
     "telemetry",
     "collectives",

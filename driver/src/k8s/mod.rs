@@ -311,6 +311,9 @@ pub struct ApiClaims {
     shutdown: CancellationToken,
     /// `reportingInstance` of the Events knd creates (the node's name in the daemon).
     instance: String,
+    /// The node whose claims these are: other drivers' devices are looked up among its slices
+    /// only, so the API traffic of a prepare does not grow with the cluster.
+    node: Option<String>,
     writers: Arc<Writers>,
     /// The status writers and Event posts running in the background, drained at shutdown.
     tasks: TaskTracker,
@@ -379,6 +382,7 @@ impl ApiClaims {
             driver: driver.to_owned(),
             shutdown,
             instance: driver.to_owned(),
+            node: None,
             writers: Arc::default(),
             tasks: TaskTracker::new(),
         }
@@ -438,6 +442,14 @@ impl ApiClaims {
     pub fn with_instance(mut self, instance: &str) -> Self {
         instance.clone_into(&mut self.instance);
         self
+    }
+
+    /// The claims of node `node`: it names the Events, and other drivers' devices are looked
+    /// up among this node's ResourceSlices only (`spec.nodeName`, filtered by the API server).
+    #[must_use]
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = Some(node.to_owned());
+        self.with_instance(node)
     }
 
     /// Creates an `events.k8s.io/v1` Event about `claim` (`kind` `Normal` or `Warning`); a
@@ -728,8 +740,14 @@ impl ClaimApi for ApiClaims {
         attribute: &str,
     ) -> Result<Option<String>, SourceError> {
         let api: Api<ResourceSlice> = Api::all(self.client.clone());
+        // On a node, its own slices: what a prepare reads stays the same however large the
+        // cluster. (Devices of pools that are not node-local are not GPUs next to this NIC.)
+        let selector = match &self.node {
+            Some(node) => format!("spec.driver={driver},spec.nodeName={node}"),
+            None => format!("spec.driver={driver}"),
+        };
         let slices = api
-            .list(&ListParams::default().fields(&format!("spec.driver={driver}")))
+            .list(&ListParams::default().fields(&selector))
             .await
             .map_err(|e| SourceError::new(format!("listing {driver}'s ResourceSlices"), e))?;
         // Unqualified attribute names belong to the driver's own domain.

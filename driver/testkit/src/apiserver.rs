@@ -55,6 +55,8 @@ pub struct Request {
     pub method: String,
     /// Path and query.
     pub path: String,
+    /// Bytes of the response body (JSON).
+    pub response_bytes: usize,
 }
 
 /// The `(driver, pool, device, shareID)` key of a `status.devices` entry.
@@ -274,6 +276,18 @@ impl FakeApi {
         self.lock().faults.extend(codes);
     }
 
+    /// Creates `slices` as a client would (validated like any create): seeds a large cluster.
+    pub fn create_slices(&self, slices: &[ResourceSlice]) -> anyhow::Result<()> {
+        let mut store = self.lock();
+        for slice in slices {
+            let body = serde_json::to_vec(slice)?;
+            if let Err(failure) = create_slice(&mut store, &body) {
+                anyhow::bail!("{}", failure.message);
+            }
+        }
+        Ok(())
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Request> {
         self.lock().requests.clone()
@@ -370,6 +384,7 @@ async fn handle(
         path: uri
             .path_and_query()
             .map_or_else(|| uri.path().to_owned(), ToString::to_string),
+        response_bytes: 0,
     });
     let caller = headers
         .get(header::AUTHORIZATION)
@@ -405,7 +420,13 @@ async fn handle(
     };
     let answer = route(&mut store, &segments, &request);
     match answer {
-        Ok((code, value)) => (code, axum::Json(value)).into_response(),
+        Ok((code, value)) => {
+            let body = serde_json::to_vec(&value).unwrap_or_default();
+            if let Some(last) = store.requests.last_mut() {
+                last.response_bytes = body.len();
+            }
+            (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         Err(failure) => failure.into_response(),
     }
 }
