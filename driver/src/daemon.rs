@@ -41,6 +41,9 @@ use crate::{
     },
 };
 
+/// Instances of the counting programs kept loaded ahead, so a pod's start only links them.
+const READY_PROGRAMS: usize = 2;
+
 /// How often the pool is compared with the API even when the inventory did not change (repairs
 /// slices deleted or edited by someone else).
 const REPUBLISH_EVERY: Duration = Duration::from_mins(1);
@@ -255,7 +258,9 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         .clone()
         .or_else(crate::observe::telemetry::default_cgroup_root);
     let telemetry = Arc::new(
-        Telemetry::new(cgroup.as_deref(), args.metrics_max_interfaces).with_host_root(host.clone()),
+        Telemetry::new(cgroup.as_deref(), args.metrics_max_interfaces)
+            .with_host_root(host.clone())
+            .with_ready_programs(READY_PROGRAMS),
     );
     let (health_rx, health_task) = start_health(
         &args,

@@ -474,6 +474,95 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
     drop(pods.node);
 }
 
+/// Counting starts before the interface's first frame in the pod: the programs are linked as it
+/// arrives, down, before knd configures it. A pod whose container starts a TCP transfer the
+/// moment RunPodSandbox returns (while the claim's series are not even registered yet) is
+/// counted exactly: knd's totals equal the kernel's counters of its interface less their values
+/// when it entered the pod — both directions, bytes and frames — and that baseline is exported
+/// and equals the counters the NIC had on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn counting_starts_with_the_first_frame_in_the_pod() {
+    let pods = tokio::task::spawn_blocking(Pods::new).await.unwrap();
+    pods.hooks
+        .run_pod_sandbox(Pods::sandbox(&pods.b, "b"))
+        .await
+        .unwrap();
+    // Frames the NIC carried on the node before: the baseline is not zero.
+    let on_the_node = tokio::task::block_in_place(|| {
+        pods.node
+            .configure("enp1", "10.61.0.1".parse().unwrap(), 24)
+            .unwrap();
+        pods.node.ping("10.61.0.9".parse().unwrap(), 1).ok();
+        pods.node.link_stats("enp1").unwrap()
+    });
+    assert!(on_the_node.tx_packets > 0, "{on_the_node:?}");
+    pods.hooks
+        .run_pod_sandbox(Pods::sandbox(&pods.a, "a"))
+        .await
+        .unwrap();
+    // The container starts sending at once.
+    let (a, b) = (&pods.a, &pods.b);
+    let sent = tokio::task::block_in_place(|| {
+        tcp_transfer(a, b, B_ADDR.parse().unwrap(), 1 << 20).unwrap()
+    });
+    assert_eq!(sent, 1 << 20);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pods.telemetry.watches("uid-a") {
+        assert!(Instant::now() < deadline, "never measured");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (text, kernel, _) = tokio::task::block_in_place(|| settled(&pods));
+    let labels = ["claim=\"nic-a\"", "interface=\"net1\""];
+    let ours = |metric: &str, extra: &[&str]| {
+        let mut all = labels.to_vec();
+        all.extend_from_slice(extra);
+        value(&text, metric, &all).unwrap_or_else(|| panic!("{metric} {extra:?}:\n{text}"))
+    };
+    let baseline = [
+        ours("knd_claim_baseline_bytes", &["direction=\"rx\""]),
+        ours("knd_claim_baseline_bytes", &["direction=\"tx\""]),
+        ours("knd_claim_baseline_packets", &["direction=\"rx\""]),
+        ours("knd_claim_baseline_packets", &["direction=\"tx\""]),
+    ];
+    assert_eq!(
+        baseline,
+        [
+            on_the_node.rx_bytes,
+            on_the_node.tx_bytes,
+            on_the_node.rx_packets,
+            on_the_node.tx_packets
+        ],
+        "the baseline is what the NIC had counted on the node"
+    );
+    assert_eq!(
+        [
+            ours("knd_claim_rx_bytes_total", &[]),
+            ours("knd_claim_tx_bytes_total", &[]),
+            ours("knd_claim_rx_packets_total", &[]),
+            ours("knd_claim_tx_packets_total", &[]),
+        ],
+        [
+            kernel.rx_bytes - baseline[0],
+            kernel.tx_bytes - baseline[1],
+            kernel.rx_packets - baseline[2],
+            kernel.tx_packets - baseline[3],
+        ],
+        "knd counted every frame since the NIC entered the pod"
+    );
+    assert!(
+        text.contains("knd_claim_attached_timestamp_seconds{"),
+        "{text}"
+    );
+    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
+        pods.hooks
+            .stop_pod_sandbox(Pods::sandbox(pod, name))
+            .await
+            .unwrap();
+    }
+    drop(pods.node);
+}
+
 /// `telemetry: {enabled: false}` is honoured: the claim's interface carries no program (read from
 /// the kernel) and exports no series, while the other pod's claim is measured as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

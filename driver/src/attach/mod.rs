@@ -13,7 +13,9 @@ use ipnet::IpNet;
 use crate::{
     model::{
         config::{InterfaceConfig, NetworkConfig, SysctlKey},
-        link::{self, Address, DeviceIdentity, LinkPeer, LinkSettings, OffloadSizes, Route},
+        link::{
+            self, Address, DeviceIdentity, LinkPeer, LinkSettings, LinkStats, OffloadSizes, Route,
+        },
         records::{HostSide, PodPlace, PodSide},
     },
     os::{
@@ -205,6 +207,23 @@ pub async fn attach(
     pod_name: &str,
     config: &NetworkConfig,
 ) -> Result<PodSide, StepError> {
+    attach_measured(host, pod, host_side, pod_name, config, |_, _| async {}).await
+}
+
+/// [`attach`], calling `arrived` with the interface's name and the kernel's counters of it the
+/// moment it is in the pod — down, nothing configured, no frame carried there yet — so that
+/// measuring can start before its first frame.
+pub async fn attach_measured<Arrival>(
+    host: &Netns,
+    pod: &Netns,
+    host_side: &HostSide,
+    pod_name: &str,
+    config: &NetworkConfig,
+    arrived: impl FnOnce(String, LinkStats) -> Arrival,
+) -> Result<PodSide, StepError>
+where
+    Arrival: Future<Output = ()> + Send,
+{
     let interface = host_side.link.name.clone();
     if let Some((field, why)) = config.unsupported() {
         return Err(StepError::new(
@@ -267,6 +286,14 @@ pub async fn attach(
     // No container of the pod runs yet (the runtime waits for this hook): the name is still
     // the one just given, and from here on the index is what identifies the interface.
     let place = pod_link.get(pod_name).await.ok().map(|l| PodPlace::of(&l));
+    match pod_link.stats(pod_name).await {
+        Ok(counters) => arrived(pod_name.to_owned(), counters).await,
+        Err(error) => tracing::warn!(
+            error = %crate::model::error_chain(&error),
+            interface = pod_name,
+            "cannot read the counters of an arriving interface: it is not measured from its start"
+        ),
+    }
     let applied = configure_in_pod(pod, pod_link, &interface, pod_name, config).await;
     match applied {
         Ok(mut side) => {

@@ -19,8 +19,9 @@ use crate::{
     attach,
     discover::inventory::Inventory,
     model::{
+        link::LinkStats,
         ports::{ClaimApi, ClaimRef, DeviceReport},
-        records::{AttachmentRecord, NetnsId, PodRecord, PreparedClaim},
+        records::{AttachmentRecord, NetnsId, PodRecord, PreparedClaim, PreparedDevice},
     },
     observe::metrics::{ClaimLabels, Telemetry},
     os::{netns::Netns, state::StateStore},
@@ -388,6 +389,8 @@ impl<C: ClaimApi> NodeHooks<C> {
             }
             (Err(_), Some(telemetry)) => {
                 telemetry.attach_failures.inc();
+                // What started counting as an interface arrived went back with it.
+                telemetry.unwatch_pod(&record.pod_uid);
             }
             (_, None) => {}
         }
@@ -442,7 +445,17 @@ impl<C: ClaimApi> NodeHooks<C> {
         for (index, (claim, device)) in plan.into_iter().enumerate() {
             let host = record.attachments[index].host.clone();
             let pod_name = record.attachments[index].pod_name.clone();
-            match attach::attach(&self.host, &pod_ns, &host, &pod_name, &device.config).await {
+            let arrived = self.measure_from_arrival(&record.pod_uid, &pod_ns, device);
+            match attach::attach_measured(
+                &self.host,
+                &pod_ns,
+                &host,
+                &pod_name,
+                &device.config,
+                arrived,
+            )
+            .await
+            {
                 // Recorded once all are attached (by the caller); a crash before that is
                 // undone from the intended names recorded above.
                 Ok(side) => record.attachments[index].pod = Some(side),
@@ -457,6 +470,41 @@ impl<C: ClaimApi> NodeHooks<C> {
         }
         self.report(record);
         Ok(())
+    }
+
+    /// What to do as a claimed interface arrives in pod `pod_uid`'s namespace, before it is set
+    /// up there: start counting it (unless its claim turned telemetry off), so that knd's
+    /// totals are the interface's own counters since it entered the pod.
+    fn measure_from_arrival(
+        &self,
+        pod_uid: &str,
+        pod_ns: &Netns,
+        device: &PreparedDevice,
+    ) -> impl FnOnce(String, LinkStats) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + use<C>
+    {
+        let enabled = device.config.telemetry.is_none_or(|t| t.enabled);
+        let telemetry = self.telemetry.clone().filter(|_| enabled);
+        let pod_ns = pod_ns.try_clone().ok();
+        let pod_uid = pod_uid.to_owned();
+        move |interface: String, counters: LinkStats| {
+            Box::pin(async move {
+                let (Some(telemetry), Some(pod_ns)) = (telemetry, pod_ns) else {
+                    return;
+                };
+                let started = tokio::task::spawn_blocking(move || {
+                    telemetry.arrive(&pod_uid, &pod_ns, &interface, counters)
+                })
+                .await;
+                match started {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(
+                        error = %crate::model::error_chain(&error),
+                        "cannot measure an interface from its arrival; measured from the pod's start"
+                    ),
+                    Err(error) => tracing::error!(%error, "the telemetry worker failed"),
+                }
+            })
+        }
     }
 
     /// Gives back every attached interface of `record`; logs what it cannot, and tells the

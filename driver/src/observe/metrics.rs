@@ -22,6 +22,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    model::link::LinkStats,
     observe::telemetry::{
         self, AttachmentId, RdmaPortCounters, SocketProbes, TrafficDetail, TrafficProbes,
     },
@@ -62,11 +63,31 @@ impl ClaimLabels {
 struct Watched {
     pod_uid: String,
     labels: ClaimLabels,
+    counting: Counting,
+    cookie: u64,
+    rdma: Vec<String>,
+}
+
+/// Programs counting on one interface, from a known moment.
+#[derive(Debug)]
+struct Counting {
     attachment: AttachmentId,
     /// The counters, read by scrapes without the probes' lock.
     reader: Arc<telemetry::TrafficReader>,
-    cookie: u64,
-    rdma: Vec<String>,
+    /// When counting started (seconds since the epoch).
+    since: f64,
+    /// The kernel's counters of the interface when counting started, if read then (an
+    /// interface that arrives in a pod: knd's totals are the kernel's less these, exactly).
+    baseline: Option<LinkStats>,
+}
+
+/// Counting that started as the interface arrived in its pod, before it was set up there; the
+/// claim's labels come when the pod's record is complete ([`Telemetry::watch`]).
+#[derive(Debug)]
+struct Arrived {
+    pod_uid: String,
+    interface: String,
+    counting: Counting,
 }
 
 #[derive(Debug, Default)]
@@ -76,13 +97,25 @@ struct Probes {
     /// The RTT map, read by scrapes without the probes' lock.
     rtt: Option<Arc<telemetry::RttReader>>,
     watched: Vec<Watched>,
+    arrived: Vec<Arrived>,
     refused: u64,
+}
+
+/// Program instances loaded ahead of need, refilled in the background.
+#[derive(Debug, Default)]
+struct Pool {
+    ready: Mutex<Vec<telemetry::Loaded>>,
+    /// How many to keep ready (0: none, every attachment loads its own).
+    target: usize,
+    /// Wakes the refiller.
+    refill: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 /// The node's telemetry: the probes, what they watch, and the driver's own metrics.
 #[derive(Debug)]
 pub struct Telemetry {
     probes: Mutex<Probes>,
+    pool: Arc<Pool>,
     max_claims: usize,
     host: HostRoot,
     /// NodePrepareResources calls, seconds.
@@ -145,6 +178,7 @@ impl Telemetry {
                 rtt,
                 ..Probes::default()
             }),
+            pool: Arc::default(),
             max_claims,
             host: HostRoot::new("/"),
             // 100 µs … ~3.3 s.
@@ -156,6 +190,87 @@ impl Telemetry {
             device_healthy: prometheus_client::metrics::family::Family::default(),
             gpu_nic_distance: prometheus_client::metrics::family::Family::default(),
         }
+    }
+
+    /// Keeps `count` instances of the counting programs loaded and verified ahead of need
+    /// (refilled on a thread of its own), so attaching at a pod's start only links them.
+    #[must_use]
+    pub fn with_ready_programs(mut self, count: usize) -> Self {
+        let (wake, woken) = std::sync::mpsc::channel::<()>();
+        let pool = Arc::new(Pool {
+            ready: Mutex::default(),
+            target: count,
+            refill: Mutex::new(Some(wake.clone())),
+        });
+        let weak = Arc::downgrade(&pool);
+        let spawned = std::thread::Builder::new()
+            .name("knd-bpf-pool".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    let Some(pool) = weak.upgrade() else { return };
+                    while lock(&pool.ready).len() < pool.target {
+                        // Loaded without any lock held: scrapes and attachments go on.
+                        match telemetry::Loaded::new() {
+                            Ok(loaded) => lock(&pool.ready).push(loaded),
+                            Err(error) => {
+                                tracing::warn!(error = %crate::model::error_chain(&error), "cannot load the counting programs ahead");
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the program pool");
+        }
+        wake.send(()).ok();
+        self.pool = pool;
+        self
+    }
+
+    /// A loaded instance from the pool (asking for another), else one loaded now.
+    fn loaded(&self) -> telemetry::Result<telemetry::Loaded> {
+        let ready = lock(&self.pool.ready).pop();
+        if let Some(wake) = lock(&self.pool.refill).as_ref() {
+            wake.send(()).ok();
+        }
+        ready.map_or_else(telemetry::Loaded::new, Ok)
+    }
+
+    /// Instances loaded and waiting.
+    pub fn ready_programs(&self) -> usize {
+        lock(&self.pool.ready).len()
+    }
+
+    /// Starts counting on `interface`, which has just arrived in `pod_ns` for pod `pod_uid`
+    /// and is not up yet: every frame it carries in the pod is counted. `baseline` is the
+    /// kernel's counters of the interface now. Blocking (links programs in the namespace); the
+    /// claim's labels and series follow with [`Self::watch`].
+    pub fn arrive(
+        &self,
+        pod_uid: &str,
+        pod_ns: &Netns,
+        interface: &str,
+        baseline: LinkStats,
+    ) -> telemetry::Result<()> {
+        let loaded = self.loaded()?;
+        let mut probes = self.probes();
+        if probes.watched.len() + probes.arrived.len() >= self.max_claims {
+            return Ok(());
+        }
+        let counting = start_counting(
+            &mut probes.traffic,
+            loaded,
+            pod_ns,
+            interface,
+            Some(baseline),
+        )?;
+        probes.arrived.push(Arrived {
+            pod_uid: pod_uid.to_owned(),
+            interface: interface.to_owned(),
+            counting,
+        });
+        Ok(())
     }
 
     /// Reads RDMA counters below `host` instead of `/` (the daemon's `--host-root`).
@@ -203,13 +318,18 @@ impl Telemetry {
             return Ok(());
         }
         let cookie = pod_ns.cookie()?;
-        let attachment = probes.traffic.attach(pod_ns, &labels.interface)?;
-        let reader = match probes.traffic.reader(attachment) {
-            Ok(reader) => Arc::new(reader),
-            Err(error) => {
-                probes.traffic.detach(attachment).ok();
-                return Err(error);
-            }
+        // Counting since the interface arrived, if it did under this knd; else from now.
+        let early = probes
+            .arrived
+            .iter()
+            .position(|a| a.pod_uid == pod_uid && a.interface == labels.interface);
+        let counting = if let Some(index) = early {
+            probes.arrived.swap_remove(index).counting
+        } else {
+            drop(probes);
+            let loaded = self.loaded()?;
+            probes = self.probes();
+            start_counting(&mut probes.traffic, loaded, pod_ns, &labels.interface, None)?
         };
         let first_of_pod = !probes.watched.iter().any(|w| w.cookie == cookie);
         if let Some(sockets) = probes.sockets.as_mut()
@@ -221,8 +341,7 @@ impl Telemetry {
         probes.watched.push(Watched {
             pod_uid: pod_uid.to_owned(),
             labels,
-            attachment,
-            reader,
+            counting,
             cookie,
             rdma,
         });
@@ -236,14 +355,22 @@ impl Telemetry {
             traffic,
             sockets,
             watched,
+            arrived,
             ..
         } = &mut *probes;
+        arrived.retain(|a| {
+            if a.pod_uid != pod_uid {
+                return true;
+            }
+            traffic.detach(a.counting.attachment).ok();
+            false
+        });
         let mut cookies = Vec::new();
         watched.retain(|w| {
             if w.pod_uid != pod_uid {
                 return true;
             }
-            if let Err(error) = traffic.detach(w.attachment) {
+            if let Err(error) = traffic.detach(w.counting.attachment) {
                 tracing::warn!(error = %crate::model::error_chain(&error), "detaching the traffic programs");
             }
             cookies.push(w.cookie);
@@ -340,8 +467,41 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 struct ClaimCollector(Arc<Telemetry>);
 
 /// What one watched interface reads at scrape time.
+/// Links `loaded` on `interface` in `netns` and opens its counters for scrapes.
+fn start_counting(
+    traffic: &mut TrafficProbes,
+    loaded: telemetry::Loaded,
+    netns: &Netns,
+    interface: &str,
+    baseline: Option<LinkStats>,
+) -> telemetry::Result<Counting> {
+    let attachment = traffic.attach_loaded(loaded, netns, interface)?;
+    let reader = match traffic.reader(attachment) {
+        Ok(reader) => Arc::new(reader),
+        Err(error) => {
+            traffic.detach(attachment).ok();
+            return Err(error);
+        }
+    };
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    Ok(Counting {
+        attachment,
+        reader,
+        since,
+        baseline,
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 struct Reading {
     labels: Vec<(&'static str, String)>,
+    since: f64,
+    baseline: Option<LinkStats>,
     detail: TrafficDetail,
     rtt: Option<RttStats>,
     rdma: Vec<(String, RdmaPortCounters)>,
@@ -419,7 +579,8 @@ impl Collector for ClaimCollector {
                 .map(|w| {
                     (
                         w.labels.pairs(),
-                        Arc::clone(&w.reader),
+                        Arc::clone(&w.counting.reader),
+                        (w.counting.since, w.counting.baseline),
                         w.cookie,
                         w.rdma.clone(),
                     )
@@ -434,7 +595,7 @@ impl Collector for ClaimCollector {
         };
         let readings: Vec<Reading> = targets
             .into_iter()
-            .filter_map(|(labels, reader, cookie, rdma)| {
+            .filter_map(|(labels, reader, (since, baseline), cookie, rdma)| {
                 let detail = reader
                     .detail()
                     .inspect_err(
@@ -452,6 +613,8 @@ impl Collector for ClaimCollector {
                     .collect();
                 Some(Reading {
                     labels,
+                    since,
+                    baseline,
                     detail,
                     rtt,
                     rdma,
@@ -473,10 +636,67 @@ impl Collector for ClaimCollector {
         )?;
         Counter::new(refused).encode(counter)?;
 
+        encode_since(&mut encoder, &readings)?;
         encode_traffic(&mut encoder, &readings)?;
         encode_rdma(&mut encoder, &readings)?;
         encode_rtt(&mut encoder, &readings)
     }
+}
+
+/// When each claim's counting started and the interface's own counters then: knd's totals
+/// equal the kernel's counters of the interface less these.
+fn encode_since(
+    encoder: &mut DescriptorEncoder,
+    readings: &[Reading],
+) -> Result<(), std::fmt::Error> {
+    if readings.is_empty() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(
+        "knd_claim_attached_timestamp_seconds",
+        "When knd started counting the claimed interface (as it arrived in the pod, before it \
+         was set up there, unless knd restarted since)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in readings {
+        ConstGauge::new(r.since).encode(family.encode_family(&with(&r.labels, &[]))?)?;
+    }
+    let mut bytes = Vec::new();
+    let mut packets = Vec::new();
+    for r in readings {
+        if let Some(b) = r.baseline {
+            for (direction, octets, frames) in [
+                ("rx", b.rx_bytes, b.rx_packets),
+                ("tx", b.tx_bytes, b.tx_packets),
+            ] {
+                bytes.push((with(&r.labels, &[("direction", direction)]), octets));
+                packets.push((with(&r.labels, &[("direction", direction)]), frames));
+            }
+        }
+    }
+    for (name, help, series) in [
+        (
+            "knd_claim_baseline_bytes",
+            "The interface's own byte counters when knd started counting it",
+            &bytes,
+        ),
+        (
+            "knd_claim_baseline_packets",
+            "The interface's own frame counters when knd started counting it",
+            &packets,
+        ),
+    ] {
+        if series.is_empty() {
+            continue;
+        }
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, value) in series {
+            ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX))
+                .encode(family.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// One of the four totals.
