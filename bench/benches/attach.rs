@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 const ROUNDS: usize = 10;
 /// As `knd run` keeps them.
-const DAEMON_READY_PROGRAMS: usize = 2;
+const DAEMON_READY_PROGRAMS: usize = 4;
 const PER_ROUND: usize = 10;
 
 /// Connects knd's NRI plugin with `hooks`; returns once containerd has synchronized it.

@@ -42,7 +42,7 @@ use crate::{
 };
 
 /// Instances of the counting programs kept loaded ahead, so a pod's start only links them.
-const READY_PROGRAMS: usize = 2;
+const READY_PROGRAMS: usize = 4;
 
 /// How often the pool is compared with the API even when the inventory did not change (repairs
 /// slices deleted or edited by someone else).

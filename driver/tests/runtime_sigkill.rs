@@ -456,9 +456,10 @@ async fn sigkill_while_pods_start_and_stop_loses_no_nic() {
         Arc::clone(&stopping),
     ));
     let mut kills = Vec::new();
+    let mut missed = Vec::new();
     for moment in KILLS {
         if !reached(moment, &node, &stream, &stopping).await {
-            kills.push(format!("{moment:?}: the stream ended first"));
+            missed.push(moment);
             continue;
         }
         let pid = Pid::from_raw(i32::try_from(daemon.child.id()).unwrap());
@@ -473,6 +474,11 @@ async fn sigkill_while_pods_start_and_stop_loses_no_nic() {
     }
     let running = stream.await.unwrap();
     let stream_time = started.elapsed();
+    // Every planned kill happened at its moment, mid-attach and mid-detach included.
+    assert!(
+        missed.is_empty(),
+        "the stream ended before these kills: {missed:?}; done: {kills:?}"
+    );
 
     check_running_pods(&containerd, &node, &running).await;
     check_removed_pods(&node, &before, &running).await;
@@ -519,7 +525,11 @@ async fn check_running_pods(
             if let Some(record) = attached {
                 break record;
             }
-            assert!(Instant::now() < settle, "pod {i} never got its NIC");
+            assert!(
+                Instant::now() < settle,
+                "pod {i} never got its NIC: {:?}",
+                store.pods.get(&uid)
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert!(

@@ -130,8 +130,20 @@ impl Pods {
         let tree = rdma_counters_tree();
         let (_inventory, inventory) = watch::channel(Arc::new(inventory));
         let cgroup = knd::observe::telemetry::default_cgroup_root();
-        let telemetry =
-            Arc::new(Telemetry::new(cgroup.as_deref(), 100).with_host_root(tree.host()));
+        // Programs loaded ahead, as the daemon keeps them.
+        let telemetry = Arc::new(
+            Telemetry::new(cgroup.as_deref(), 100)
+                .with_host_root(tree.host())
+                .with_ready_programs(2),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while telemetry.ready_programs() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the programs were never loaded ahead"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(telemetry.measures_rtt(), "the sock_ops program attached");
         let hooks = NodeHooks::new(
             store,

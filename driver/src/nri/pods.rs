@@ -496,7 +496,10 @@ impl<C: ClaimApi> NodeHooks<C> {
                 })
                 .await;
                 match started {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => tracing::debug!(
+                        "no counting programs loaded ahead: counted from the pod's start"
+                    ),
                     Ok(Err(error)) => tracing::warn!(
                         error = %crate::model::error_chain(&error),
                         "cannot measure an interface from its arrival; measured from the pod's start"

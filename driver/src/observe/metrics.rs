@@ -228,13 +228,18 @@ impl Telemetry {
         self
     }
 
-    /// A loaded instance from the pool (asking for another), else one loaded now.
-    fn loaded(&self) -> telemetry::Result<telemetry::Loaded> {
+    /// A loaded instance from the pool, asking for another.
+    fn ready(&self) -> Option<telemetry::Loaded> {
         let ready = lock(&self.pool.ready).pop();
         if let Some(wake) = lock(&self.pool.refill).as_ref() {
             wake.send(()).ok();
         }
-        ready.map_or_else(telemetry::Loaded::new, Ok)
+        ready
+    }
+
+    /// A loaded instance from the pool, else one loaded now.
+    fn loaded(&self) -> telemetry::Result<telemetry::Loaded> {
+        self.ready().map_or_else(telemetry::Loaded::new, Ok)
     }
 
     /// Instances loaded and waiting.
@@ -245,18 +250,22 @@ impl Telemetry {
     /// Starts counting on `interface`, which has just arrived in `pod_ns` for pod `pod_uid`
     /// and is not up yet: every frame it carries in the pod is counted. `baseline` is the
     /// kernel's counters of the interface now. Blocking (links programs in the namespace); the
-    /// claim's labels and series follow with [`Self::watch`].
+    /// claim's labels and series follow with [`Self::watch`]. Only an instance loaded ahead is
+    /// used: loading is never done on a pod's start. With none ready (a burst of pods, knd just
+    /// started) it returns `false` and the interface is counted from [`Self::watch`] on.
     pub fn arrive(
         &self,
         pod_uid: &str,
         pod_ns: &Netns,
         interface: &str,
         baseline: LinkStats,
-    ) -> telemetry::Result<()> {
-        let loaded = self.loaded()?;
+    ) -> telemetry::Result<bool> {
+        let Some(loaded) = self.ready() else {
+            return Ok(false);
+        };
         let mut probes = self.probes();
         if probes.watched.len() + probes.arrived.len() >= self.max_claims {
-            return Ok(());
+            return Ok(false);
         }
         let counting = start_counting(
             &mut probes.traffic,
@@ -270,7 +279,7 @@ impl Telemetry {
             interface: interface.to_owned(),
             counting,
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Reads RDMA counters below `host` instead of `/` (the daemon's `--host-root`).
