@@ -242,7 +242,10 @@ impl TrafficProbes {
             loaded.0,
             netns,
             interface,
-            [names::TRAFFIC_INGRESS_PROG, names::TRAFFIC_EGRESS_PROG],
+            [
+                Some(names::TRAFFIC_INGRESS_PROG),
+                Some(names::TRAFFIC_EGRESS_PROG),
+            ],
         )
     }
 
@@ -254,8 +257,26 @@ impl TrafficProbes {
             load_object()?,
             netns,
             interface,
-            [names::NOOP_PROG, names::NOOP_PROG],
+            [Some(names::NOOP_PROG), Some(names::NOOP_PROG)],
         )
+    }
+
+    /// The do-nothing program in one direction only (ingress if `ingress`), so that the hook's
+    /// own cost can be told apart by direction: frames of one direction may be rarer, colder
+    /// in cache, than those of the other.
+    pub fn attach_baseline_one(
+        &mut self,
+        netns: &Netns,
+        interface: &str,
+        ingress: bool,
+    ) -> Result<AttachmentId> {
+        let program = Some(names::NOOP_PROG);
+        let directions = if ingress {
+            [program, None]
+        } else {
+            [None, program]
+        };
+        self.attach_programs(load_object()?, netns, interface, directions)
     }
 
     /// The kernel's run-time statistics of an attachment's programs (ingress, egress): total
@@ -291,7 +312,7 @@ impl TrafficProbes {
         mut ebpf: Ebpf,
         netns: &Netns,
         interface: &str,
-        [ingress, egress]: [&'static str; 2],
+        [ingress, egress]: [Option<&'static str>; 2],
     ) -> Result<AttachmentId> {
         let namespace = netns.to_string();
         let attachments = &self.attachments;
@@ -321,7 +342,10 @@ impl TrafficProbes {
             for (program, attach_type) in [
                 (ingress, TcAttachType::Ingress),
                 (egress, TcAttachType::Egress),
-            ] {
+            ]
+            .into_iter()
+            .filter_map(|(program, attach_type)| Some((program?, attach_type)))
+            {
                 let classifier = classifier(&mut ebpf, program)?;
                 // The same program both ways (the baseline) is loaded once.
                 if classifier.fd().is_err() {
@@ -357,10 +381,9 @@ impl TrafficProbes {
                 netns_cookie,
                 ifindex,
                 ebpf,
-                programs: if ingress == egress {
-                    vec![ingress]
-                } else {
-                    vec![ingress, egress]
+                programs: match (ingress, egress) {
+                    (Some(a), Some(b)) if a == b => vec![a],
+                    _ => ingress.into_iter().chain(egress).collect(),
                 },
             },
         );
