@@ -20,7 +20,7 @@ use crate::{
     discover::inventory::Inventory,
     dra::{
         self, Registration, Sockets,
-        prepare::{NodeDevices, Preparer},
+        prepare::{ClaimHooks, NodeDevices, Preparer},
     },
     k8s::{self, ApiClaims, Publisher},
     model::ports::DeviceHealth,
@@ -300,7 +300,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         Arc::clone(&hooks),
         shutdown.clone(),
     ));
-    let preparer = preparer(&args, &watcher, store, claims.clone(), &telemetry);
+    let preparer = preparer(&args, &watcher, store, claims.clone(), &telemetry, &hooks);
     let sockets = Sockets::new(&driver, &args.plugin_dir, &args.registry_dir);
     let plugin = dra::serve(&driver, sockets, preparer, health_rx, &shutdown)?;
 
@@ -360,6 +360,7 @@ fn preparer(
     store: Arc<StateStore>,
     claims: ApiClaims,
     telemetry: &Telemetry,
+    pods: &Arc<nri::pods::NodeHooks<ApiClaims>>,
 ) -> Arc<Preparer<ApiClaims>> {
     let node = NodeDevices {
         pool: args.node_name.clone(),
@@ -368,7 +369,19 @@ fn preparer(
     Arc::new(
         Preparer::new(args.driver_name.clone(), node, store, claims)
             .with_durations(telemetry.prepare_seconds.clone())
-            .with_alignment(alignment(args, watcher, telemetry)),
+            .with_alignment(alignment(args, watcher, telemetry))
+            // A prepared claim's NICs get their counting programs linked while still on the
+            // host: the pod's start then only resets the counters.
+            .with_hooks(ClaimHooks {
+                prepared: {
+                    let pods = Arc::clone(pods);
+                    Arc::new(move |claim| pods.stage(claim))
+                },
+                released: {
+                    let pods = Arc::clone(pods);
+                    Arc::new(move |uid| pods.unstage(uid))
+                },
+            }),
     )
 }
 

@@ -495,6 +495,19 @@ async fn claim_metrics_equal_the_kernels_counters_and_go_with_the_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates network namespaces and loads eBPF programs"]
 async fn counting_starts_with_the_first_frame_in_the_pod() {
+    first_frame(false).await;
+}
+
+/// The same with the programs linked to the NIC while it was still on the node, as the daemon
+/// does once the claim is prepared (they follow the device into the pod): what they counted on
+/// the node is reset as it arrives, and the pod's count is still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn programs_linked_on_the_node_count_exactly_from_the_pods_first_frame() {
+    first_frame(true).await;
+}
+
+async fn first_frame(staged: bool) {
     let pods = tokio::task::spawn_blocking(Pods::new).await.unwrap();
     pods.hooks
         .run_pod_sandbox(Pods::sandbox(&pods.b, "b"))
@@ -509,10 +522,25 @@ async fn counting_starts_with_the_first_frame_in_the_pod() {
         pods.node.link_stats("enp1").unwrap()
     });
     assert!(on_the_node.tx_packets > 0, "{on_the_node:?}");
+    if staged {
+        pods.hooks.stage(&claim("claim-a", "a", "enp1", A_ADDR, ""));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pods.telemetry.is_staged("claim-a", "enp1") {
+            assert!(Instant::now() < deadline, "never linked ahead");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Frames the programs count on the node, then forget as the NIC enters the pod.
+        tokio::task::block_in_place(|| pods.node.ping("10.61.0.9".parse().unwrap(), 1).ok());
+    }
+    let on_the_node = tokio::task::block_in_place(|| pods.node.link_stats("enp1").unwrap());
     pods.hooks
         .run_pod_sandbox(Pods::sandbox(&pods.a, "a"))
         .await
         .unwrap();
+    assert!(
+        !pods.telemetry.is_staged("claim-a", "enp1"),
+        "the pod took what was linked ahead"
+    );
     // The container starts sending at once.
     let (a, b) = (&pods.a, &pods.b);
     let sent = tokio::task::block_in_place(|| {

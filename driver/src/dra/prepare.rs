@@ -62,6 +62,22 @@ pub struct NodeDevices {
     pub inventory: watch::Receiver<Arc<Inventory>>,
 }
 
+/// What else happens when a claim is prepared or released (the daemon links the telemetry
+/// programs to a prepared claim's NICs ahead of its pod).
+#[derive(Clone)]
+pub struct ClaimHooks {
+    /// Called with each newly prepared claim, once it is recorded.
+    pub prepared: Arc<dyn Fn(&PreparedClaim) + Send + Sync>,
+    /// Called with the UID of each released claim.
+    pub released: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl std::fmt::Debug for ClaimHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimHooks").finish_non_exhaustive()
+    }
+}
+
 /// Prepares and unprepares claims for one driver.
 #[derive(Debug)]
 pub struct Preparer<S> {
@@ -71,6 +87,7 @@ pub struct Preparer<S> {
     source: S,
     durations: Option<prometheus_client::metrics::histogram::Histogram>,
     alignment: Option<super::alignment::Alignment>,
+    hooks: Option<ClaimHooks>,
 }
 
 impl<S: ClaimApi> Preparer<S> {
@@ -88,7 +105,15 @@ impl<S: ClaimApi> Preparer<S> {
             source,
             durations: None,
             alignment: None,
+            hooks: None,
         }
+    }
+
+    /// Runs `hooks` as claims are prepared and released.
+    #[must_use]
+    pub fn with_hooks(mut self, hooks: ClaimHooks) -> Self {
+        self.hooks = Some(hooks);
+        self
     }
 
     /// Checks GPU–NIC alignment of claims with GPUs (see [`super::alignment`]).
@@ -155,6 +180,9 @@ impl<S: ClaimApi> Preparer<S> {
                     alignment.record(record);
                 }
                 self.source.prepared(record);
+                if let Some(hooks) = &self.hooks {
+                    (hooks.prepared)(record);
+                }
             }
         }
         Ok(answers)
@@ -321,6 +349,9 @@ impl<S: ClaimApi> Preparer<S> {
                     alignment.forget(&record);
                 }
                 self.source.released(claim);
+                if let Some(hooks) = &self.hooks {
+                    (hooks.released)(&claim.uid);
+                }
             }
             outcomes.insert(claim.uid.clone(), Ok(()));
         }

@@ -271,6 +271,45 @@ impl<C: ClaimApi> NodeHooks<C> {
         });
     }
 
+    /// Links the counting programs to the NICs of `claim`, just prepared, while they are still
+    /// on the host, in the background: the pod's start then only resets their counters (see
+    /// [`Telemetry::stage`]). Devices of claims with telemetry off are left alone.
+    pub fn stage(&self, claim: &PreparedClaim) {
+        let Some(telemetry) = self.telemetry.clone() else {
+            return;
+        };
+        for device in &claim.devices {
+            if device.config.telemetry.is_some_and(|t| !t.enabled) {
+                continue;
+            }
+            let (Some(interface), Ok(host)) =
+                (self.interface_of(&device.device), self.host.try_clone())
+            else {
+                continue;
+            };
+            let (telemetry, uid, name) = (
+                Arc::clone(&telemetry),
+                claim.uid.clone(),
+                device.device.clone(),
+            );
+            self.tasks.spawn_blocking(move || {
+                if let Err(error) = telemetry.stage(&uid, &name, &host, &interface) {
+                    tracing::debug!(
+                        error = %crate::model::error_chain(&error),
+                        "cannot link the counting programs ahead; linked at the pod's start"
+                    );
+                }
+            });
+        }
+    }
+
+    /// Unlinks what [`Self::stage`] linked for claim `claim_uid` and no pod took.
+    pub fn unstage(&self, claim_uid: &str) {
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.unstage(claim_uid);
+        }
+    }
+
     /// Shutdown: waits for the telemetry attachments running in the background.
     pub async fn drained(&self) {
         self.tasks.close();
@@ -445,7 +484,12 @@ impl<C: ClaimApi> NodeHooks<C> {
         for (index, (claim, device)) in plan.into_iter().enumerate() {
             let host = record.attachments[index].host.clone();
             let pod_name = record.attachments[index].pod_name.clone();
-            let arrived = self.measure_from_arrival(&record.pod_uid, &pod_ns, device);
+            let arrived = self.measure_from_arrival(
+                (&claim.uid, &device.device),
+                &record.pod_uid,
+                &pod_ns,
+                device,
+            );
             match attach::attach_measured(
                 &self.host,
                 &pod_ns,
@@ -477,6 +521,7 @@ impl<C: ClaimApi> NodeHooks<C> {
     /// totals are the interface's own counters since it entered the pod.
     fn measure_from_arrival(
         &self,
+        (claim_uid, device_name): (&str, &str),
         pod_uid: &str,
         pod_ns: &Netns,
         device: &PreparedDevice,
@@ -486,13 +531,20 @@ impl<C: ClaimApi> NodeHooks<C> {
         let telemetry = self.telemetry.clone().filter(|_| enabled);
         let pod_ns = pod_ns.try_clone().ok();
         let pod_uid = pod_uid.to_owned();
+        let claim = (claim_uid.to_owned(), device_name.to_owned());
         move |interface: String, counters: LinkStats| {
             Box::pin(async move {
                 let (Some(telemetry), Some(pod_ns)) = (telemetry, pod_ns) else {
                     return;
                 };
                 let started = tokio::task::spawn_blocking(move || {
-                    telemetry.arrive(&pod_uid, &pod_ns, &interface, counters)
+                    telemetry.arrive(
+                        (&claim.0, &claim.1),
+                        &pod_uid,
+                        &pod_ns,
+                        &interface,
+                        counters,
+                    )
                 })
                 .await;
                 match started {

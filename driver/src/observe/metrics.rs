@@ -90,6 +90,15 @@ struct Arrived {
     counting: Counting,
 }
 
+/// Counting linked to a claimed NIC on the host ahead of its pod (the links follow the device
+/// into the pod): the pod's start then only resets the counters.
+#[derive(Debug)]
+struct Staged {
+    claim_uid: String,
+    device: String,
+    counting: Counting,
+}
+
 #[derive(Debug, Default)]
 struct Probes {
     traffic: TrafficProbes,
@@ -98,6 +107,7 @@ struct Probes {
     rtt: Option<Arc<telemetry::RttReader>>,
     watched: Vec<Watched>,
     arrived: Vec<Arrived>,
+    staged: Vec<Staged>,
     refused: u64,
 }
 
@@ -247,6 +257,63 @@ impl Telemetry {
         lock(&self.pool.ready).len()
     }
 
+    /// Links the counting programs to `interface` on the host: the NIC of `device` prepared for
+    /// claim `claim_uid`, before its pod starts. TCX links stay with the device when it moves
+    /// into the pod, so [`Self::arrive`] then only resets the counters — the kernel's two RCU
+    /// grace periods of linking are spent here, off the pod's start. Blocking.
+    pub fn stage(
+        &self,
+        claim_uid: &str,
+        device: &str,
+        host: &Netns,
+        interface: &str,
+    ) -> telemetry::Result<()> {
+        let staged = |probes: &Probes| {
+            probes
+                .staged
+                .iter()
+                .any(|s| s.claim_uid == claim_uid && s.device == device)
+        };
+        if staged(&self.probes()) {
+            return Ok(());
+        }
+        let loaded = self.loaded()?;
+        let mut probes = self.probes();
+        if staged(&probes) {
+            return Ok(());
+        }
+        let counting = start_counting(&mut probes.traffic, loaded, host, interface, None)?;
+        probes.staged.push(Staged {
+            claim_uid: claim_uid.to_owned(),
+            device: device.to_owned(),
+            counting,
+        });
+        Ok(())
+    }
+
+    /// Whether `device` of claim `claim_uid` has its programs linked ahead.
+    pub fn is_staged(&self, claim_uid: &str, device: &str) -> bool {
+        self.probes()
+            .staged
+            .iter()
+            .any(|s| s.claim_uid == claim_uid && s.device == device)
+    }
+
+    /// Unlinks what was linked ahead for claim `claim_uid` and not taken by a pod.
+    pub fn unstage(&self, claim_uid: &str) {
+        let mut probes = self.probes();
+        let Probes {
+            traffic, staged, ..
+        } = &mut *probes;
+        staged.retain(|s| {
+            if s.claim_uid != claim_uid {
+                return true;
+            }
+            traffic.detach(s.counting.attachment).ok();
+            false
+        });
+    }
+
     /// Starts counting on `interface`, which has just arrived in `pod_ns` for pod `pod_uid`
     /// and is not up yet: every frame it carries in the pod is counted. `baseline` is the
     /// kernel's counters of the interface now. Blocking (links programs in the namespace); the
@@ -255,11 +322,36 @@ impl Telemetry {
     /// started) it returns `false` and the interface is counted from [`Self::watch`] on.
     pub fn arrive(
         &self,
+        (claim_uid, device): (&str, &str),
         pod_uid: &str,
         pod_ns: &Netns,
         interface: &str,
         baseline: LinkStats,
     ) -> telemetry::Result<bool> {
+        {
+            let mut probes = self.probes();
+            if let Some(index) = probes
+                .staged
+                .iter()
+                .position(|s| s.claim_uid == claim_uid && s.device == device)
+            {
+                // Linked ahead: what it counted on the host goes; the device carries nothing
+                // while it is down, so the pod's count starts exactly here.
+                let mut counting = probes.staged.swap_remove(index).counting;
+                if let Err(error) = probes.traffic.reset(counting.attachment) {
+                    probes.traffic.detach(counting.attachment).ok();
+                    return Err(error);
+                }
+                counting.baseline = Some(baseline);
+                counting.since = unix_seconds();
+                probes.arrived.push(Arrived {
+                    pod_uid: pod_uid.to_owned(),
+                    interface: interface.to_owned(),
+                    counting,
+                });
+                return Ok(true);
+            }
+        }
         let Some(loaded) = self.ready() else {
             return Ok(false);
         };
@@ -492,15 +584,19 @@ fn start_counting(
             return Err(error);
         }
     };
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
     Ok(Counting {
         attachment,
         reader,
-        since,
+        since: unix_seconds(),
         baseline,
     })
+}
+
+/// Now, in seconds since the epoch.
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

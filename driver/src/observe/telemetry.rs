@@ -390,6 +390,35 @@ impl TrafficProbes {
         Ok(id)
     }
 
+    /// Sets the attachment's counters back to zero: counting starts again from now. Exact only
+    /// while the interface carries no frame (down, as it arrives in a pod).
+    pub fn reset(&mut self, id: AttachmentId) -> Result<()> {
+        let name = names::IFACE_STATS_MAP;
+        let attachment = self
+            .attachments
+            .get_mut(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Map {
+            operation: "count CPUs",
+            map: name,
+            source: Box::new(aya::maps::MapError::IoError(e)),
+        })?;
+        let map = attachment
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        let mut stats: PerCpuArray<&mut MapData, DirectionStats> =
+            PerCpuArray::try_from(map).map_err(map_error("open", name))?;
+        for index in [direction::INGRESS, direction::EGRESS] {
+            let zero = PerCpuValues::try_from(vec![DirectionStats::default(); cpus])
+                .map_err(|e| map_error("prepare", name)(aya::maps::MapError::IoError(e)))?;
+            stats
+                .set(index, zero, 0)
+                .map_err(map_error("reset", name))?;
+        }
+        Ok(())
+    }
+
     /// Detaches the programs from the interface and frees its counters.
     pub fn detach(&mut self, id: AttachmentId) -> Result<()> {
         self.attachments
