@@ -264,3 +264,42 @@ fn traffic_is_split_by_class_size_and_roce_opcode_and_tcp_rtt_is_sampled() {
     sockets.unwatch(cookie).unwrap();
     assert_eq!(sockets.rtt(cookie).unwrap(), None);
 }
+
+/// TCX links follow a device into another namespace (how knd links a claimed NIC on the node
+/// ahead of its pod). Once told the device moved, the probes know where it is: a second
+/// attachment on it there is refused, and its counters are reset to zero.
+#[test]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+fn an_attachment_follows_its_device_into_another_namespace() {
+    let (a, b) = two_hosts();
+    let pod = TestHost::new("pod").unwrap();
+    let mut probes = TrafficProbes::new();
+    bring_up(&a, &b);
+    let id = probes.attach(a.netns(), "veth-a").unwrap();
+    a.ping(B_ADDR, 2).unwrap();
+    assert!(probes.traffic(id).unwrap().tx.packets > 0);
+    let target = pod.netns().try_clone().unwrap();
+    a.netlink(|link| async move { link.move_to("veth-a", &target).await })
+        .unwrap();
+    assert_eq!(
+        pod.tcx_programs("veth-a").unwrap(),
+        ["knd_traffic_ing", "knd_traffic_egr"],
+        "the links moved with the device"
+    );
+    probes.moved(id, pod.netns(), "veth-a").unwrap();
+    assert_eq!(
+        probes.describe(id),
+        Some(("veth-a", pod.netns().to_string().as_str()))
+    );
+    let again = probes.attach(pod.netns(), "veth-a");
+    assert!(
+        matches!(
+            again,
+            Err(knd::observe::telemetry::Error::AlreadyAttached { .. })
+        ),
+        "{again:?}"
+    );
+    probes.reset(id).unwrap();
+    let zero = probes.traffic(id).unwrap();
+    assert_eq!((zero.rx.packets, zero.tx.packets, zero.tx.bytes), (0, 0, 0));
+}

@@ -338,7 +338,11 @@ impl Telemetry {
                 // Linked ahead: what it counted on the host goes; the device carries nothing
                 // while it is down, so the pod's count starts exactly here.
                 let mut counting = probes.staged.swap_remove(index).counting;
-                if let Err(error) = probes.traffic.reset(counting.attachment) {
+                let reset = probes
+                    .traffic
+                    .reset(counting.attachment)
+                    .and_then(|()| probes.traffic.moved(counting.attachment, pod_ns, interface));
+                if let Err(error) = reset {
                     probes.traffic.detach(counting.attachment).ok();
                     return Err(error);
                 }

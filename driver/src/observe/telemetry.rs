@@ -319,17 +319,7 @@ impl TrafficProbes {
         // One thread in the namespace for everything that must happen there: identify the
         // interface, refuse a second attachment, load and attach both programs.
         let (netns_cookie, ifindex) = netns.run(|| -> Result<(u64, u32)> {
-            let netns_cookie =
-                netns::socket_netns_cookie().map_err(|source| netns::Error::Cookie {
-                    namespace: namespace.clone(),
-                    source,
-                })?;
-            let ifindex = nix::net::if_::if_nametoindex(interface).map_err(|_errno| {
-                Error::NoSuchInterface {
-                    interface: interface.to_owned(),
-                    namespace: namespace.clone(),
-                }
-            })?;
+            let (netns_cookie, ifindex) = place_here(&namespace, interface)?;
             if attachments
                 .values()
                 .any(|a| a.netns_cookie == netns_cookie && a.ifindex == ifindex)
@@ -419,6 +409,23 @@ impl TrafficProbes {
         Ok(())
     }
 
+    /// Records that the attachment's interface is now `interface` in `netns` (TCX links follow
+    /// a device into another namespace): a later attachment on the interface that took its
+    /// old index is not mistaken for a second one on it.
+    pub fn moved(&mut self, id: AttachmentId, netns: &Netns, interface: &str) -> Result<()> {
+        let namespace = netns.to_string();
+        let (netns_cookie, ifindex) = netns.run(|| place_here(&namespace, interface))??;
+        let attachment = self
+            .attachments
+            .get_mut(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        attachment.netns_cookie = netns_cookie;
+        attachment.ifindex = ifindex;
+        attachment.interface = interface.to_owned();
+        attachment.namespace = namespace;
+        Ok(())
+    }
+
     /// Detaches the programs from the interface and frees its counters.
     pub fn detach(&mut self, id: AttachmentId) -> Result<()> {
         self.attachments
@@ -459,6 +466,21 @@ impl TrafficProbes {
             PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(map_error("open", name))?,
         ))
     }
+}
+
+/// The calling thread's namespace cookie and the index of `interface` there (`namespace` names
+/// it in errors).
+fn place_here(namespace: &str, interface: &str) -> Result<(u64, u32)> {
+    let netns_cookie = netns::socket_netns_cookie().map_err(|source| netns::Error::Cookie {
+        namespace: namespace.to_owned(),
+        source,
+    })?;
+    let ifindex =
+        nix::net::if_::if_nametoindex(interface).map_err(|_errno| Error::NoSuchInterface {
+            interface: interface.to_owned(),
+            namespace: namespace.to_owned(),
+        })?;
+    Ok((netns_cookie, ifindex))
 }
 
 /// Reads one attachment's counters (see [`TrafficProbes::reader`]).
