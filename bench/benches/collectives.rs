@@ -455,6 +455,13 @@ fn sweep(
             }
             for c in order {
                 let condition = CONDITIONS[c];
+                let job = Job {
+                    plain: condition == Condition::PlainVeth,
+                    collective: kind,
+                    size,
+                    iterations,
+                    reconnect: false,
+                };
                 // Telemetry changes only between conditions that differ in it; the kernel's
                 // deferred work after loading or freeing programs settles before measuring.
                 let wanted = condition == Condition::KndTelemetry;
@@ -463,11 +470,8 @@ fn sweep(
                         let telemetry = Telemetry::install(cluster, cgroup)?;
                         // Connections of the knd ring made under telemetry, as a pod's are.
                         let reconnect = Job {
-                            plain: false,
-                            collective: kind,
-                            size,
-                            iterations,
                             reconnect: true,
+                            ..job
                         };
                         for sender in jobs {
                             sender.send(reconnect)?;
@@ -481,13 +485,6 @@ fn sweep(
                     };
                     std::thread::sleep(SETTLE);
                 }
-                let job = Job {
-                    plain: condition == Condition::PlainVeth,
-                    collective: kind,
-                    size,
-                    iterations,
-                    reconnect: false,
-                };
                 for sender in jobs {
                     sender.send(job)?;
                 }

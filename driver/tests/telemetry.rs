@@ -182,6 +182,16 @@ impl Pods {
         }
     }
 
+    /// Both pods stop (their NICs go back to the node).
+    async fn stop_both(&self) {
+        for (pod, name) in [(&self.a, "a"), (&self.b, "b")] {
+            self.hooks
+                .stop_pod_sandbox(Self::sandbox(pod, name))
+                .await
+                .unwrap();
+        }
+    }
+
     fn sandbox(pod: &TestHost, name: &str) -> api::PodSandbox {
         api::PodSandbox {
             id: format!("sandbox-{name}"),
@@ -594,12 +604,7 @@ async fn first_frame(staged: bool) {
         text.contains("knd_claim_attached_timestamp_seconds{"),
         "{text}"
     );
-    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
-        pods.hooks
-            .stop_pod_sandbox(Pods::sandbox(pod, name))
-            .await
-            .unwrap();
-    }
+    pods.stop_both().await;
     drop(pods.node);
 }
 
@@ -637,12 +642,7 @@ async fn a_claim_with_telemetry_off_gets_no_programs_and_no_series() {
     let text = pods.scrape();
     assert!(!text.contains("claim=\"nic-a\""), "{text}");
     assert!(text.contains("claim=\"nic-b\""), "{text}");
-    for (pod, name) in [(&pods.a, "a"), (&pods.b, "b")] {
-        pods.hooks
-            .stop_pod_sandbox(Pods::sandbox(pod, name))
-            .await
-            .unwrap();
-    }
+    pods.stop_both().await;
     drop(pods.node);
 }
 

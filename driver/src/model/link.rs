@@ -208,7 +208,6 @@ impl From<StoredRoute> for Route {
 
 /// An address on an interface with what a restore needs to put it back exactly.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "StoredAddress")]
 pub struct Address {
     /// The (local) address and prefix length.
     pub net: IpNet,
@@ -251,52 +250,26 @@ impl Address {
     }
 }
 
-/// An address as records hold it: records written before the details were kept have the
-/// prefix alone (`"192.168.50.2/24"`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum StoredAddress {
-    Plain(IpNet),
-    Full {
-        net: IpNet,
-        broadcast: Option<std::net::Ipv4Addr>,
-        label: Option<String>,
-        scope: u8,
-        flags: u32,
-        valid_until: Option<u64>,
-        preferred_until: Option<u64>,
-        route_priority: Option<u32>,
-        protocol: Option<u8>,
-    },
-}
-
-impl From<StoredAddress> for Address {
-    fn from(stored: StoredAddress) -> Self {
-        match stored {
-            StoredAddress::Plain(net) => Self::new(net),
-            StoredAddress::Full {
-                net,
-                broadcast,
-                label,
-                scope,
-                flags,
-                valid_until,
-                preferred_until,
-                route_priority,
-                protocol,
-            } => Self {
-                net,
-                broadcast,
-                label,
-                scope,
-                flags,
-                valid_until,
-                preferred_until,
-                route_priority,
-                protocol,
-            },
-        }
+/// Reads a record's addresses: records written before the details were kept have the prefix
+/// alone (`"192.168.50.2/24"`), restored as a permanent address of universe scope (what the
+/// older knd put back).
+pub fn addresses_of_any_age<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<Address>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Plain(IpNet),
+        Full(Address),
     }
+    let stored = Vec::<Stored>::deserialize(deserializer)?;
+    Ok(stored
+        .into_iter()
+        .map(|a| match a {
+            Stored::Plain(net) => Address::new(net),
+            Stored::Full(address) => address,
+        })
+        .collect())
 }
 
 /// Interface error counters watched for a rise (`/sys/class/net/*/statistics`, `IFLA_STATS64`).
@@ -344,14 +317,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!((route.scope, route.protocol), (SCOPE_LINK, PROTOCOL_STATIC));
-        let address: Address = serde_json::from_str(r#""192.168.50.2/24""#).unwrap();
-        assert_eq!(address, Address::new("192.168.50.2/24".parse().unwrap()));
-        // And what is written now reads back the same.
+        // Addresses of both ages in one list: the old plain prefix, and what is written now.
         let mut full = Address::new("fd00::2/64".parse().unwrap());
         full.valid_until = Some(1_900_000_000);
         full.label = Some("eth0:1".into());
-        let text = serde_json::to_string(&full).unwrap();
-        assert_eq!(serde_json::from_str::<Address>(&text).unwrap(), full);
+        let text = format!(
+            r#"["192.168.50.2/24",{}]"#,
+            serde_json::to_string(&full).unwrap()
+        );
+        let read = addresses_of_any_age(&mut serde_json::Deserializer::from_str(&text)).unwrap();
+        assert_eq!(
+            read,
+            [Address::new("192.168.50.2/24".parse().unwrap()), full]
+        );
         let mut route = Route::new("10.0.0.0/8".parse().unwrap(), 100);
         route.metrics.insert(2, 1400);
         route.congestion_control = Some("reno".into());

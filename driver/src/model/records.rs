@@ -54,6 +54,7 @@ pub struct HostSide {
     /// Index, name, MTU, MAC, up.
     pub link: LinkSettings,
     /// Its addresses, with their flags, labels, scopes and lifetimes.
+    #[serde(deserialize_with = "super::link::addresses_of_any_age")]
     pub addresses: Vec<Address>,
     /// The routes out of it (not the kernel's own), in every table.
     pub routes: Vec<Route>,

@@ -421,7 +421,7 @@ impl TrafficProbes {
             .ok_or(Error::UnknownAttachment(id))?;
         attachment.netns_cookie = netns_cookie;
         attachment.ifindex = ifindex;
-        attachment.interface = interface.to_owned();
+        interface.clone_into(&mut attachment.interface);
         attachment.namespace = namespace;
         Ok(())
     }
