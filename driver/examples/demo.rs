@@ -10,9 +10,16 @@
 //! into its pod and configures it. Then real TCP between the pods over those NICs, shown live
 //! from knd's metrics as `knd top` shows them, checked against the kernel's own counters, and
 //! everything is taken down again — also on Ctrl-C.
+//!
+//! With `KND_IMAGE` (`cargo xtask demo --image`) the daemon is the shipped artifact: the OCI
+//! image imported into containerd and started through CRI as a host-network pod of the node,
+//! with exactly the DaemonSet's image, arguments, environment, security context and volume
+//! mounts (read from `deploy/kubernetes/daemonset.yaml`), the demo's directories standing in
+//! for the host paths, and an in-cluster service account against an HTTPS API server.
 
 use std::{
     net::IpAddr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -37,9 +44,9 @@ use knd_testkit::{
     apiserver::FakeApi,
     bridge,
     claims::{self, CONFIG_HEAD},
-    kubelet, machines,
+    daemonset, kubelet, machines,
     placement::{self, GPU_DRIVER},
-    runtime::{Containerd, CriClient, cri, pod_config},
+    runtime::{self, Containerd, CriClient, cri, pod_config},
     tcp_transfer, veth_pair,
 };
 use tokio_util::sync::CancellationToken;
@@ -50,6 +57,8 @@ const PODS: [(&str, &str); 2] = [("trainer-0", "10.77.0.10"), ("trainer-1", "10.
 /// The claim template every pod names, from `knd templates` for this node.
 const TEMPLATE: &str = "gpu-nic-aligned";
 const TRAFFIC_SECONDS: u32 = 6;
+/// The per-interface sysctl every claim sets (set to 1).
+const SYSCTL: &str = "net.ipv4.conf.net1.arp_ignore";
 
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -86,15 +95,37 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// `knd run` inside the node.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
+/// `knd run` inside the node: a process, or the image's container in a host-network pod.
+enum Daemon {
+    Process { child: Child, log: PathBuf },
+    Container(daemonset::Running),
 }
 
 impl Daemon {
-    fn stop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
+    fn log(&self) -> &Path {
+        match self {
+            Self::Process { log, .. } => log,
+            Self::Container(running) => &running.log,
+        }
+    }
+
+    /// Stops the daemon: SIGTERM to the process, or the container stopped and removed
+    /// through CRI (SIGTERM, as kubelet does at the end of the grace period SIGKILL).
+    async fn stop(&mut self, cri: &mut CriClient) -> anyhow::Result<()> {
+        match self {
+            Self::Process { .. } => {
+                self.stop_process();
+                Ok(())
+            }
+            Self::Container(running) => running.stop(cri, Duration::from_secs(30)).await,
+        }
+    }
+
+    fn stop_process(&mut self) {
+        let Self::Process { child, .. } = self else {
+            return;
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
             let _ignored = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
@@ -102,19 +133,21 @@ impl Daemon {
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
+            if child.try_wait().ok().flatten().is_some() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ignored = self.child.kill();
-        let _ignored = self.child.wait();
+        let _ignored = child.kill();
+        let _ignored = child.wait();
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.stop();
+        // A container is stopped through CRI in the teardown; containerd's clean-up takes
+        // what is left.
+        self.stop_process();
     }
 }
 
@@ -174,25 +207,46 @@ impl Demo {
             println!("  {line}");
         }
 
-        let containerd = tokio::task::spawn_blocking(Containerd::start)
+        let image = std::env::var_os("KND_IMAGE").map(PathBuf::from);
+        let options = runtime::Options {
+            // From the image, knd runs in a host-network pod: containerd runs in the node.
+            netns: image
+                .as_ref()
+                .map(|_| node.netns().as_fd().try_clone_to_owned())
+                .transpose()?,
+            node_netns_dir: image.is_some(),
+        };
+        let containerd = tokio::task::spawn_blocking(move || Containerd::start_with(options))
             .await?
             .context("starting containerd (run `cargo xtask setup` as root first)")?;
-        let fake = FakeApi::start_on(api_listener)?;
+        let fake = if image.is_some() {
+            FakeApi::start_tls_on(api_listener)?
+        } else {
+            FakeApi::start_on(api_listener)?
+        };
         fake.add_node("node-1");
         let dir = tempfile::Builder::new().prefix("knd-demo-").tempdir()?;
-        let kubeconfig = fake.write_kubeconfig(dir.path())?;
-        let daemon = start_daemon(
-            &node,
-            dir.path(),
-            &tree,
-            &kubeconfig,
-            &containerd,
-            metrics_port,
-        )?;
-        let cri = containerd.cri().await?;
+        let mut cri = containerd.cri().await?;
+        let (daemon, metrics_port) = match &image {
+            None => {
+                let kubeconfig = fake.write_kubeconfig(dir.path())?;
+                let daemon = start_daemon(
+                    &node,
+                    dir.path(),
+                    &tree,
+                    &kubeconfig,
+                    &containerd,
+                    metrics_port,
+                )?;
+                (daemon, metrics_port)
+            }
+            Some(archive) => {
+                start_container(archive, dir.path(), &tree, &fake, &containerd, &mut cri).await?
+            }
+        };
         println!(
             "\ncontainerd 1.7 (CRI + NRI) and `knd run` are up; daemon log: {}",
-            daemon.log.display()
+            daemon.log().display()
         );
         Ok(Self {
             node: Arc::new(node),
@@ -282,6 +336,18 @@ impl Demo {
         }
 
         let pods = self.pod_hosts()?;
+        for (pod, (name, _)) in pods.iter().zip(PODS) {
+            let path = format!("/proc/sys/{}", SYSCTL.replace('.', "/"));
+            let value = pod.run(|| std::fs::read_to_string(&path))??;
+            let mtu = pod
+                .netlink(|link| async move { link.settings("net1").await })?
+                .mtu;
+            println!(
+                "in {name}: net1 mtu {mtu}, {SYSCTL} = {} (read from the pod's /proc/sys)",
+                value.trim()
+            );
+            ensure!(value.trim() == "1", "{SYSCTL} was not set in {name}");
+        }
         let mut baseline = Vec::new();
         for (i, pod) in pods.iter().enumerate() {
             baseline.push(self.counters(i, pod).await?);
@@ -595,7 +661,9 @@ impl Demo {
         if !missing.is_empty() {
             failures.push(format!("not back on the node: {}", missing.join(", ")));
         }
-        self.daemon.stop();
+        if let Err(error) = self.daemon.stop(&mut self.cri).await {
+            failures.push(format!("stop knd: {error:#}"));
+        }
         self.containerd.stop();
         match failures.first() {
             None => Ok(()),
@@ -658,7 +726,66 @@ fn start_daemon(
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting knd run")?;
-    Ok(Daemon { child, log })
+    Ok(Daemon::Process { child, log })
+}
+
+/// knd from its image: imported into containerd and run through CRI as kubelet runs the
+/// DaemonSet's pod on this node. Returns the daemon and its metrics port (the manifest's).
+async fn start_container(
+    archive: &Path,
+    dir: &Path,
+    tree: &knd_testkit::sysfs::SysfsTree,
+    fake: &FakeApi,
+    containerd: &Containerd,
+    cri: &mut CriClient,
+) -> anyhow::Result<(Daemon, u16)> {
+    containerd.import_image(archive)?;
+    let manifest = daemonset::manifest_path();
+    let nri_dir = containerd
+        .nri_socket()
+        .parent()
+        .context("the NRI socket's directory")?
+        .to_path_buf();
+    let node = daemonset::Node::standing_in("node-1", dir, tree.root(), &nri_dir)?
+        .with_service_account(fake, &dir.join("serviceaccount"))?;
+    let pod = daemonset::pod(&daemonset::load(&manifest)?, &node)?;
+    let port = daemonset::env_value(&pod.container, "KND_METRICS_ADDR")
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .context("the DaemonSet sets no KND_METRICS_ADDR")?
+        .port();
+    let started = Instant::now();
+    let running = daemonset::run(cri, &pod).await?;
+    let security = pod
+        .container
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .context("no security context")?;
+    println!(
+        "kubelet stand-in: knd's DaemonSet pod from {} — image {}, args {:?}, capabilities {:?} \
+         (dropped {:?}), read-only root filesystem {}, no_new_privs {}, seccomp RuntimeDefault, {} \
+         mounts; container started in {:.0?}",
+        manifest.display(),
+        pod.container
+            .image
+            .as_ref()
+            .map_or("", |i| i.image.as_str()),
+        pod.container.args,
+        security.capabilities.as_ref().map(|c| &c.add_capabilities),
+        security.capabilities.as_ref().map(|c| &c.drop_capabilities),
+        security.readonly_rootfs,
+        security.no_new_privs,
+        pod.container.mounts.len(),
+        started.elapsed()
+    );
+    let registration = dir.join("registry/knd.dev-reg.sock");
+    running
+        .wait_until(cri, Duration::from_secs(30), || {
+            let exists = registration.exists();
+            async move { exists }
+        })
+        .await?;
+    Ok((Daemon::Container(running), port))
 }
 
 /// Claim `i` of `pod`: GPU `gpu` and knd's `device` allocated, the NIC configured as `net1` with
@@ -672,7 +799,7 @@ fn claim(
     address: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let config: serde_json::Value = serde_json::from_str(&format!(
-        r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","mtu":9000,"addresses":["{address}/24"]}}}}"#
+        r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","mtu":9000,"addresses":["{address}/24"]}},"sysctls":{{"{SYSCTL}":"1"}}}}"#
     ))?;
     Ok(serde_json::json!({
         "apiVersion": "resource.k8s.io/v1",

@@ -183,9 +183,28 @@ struct Health {
     registration: watch::Receiver<Registration>,
     slices_ready: Arc<AtomicBool>,
     metrics: Arc<prometheus_client::registry::Registry>,
+    /// What is ready but degraded (shown by `/readyz`, which still answers 200).
+    degraded: Vec<String>,
 }
 
 impl Health {
+    fn new(
+        registration: watch::Receiver<Registration>,
+        slices_ready: Arc<AtomicBool>,
+        telemetry: &Arc<Telemetry>,
+    ) -> Self {
+        Self {
+            registration,
+            slices_ready,
+            metrics: Arc::new(telemetry.registry()),
+            degraded: telemetry
+                .rtt_problem()
+                .map(|p| format!("TCP RTT is not measured: {p}"))
+                .into_iter()
+                .collect(),
+        }
+    }
+
     /// `None` when ready, else why not.
     fn not_ready(&self) -> Option<String> {
         let mut reasons = Vec::new();
@@ -304,11 +323,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     let sockets = Sockets::new(&driver, &args.plugin_dir, &args.registry_dir);
     let plugin = dra::serve(&driver, sockets, preparer, health_rx, &shutdown)?;
 
-    let health = Health {
-        registration: plugin.registration.clone(),
-        slices_ready,
-        metrics: Arc::new(telemetry.registry()),
-    };
+    let health = Health::new(plugin.registration.clone(), slices_ready, &telemetry);
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|source| Error::Metrics {
@@ -596,7 +611,11 @@ async fn serve_http(
             "/readyz",
             get(|State(health): State<Health>| async move {
                 match health.not_ready() {
-                    None => (StatusCode::OK, "ready\n".to_owned()),
+                    None if health.degraded.is_empty() => (StatusCode::OK, "ready\n".to_owned()),
+                    None => (
+                        StatusCode::OK,
+                        format!("ready, degraded: {}\n", health.degraded.join("; ")),
+                    ),
                     Some(why) => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("not ready: {why}\n"),
@@ -700,6 +719,7 @@ mod tests {
             registration,
             slices_ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(registry),
+            degraded: Vec::new(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();

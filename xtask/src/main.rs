@@ -2,6 +2,7 @@
 //!
 //! Every command runs `setup` first, so a fresh clone needs nothing else.
 
+mod image;
 mod leftovers;
 mod setup;
 mod testbed;
@@ -39,7 +40,24 @@ enum Task {
     },
     /// The local end-to-end demo (root): a simulated GPU node with stand-in NICs, containerd
     /// with NRI and the real daemon, two pods given aligned NICs, live per-claim numbers.
-    Demo,
+    Demo {
+        /// Run the daemon from its container image (`cargo xtask image`), started through CRI
+        /// with the DaemonSet's security context, environment, arguments and mounts.
+        #[arg(long)]
+        image: bool,
+    },
+    /// Build knd's OCI image (from scratch, nothing pulled) into target/oci/knd.tar.
+    Image {
+        /// The binary's build profile.
+        #[arg(long, value_enum, default_value = "release")]
+        profile: image::Profile,
+        /// Only copy the image's files into this directory (deploy/Dockerfile's build stage).
+        #[arg(long)]
+        rootfs: Option<PathBuf>,
+        /// Where to write the archive (default target/oci/knd.tar).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Run the benchmarks in bench/ (all, or one suite by name) and write JSON, Markdown and SVG
     /// charts under bench-results/ (or `$KND_BENCH_RESULTS`), with index.md over all of them.
     Bench {
@@ -53,14 +71,27 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root()?;
     std::env::set_current_dir(&root)
         .with_context(|| format!("entering the workspace at {}", root.display()))?;
-    if let Task::Setup { build_only: true } = cli.command {
-        return setup::build_tools(&root);
+    match &cli.command {
+        Task::Setup { build_only: true } => return setup::build_tools(&root),
+        // deploy/Dockerfile's build stage: its own packages, no test tools.
+        Task::Image {
+            profile,
+            rootfs: Some(rootfs),
+            ..
+        } => {
+            setup::build_tools(&root)?;
+            return image::run(&root, *profile, Some(rootfs), None);
+        }
+        _ => {}
     }
     setup::run(&root)?;
     match cli.command {
         Task::Setup { .. } => Ok(()),
         Task::Test { args } => test(&args),
-        Task::Demo => demo(),
+        Task::Demo { image } => demo(&root, image),
+        Task::Image {
+            profile, output, ..
+        } => image::run(&root, profile, None, output.as_deref()),
         Task::Bench { suite } => bench(suite.as_deref()),
     }
 }
@@ -117,6 +148,25 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     args.extend(extra.iter().map(String::as_str));
     // Last, and silent after success: the test runner's own summary is the final line.
     let mut tests = cargo(&args);
+    if setup::is_root() {
+        // The container test runs the daemon from its image, assembled as `cargo xtask image`
+        // does (from the test profile's binary, which the tests build anyway).
+        let binary = image::build_binary(image::Profile::Dev)?;
+        let archive = std::env::current_dir()?.join(image::DEV_ARCHIVE);
+        let started = Instant::now();
+        let built = image::write_archive(
+            &image::files(&binary)?,
+            &image::daemonset_reference(Path::new("."))?,
+            &archive,
+        )?;
+        eprintln!(
+            "xtask: image for the container test: {} {} in {:.1?}",
+            built.archive.display(),
+            built.digest,
+            started.elapsed()
+        );
+        tests.env("KND_IMAGE", &built.archive);
+    }
     eprintln!("xtask: unit and kernel tests: {}", display(&tests));
     let before = leftovers::Snapshot::take();
     let status = tests.status().context("cannot start cargo nextest")?;
@@ -172,17 +222,19 @@ fn fuzz(target: &str, seconds: u32) -> anyhow::Result<Command> {
     Ok(command)
 }
 
-fn demo() -> anyhow::Result<()> {
+fn demo(root: &Path, from_image: bool) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
-    // The demo runs the real daemon as a process: build it first.
-    step(
-        "build knd",
-        cargo(&["build", "--quiet", "--package", "knd", "--bin", "knd"]),
-    )?;
     let mut run = cargo(&["run", "--quiet", "--package", "knd", "--example", "demo"]);
-    run.env("KND_BIN", Path::new("target/debug/knd").canonicalize()?);
+    if from_image {
+        // The shipped artifact: the release image, run by containerd as the DaemonSet says.
+        image::run(root, image::Profile::Release, None, None)?;
+        run.env("KND_IMAGE", root.join(image::ARCHIVE));
+    } else {
+        // The real daemon as a process: build it first.
+        run.env("KND_BIN", image::build_binary(image::Profile::Dev)?);
+    }
     let before = leftovers::Snapshot::take();
     let outcome = step("demo", run);
     let left = left_behind(&before);

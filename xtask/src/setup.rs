@@ -17,7 +17,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "ip, to inspect what the tests and the demo build",
     ),
     ("iputils-ping", "ping, the ICMP traffic in kernel tests"),
-    ("pci.ids", "PCI vendor and device names for discovery"),
+    (
+        "pci.ids",
+        "PCI vendor and device names for discovery and the image",
+    ),
+    (
+        "ca-certificates",
+        "the CA bundle the container image carries (`cargo xtask image`)",
+    ),
     (
         "python3-venv",
         "a Python environment for kubernetes-validate and helm (checks of deploy/)",

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 use crate::{
     model::{
-        config::{InterfaceConfig, NetworkConfig, SysctlKey},
+        config::{InterfaceConfig, NetworkConfig, SysctlFamily, SysctlKey},
         link::{
             self, Address, DeviceIdentity, LinkPeer, LinkSettings, LinkStats, OffloadSizes, Route,
         },
@@ -440,17 +440,63 @@ async fn apply_sysctls(
             ));
         }
         // /proc/sys/net resolves against the writing thread's namespace: a thread in the pod.
-        let written = pod
+        // Where /proc/sys is read-only (knd in its container), IPv4 settings go over netlink.
+        let read_only = pod
             .run_async(move || {
-                sysctls.iter().try_for_each(|(key, value)| {
-                    write_sysctl(key, value).map_err(|e| format!("set {key}={value}: {e}"))
-                })
+                let mut read_only = Vec::new();
+                for (key, value) in sysctls {
+                    match write_sysctl(&key, &value) {
+                        Ok(()) => {}
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem
+                                && key.family() == SysctlFamily::Ipv4 =>
+                        {
+                            read_only.push((key, value));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+                            return Err(format!(
+                                "set {key}={value}: {e}; /proc/sys is read-only where knd runs \
+                                 (its container): IPv6 interface settings need the DaemonSet's \
+                                 optional writable /proc/sys/net mount (docs/security.md)"
+                            ));
+                        }
+                        Err(e) => return Err(format!("set {key}={value}: {e}")),
+                    }
+                }
+                Ok(read_only)
             })
             .await
-            .map_err(|e| StepError::new(host_name, "enter the pod for sysctls", e))?;
-        written.map_err(|e| StepError::new(host_name, "set sysctls", e))?;
+            .map_err(|e| StepError::new(host_name, "enter the pod for sysctls", e))?
+            .map_err(|e| StepError::new(host_name, "set sysctls", e))?;
+        if !read_only.is_empty() {
+            set_ipv4_over_netlink(pod, host_name, name, &read_only).await?;
+        }
     }
     Ok(())
+}
+
+/// Sets IPv4 per-interface sysctls of `name` in `pod` over netlink (`IFLA_INET_CONF`).
+async fn set_ipv4_over_netlink(
+    pod: &Netns,
+    host_name: &str,
+    name: &str,
+    sysctls: &[(SysctlKey, String)],
+) -> Result<(), StepError> {
+    let mut settings = Vec::new();
+    for (key, value) in sysctls {
+        let fail = |why: String| StepError::new(host_name, format!("set sysctl {key}"), why);
+        let id = netlink::ipv4_devconf_id(key.setting())
+            .ok_or_else(|| fail(format!("`{}` is no IPv4 interface setting", key.setting())))?;
+        let number: i32 = value
+            .trim()
+            .parse()
+            .map_err(|e| fail(format!("value `{value}`: {e}")))?;
+        settings.push((id, u32::from_ne_bytes(number.to_ne_bytes())));
+    }
+    let link = connect(pod, host_name).await?;
+    link.set_ipv4_conf(name, &settings)
+        .await
+        .map_err(step(host_name, "set IPv4 interface settings over netlink"))
 }
 
 fn pod_route(route: &crate::model::config::RouteConfig) -> Result<Route, String> {
@@ -501,14 +547,18 @@ pub fn write_sysctl(key: &SysctlKey, value: &str) -> std::io::Result<()> {
         )
     };
     let conf = std::fs::File::open(format!("/proc/sys/net/{}/conf", key.family().dir()))?;
+    // The errno's kind is kept: a read-only /proc/sys is told apart from a missing setting.
+    let failed = |e: nix::errno::Errno, what: String| {
+        std::io::Error::new(std::io::Error::from(e).kind(), format!("{what}: {e}"))
+    };
     let interface = openat2(
         &conf,
         key.interface(),
         how(OFlag::O_RDONLY | OFlag::O_DIRECTORY),
     )
-    .map_err(|e| std::io::Error::other(format!("{directory}: {e}")))?;
+    .map_err(|e| failed(e, directory.clone()))?;
     let file = openat2(&interface, key.setting(), how(OFlag::O_WRONLY))
-        .map_err(|e| std::io::Error::other(format!("{directory}/{}: {e}", key.setting())))?;
+        .map_err(|e| failed(e, format!("{directory}/{}", key.setting())))?;
     std::fs::File::from(file).write_all(value.as_bytes())
 }
 

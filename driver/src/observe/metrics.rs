@@ -142,6 +142,10 @@ pub struct Telemetry {
     pub gpu_nic_distance: prometheus_client::metrics::family::Family<DistanceLabels, Gauge>,
     /// Each device's health as reported to kubelet (1 healthy, 0 not), by device.
     pub device_healthy: prometheus_client::metrics::family::Family<DeviceLabel, Gauge>,
+    /// 1 when the sock_ops program measures TCP RTT on the node's cgroup v2 root, else 0.
+    pub rtt_enabled: Gauge,
+    /// Why TCP RTT is not measured (`None` when it is).
+    rtt_problem: Option<String>,
 }
 
 /// The `device` label of the device health gauge.
@@ -157,23 +161,31 @@ impl Telemetry {
     /// sock_ops program can be attached to `cgroup` (a cgroup v2 directory); otherwise that is
     /// logged and the RTT series are absent.
     pub fn new(cgroup: Option<&Path>, max_claims: usize) -> Self {
-        let sockets = match cgroup {
-            None => {
-                tracing::warn!("no cgroup v2 mount found: TCP RTT is not measured");
-                None
-            }
-            Some(dir) => match SocketProbes::attach(dir) {
-                Ok(probes) => Some(probes),
-                Err(error) => {
-                    tracing::warn!(
-                        error = %crate::model::error_chain(&error),
-                        cgroup = %dir.display(),
-                        "cannot attach the sock_ops program: TCP RTT is not measured"
-                    );
-                    None
-                }
-            },
+        let attached = match cgroup {
+            None => Err(
+                "no cgroup v2 hierarchy is mounted where knd runs (mount the host's \
+                         /sys/fs/cgroup)"
+                    .to_owned(),
+            ),
+            Some(dir) => telemetry::check_cgroup_root(dir).and_then(|()| {
+                SocketProbes::attach(dir).map_err(|error| {
+                    format!(
+                        "cannot attach the sock_ops program to {}: {}",
+                        dir.display(),
+                        crate::model::error_chain(&error)
+                    )
+                })
+            }),
         };
+        let (sockets, rtt_problem) = match attached {
+            Ok(probes) => (Some(probes), None),
+            Err(problem) => {
+                tracing::error!(%problem, "TCP RTT and retransmits are NOT measured");
+                (None, Some(problem))
+            }
+        };
+        let rtt_enabled = Gauge::default();
+        rtt_enabled.set(i64::from(sockets.is_some()));
         let rtt = sockets.as_ref().and_then(|s| {
             s.reader()
                 .inspect_err(
@@ -199,7 +211,14 @@ impl Telemetry {
             quarantined_records: prometheus_client::metrics::counter::Counter::default(),
             device_healthy: prometheus_client::metrics::family::Family::default(),
             gpu_nic_distance: prometheus_client::metrics::family::Family::default(),
+            rtt_enabled,
+            rtt_problem,
         }
+    }
+
+    /// Why TCP RTT is not measured on this node (`None` when it is).
+    pub fn rtt_problem(&self) -> Option<&str> {
+        self.rtt_problem.as_deref()
     }
 
     /// Keeps `count` instances of the counting programs loaded and verified ahead of need
@@ -537,6 +556,12 @@ impl Telemetry {
             "Distance class between a claimed NIC and the closest GPU of its claim: 0 PIX, 1 PXB, \
              2 PHB, 3 NODE, 4 SYS (also the class label)",
             self.gpu_nic_distance.clone(),
+        );
+        registry.register(
+            "knd_telemetry_rtt_enabled",
+            "1 when the sock_ops program measures TCP RTT and retransmits on the node's cgroup v2 \
+             root, 0 when not (the reason is logged and shown by /readyz)",
+            self.rtt_enabled.clone(),
         );
         registry.register_collector(Box::new(ClaimCollector(Arc::clone(self))));
         registry

@@ -724,17 +724,60 @@ fn rtt_of<M: std::borrow::Borrow<MapData>>(
     }
 }
 
-/// The cgroup v2 directory to attach sock_ops to: the unified hierarchy of a hybrid layout
-/// (`/sys/fs/cgroup/unified`) or the root of a pure cgroup v2 node (`/sys/fs/cgroup`).
+/// The cgroup v2 directory to attach sock_ops to: the root of the host's cgroup v2 hierarchy,
+/// wherever it is mounted where knd runs — found in `/proc/self/mountinfo` (a `cgroup2` mount
+/// of the hierarchy's root: `/sys/fs/cgroup` on a pure cgroup v2 node, `/sys/fs/cgroup/unified`
+/// on a hybrid one, also below a host path mounted into knd's container), else the two usual
+/// places. Whatever is chosen is checked by [`check_cgroup_root`] before use.
 pub fn default_cgroup_root() -> Option<std::path::PathBuf> {
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    cgroup2_roots(&mountinfo)
         .into_iter()
-        .map(std::path::PathBuf::from)
-        .find(|path| {
-            nix::sys::statfs::statfs(path.as_path())
-                .is_ok_and(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+        .chain(["/sys/fs/cgroup/unified", "/sys/fs/cgroup"].map(std::path::PathBuf::from))
+        .find(|path| check_cgroup_root(path).is_ok())
+}
+
+/// The mount points of `cgroup2` mounts of a hierarchy's root (mount root `/`), in
+/// `/proc/self/mountinfo` text, shortest path first.
+pub fn cgroup2_roots(mountinfo: &str) -> Vec<std::path::PathBuf> {
+    let mut roots: Vec<std::path::PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, filesystem) = line.split_once(" - ")?;
+            let fields: Vec<&str> = mount.split(' ').collect();
+            let fs_type = filesystem.split(' ').next()?;
+            let point = fields.get(4)?;
+            (fs_type == "cgroup2" && fields.get(3) == Some(&"/"))
+                .then(|| std::path::PathBuf::from(point.replace("\\040", " ")))
         })
+        .collect();
+    roots.sort_by_key(|p| p.components().count());
+    roots.dedup();
+    roots
+}
+
+/// Whether `path` is the root of a cgroup v2 hierarchy, where sock_ops sees every socket of
+/// the node: a `cgroup2` filesystem, and its root cgroup (which alone has no `cgroup.events`).
+/// A tmpfs (`/sys/fs/cgroup` of a hybrid node) or a pod's own cgroup would attach nowhere
+/// useful; the error says which.
+pub fn check_cgroup_root(path: &Path) -> std::result::Result<(), String> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let stat = nix::sys::statfs::statfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if stat.filesystem_type().0 != CGROUP2_SUPER_MAGIC {
+        return Err(format!(
+            "{} is not a cgroup v2 mount (filesystem magic {:#x})",
+            path.display(),
+            stat.filesystem_type().0
+        ));
+    }
+    if path.join("cgroup.events").exists() {
+        return Err(format!(
+            "{} is a child cgroup, not the root of the hierarchy: sock_ops there sees only its \
+             own sockets",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {

@@ -704,6 +704,32 @@ impl Link {
         .await
     }
 
+    /// Sets IPv4 per-interface settings of `name` (what `/proc/sys/net/ipv4/conf/<name>/`
+    /// shows) over netlink: `IFLA_AF_SPEC` → `AF_INET` → `IFLA_INET_CONF`, one attribute per
+    /// `(IPV4_DEVCONF_* id, value)` ([`ipv4_devconf_id`]). Needs no writable `/proc/sys`, which
+    /// a container does not have.
+    pub async fn set_ipv4_conf(&self, name: &str, settings: &[(u16, u32)]) -> Result<()> {
+        use netlink_packet_core::{DefaultNla, Emitable as _, NLA_F_NESTED};
+        use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec};
+        const IFLA_INET_CONF: u16 = 1;
+        let entries: Vec<DefaultNla> = settings
+            .iter()
+            .map(|(id, value)| DefaultNla::new(*id, value.to_ne_bytes().to_vec()))
+            .collect();
+        let mut nested = vec![0; entries.as_slice().buffer_len()];
+        entries.as_slice().emit(&mut nested);
+        let index = self.index(name).await?;
+        let conf = AfSpecInet::Other(DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, nested));
+        self.set(
+            name,
+            "set IPv4 interface settings",
+            LinkUnspec::new_with_index(index).append_extra_attribute(LinkAttribute::AfSpecUnspec(
+                vec![AfSpecUnspec::Inet(vec![conf])],
+            )),
+        )
+        .await
+    }
+
     /// Sets the MAC address of the interface `name`.
     pub async fn set_mac(&self, name: &str, mac: &str) -> Result<()> {
         let index = self.index(name).await?;
@@ -1047,6 +1073,54 @@ impl Link {
                 source,
             })
     }
+}
+
+/// The kernel's `IPV4_DEVCONF_*` id of the per-interface setting named `setting` in
+/// `/proc/sys/net/ipv4/conf/<interface>/` (`include/uapi/linux/ip.h`); `None` for names it does
+/// not have and for `mc_forwarding`, which only the kernel sets.
+pub fn ipv4_devconf_id(setting: &str) -> Option<u16> {
+    const NAMES: [&str; 33] = [
+        "forwarding",
+        "mc_forwarding",
+        "proxy_arp",
+        "accept_redirects",
+        "secure_redirects",
+        "send_redirects",
+        "shared_media",
+        "rp_filter",
+        "accept_source_route",
+        "bootp_relay",
+        "log_martians",
+        "tag",
+        "arp_filter",
+        "medium_id",
+        "disable_xfrm",
+        "disable_policy",
+        "force_igmp_version",
+        "arp_announce",
+        "arp_ignore",
+        "promote_secondaries",
+        "arp_accept",
+        "arp_notify",
+        "accept_local",
+        "src_valid_mark",
+        "proxy_arp_pvlan",
+        "route_localnet",
+        "igmpv2_unsolicited_report_interval",
+        "igmpv3_unsolicited_report_interval",
+        "ignore_routes_with_linkdown",
+        "drop_unicast_in_l2_multicast",
+        "drop_gratuitous_arp",
+        "bc_forwarding",
+        "arp_evict_nocarrier",
+    ];
+    if setting == "mc_forwarding" {
+        return None;
+    }
+    NAMES
+        .iter()
+        .position(|name| *name == setting)
+        .and_then(|i| u16::try_from(i + 1).ok())
 }
 
 /// The settings `link` reports, under `name`.

@@ -16,6 +16,7 @@ use std::{
     sync::{Arc, LazyLock, Mutex, MutexGuard},
 };
 
+use anyhow::Context as _;
 use axum::{
     body::Bytes,
     extract::State,
@@ -46,6 +47,33 @@ pub struct FakeApi {
     store: Arc<Mutex<Store>>,
     addr: SocketAddr,
     shutdown: CancellationToken,
+    /// With TLS (as a real API server, for in-cluster clients): its CA certificate (PEM).
+    ca: Option<String>,
+}
+
+/// A CA and a server certificate for `127.0.0.1` and `localhost` signed by it: the CA's PEM
+/// and the server's TLS configuration.
+fn tls_config() -> anyhow::Result<(String, tokio_rustls::rustls::ServerConfig)> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use tokio_rustls::rustls;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "knd test cluster CA");
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+        .signed_by(&key, &ca)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server.der().clone(), ca.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+    Ok((ca.pem(), config))
 }
 
 /// A recorded request: method and path (with the query).
@@ -129,12 +157,88 @@ impl FakeApi {
             store,
             addr,
             shutdown,
+            ca: None,
         })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// Starts the server on `listener` serving HTTPS, as a real API server does, with a
+    /// certificate for `127.0.0.1` from a CA of its own ([`Self::ca_pem`]): what an in-cluster
+    /// client (service account token, `ca.crt`, `KUBERNETES_SERVICE_HOST`) needs.
+    pub fn start_tls_on(listener: std::net::TcpListener) -> anyhow::Result<Self> {
+        let (ca, config) = tls_config()?;
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
+        let store = Arc::new(Mutex::new(Store::default()));
+        let shutdown = CancellationToken::new();
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(Arc::clone(&store));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _closed = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            store,
+            addr,
+            shutdown,
+            ca: Some(ca),
+        })
+    }
+
+    /// The CA certificate (PEM) of a server started with [`Self::start_tls_on`].
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca.as_deref()
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// What kubelet gives a pod of knd's service account on node [`NODE`]: the projected
+    /// `token`, `ca.crt` and `namespace` files (written into `dir`, to be mounted at
+    /// `/var/run/secrets/kubernetes.io/serviceaccount`) and the `KUBERNETES_SERVICE_HOST`/`_PORT`
+    /// environment. Needs a server started with [`Self::start_tls_on`].
+    pub fn write_service_account(&self, dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
+        let ca = self
+            .ca
+            .as_deref()
+            .context("an in-cluster client needs the API server's TLS: use start_tls_on")?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("token"), TOKEN)?;
+        std::fs::write(dir.join("ca.crt"), ca)?;
+        std::fs::write(dir.join("namespace"), "knd-system")?;
+        Ok(vec![
+            ("KUBERNETES_SERVICE_HOST".into(), self.addr.ip().to_string()),
+            (
+                "KUBERNETES_SERVICE_PORT".into(),
+                self.addr.port().to_string(),
+            ),
+        ])
+    }
+
+    /// `http://127.0.0.1:<port>` (`https` when started with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Writes a kubeconfig for this server into `dir`: knd's service account on node [`NODE`].
@@ -153,10 +257,17 @@ impl FakeApi {
         let path = dir.join("kubeconfig");
         let text = format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             clusters:\n- name: fake\n  cluster:\n    server: {}\n{}\
              users:\n- name: knd\n  user:\n    token: {token}\n\
              contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: knd\n",
-            self.url()
+            self.url(),
+            self.ca.as_ref().map_or_else(String::new, |ca| {
+                use base64::Engine as _;
+                format!(
+                    "    certificate-authority-data: {}\n",
+                    base64::engine::general_purpose::STANDARD.encode(ca)
+                )
+            })
         );
         std::fs::write(&path, text)?;
         Ok(path)

@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail, ensure};
 
 pub mod apiserver;
 pub mod claims;
+pub mod daemonset;
 pub mod kubelet;
 pub mod links;
 pub mod machines;

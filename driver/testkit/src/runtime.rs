@@ -28,12 +28,34 @@ pub struct Containerd {
     child: Option<Child>,
     /// The CNI bridge of its pods' `eth0`s (one per containerd, so tests do not share it).
     bridge: String,
+    options: Options,
 }
+
+/// How a [`Containerd`] runs.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// The network namespace it runs in (a node's), instead of the caller's: host-network pods
+    /// share it and its pods' CNI bridge is made there.
+    pub netns: Option<std::os::fd::OwnedFd>,
+    /// Pin the pods' namespaces under `/run/netns`, as containerd does on a node, instead of
+    /// under its private state directory: a container that mounts `/var/run/netns` (knd's
+    /// DaemonSet) then sees the paths NRI hands it. `/run/netns` is made a shared mount first
+    /// (as iproute2 does), so the pins reach containers started before them.
+    pub node_netns_dir: bool,
+}
+
+/// Where containerd pins pods' namespaces on a node.
+pub const NODE_NETNS_DIR: &str = "/run/netns";
 
 impl Containerd {
     /// Starts containerd with NRI enabled on `nri.sock` in its directory; waits until its API
     /// socket answers.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Options::default())
+    }
+
+    /// Starts containerd as [`Self::start`] does, run as `options` say.
+    pub fn start_with(options: Options) -> anyhow::Result<Self> {
         let testbed = testbed_root();
         ensure!(
             testbed.join("usr/bin/containerd").exists(),
@@ -48,10 +70,14 @@ impl Containerd {
             std::process::id() & 0xffff,
             NEXT_BRIDGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
+        if options.node_netns_dir {
+            shared_mount(Path::new(NODE_NETNS_DIR))?;
+        }
         let mut this = Self {
             dir,
             child: None,
             bridge,
+            options,
         };
         this.spawn()?;
         this.import_pause_image()?;
@@ -60,14 +86,28 @@ impl Containerd {
 
     /// The runtime's NRI socket.
     pub fn nri_socket(&self) -> PathBuf {
-        self.dir.path().join("nri.sock")
+        self.dir.path().join("nri/nri.sock")
     }
 
     /// Where containerd mounts the pods' network namespaces (one file per sandbox).
     pub fn netns_dir(&self) -> PathBuf {
+        if self.options.node_netns_dir {
+            return PathBuf::from(NODE_NETNS_DIR);
+        }
         self.dir
             .path()
             .join("state/io.containerd.grpc.v1.cri/netns")
+    }
+
+    /// containerd's private directory (root, state, sockets, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Imports an OCI image archive into the CRI namespace; returns the image's name as the
+    /// archive's index gives it.
+    pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
+        self.ctr_import(archive)
     }
 
     /// The CRI (gRPC) socket.
@@ -85,17 +125,21 @@ impl Containerd {
 
     /// Imports the testbed's pause image (the sandbox image) into the CRI namespace.
     fn import_pause_image(&self) -> anyhow::Result<()> {
-        let testbed = testbed_root();
-        let output = Command::new(testbed.join("usr/bin/ctr"))
+        self.ctr_import(&testbed_root().join("pause-image.tar"))
+    }
+
+    fn ctr_import(&self, archive: &Path) -> anyhow::Result<()> {
+        let output = Command::new(testbed_root().join("usr/bin/ctr"))
             .arg("-a")
             .arg(self.cri_socket())
             .args(["-n", "k8s.io", "images", "import"])
-            .arg(testbed.join("pause-image.tar"))
+            .arg(archive)
             .output()
             .context("running ctr images import")?;
         ensure!(
             output.status.success(),
-            "ctr images import failed: {}",
+            "ctr images import {} failed: {}",
+            archive.display(),
             String::from_utf8_lossy(&output.stderr)
         );
         Ok(())
@@ -138,12 +182,16 @@ impl Containerd {
         let dir = self.dir.path();
         let config = dir.join("config.toml");
         std::fs::create_dir_all(dir.join("cni"))?;
+        std::fs::create_dir_all(dir.join("nri"))?;
         std::fs::write(
             dir.join("cni/10-knd-test.conflist"),
             cni_conflist(dir, &self.bridge),
         )?;
-        std::fs::write(&config, config_toml(dir, &testbed))
-            .with_context(|| format!("writing {}", config.display()))?;
+        std::fs::write(
+            &config,
+            config_toml(dir, &testbed, !self.options.node_netns_dir),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
         let log = std::fs::File::create(dir.join("containerd.log"))?;
         let path = format!(
             "{}:{}",
@@ -152,7 +200,21 @@ impl Containerd {
         );
         // Its own process group: a Ctrl-C meant for the test or demo must not stop it before
         // they have removed their pods through it.
-        let child = Command::new(testbed.join("usr/bin/containerd"))
+        let mut command = Command::new(testbed.join("usr/bin/containerd"));
+        if let Some(netns) = &self.options.netns {
+            use std::os::fd::AsRawFd as _;
+            let fd = netns.as_raw_fd();
+            // SAFETY: setns(2) is async-signal-safe, and `self` (the descriptor's owner)
+            // outlives the spawn.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command
             .process_group(0)
             .arg("--config")
             .arg(&config)
@@ -343,7 +405,35 @@ fn cni_conflist(dir: &Path, bridge: &str) -> String {
     )
 }
 
-fn config_toml(dir: &Path, testbed: &Path) -> String {
+/// Makes `dir` a shared mount point (bind-mounted onto itself first if it is none), as
+/// `ip netns add` does for `/run/netns`: mounts made below it later reach the containers that
+/// mount it with `HostToContainer` propagation.
+fn shared_mount(dir: &Path) -> anyhow::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    std::fs::create_dir_all(dir)?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let wanted = dir.to_string_lossy();
+    let line = table
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(&*wanted));
+    if line.is_some_and(|l| l.contains(" shared:")) {
+        return Ok(());
+    }
+    if line.is_none() {
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .with_context(|| format!("bind-mounting {} onto itself", dir.display()))?;
+    }
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .with_context(|| format!("making {} a shared mount", dir.display()))
+}
+
+fn config_toml(dir: &Path, testbed: &Path, netns_under_state: bool) -> String {
     let d = dir.display();
     let t = testbed.display();
     format!(
@@ -360,7 +450,7 @@ state = "{d}/state"
 [plugins."io.containerd.nri.v1.nri"]
   disable = false
   disable_connections = false
-  socket_path = "{d}/nri.sock"
+  socket_path = "{d}/nri/nri.sock"
   plugin_config_path = "{d}/nri-conf.d"
   plugin_path = "{d}/nri-plugins"
   plugin_registration_timeout = "5s"
@@ -368,7 +458,7 @@ state = "{d}/state"
 
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "knd.test/pause:1"
-  netns_mounts_under_state_dir = true
+  netns_mounts_under_state_dir = {netns_under_state}
   disable_apparmor = true
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
