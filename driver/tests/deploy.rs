@@ -416,11 +416,7 @@ fn the_daemonsets_ask_for_the_least_and_keep_the_metrics_on_the_node() {
             .iter()
             .map(|c| c.as_str().unwrap())
             .collect();
-        assert_eq!(
-            caps,
-            ["NET_ADMIN", "SYS_ADMIN", "BPF", "PERFMON"],
-            "{which}"
-        );
+        assert_eq!(caps, ["NET_ADMIN", "SYS_ADMIN"], "{which}");
         assert_eq!(knd["securityContext"]["privileged"], false, "{which}");
         // The HTTP server on the loopback, probed there; no port of knd's own published.
         let text = serde_json::to_string(knd).unwrap();

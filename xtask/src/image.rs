@@ -77,7 +77,7 @@ pub(crate) struct Built {
 pub(crate) enum Profile {
     /// Optimised, as shipped.
     Release,
-    /// The test profile (faster to build; for the container tests).
+    /// The test profile (unoptimised, faster to build; for the container test).
     Dev,
 }
 
@@ -107,7 +107,7 @@ pub(crate) fn build_binary(profile: Profile) -> anyhow::Result<PathBuf> {
 pub(crate) fn files(binary: &Path) -> anyhow::Result<Vec<File>> {
     let mut files = vec![File {
         path: BINARY.to_owned(),
-        source: binary.to_path_buf(),
+        source: stripped(binary)?,
         mode: 0o755,
     }];
     for library in shared_libraries(binary)? {
@@ -133,6 +133,27 @@ pub(crate) fn files(binary: &Path) -> anyhow::Result<Vec<File>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// A copy of `binary` without its debug sections (the symbol table stays, for backtraces),
+/// next to it as `<name>.image`: the build profiles keep line tables for profiling and
+/// benchmarks, which the image has no use for.
+fn stripped(binary: &Path) -> anyhow::Result<PathBuf> {
+    let copy = binary.with_extension("image");
+    let output = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&copy)
+        .arg(binary)
+        .output()
+        .context("running strip (Debian package binutils)")?;
+    ensure!(
+        output.status.success(),
+        "strip --strip-debug {} failed: {}",
+        binary.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(copy)
 }
 
 /// The libraries the dynamic loader maps for `binary`, the loader itself included, as the
@@ -561,5 +582,56 @@ mod tests {
     fn dates_are_written_as_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_780_000_000), "2026-05-28T20:26:40Z");
+    }
+}
+
+#[cfg(test)]
+mod dockerfile {
+    use super::*;
+
+    /// deploy/Dockerfile builds the same image: its build stage runs this module's file
+    /// selection, its final stage is exactly those files on scratch, run the same way.
+    #[test]
+    fn the_dockerfile_builds_what_cargo_xtask_image_builds() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let instructions: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        let last_from = instructions
+            .iter()
+            .rposition(|l| l.starts_with("FROM "))
+            .unwrap();
+        let build = instructions[..last_from].join("\n");
+        assert!(
+            build.contains("xtask -- image --rootfs /rootfs"),
+            "the build stage must assemble the files with `xtask image --rootfs`:\n{build}"
+        );
+        for (file, _) in DATA_FILES {
+            let package = match file {
+                "/usr/share/misc/pci.ids" => "pci.ids",
+                _ => "ca-certificates",
+            };
+            assert!(
+                build.contains(package),
+                "{file} needs {package} in the build stage"
+            );
+        }
+        let runtime = &instructions[last_from..];
+        let json = |args: &[&str]| serde_json::to_string(args).unwrap();
+        assert_eq!(
+            runtime,
+            [
+                "FROM scratch",
+                "COPY --from=build /rootfs/ /",
+                &format!("USER {USER}"),
+                &format!("ENTRYPOINT {}", json(&ENTRYPOINT)),
+                &format!("CMD {}", json(&CMD)),
+            ],
+            "the final stage of {}",
+            path.display()
+        );
     }
 }

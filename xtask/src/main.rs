@@ -61,7 +61,8 @@ enum Task {
     /// Run the benchmarks in bench/ (all, or one suite by name) and write JSON, Markdown and SVG
     /// charts under bench-results/ (or `$KND_BENCH_RESULTS`), with index.md over all of them.
     Bench {
-        /// One suite: discovery, prepare, api, attach, telemetry, collectives or placement.
+        /// One suite: discovery, prepare, api, attach, container, telemetry, collectives or
+        /// placement.
         suite: Option<String>,
     },
 }
@@ -242,11 +243,12 @@ fn demo(root: &Path, from_image: bool) -> anyhow::Result<()> {
 }
 
 /// The suites in bench/, in the order `cargo xtask bench` runs them.
-const SUITES: [&str; 7] = [
+const SUITES: [&str; 8] = [
     "discovery",
     "prepare",
     "api",
     "attach",
+    "container",
     "telemetry",
     "collectives",
     "placement",
@@ -269,11 +271,17 @@ fn bench(only: Option<&str>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
     let started = Instant::now();
     let executables = build_benches(&suites)?;
+    if suites.contains(&"container") {
+        // The container suite compares the release binary with the image made of it.
+        image::run(Path::new("."), image::Profile::Release, None, None)?;
+    }
     let mut ran = Vec::new();
     for suite in &suites {
         // The built executable itself, so that edits made while the suites run change nothing.
         let mut run = Command::new(&executables[*suite]);
         run.arg("--bench")
+            .env("KND_IMAGE", std::path::absolute(image::ARCHIVE)?)
+            .env("KND_BIN", std::path::absolute("target/release/knd")?)
             .current_dir("bench")
             .env("KND_BENCH_RESULTS", &results);
         let suite_started = Instant::now();

@@ -56,7 +56,32 @@ pub(crate) fn dir(root: &Path) -> PathBuf {
 }
 
 /// Downloads and unpacks what is missing (root needed only when something is).
+/// `/run/netns` as a node has it: a shared mount (as `ip netns add` and systemd leave it), so
+/// the namespaces containerd pins there reach containers that mount it with `HostToContainer`
+/// propagation (knd's DaemonSet pod in the container test and `demo --image`). Made here, once,
+/// so that it is not counted as something a test left behind.
+fn shared_netns_dir() -> anyhow::Result<()> {
+    const DIR: &str = "/run/netns";
+    std::fs::create_dir_all(DIR)?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let line = table.lines().rfind(|l| l.split(' ').nth(4) == Some(DIR));
+    if line.is_some_and(|l| l.contains(" shared:")) {
+        return Ok(());
+    }
+    if line.is_none() {
+        run_checked(
+            "bind-mount /run/netns onto itself",
+            Command::new("mount").args(["--bind", DIR, DIR]),
+        )?;
+    }
+    run_checked(
+        "make /run/netns a shared mount",
+        Command::new("mount").args(["--make-shared", DIR]),
+    )
+}
+
 pub(crate) fn install(root: &Path) -> anyhow::Result<()> {
+    shared_netns_dir()?;
     let testbed = dir(root);
     let prefix = testbed.join("root");
     if BINARIES.iter().all(|b| prefix.join(b).exists()) {

@@ -55,3 +55,16 @@ pub async fn prepare(
     }
     Ok(response)
 }
+
+/// One NodeUnprepareResources call on the plugin's socket.
+pub async fn unprepare(socket: &Path, claims: Vec<dra_v1::Claim>) -> anyhow::Result<()> {
+    let channel = unix_channel(socket.to_path_buf()).await?;
+    let response = dra_v1::dra_plugin_client::DraPluginClient::new(channel)
+        .node_unprepare_resources(dra_v1::NodeUnprepareResourcesRequest { claims })
+        .await?
+        .into_inner();
+    if let Some((uid, claim)) = response.claims.iter().find(|(_, c)| !c.error.is_empty()) {
+        bail!("claim {uid}: {}", claim.error);
+    }
+    Ok(())
+}
