@@ -95,8 +95,9 @@ pub struct RunArgs {
     /// Publish only devices this CEL expression accepts.
     #[arg(long, env = "KND_FILTER")]
     pub filter: Option<String>,
-    /// The cgroup v2 directory the TCP RTT program attaches to (default: the unified hierarchy,
-    /// `/sys/fs/cgroup/unified` on hybrid nodes, else `/sys/fs/cgroup` when it is cgroup v2).
+    /// The root of the cgroup v2 hierarchy the TCP RTT program attaches to (default: the
+    /// `cgroup2` mount of the root in knd's mount table, e.g. `/sys/fs/cgroup/unified` on hybrid
+    /// nodes, `/sys/fs/cgroup` on cgroup v2 ones). Checked to be a hierarchy's root.
     #[arg(long, env = "KND_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
     /// At most this many claimed interfaces are measured and exported (the metrics'
