@@ -60,10 +60,49 @@ fn image() -> anyhow::Result<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: runs a real containerd, creates network namespaces, loads eBPF"]
 async fn the_image_under_the_daemonsets_security_context_attaches_configures_and_counts() {
-    let outcome = scenario().await;
-    if let Err(error) = outcome {
+    let manifest =
+        std::env::var_os("KND_DAEMONSET").map_or_else(daemonset::manifest_path, PathBuf::from);
+    if let Err(error) = scenario(&manifest).await {
         panic!("{error:#}");
     }
+}
+
+/// The same with the DaemonSet the Helm chart renders (its defaults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs a real containerd, creates network namespaces, loads eBPF"]
+async fn the_image_under_the_charts_daemonset_attaches_configures_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = std::process::Command::new(root.join(".tools/venv/bin/helm"))
+        .args(["template", "knd"])
+        .arg(root.join("deploy/helm/knd"))
+        .args(["--namespace", "knd-system", "--kube-version", "1.34.0"])
+        .output()
+        .expect("helm (cargo xtask setup installs it)");
+    assert!(
+        output.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let manifest = dir.path().join("chart.yaml");
+    std::fs::write(&manifest, &output.stdout).unwrap();
+    if let Err(error) = scenario(&manifest).await {
+        panic!("{error:#}");
+    }
+}
+
+/// Where the pod's knd serves its metrics: `KND_METRICS_ADDR` or `--metrics-addr`.
+fn metrics_addr(container: &cri::ContainerConfig) -> anyhow::Result<String> {
+    daemonset::env_value(container, "KND_METRICS_ADDR")
+        .map(str::to_owned)
+        .or_else(|| {
+            container
+                .args
+                .iter()
+                .find_map(|a| a.strip_prefix("--metrics-addr="))
+                .map(str::to_owned)
+        })
+        .context("the DaemonSet sets no metrics address")
 }
 
 struct Node {
@@ -73,7 +112,7 @@ struct Node {
     dir: tempfile::TempDir,
 }
 
-async fn scenario() -> anyhow::Result<()> {
+async fn scenario(manifest: &Path) -> anyhow::Result<()> {
     let archive = tokio::task::spawn_blocking(image).await??;
     let (node, api) = tokio::task::spawn_blocking(|| -> anyhow::Result<_> {
         let host = TestHost::new("node")?;
@@ -108,8 +147,6 @@ async fn scenario() -> anyhow::Result<()> {
     containerd.import_image(&archive)?;
     let mut cri = containerd.cri().await?;
 
-    let manifest =
-        std::env::var_os("KND_DAEMONSET").map_or_else(daemonset::manifest_path, PathBuf::from);
     let nri_dir = containerd
         .nri_socket()
         .parent()
@@ -118,10 +155,8 @@ async fn scenario() -> anyhow::Result<()> {
     let dir = node.dir.path();
     let standing_in = daemonset::Node::standing_in("node-1", dir, node.tree.root(), &nri_dir)?
         .with_service_account(&fake, &dir.join("serviceaccount"))?;
-    let pod = daemonset::pod(&daemonset::load(&manifest)?, &standing_in)?;
-    let metrics = daemonset::env_value(&pod.container, "KND_METRICS_ADDR")
-        .context("the manifest sets no KND_METRICS_ADDR")?
-        .to_owned();
+    let pod = daemonset::pod(&daemonset::load(manifest)?, &standing_in)?;
+    let metrics = metrics_addr(&pod.container)?;
     let knd = daemonset::run(&mut cri, &pod).await?;
     let outcome = with_knd(&node, &fake, &mut cri, &knd, &metrics).await;
     let log = knd.log_tail(40);
