@@ -672,3 +672,50 @@ fn check_lifetimes(
         }
     }
 }
+
+/// IPv4 per-interface settings over netlink (the path knd takes where `/proc/sys` is read-only,
+/// in its container) land where procfs shows them, zero values included, and each name maps
+/// to the kernel's id of that setting.
+#[test]
+#[ignore = "needs root: creates network namespaces"]
+fn ipv4_interface_settings_over_netlink_are_what_procfs_shows() {
+    use knd::os::netlink::ipv4_devconf_id;
+    let host = TestHost::new("host").unwrap();
+    let peer = TestHost::new("peer").unwrap();
+    veth_pair(&host, "v0", &peer, "p0").unwrap();
+    let read = |setting: &str| {
+        let path = format!("/proc/sys/net/ipv4/conf/v0/{setting}");
+        host.run(|| std::fs::read_to_string(&path).unwrap())
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let settings = [
+        ("arp_ignore", 2_u32),
+        ("arp_announce", 1),
+        ("rp_filter", 0),
+        ("accept_local", 1),
+        ("arp_evict_nocarrier", 0),
+        ("forwarding", 1),
+    ];
+    // Defaults that differ from the wanted values, so that every write is visible.
+    for (setting, value) in [("rp_filter", "2"), ("arp_evict_nocarrier", "1")] {
+        let path = format!("/proc/sys/net/ipv4/conf/v0/{setting}");
+        host.run(|| std::fs::write(&path, value).unwrap()).unwrap();
+    }
+    let ids: Vec<(u16, u32)> = settings
+        .iter()
+        .map(|(name, value)| (ipv4_devconf_id(name).unwrap(), *value))
+        .collect();
+    host.netlink(|link| async move { link.set_ipv4_conf("v0", &ids).await })
+        .unwrap();
+    for (setting, value) in settings {
+        assert_eq!(read(setting), value.to_string(), "{setting}");
+    }
+    assert_eq!(
+        ipv4_devconf_id("mc_forwarding"),
+        None,
+        "only the kernel sets it"
+    );
+    assert_eq!(ipv4_devconf_id("no_such_setting"), None);
+}
