@@ -456,8 +456,9 @@ async fn apply_sysctls(
                         Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
                             return Err(format!(
                                 "set {key}={value}: {e}; /proc/sys is read-only where knd runs \
-                                 (its container): IPv6 interface settings need the DaemonSet's \
-                                 optional writable /proc/sys/net mount (docs/security.md)"
+                                 (its container) and IPv6 interface settings have no netlink \
+                                 equivalent: they cannot be set under the shipped DaemonSet \
+                                 (docs/security.md)"
                             ));
                         }
                         Err(e) => return Err(format!("set {key}={value}: {e}")),

@@ -862,3 +862,38 @@ pub fn rdma_counters(host: &crate::os::host::HostRoot, device: &str) -> Vec<Rdma
     ports.sort_by_key(|p| p.port);
     ports
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hybrid node (v1 controllers on a tmpfs, v2 at `unified`) seen from knd's container:
+    /// only the `cgroup2` mount of a hierarchy's root counts, not a pod's own cgroup mounted
+    /// from a cgroup namespace, not the tmpfs.
+    #[test]
+    fn the_cgroup2_root_is_found_in_the_mount_table() {
+        let mountinfo = "\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+40 25 0:27 /kubepods/pod1/abc /run/own\\040cgroup ro - cgroup2 cgroup2 rw
+41 25 0:27 / /host/sys/fs/cgroup/unified ro - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_roots(mountinfo),
+            [
+                std::path::PathBuf::from("/sys/fs/cgroup/unified"),
+                std::path::PathBuf::from("/host/sys/fs/cgroup/unified"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_directory_that_is_no_cgroup2_root_is_refused_naming_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = check_cgroup_root(dir.path()).unwrap_err();
+        assert!(refused.contains("is not a cgroup v2 mount"), "{refused}");
+        let missing = check_cgroup_root(Path::new("/no/such/dir")).unwrap_err();
+        assert!(missing.contains("/no/such/dir"), "{missing}");
+    }
+}

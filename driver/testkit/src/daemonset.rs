@@ -3,8 +3,12 @@
 //! kubelet sends — a host-network sandbox and the `knd` container with the manifest's image,
 //! arguments, environment, security context and volume mounts — with a test's directories
 //! standing in for the node's host paths, and the service account projected as kubelet
-//! projects it. Nothing of the manifest is restated here: a field it uses that this does not
-//! translate is an error, so a manifest change cannot slip past the container test.
+//! projects it. Nothing of the manifest is restated here: every field that decides what knd
+//! may do (host network, image, command and arguments, environment, security context, volume
+//! mounts) is translated, and a form of them this does not translate (another `valueFrom`,
+//! volume type, seccomp type, `subPath`) is an error, so a manifest change cannot slip past
+//! the container test. Not translated: resource requests and limits, and the probes (the tests
+//! wait for knd's registration socket instead).
 
 use std::{
     collections::BTreeMap,
