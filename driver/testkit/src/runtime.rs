@@ -99,13 +99,8 @@ impl Containerd {
             .join("state/io.containerd.grpc.v1.cri/netns")
     }
 
-    /// containerd's private directory (root, state, sockets, log).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Imports an OCI image archive into the CRI namespace; returns the image's name as the
-    /// archive's index gives it.
+    /// Imports an OCI image archive into the CRI namespace, under the name its index gives
+    /// (`io.containerd.image.name`).
     pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
         self.ctr_import(archive)
     }
