@@ -3,6 +3,7 @@
 //! shuts down within a bounded time on SIGTERM.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -23,7 +24,7 @@ use crate::{
         prepare::{ClaimHooks, NodeDevices, Preparer},
     },
     k8s::{self, ApiClaims, Publisher},
-    model::ports::DeviceHealth,
+    model::ports::{DeviceHealth, Taint},
     nri,
     observe::{
         health,
@@ -36,6 +37,7 @@ use crate::{
         state::{self, StateStore},
     },
     publish::{
+        resources::TaintEffect,
         selector::{self, Selector},
         watch::{self as inventory_watch, Pacing},
     },
@@ -117,6 +119,24 @@ pub struct RunArgs {
     /// Rise of one error counter within the window that makes a device unhealthy.
     #[arg(long, env = "KND_HEALTH_ERRORS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub health_errors: u64,
+    /// The taint a device judged unhealthy gets in the ResourceSlice
+    /// (`knd.dev/unhealthy=<link-down|flapping|errors>`): `NoSchedule` (the scheduler allocates
+    /// it to no new claim), `NoExecute` (also evicts the pods using it), or `off`. Removed after
+    /// the device has been healthy for a whole `--health-window`. Needs an API server with
+    /// device taints (on by default from Kubernetes 1.36); older ones drop them, which is
+    /// logged once.
+    #[arg(
+        long,
+        env = "KND_UNHEALTHY_TAINT",
+        value_enum,
+        default_value = "NoSchedule"
+    )]
+    pub unhealthy_taint: UnhealthyTaint,
+    /// At least this many seconds between two publications of the pool (the first is at
+    /// once): a node whose links flap changes its devices' state and taints often, and rewrites
+    /// its ResourceSlices at most this often.
+    #[arg(long, env = "KND_PUBLISH_INTERVAL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub publish_interval: u64,
     /// What to do when a claim's NIC is far from the GPU allocated with it: `ignore`, `warn`
     /// (record the class in the claim status and metrics, log), or `enforce` (also fail the
     /// prepare). The claim's `topology.require` sets the worst acceptable class (default PXB).
@@ -125,6 +145,30 @@ pub struct RunArgs {
     /// Seconds to finish in-flight work after SIGTERM before exiting anyway.
     #[arg(long, env = "KND_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
+}
+
+/// `--unhealthy-taint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnhealthyTaint {
+    /// No taints.
+    #[value(name = "off")]
+    Off,
+    /// `NoSchedule`.
+    #[value(name = "NoSchedule")]
+    NoSchedule,
+    /// `NoExecute` (evicts the pods using the device).
+    #[value(name = "NoExecute")]
+    NoExecute,
+}
+
+impl UnhealthyTaint {
+    const fn effect(self) -> Option<TaintEffect> {
+        match self {
+            Self::Off => None,
+            Self::NoSchedule => Some(TaintEffect::NoSchedule),
+            Self::NoExecute => Some(TaintEffect::NoExecute),
+        }
+    }
 }
 
 fn parse_driver_name(name: &str) -> Result<String, String> {
@@ -282,7 +326,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
             .with_host_root(host.clone())
             .with_ready_programs(READY_PROGRAMS),
     );
-    let (health_rx, health_task) = start_health(
+    let (health_rx, taints_rx, health_task) = start_health(
         &args,
         HealthSources {
             host: host.clone(),
@@ -296,9 +340,14 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     .await;
     let slices_ready = Arc::new(AtomicBool::new(false));
     let publisher = tokio::spawn(publish_loop(
-        Publisher::new(client.clone(), &driver, &node),
+        Publisher::new(client.clone(), &driver, &node)
+            .with_taint_effect(args.unhealthy_taint.effect()),
         telemetry.published_devices.clone(),
-        watcher.inventory.clone(),
+        PublishTriggers {
+            inventory: watcher.inventory.clone(),
+            taints: taints_rx,
+            interval: Duration::from_secs(args.publish_interval),
+        },
         Arc::clone(&slices_ready),
         shutdown.clone(),
     ));
@@ -450,6 +499,49 @@ struct HealthSources {
     telemetry: Arc<Telemetry>,
 }
 
+/// Where the health loop's verdicts go: kubelet's stream, and the taints for the slices.
+struct HealthOutputs {
+    health: watch::Sender<Vec<DeviceHealth>>,
+    taints: watch::Sender<BTreeMap<String, Taint>>,
+    tainting: health::Taints,
+}
+
+impl HealthOutputs {
+    /// Takes one round of verdicts.
+    fn send(&mut self, now: Vec<DeviceHealth>) {
+        let unix_seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        if self
+            .tainting
+            .update(std::time::Instant::now(), unix_seconds, &now)
+        {
+            let current = self.tainting.current();
+            tracing::info!(
+                tainted = ?current.iter().map(|(d, t)| format!("{d}={}", t.cause.as_str())).collect::<Vec<_>>(),
+                "unhealthy taints changed"
+            );
+            self.taints.send_replace(current);
+        }
+        self.health.send_if_modified(|devices| {
+            for device in &now {
+                let before = devices.iter().find(|d| d.device == device.device);
+                if before.is_none_or(|b| b.healthy != device.healthy) {
+                    tracing::info!(
+                        device = %device.device,
+                        healthy = device.healthy,
+                        reason = %device.reason,
+                        "device health changed"
+                    );
+                }
+            }
+            let changed = *devices != now;
+            *devices = now;
+            changed
+        });
+    }
+}
+
 /// Judges every device once, then starts [`health_loop`].
 async fn start_health(
     args: &RunArgs,
@@ -457,6 +549,7 @@ async fn start_health(
     shutdown: CancellationToken,
 ) -> (
     watch::Receiver<Vec<DeviceHealth>>,
+    watch::Receiver<BTreeMap<String, Taint>>,
     tokio::task::JoinHandle<()>,
 ) {
     let mut tracker = health::Tracker::new(health::Policy {
@@ -474,10 +567,17 @@ async fn start_health(
     )
     .await;
     sources.telemetry.set_device_health(&initial);
-    let (sender, receiver) = watch::channel(initial);
+    let (health, receiver) = watch::channel(Vec::new());
+    let (taints, taints_rx) = watch::channel(BTreeMap::new());
+    let mut outputs = HealthOutputs {
+        health,
+        taints,
+        tainting: health::Taints::new(Duration::from_secs(args.health_window)),
+    };
+    outputs.send(initial);
     let interval = Duration::from_secs(args.health_interval);
-    let task = tokio::spawn(health_loop(tracker, sources, sender, interval, shutdown));
-    (receiver, task)
+    let task = tokio::spawn(health_loop(tracker, sources, outputs, interval, shutdown));
+    (receiver, taints_rx, task)
 }
 
 /// Judges every device's health every `interval` and whenever the inventory changes; kubelet's
@@ -485,7 +585,7 @@ async fn start_health(
 async fn health_loop(
     mut tracker: health::Tracker,
     mut sources: HealthSources,
-    health: watch::Sender<Vec<DeviceHealth>>,
+    mut outputs: HealthOutputs,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -509,38 +609,34 @@ async fn health_loop(
         )
         .await;
         sources.telemetry.set_device_health(&now);
-        health.send_if_modified(|devices| {
-            for device in &now {
-                let before = devices.iter().find(|d| d.device == device.device);
-                if before.is_none_or(|b| b.healthy != device.healthy) {
-                    tracing::info!(
-                        device = %device.device,
-                        healthy = device.healthy,
-                        reason = %device.reason,
-                        "device health changed"
-                    );
-                }
-            }
-            let changed = *devices != now;
-            *devices = now;
-            changed
-        });
+        outputs.send(now);
     }
 }
 
-/// Publishes every new inventory (and re-checks the API once a minute), retrying with backoff.
+/// What makes the pool be published again: a new inventory or new taints, at most once per
+/// `interval`.
+struct PublishTriggers {
+    inventory: watch::Receiver<Arc<Inventory>>,
+    taints: watch::Receiver<BTreeMap<String, Taint>>,
+    interval: Duration,
+}
+
+/// Publishes every new inventory and every new set of taints, at most once per interval (and
+/// re-checks the API once a minute), retrying with backoff.
 async fn publish_loop(
     mut publisher: Publisher,
     published_devices: prometheus_client::metrics::gauge::Gauge,
-    mut inventory: watch::Receiver<Arc<Inventory>>,
+    mut triggers: PublishTriggers,
     slices_ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let current = Arc::clone(&inventory.borrow_and_update());
+        let current = Arc::clone(&triggers.inventory.borrow_and_update());
+        let taints = triggers.taints.borrow_and_update().clone();
+        let started = tokio::time::Instant::now();
         let mut backoff = Backoff::new(Duration::from_secs(30));
         loop {
-            match publisher.publish(&current).await {
+            match publisher.publish_tainted(&current, &taints).await {
                 Ok(result) => {
                     if result.created + result.updated + result.deleted > 0 {
                         tracing::info!(
@@ -550,6 +646,7 @@ async fn publish_loop(
                             created = result.created,
                             updated = result.updated,
                             deleted = result.deleted,
+                            tainted = taints.len(),
                             "published the pool"
                         );
                     }
@@ -565,10 +662,20 @@ async fn publish_loop(
                 }
             }
         }
+        let changed = tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = triggers.inventory.changed() => changed,
+            changed = triggers.taints.changed() => changed,
+            () = tokio::time::sleep(REPUBLISH_EVERY) => Ok(()),
+        };
+        if changed.is_err() {
+            return;
+        }
+        // Bounded: however often links flap, one publication per interval (what changed
+        // meanwhile is in the next one).
         tokio::select! {
             () = shutdown.cancelled() => return,
-            changed = inventory.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(REPUBLISH_EVERY) => {}
+            () = tokio::time::sleep_until(started + triggers.interval) => {}
         }
     }
 }

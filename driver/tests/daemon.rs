@@ -59,6 +59,11 @@ impl Node {
     }
 
     fn start(&self) -> Daemon {
+        self.start_with(&[], Stdio::inherit())
+    }
+
+    /// The daemon with `extra` flags, its log to `stderr`.
+    fn start_with(&self, extra: &[&str], stderr: Stdio) -> Daemon {
         let path = |p: &str| self.dir.path().join(p);
         Command::new(env!("CARGO_BIN_EXE_knd"))
             .arg("run")
@@ -77,10 +82,11 @@ impl Node {
             .arg(self.tree.root())
             .args(["--metrics-addr", &self.metrics.to_string()])
             .args(["--health-interval", "1"])
+            .args(extra)
             .env_remove("KUBECONFIG")
             .env("RUST_LOG", "knd=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .map(Daemon)
             .expect("knd starts")
@@ -296,6 +302,145 @@ async fn the_daemon_tells_kubelet_which_device_is_unhealthy_and_why() {
     assert_eq!(
         status_of(&up),
         Some((health::HealthStatus::Healthy as i32, String::new()))
+    );
+}
+
+/// The taints of `device` in the published pool.
+fn taints_of(fake: &FakeApi, device: &str) -> Vec<k8s_openapi::api::resource::v1::DeviceTaint> {
+    fake.slices()
+        .iter()
+        .flat_map(|s| s.spec.devices.iter().flatten())
+        .find(|d| d.name == device)
+        .and_then(|d| d.taints.clone())
+        .unwrap_or_default()
+}
+
+/// Writes of ResourceSlices the fake has seen.
+fn slice_writes(fake: &FakeApi) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.method != "GET" && r.path.contains("/resourceslices"))
+        .count()
+}
+
+/// The VF's sysfs link state, and its carrier change count.
+fn set_link(node: &Node, up: bool, carrier_changes: u64) {
+    node.tree.file(
+        "/sys/class/net/ens1f0v2/carrier_changes",
+        &format!("{carrier_changes}\n"),
+    );
+    node.tree.file(
+        "/sys/class/net/ens1f0v2/operstate",
+        if up { "up\n" } else { "down\n" },
+    );
+}
+
+/// Health closes the scheduler's loop: a device judged unhealthy gets knd's taint in the
+/// ResourceSlice within a health interval, keeps it through a burst of flaps (a bounded number
+/// of slice writes), and loses it after a quiet window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_device_is_tainted_in_its_slice_and_untainted_after_a_quiet_window() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.add_node("node-1");
+    let node = Node::new(&fake);
+    set_link(&node, true, 2);
+    let _daemon = node.start_with(
+        &["--health-window", "4", "--publish-interval", "2"],
+        Stdio::inherit(),
+    );
+    let inventory = knd::discover::inventory::scan(&node.tree.host(), None);
+    let vf2 = knd_testkit::device_named(&inventory, "ens1f0v2").unwrap();
+    node.wait_for("the published pool", || !fake.slices().is_empty())
+        .await;
+    assert!(taints_of(&fake, &vf2).is_empty());
+
+    // Link down: tainted within the health interval (1 s) and the publish pacing.
+    set_link(&node, false, 3);
+    let down = Instant::now();
+    node.wait_for("the taint", || !taints_of(&fake, &vf2).is_empty())
+        .await;
+    let took = down.elapsed();
+    let taint = taints_of(&fake, &vf2).remove(0);
+    assert_eq!(taint.key, "knd.dev/unhealthy");
+    assert_eq!(taint.value.as_deref(), Some("link-down"));
+    assert_eq!(taint.effect, "NoSchedule");
+    assert!(taint.time_added.is_some());
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    // The other devices stay untainted.
+    for device in fake.slices()[0].spec.devices.iter().flatten() {
+        assert_eq!(
+            device.taints.is_some(),
+            device.name == vf2,
+            "{}",
+            device.name
+        );
+    }
+
+    // A burst of flaps for 8 s, the verdict changing every 500 ms: the taint stays as it was
+    // added, and the slices are written at most once per --publish-interval.
+    let writes_before = slice_writes(&fake);
+    let burst = Instant::now();
+    let mut changes = 3;
+    while burst.elapsed() < Duration::from_secs(8) {
+        changes += 1;
+        set_link(&node, changes % 2 == 0, changes);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = taints_of(&fake, &vf2);
+        assert_eq!(now.len(), 1, "the taint never leaves during the burst");
+        assert_eq!(now[0], taint, "nor changes");
+    }
+    let burst_writes = slice_writes(&fake) - writes_before;
+    assert!(
+        burst_writes <= 8 / 2 + 1,
+        "{burst_writes} slice writes in an 8 s burst with a 2 s --publish-interval"
+    );
+    assert_eq!(
+        burst_writes, 0,
+        "the taint stayed, so nothing needed writing"
+    );
+
+    // Up and quiet: the taint goes after the 4 s window (flaps still count for it), not before.
+    set_link(&node, true, changes + 1);
+    let quiet = Instant::now();
+    node.wait_for("the taint to go", || taints_of(&fake, &vf2).is_empty())
+        .await;
+    let took = quiet.elapsed();
+    assert!(took >= Duration::from_secs(4), "removed after {took:?}");
+    assert!(took < Duration::from_secs(15), "removed after {took:?}");
+    let total = slice_writes(&fake) - writes_before;
+    assert_eq!(total, 1, "one write to remove it");
+}
+
+/// An API server before 1.36 (device taints alpha and off) drops the taints without an error:
+/// knd notices on the first write, says so once, and publishes without them from then on
+/// instead of rewriting its slices forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_without_device_taints_gets_no_endless_rewrites() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.set_release(knd_testkit::apiserver::Release::V1_34);
+    fake.add_node("node-1");
+    let node = Node::new(&fake);
+    set_link(&node, false, 3);
+    let log = node.dir.path().join("knd.log");
+    let _daemon = node.start_with(
+        &["--publish-interval", "1"],
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    node.wait_for("the published pool", || !fake.slices().is_empty())
+        .await;
+    let inventory = knd::discover::inventory::scan(&node.tree.host(), None);
+    let vf2 = knd_testkit::device_named(&inventory, "ens1f0v2").unwrap();
+    let settled = slice_writes(&fake);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(slice_writes(&fake), settled, "no rewrites");
+    assert!(settled <= 2, "{settled} writes");
+    assert!(taints_of(&fake, &vf2).is_empty());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("the API server dropped the devices' taints")
+            .count(),
+        1,
+        "{text}"
     );
 }
 

@@ -63,6 +63,7 @@ fn start(dir: &Path, claims: &Claims) -> Running {
         device: "pci-0000-b4-00-0".into(),
         healthy: true,
         reason: String::new(),
+        cause: None,
     }]);
     let shutdown = CancellationToken::new();
     let plugin = dra::serve("knd.dev", sockets.clone(), preparer, health_rx, &shutdown).unwrap();
@@ -466,6 +467,7 @@ async fn health_stream_sends_the_device_list_and_every_change() {
         device: "pci-0000-b4-00-0".into(),
         healthy: false,
         reason: "link enp180s0 is down (operstate)".into(),
+        cause: Some(knd::model::ports::Cause::LinkDown),
     }]);
     let second = tokio::time::timeout(Duration::from_secs(2), stream.message())
         .await

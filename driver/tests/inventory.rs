@@ -80,6 +80,7 @@ fn gpu_8x8_publishes_every_nic_with_full_attributes() {
         ("knd.dev/isSriovVf", Value::Bool(false)),
         ("knd.dev/gpuPciBusID", s("0000:b3:00.0")),
         ("knd.dev/gpuDistance", s("PIX")),
+        ("resource.kubernetes.io/numaNode", Value::Int(1)),
         ("resource.kubernetes.io/pciBusID", s("0000:b4:00.0")),
         ("resource.kubernetes.io/pcieRoot", s("pci0000:b0")),
     ]
@@ -250,6 +251,7 @@ fn hyper_v_guest_finds_deep_root_complexes_and_protects_the_synthetic_uplink() {
     assert_eq!(ib2["resource.kubernetes.io/pcieRoot"], s("pci0103:00"));
     assert_eq!(ib2["resource.kubernetes.io/pciBusID"], s("0103:00:00.0"));
     assert_eq!(ib2["knd.dev/numaNode"], Value::Int(1));
+    assert_eq!(ib2["resource.kubernetes.io/numaNode"], Value::Int(1));
     assert_eq!(ib2["knd.dev/rdmaDevice"], s("mlx5_ib2"));
     assert_eq!(ib2["knd.dev/mtu"], Value::Int(2044));
     // Every device has its own root complex: the best is the same NUMA node.
@@ -337,6 +339,7 @@ fn bonded_host_excludes_uplink_members_userspace_and_cni_devices_and_survives_br
     // numa_node -1: no attribute, no warning. Garbage: no attribute, one warning naming it.
     let eth2 = attrs(nic(&inventory, "eth2"));
     assert!(!eth2.contains_key("knd.dev/numaNode"));
+    assert!(!eth2.contains_key("resource.kubernetes.io/numaNode"));
     assert_eq!(
         eth2["knd.dev/rdma"],
         Value::Bool(true),
@@ -345,6 +348,7 @@ fn bonded_host_excludes_uplink_members_userspace_and_cni_devices_and_survives_br
     assert_eq!(eth2["knd.dev/rdmaDevice"], s("mlx5_9"));
     let eth3 = attrs(nic(&inventory, "eth3"));
     assert!(!eth3.contains_key("knd.dev/numaNode"));
+    assert!(!eth3.contains_key("resource.kubernetes.io/numaNode"));
     assert!(
         !eth3.contains_key("knd.dev/speedMbps"),
         "speed -1 means unknown"

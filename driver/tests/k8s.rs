@@ -151,6 +151,53 @@ async fn the_fake_api_enforces_resource_slice_validation() {
 }
 
 #[tokio::test]
+async fn the_fake_api_validates_device_taints_as_1_36_does() {
+    let fake = FakeApi::start().await.unwrap();
+    let slices: Api<ResourceSlice> = Api::all(fake.client().await.unwrap());
+    let cases = [
+        // Device taints (KEP-5055, 1.36): 64 devices when any is tainted, at most 16 taints,
+        // keys that are label names, values that are label values, known effects.
+        (
+            json!(
+                (0..65)
+                    .map(|i| json!({"name": format!("d{i}"),
+                    "taints": [{"key": "knd.dev/unhealthy", "effect": "NoSchedule"}]}))
+                    .collect::<Vec<_>>()
+            ),
+            "spec.devices: Too many: 65: must have at most 64 items",
+        ),
+        (
+            json!([{"name": "a", "taints": (0..17)
+                .map(|i| json!({"key": format!("k{i}"), "effect": "NoSchedule"}))
+                .collect::<Vec<_>>()}]),
+            "spec.devices[0].taints: Too many: 17",
+        ),
+        (
+            json!([{"name": "a", "taints": [{"key": "knd.dev/un healthy", "effect": "NoSchedule"}]}]),
+            "spec.devices[0].taints[0].key",
+        ),
+        (
+            json!([{"name": "a", "taints": [{"key": "knd.dev/unhealthy", "value": "link down",
+                "effect": "NoSchedule"}]}]),
+            "spec.devices[0].taints[0].value",
+        ),
+        (
+            json!([{"name": "a", "taints": [{"key": "knd.dev/unhealthy", "effect": "PreferNoSchedule"}]}]),
+            "spec.devices[0].taints[0].effect: Unsupported value: \"PreferNoSchedule\"",
+        ),
+    ];
+    for (devices, expected) in cases {
+        let (code, message) = api_status(
+            slices
+                .create(&PostParams::default(), &slice(&devices))
+                .await,
+        );
+        assert_eq!(code, 422, "{devices}: {message}");
+        assert!(message.contains(expected), "{devices}: {message}");
+    }
+}
+
+#[tokio::test]
 async fn the_fake_api_requires_the_token() {
     let fake = FakeApi::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -865,6 +912,69 @@ async fn wait_for_devices(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("the claim status never had {count} device entries");
+}
+
+/// A pool with one unhealthy device: slices of 64 (the API's limit once any device carries a
+/// taint), the taint with its cause and time stored; untainted, back to slices of 128.
+#[tokio::test]
+async fn a_tainted_pool_is_cut_into_slices_the_api_accepts() {
+    use knd::model::ports::{Cause, Taint};
+    let fake = FakeApi::start().await.unwrap();
+    fake.add_node("n1");
+    let mut publisher = Publisher::new(fake.client().await.unwrap(), "knd.dev", "n1");
+    let inventory = virtual_nics(100);
+    let taints = [(
+        "vnic7".to_owned(),
+        Taint {
+            cause: Cause::Flapping,
+            since_unix_seconds: 1_790_000_000,
+        },
+    )]
+    .into();
+    let first = publisher
+        .publish_tainted(&inventory, &taints)
+        .await
+        .unwrap();
+    assert_eq!((first.slices, first.taints_kept), (2, true));
+    let stored = fake.slices();
+    let sizes: Vec<usize> = stored
+        .iter()
+        .map(|s| s.spec.devices.as_ref().unwrap().len())
+        .collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 100);
+    assert!(sizes.iter().all(|n| *n <= 64), "{sizes:?}");
+    let tainted: Vec<_> = stored
+        .iter()
+        .flat_map(|s| s.spec.devices.iter().flatten())
+        .filter_map(|d| Some((d.name.clone(), d.taints.clone()?)))
+        .collect();
+    assert_eq!(tainted.len(), 1, "{tainted:?}");
+    let (name, taints_of) = &tainted[0];
+    assert_eq!(name, "vnic7");
+    let taint = &taints_of[0];
+    assert_eq!(
+        (
+            taint.key.as_str(),
+            taint.value.as_deref(),
+            taint.effect.as_str()
+        ),
+        ("knd.dev/unhealthy", Some("flapping"), "NoSchedule")
+    );
+    assert_eq!(
+        taint.time_added.as_ref().map(|t| t.0.as_second()),
+        Some(1_790_000_000)
+    );
+    let healthy = publisher
+        .publish_tainted(&inventory, &std::collections::BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(healthy.slices, 1);
+    assert!(
+        fake.slices()
+            .iter()
+            .flat_map(|s| s.spec.devices.iter().flatten())
+            .all(|d| d.taints.is_none())
+    );
 }
 
 #[test]

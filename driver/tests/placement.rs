@@ -13,7 +13,7 @@ use knd::{
     discover::inventory::{self, Inventory},
     model::distance::Distance,
     os::host::HostRoot,
-    publish::resources::{self, DRIVER_NAME},
+    publish::resources::{self, DRIVER_NAME, Value},
 };
 use knd_testkit::{
     machines,
@@ -46,24 +46,29 @@ fn templates_follow_the_topology() {
             "knd-nic",
             "knd-rdma",
             "gpu-nic-aligned",
+            "gpu-nic-same-numa",
             "gpu-nic-numa0",
             "gpu-nic-numa1",
             "rdma-nic"
         ]
+    );
+    assert_eq!(
+        generated[3].object["spec"]["spec"]["devices"]["constraints"][0]["matchAttribute"],
+        "resource.kubernetes.io/numaNode"
     );
     let aligned = &generated[2].object;
     assert_eq!(
         aligned["spec"]["spec"]["devices"]["constraints"][0]["matchAttribute"],
         "resource.kubernetes.io/pcieRoot"
     );
-    let numa0 = &generated[3].object["spec"]["spec"]["devices"]["requests"];
+    let numa0 = &generated[4].object["spec"]["spec"]["devices"]["requests"];
     assert_eq!(
         numa0[0]["exactly"]["selectors"][0]["cel"]["expression"],
         r#"device.attributes["resource.kubernetes.io"].pcieRoot in ["pci0000:10", "pci0000:30", "pci0000:50", "pci0000:70"]"#
     );
     assert_eq!(
         numa0[1]["exactly"]["selectors"][0]["cel"]["expression"],
-        r#"device.attributes["knd.dev"].numaNode == 0"#
+        r#"device.attributes["resource.kubernetes.io"].numaNode == 0"#
     );
     // The DeviceClasses are the ones deploy/ installs.
     let deployed = std::fs::read_to_string(concat!(
@@ -311,6 +316,72 @@ fn templates_place_every_pair_aligned_and_random_placement_does_not() {
     }
 }
 
+/// The standard `numaNode` (KEP-6072), published by knd and by the GPU driver stand-in, pairs a
+/// GPU and a NIC of another driver on one NUMA node: never across the sockets.
+#[test]
+fn the_standard_numa_attribute_pairs_gpus_and_nics_of_two_drivers_on_one_node() {
+    let inventory = inventory_of(&machines::gpu_8x8());
+    let documents = documents(&inventory);
+    let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
+    let (name, spec) = documents
+        .claims
+        .iter()
+        .find(|(n, _)| n == "gpu-nic-same-numa")
+        .unwrap();
+    let claim = Claim::compile(name, spec).unwrap();
+    let strategy = Strategy::Templates(vec![claim.evaluate(&catalog)]);
+    let outcome = placement::simulate(&inventory, &catalog, &strategy, 500, 7).unwrap();
+    assert_eq!(outcome.allocations, 500);
+    assert!(!outcome.classes.contains_key(&Distance::Sys), "{outcome:?}");
+    // With every NIC of NUMA node 0 taken, the constraint moves the pod to node 1; the same
+    // claim without it pairs the first GPU (node 0) with a NIC across the sockets.
+    let numa = |id: &knd::cli::placement::DeviceId| {
+        let entry = catalog.devices.iter().find(|d| &d.id == id).unwrap();
+        entry.attributes.get(resources::NUMA_NODE).cloned()
+    };
+    let busy: HashSet<_> = catalog
+        .devices
+        .iter()
+        .filter(|d| d.id.driver == DRIVER_NAME && numa(&d.id) == Some(Value::Int(0)))
+        .map(|d| d.id.clone())
+        .collect();
+    assert_eq!(busy.len(), 4, "half of the 8 NICs are on node 0");
+    let pair = claim.evaluate(&catalog).allocate(&busy).unwrap();
+    assert_eq!(numa(pair.device("gpu").unwrap()), Some(Value::Int(1)));
+    assert_eq!(numa(pair.device("nic").unwrap()), Some(Value::Int(1)));
+    let mut unconstrained = spec.clone();
+    unconstrained.constraints = None;
+    let loose = Claim::compile(name, &unconstrained).unwrap();
+    let pair = loose.evaluate(&catalog).allocate(&busy).unwrap();
+    assert_eq!(numa(pair.device("gpu").unwrap()), Some(Value::Int(0)));
+    assert_eq!(numa(pair.device("nic").unwrap()), Some(Value::Int(1)));
+    // Without the attribute on the GPUs the constraint cannot hold: nothing is allocated.
+    let mut without = self::documents(&inventory);
+    for slice in &mut without.slices {
+        for device in slice.spec.devices.iter_mut().flatten() {
+            if slice.spec.driver == placement::GPU_DRIVER {
+                device
+                    .attributes
+                    .as_mut()
+                    .unwrap()
+                    .remove(resources::NUMA_NODE);
+            }
+        }
+    }
+    let catalog = Catalog::new(&without.slices, &without.classes).unwrap();
+    let failures = claim
+        .evaluate(&catalog)
+        .allocate(&HashSet::new())
+        .unwrap_err();
+    assert!(
+        failures
+            .iter()
+            .flat_map(|f| &f.reasons)
+            .any(|r| r.contains("resource.kubernetes.io/numaNode")),
+        "a GPU without numaNode cannot match: {failures:?}"
+    );
+}
+
 fn knd(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     use std::io::Write as _;
     let mut child = Command::new(env!("CARGO_BIN_EXE_knd"))
@@ -385,7 +456,9 @@ fn templates_and_explain_commands() {
         "{text}"
     );
     assert!(
-        stderr.contains("cannot be allocated: gpu-nic-aligned, gpu-nic-numa0, gpu-nic-numa1"),
+        stderr.contains(
+            "cannot be allocated: gpu-nic-aligned, gpu-nic-same-numa, gpu-nic-numa0, gpu-nic-numa1"
+        ),
         "{stderr}"
     );
 
@@ -443,4 +516,113 @@ fn the_example_templates_are_what_knd_templates_writes() {
         "deploy/examples/templates-8-gpu-node.yaml is stale: rerun this test with \
          KND_UPDATE_EXAMPLES=1"
     );
+}
+
+/// A NIC knd tainted as unhealthy (KEP-5055) is passed over as the scheduler passes it over,
+/// `knd explain` says why, and a request that tolerates the taint gets it again.
+#[test]
+fn a_tainted_nic_is_skipped_unless_the_request_tolerates_it() {
+    use k8s_openapi::api::resource::v1::{DeviceTaint, DeviceToleration};
+    let eight = inventory_of(&machines::gpu_8x8());
+    let mut documents = documents(&eight);
+    let taint = |effect: &str| DeviceTaint {
+        key: "knd.dev/unhealthy".into(),
+        value: Some("link-down".into()),
+        effect: effect.into(),
+        time_added: None,
+    };
+    let set_taint = |documents: &mut Documents, taint: Option<DeviceTaint>| {
+        for slice in &mut documents.slices {
+            for device in slice.spec.devices.iter_mut().flatten() {
+                if device.name == "pci-0000-14-00-0" {
+                    device.taints = taint.clone().map(|t| vec![t]);
+                }
+            }
+        }
+    };
+    let (name, spec) = documents
+        .claims
+        .iter()
+        .find(|(n, _)| n == "gpu-nic-aligned")
+        .cloned()
+        .unwrap();
+    let claim = Claim::compile(&name, &spec).unwrap();
+    let pair = |documents: &Documents, claim: &Claim| {
+        let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
+        let evaluated = claim.evaluate(&catalog);
+        let allocation = evaluated.allocate(&HashSet::new()).unwrap();
+        let (text, _) = knd::cli::placement::explain(&evaluated);
+        let devices = ["gpu", "nic"].map(|r| allocation.device(r).unwrap().device.clone());
+        (devices, text)
+    };
+
+    // Untainted: GPU 0 with the NIC on its root.
+    assert_eq!(pair(&documents, &claim).0, ["gpu-0", "pci-0000-14-00-0"]);
+    // NoSchedule and NoExecute: that NIC is out, so GPU 0 has no aligned NIC and the next
+    // GPU gets its own; explain names the taint.
+    for effect in ["NoSchedule", "NoExecute"] {
+        set_taint(&mut documents, Some(taint(effect)));
+        let (devices, text) = pair(&documents, &claim);
+        assert_eq!(devices, ["gpu-1", "pci-0000-34-00-0"], "{effect}");
+        assert!(
+            text.contains(&format!(
+                "tainted knd.dev/unhealthy=link-down:{effect}, which the request does not tolerate"
+            )),
+            "{text}"
+        );
+    }
+    // A taint with effect None only informs.
+    set_taint(&mut documents, Some(taint("None")));
+    assert_eq!(pair(&documents, &claim).0, ["gpu-0", "pci-0000-14-00-0"]);
+
+    // Tolerations on the NIC request, as a user writes them.
+    set_taint(&mut documents, Some(taint("NoSchedule")));
+    let tolerating = |toleration: DeviceToleration| {
+        let mut spec = spec.clone();
+        for request in spec.requests.iter_mut().flatten() {
+            if request.name == "nic" {
+                request.exactly.as_mut().unwrap().tolerations = Some(vec![toleration.clone()]);
+            }
+        }
+        Claim::compile(&name, &spec).unwrap()
+    };
+    let exists = DeviceToleration {
+        key: Some("knd.dev/unhealthy".into()),
+        operator: Some("Exists".into()),
+        ..DeviceToleration::default()
+    };
+    assert_eq!(
+        pair(&documents, &tolerating(exists.clone())).0,
+        ["gpu-0", "pci-0000-14-00-0"]
+    );
+    let equal = |value: &str, effect: Option<&str>| DeviceToleration {
+        key: Some("knd.dev/unhealthy".into()),
+        operator: Some("Equal".into()),
+        value: Some(value.into()),
+        effect: effect.map(Into::into),
+        ..DeviceToleration::default()
+    };
+    assert_eq!(
+        pair(
+            &documents,
+            &tolerating(equal("link-down", Some("NoSchedule")))
+        )
+        .0,
+        ["gpu-0", "pci-0000-14-00-0"]
+    );
+    // Another value, another effect or another key: not tolerated.
+    for toleration in [
+        equal("flapping", None),
+        equal("link-down", Some("NoExecute")),
+        DeviceToleration {
+            key: Some("example.com/other".into()),
+            ..exists
+        },
+    ] {
+        assert_eq!(
+            pair(&documents, &tolerating(toleration.clone())).0,
+            ["gpu-1", "pci-0000-34-00-0"],
+            "{toleration:?}"
+        );
+    }
 }

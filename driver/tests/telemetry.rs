@@ -773,6 +773,7 @@ async fn the_dashboard_and_alerts_use_only_metrics_the_driver_exports() {
             device: "enp1".into(),
             healthy: true,
             reason: String::new(),
+            cause: None,
         }]);
     // The preparer feeds the alignment series (checked in tests/alignment.rs).
     let mut aligned = PreparedClaim {

@@ -11,7 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use k8s_openapi::api::resource::v1::{
-    DeviceClaim, DeviceClass, DeviceSelector, ExactDeviceRequest, ResourceSlice,
+    DeviceClaim, DeviceClass, DeviceSelector, DeviceTaint, DeviceToleration, ExactDeviceRequest,
+    ResourceSlice,
 };
 
 use crate::publish::{
@@ -163,6 +164,8 @@ pub struct Entry {
     pub node: Option<String>,
     /// Its attributes, fully qualified (`domain/name`).
     pub attributes: BTreeMap<String, Value>,
+    /// Its taints (KEP-5055).
+    pub taints: Vec<DeviceTaint>,
     cel: selector::Device,
 }
 
@@ -200,6 +203,7 @@ impl Catalog {
                     },
                     node: spec.node_name.clone().or_else(|| device.node_name.clone()),
                     attributes,
+                    taints: device.taints.clone().unwrap_or_default(),
                 });
             }
         }
@@ -289,6 +293,7 @@ struct Alternative {
     class: String,
     selectors: Vec<Selector>,
     count: Count,
+    tolerations: Vec<DeviceToleration>,
 }
 
 #[derive(Debug)]
@@ -367,6 +372,7 @@ impl Claim {
                             count: s.count,
                             device_class_name: s.device_class_name.clone(),
                             selectors: s.selectors.clone(),
+                            tolerations: s.tolerations.clone(),
                             ..ExactDeviceRequest::default()
                         };
                         alternative(name, &format!("{}/{}", request.name, s.name), &exactly)
@@ -481,6 +487,7 @@ fn alternative(
             &format!("claim {claim}, request {name}"),
         )?,
         count,
+        tolerations: exactly.tolerations.clone().unwrap_or_default(),
     })
 }
 
@@ -508,7 +515,43 @@ fn verdict(catalog: &Catalog, alternative: &Alternative, device: &Entry) -> Resu
             Err(e) => return Err(format!("{whose}: {e}")),
         }
     }
+    // As the scheduler: a NoSchedule or NoExecute taint the request does not tolerate rules
+    // the device out (`None`, and effects it does not know, do not).
+    if let Some(taint) = device.taints.iter().find(|t| {
+        matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+            && !alternative.tolerations.iter().any(|o| tolerates(o, t))
+    }) {
+        return Err(format!(
+            "tainted {}={}:{}, which the request does not tolerate",
+            taint.key,
+            taint.value.as_deref().unwrap_or_default(),
+            taint.effect
+        ));
+    }
     Ok(())
+}
+
+/// Whether `toleration` tolerates `taint`, as Kubernetes decides it: the same effect (or any,
+/// when empty), the same key (or any, when empty; the API allows that only with `Exists`), and
+/// with `Equal` (the default) the same value.
+fn tolerates(toleration: &DeviceToleration, taint: &DeviceTaint) -> bool {
+    let effect = toleration
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    let key = toleration
+        .key
+        .as_deref()
+        .is_none_or(|k| k.is_empty() || k == taint.key);
+    let value = match toleration.operator.as_deref() {
+        Some("Exists") => true,
+        None | Some("Equal") => {
+            toleration.value.as_deref().unwrap_or_default()
+                == taint.value.as_deref().unwrap_or_default()
+        }
+        Some(_) => false,
+    };
+    effect && key && value
 }
 
 /// A claim's selectors evaluated against a catalog: allocate as often as needed.

@@ -6,7 +6,11 @@
 //!   written when every root with a GPU also has a NIC.
 //! - `gpu-nic-rail-N`: where a root holds several GPUs (so `pcieRoot` cannot tell which NIC is
 //!   whose), one template per GPU pairing it with the NICs whose `knd.dev/gpuPciBusID` names it.
-//! - `gpu-nic-numaN`: one GPU and one NIC on NUMA node N.
+//! - `gpu-nic-same-numa`: one GPU and one NIC on the same NUMA node
+//!   (`matchAttribute: resource.kubernetes.io/numaNode`, KEP-6072, for GPU drivers that publish
+//!   the standard attribute); written where the machine has more than one NUMA node.
+//! - `gpu-nic-numaN`: one GPU and one NIC on NUMA node N (the NIC by the standard `numaNode`,
+//!   the GPU by the PCIe roots of that node, which every GPU driver publishes).
 //! - `rdma-nic`: one NIC with an RDMA device.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,7 +19,7 @@ use serde_json::json;
 
 use crate::{
     discover::inventory::Inventory,
-    publish::resources::{DRIVER_NAME, PCI_BUS_ID, PCIE_ROOT},
+    publish::resources::{DRIVER_NAME, NUMA_NODE, PCI_BUS_ID, PCIE_ROOT},
 };
 
 /// The DeviceClass of any NIC knd publishes (as in deploy/kubernetes/deviceclasses.yaml).
@@ -143,7 +147,14 @@ fn numa_pairs(inventory: &Inventory, gpu_class: &str) -> Vec<Template> {
         return Vec::new();
     }
     let (domain, name) = PCIE_ROOT.split_once('/').expect("qualified");
-    roots
+    let (numa_domain, numa_name) = NUMA_NODE.split_once('/').expect("qualified");
+    let same = Template {
+        comment: "One GPU and one NIC on the same NUMA node, for GPU drivers that publish the \
+                  standard numaNode attribute (KEP-6072)."
+            .to_owned(),
+        object: pair("gpu-nic-same-numa", gpu_class, None, None, Some(NUMA_NODE)),
+    };
+    let pinned = roots
         .into_iter()
         .filter(|(numa, _)| nic_numa.contains(numa))
         .map(|(numa, roots)| {
@@ -160,13 +171,13 @@ fn numa_pairs(inventory: &Inventory, gpu_class: &str) -> Vec<Template> {
                         list.join(", ")
                     )),
                     Some(&format!(
-                        "device.attributes[\"{DRIVER_NAME}\"].numaNode == {numa}"
+                        "device.attributes[\"{numa_domain}\"].{numa_name} == {numa}"
                     )),
                     None,
                 ),
             }
-        })
-        .collect()
+        });
+    std::iter::once(same).chain(pinned).collect()
 }
 
 fn device_class(name: &str, expression: &str) -> serde_json::Value {

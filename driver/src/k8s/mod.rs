@@ -11,7 +11,9 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::Node,
-        resource::v1::{AllocatedDeviceStatus, NetworkDeviceData, ResourceClaim, ResourceSlice},
+        resource::v1::{
+            AllocatedDeviceStatus, DeviceTaint, NetworkDeviceData, ResourceClaim, ResourceSlice,
+        },
     },
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
@@ -26,11 +28,11 @@ use crate::{
     discover::inventory::Inventory,
     model::{
         claim::{AllocatedDevice, Allocation, AllocationConfig, Claim, Reservation},
-        ports::{ClaimApi, ClaimRef, DeviceReport, SourceError},
+        ports::{ClaimApi, ClaimRef, DeviceReport, SourceError, Taint},
         records::PreparedClaim,
     },
     os::backoff::Backoff,
-    publish::resources::{self, NodeOwner},
+    publish::resources::{self, NodeOwner, TaintEffect},
 };
 
 /// Errors talking to the API server.
@@ -120,6 +122,8 @@ pub struct Published {
     pub updated: usize,
     /// See `created`.
     pub deleted: usize,
+    /// The API kept every taint this publication wrote (true when it wrote none).
+    pub taints_kept: bool,
 }
 
 /// The Node's `InternalIP` and `ExternalIP` addresses (`status.addresses`).
@@ -151,6 +155,11 @@ pub struct Publisher {
     /// The newest generation this publisher wrote: never goes backwards, even if every slice
     /// was deleted behind its back.
     generation: i64,
+    /// The effect of the unhealthy taint; `None`: no taints are published.
+    taint_effect: Option<TaintEffect>,
+    /// The API server dropped the taints of a write (an API server before 1.36, where device
+    /// taints are an alpha feature and off): taints are left out from then on.
+    taints_dropped: bool,
 }
 
 impl Publisher {
@@ -163,7 +172,21 @@ impl Publisher {
             node: node.to_owned(),
             owner: None,
             generation: 0,
+            taint_effect: Some(TaintEffect::NoSchedule),
+            taints_dropped: false,
         }
+    }
+
+    /// Publishes unhealthy devices' taints with `effect`, or none (`None`).
+    #[must_use]
+    pub fn with_taint_effect(mut self, effect: Option<TaintEffect>) -> Self {
+        self.taint_effect = effect;
+        self
+    }
+
+    /// Whether the API server turned out not to keep device taints.
+    pub fn taints_dropped(&self) -> bool {
+        self.taints_dropped
     }
 
     /// The Node that owns the slices (read once).
@@ -188,6 +211,42 @@ impl Publisher {
     /// Makes the API's slices for this pool match `inventory`. Safe to repeat: when the API
     /// already holds this content, nothing is written.
     pub async fn publish(&mut self, inventory: &Inventory) -> Result<Published, Error> {
+        self.publish_tainted(inventory, &BTreeMap::new()).await
+    }
+
+    /// [`publish`](Self::publish), with `taints` (by device name) on the devices. When the API
+    /// server drops them (before 1.36 device taints are alpha and off), says so once and
+    /// publishes without them from then on.
+    pub async fn publish_tainted(
+        &mut self,
+        inventory: &Inventory,
+        taints: &BTreeMap<String, Taint>,
+    ) -> Result<Published, Error> {
+        let published = self.publish_once(inventory, taints).await?;
+        if self.taints_dropped || published.taints_kept {
+            return Ok(published);
+        }
+        self.taints_dropped = true;
+        tracing::warn!(
+            "the API server dropped the devices' taints (device taints are on by default from \
+             Kubernetes 1.36, alpha before); unhealthy devices are reported to kubelet only"
+        );
+        self.publish_once(inventory, taints).await
+    }
+
+    async fn publish_once(
+        &mut self,
+        inventory: &Inventory,
+        taints: &BTreeMap<String, Taint>,
+    ) -> Result<Published, Error> {
+        let taints: BTreeMap<String, DeviceTaint> = match self.taint_effect {
+            Some(effect) if !self.taints_dropped => taints
+                .iter()
+                .filter(|(device, _)| resources::published_nic(inventory, device).is_some())
+                .map(|(device, taint)| (device.clone(), resources::device_taint(taint, effect)))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
         let owner = self.owner().await?;
         let selector = format!("spec.driver={},spec.nodeName={}", self.driver, self.node);
         let existing: BTreeMap<String, ResourceSlice> = self
@@ -205,12 +264,13 @@ impl Publisher {
             .max()
             .unwrap_or(0);
         let build = |generation| {
-            resources::slices(
+            resources::slices_with_taints(
                 inventory,
                 &self.driver,
                 &self.node,
                 generation,
                 Some(&owner),
+                &taints,
             )
         };
         let devices = inventory.nics.len();
@@ -220,6 +280,7 @@ impl Publisher {
                 generation: current,
                 slices: unchanged.len(),
                 devices,
+                taints_kept: true,
                 ..Published::default()
             });
         }
@@ -229,6 +290,7 @@ impl Publisher {
             generation,
             slices: desired.len(),
             devices,
+            taints_kept: true,
             ..Published::default()
         };
         self.write(&existing, &desired, &mut published).await?;
@@ -251,16 +313,20 @@ impl Publisher {
                     .metadata
                     .resource_version
                     .clone_from(&old.metadata.resource_version);
-                self.slices
+                let stored = self
+                    .slices
                     .replace(&name, &PostParams::default(), &slice)
                     .await
                     .map_err(Error::api(format!("update ResourceSlice {name}")))?;
+                published.taints_kept &= same_taints(&slice, &stored);
                 published.updated += 1;
             } else {
-                self.slices
+                let stored = self
+                    .slices
                     .create(&PostParams::default(), &slice)
                     .await
                     .map_err(Error::api(format!("create ResourceSlice {name}")))?;
+                published.taints_kept &= same_taints(&slice, &stored);
                 published.created += 1;
             }
         }
@@ -287,6 +353,21 @@ impl Publisher {
         }
         Ok(())
     }
+}
+
+/// Whether every device of `stored` carries as many taints as in `sent` (a server with device
+/// taints off drops them without an error).
+fn same_taints(sent: &ResourceSlice, stored: &ResourceSlice) -> bool {
+    let count = |slice: &ResourceSlice| -> usize {
+        slice
+            .spec
+            .devices
+            .iter()
+            .flatten()
+            .map(|d| d.taints.as_ref().map_or(0, Vec::len))
+            .sum()
+    };
+    count(stored) == count(sent)
 }
 
 /// Whether the API's slices are exactly the wanted ones (names, specs, owners, labels).

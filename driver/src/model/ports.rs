@@ -131,4 +131,39 @@ pub struct DeviceHealth {
     pub healthy: bool,
     /// Why it is unhealthy (empty when healthy); sent to kubelets that take a message.
     pub reason: String,
+    /// The kind of trouble, when unhealthy: what a taint's value names.
+    pub cause: Option<Cause>,
+}
+
+/// What makes a device unhealthy, in one word a taint value can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cause {
+    /// Its link (or every RDMA port of an RDMA-only device) is down.
+    LinkDown,
+    /// Its carrier changes too often.
+    Flapping,
+    /// An error counter rises.
+    Errors,
+}
+
+impl Cause {
+    /// The taint value: `link-down`, `flapping` or `errors`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::LinkDown => "link-down",
+            Self::Flapping => "flapping",
+            Self::Errors => "errors",
+        }
+    }
+}
+
+/// A device knd marks as unhealthy in its ResourceSlice: why, and since when (whole seconds
+/// since the Unix epoch, as the API stores a taint's `timeAdded`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taint {
+    /// The cause when the taint was added (kept while the device stays unhealthy, so that a
+    /// changing reason does not rewrite the slice).
+    pub cause: Cause,
+    /// When it was added.
+    pub since_unix_seconds: i64,
 }

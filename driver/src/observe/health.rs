@@ -20,7 +20,10 @@ use std::{
 
 use crate::{
     discover::inventory::Nic,
-    model::link::{LINK_ERRORS, LinkReading},
+    model::{
+        link::{LINK_ERRORS, LinkReading},
+        ports::{Cause, DeviceHealth, Taint},
+    },
     os::{host::HostRoot, netlink::Link, netns::Netns},
 };
 
@@ -86,6 +89,8 @@ pub struct Verdict {
     pub healthy: bool,
     /// Why it is unhealthy (empty when healthy).
     pub reason: String,
+    /// The kind of trouble (`None` when healthy).
+    pub cause: Option<Cause>,
 }
 
 /// A device's counters as read over the window, oldest first.
@@ -140,21 +145,22 @@ impl Tracker {
                 (rise > 0).then_some((name, rise))
             })
             .collect();
-        let reason = self.reason(reading, &rises);
+        let found = self.reason(reading, &rises);
         Verdict {
-            healthy: reason.is_none(),
-            reason: reason.unwrap_or_default(),
+            healthy: found.is_none(),
+            cause: found.as_ref().map(|(cause, _)| *cause),
+            reason: found.map(|(_, reason)| reason).unwrap_or_default(),
         }
     }
 
-    fn reason(&self, reading: &Reading, rises: &[(&String, u64)]) -> Option<String> {
+    fn reason(&self, reading: &Reading, rises: &[(&String, u64)]) -> Option<(Cause, String)> {
         let seconds = self.policy.window.as_secs();
         if let Some(link) = &reading.link
             && !link_up(&link.operstate)
         {
-            return Some(format!(
-                "link {} is {} (operstate)",
-                link.interface, link.operstate
+            return Some((
+                Cause::LinkDown,
+                format!("link {} is {} (operstate)", link.interface, link.operstate),
             ));
         }
         if reading.link.is_none()
@@ -169,14 +175,21 @@ impl Tracker {
                 .iter()
                 .map(|p| format!("{} {}", p.name, p.state.as_deref().unwrap_or("unknown")))
                 .collect();
-            return Some(format!("no RDMA port is active ({})", states.join(", ")));
+            return Some((
+                Cause::LinkDown,
+                format!("no RDMA port is active ({})", states.join(", ")),
+            ));
         }
         if let Some(&(_, flaps)) = rises.iter().find(|(name, _)| *name == CARRIER)
             && flaps >= self.policy.flaps
         {
             let interface = reading.link.as_ref().map_or("", |l| l.interface.as_str());
-            return Some(format!(
-                "carrier of {interface} is flapping: {flaps} carrier changes in the last {seconds} s"
+            return Some((
+                Cause::Flapping,
+                format!(
+                    "carrier of {interface} is flapping: {flaps} carrier changes in the last \
+                     {seconds} s"
+                ),
             ));
         }
         let errors: Vec<String> = rises
@@ -185,11 +198,77 @@ impl Tracker {
             .map(|(name, rise)| format!("{name} +{rise}"))
             .collect();
         (!errors.is_empty()).then(|| {
-            format!(
-                "error counters rising in the last {seconds} s: {}",
-                errors.join(", ")
+            (
+                Cause::Errors,
+                format!(
+                    "error counters rising in the last {seconds} s: {}",
+                    errors.join(", ")
+                ),
             )
         })
+    }
+}
+
+/// Which devices carry knd's unhealthy taint in the ResourceSlice. A device is tainted the
+/// first time it is judged unhealthy and keeps the taint, with the cause and time of that
+/// moment, while it stays unhealthy; the taint goes only after the device has been judged
+/// healthy without a break for `quiet`. So a flapping link gets one taint for its whole burst
+/// (two slice writes), however often its verdict flips.
+#[derive(Debug)]
+pub struct Taints {
+    quiet: Duration,
+    /// Per tainted device: the taint, and since when it has been healthy (if it is).
+    current: BTreeMap<String, (Taint, Option<Instant>)>,
+}
+
+impl Taints {
+    /// Taints that are removed after `quiet` of health.
+    pub fn new(quiet: Duration) -> Self {
+        Self {
+            quiet,
+            current: BTreeMap::new(),
+        }
+    }
+
+    /// Takes one health round, judged at `now` (`unix_seconds` on the wall clock). True when
+    /// the set of taints changed. Devices missing from `health` (gone from the node) lose
+    /// their taint.
+    pub fn update(&mut self, now: Instant, unix_seconds: i64, health: &[DeviceHealth]) -> bool {
+        let mut changed = false;
+        let before = self.current.len();
+        self.current
+            .retain(|device, _| health.iter().any(|h| &h.device == device));
+        changed |= self.current.len() != before;
+        for device in health {
+            match (self.current.get_mut(&device.device), device.cause) {
+                (None, Some(cause)) => {
+                    let taint = Taint {
+                        cause,
+                        since_unix_seconds: unix_seconds,
+                    };
+                    self.current.insert(device.device.clone(), (taint, None));
+                    changed = true;
+                }
+                (Some((_, healthy_since)), Some(_)) => *healthy_since = None,
+                (Some((_, healthy_since)), None) => {
+                    let since = *healthy_since.get_or_insert(now);
+                    if now.duration_since(since) >= self.quiet {
+                        self.current.remove(&device.device);
+                        changed = true;
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        changed
+    }
+
+    /// The current taints by device name.
+    pub fn current(&self) -> BTreeMap<String, Taint> {
+        self.current
+            .iter()
+            .map(|(device, (taint, _))| (device.clone(), *taint))
+            .collect()
     }
 }
 
@@ -343,7 +422,7 @@ pub async fn assess(
     inventory: &crate::discover::inventory::Inventory,
     attached: &BTreeMap<String, InPod>,
     pool: &str,
-) -> Vec<crate::model::ports::DeviceHealth> {
+) -> Vec<DeviceHealth> {
     let mut readings: BTreeMap<String, Reading> = BTreeMap::new();
     for nic in &inventory.nics {
         let device = crate::publish::resources::device_name(nic);
@@ -374,11 +453,12 @@ pub async fn assess(
         .values()
         .map(|reading| {
             let verdict = tracker.assess(now, reading);
-            crate::model::ports::DeviceHealth {
+            DeviceHealth {
                 pool: pool.to_owned(),
                 device: reading.device.clone(),
                 healthy: verdict.healthy,
                 reason: verdict.reason,
+                cause: verdict.cause,
             }
         })
         .collect()
@@ -515,5 +595,65 @@ mod tests {
         t.retain(&["nic1"]);
         // Starts from this reading: no rise against the forgotten one.
         assert!(t.assess(start, &link("up", 50, 0)).healthy);
+    }
+
+    fn round(device: &str, cause: Option<Cause>) -> Vec<DeviceHealth> {
+        vec![DeviceHealth {
+            pool: "node-1".to_owned(),
+            device: device.to_owned(),
+            healthy: cause.is_none(),
+            reason: String::new(),
+            cause,
+        }]
+    }
+
+    #[test]
+    fn verdicts_name_their_cause() {
+        let (mut t, start) = (tracker(), Instant::now());
+        assert_eq!(t.assess(start, &link("up", 1, 0)).cause, None);
+        let second = |s| start + Duration::from_secs(s);
+        assert_eq!(
+            t.assess(second(1), &link("down", 2, 0)).cause,
+            Some(Cause::LinkDown)
+        );
+        assert_eq!(
+            t.assess(second(2), &link("up", 5, 0)).cause,
+            Some(Cause::Flapping)
+        );
+        let mut t = tracker();
+        t.assess(start, &link("up", 1, 0));
+        assert_eq!(
+            t.assess(second(1), &link("up", 1, 20)).cause,
+            Some(Cause::Errors)
+        );
+    }
+
+    #[test]
+    fn a_taint_stays_through_a_burst_of_flaps_and_goes_after_a_quiet_window() {
+        let mut taints = Taints::new(Duration::from_mins(1));
+        let start = Instant::now();
+        let at = |s: i64| start + Duration::from_secs(s.unsigned_abs());
+        assert!(!taints.update(at(0), 1000, &round("nic0", None)));
+        assert!(taints.current().is_empty());
+        // Down: tainted at once, with the cause and the moment.
+        assert!(taints.update(at(1), 1001, &round("nic0", Some(Cause::LinkDown))));
+        let first = taints.current()["nic0"];
+        assert_eq!(first.cause, Cause::LinkDown);
+        assert_eq!(first.since_unix_seconds, 1001);
+        // The verdict flips every second for a minute: the taint never changes.
+        for s in 2..=62 {
+            let cause = (s % 2 == 0).then_some(Cause::Flapping);
+            assert!(!taints.update(at(s), 1000 + s, &round("nic0", cause)));
+            assert_eq!(taints.current()["nic0"], first);
+        }
+        // Healthy from 63 on: still tainted 59 s later, gone at 60 s.
+        assert!(!taints.update(at(63), 1063, &round("nic0", None)));
+        assert!(!taints.update(at(122), 1122, &round("nic0", None)));
+        assert!(taints.update(at(123), 1123, &round("nic0", None)));
+        assert!(taints.current().is_empty());
+        // A device that leaves the node takes its taint with it.
+        assert!(taints.update(at(130), 1130, &round("nic0", Some(Cause::Errors))));
+        assert!(taints.update(at(131), 1131, &round("nic1", None)));
+        assert!(taints.current().is_empty());
     }
 }

@@ -4,11 +4,16 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::resource::v1::{Device, DeviceAttribute, ResourcePool, ResourceSlice, ResourceSliceSpec},
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+    api::resource::v1::{
+        Device, DeviceAttribute, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
 };
 
-use crate::discover::inventory::{Inventory, Nic};
+use crate::{
+    discover::inventory::{Inventory, Nic},
+    model::ports::Taint,
+};
 
 /// knd's driver name, and the domain of its attributes.
 pub const DRIVER_NAME: &str = "knd.dev";
@@ -16,8 +21,15 @@ pub const DRIVER_NAME: &str = "knd.dev";
 pub const PCIE_ROOT: &str = "resource.kubernetes.io/pcieRoot";
 /// The standard attribute for the PCI bus ID (KEP-4381).
 pub const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
+/// The standard attribute for a device's NUMA node (KEP-6072; scalar form), published only
+/// when the kernel knows it (`numa_node` is not -1).
+pub const NUMA_NODE: &str = "resource.kubernetes.io/numaNode";
 /// At most this many devices in one ResourceSlice.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
+/// At most this many devices in one ResourceSlice when any of them carries a taint.
+pub const MAX_DEVICES_PER_SLICE_WITH_TAINTS: usize = 64;
+/// The key of the taint knd puts on a device it judges unhealthy; the value names the cause.
+pub const UNHEALTHY_TAINT: &str = "knd.dev/unhealthy";
 /// At most this many attributes and capacities on one device.
 pub const MAX_ATTRIBUTES_PER_DEVICE: usize = 32;
 /// At most this many bytes (UTF-8, as the API server counts them) in a string attribute.
@@ -163,7 +175,9 @@ pub fn attributes(nic: &Nic) -> BTreeMap<String, Value> {
                 string(&format!("{vendor:04x}:{device:04x}")),
             );
         }
+        // The standard one matches GPUs of other drivers; knd's own stays for older selectors.
         put("numaNode", pci.numa_node.and_then(int));
+        put(NUMA_NODE, pci.numa_node.and_then(int));
         let is_vf = pci.physfn.is_some();
         put(
             "sriov",
@@ -226,6 +240,38 @@ pub fn device(nic: &Nic) -> Device {
     }
 }
 
+/// What a device taint does to claims that do not tolerate it (KEP-5055).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaintEffect {
+    /// No new allocation of the device; pods already using it stay.
+    NoSchedule,
+    /// Also evicts the pods using it (their claims are deallocated).
+    NoExecute,
+}
+
+impl TaintEffect {
+    /// The API's spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoSchedule => "NoSchedule",
+            Self::NoExecute => "NoExecute",
+        }
+    }
+}
+
+/// The API taint for a device knd judged unhealthy: `knd.dev/unhealthy=<cause>:<effect>`, with
+/// the moment it was added.
+pub fn device_taint(taint: &Taint, effect: TaintEffect) -> DeviceTaint {
+    DeviceTaint {
+        key: UNHEALTHY_TAINT.to_owned(),
+        value: Some(taint.cause.as_str().to_owned()),
+        effect: effect.as_str().to_owned(),
+        time_added: k8s_openapi::jiff::Timestamp::from_second(taint.since_unix_seconds)
+            .ok()
+            .map(Time),
+    }
+}
+
 /// The ResourceSlices for the node's pool: devices sorted by name, at most
 /// [`MAX_DEVICES_PER_SLICE`] per slice, every slice carrying the pool's slice count. A node
 /// without devices still publishes one empty slice, so the pool's generation is visible.
@@ -236,16 +282,34 @@ pub fn slices(
     generation: i64,
     owner: Option<&NodeOwner>,
 ) -> Vec<ResourceSlice> {
+    slices_with_taints(inventory, driver, node, generation, owner, &BTreeMap::new())
+}
+
+/// [`slices`], with `taints` (by device name) on their devices; where any device carries one,
+/// at most [`MAX_DEVICES_PER_SLICE_WITH_TAINTS`] devices per slice, as the API requires.
+pub fn slices_with_taints(
+    inventory: &Inventory,
+    driver: &str,
+    node: &str,
+    generation: i64,
+    owner: Option<&NodeOwner>,
+    taints: &BTreeMap<String, DeviceTaint>,
+) -> Vec<ResourceSlice> {
     let mut devices: Vec<Device> = inventory.nics.iter().map(device).collect();
     devices.sort_by(|a, b| a.name.cmp(&b.name));
     devices.dedup_by(|a, b| a.name == b.name);
+    for device in &mut devices {
+        device.taints = taints.get(&device.name).map(|t| vec![t.clone()]);
+    }
+    let per_slice = if devices.iter().any(|d| d.taints.is_some()) {
+        MAX_DEVICES_PER_SLICE_WITH_TAINTS
+    } else {
+        MAX_DEVICES_PER_SLICE
+    };
     let chunks: Vec<Vec<Device>> = if devices.is_empty() {
         vec![Vec::new()]
     } else {
-        devices
-            .chunks(MAX_DEVICES_PER_SLICE)
-            .map(<[Device]>::to_vec)
-            .collect()
+        devices.chunks(per_slice).map(<[Device]>::to_vec).collect()
     };
     let count = i64::try_from(chunks.len()).unwrap_or(i64::MAX);
     chunks

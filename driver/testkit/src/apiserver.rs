@@ -773,6 +773,7 @@ fn create_slice(store: &mut Store, body: &[u8]) -> Answer {
             "resourceVersion should not be set on objects to be created",
         ));
     }
+    prepare_taints(store.release, &mut slice);
     let errors = validate_slice(&name, &slice);
     if !errors.is_empty() {
         return Err(Failure::invalid(
@@ -837,6 +838,7 @@ fn update_slice(store: &mut Store, name: &str, body: &[u8]) -> Answer {
     if slice.spec.driver != old.spec.driver {
         errors.push("spec.driver: Invalid value: field is immutable".into());
     }
+    prepare_taints(store.release, &mut slice);
     errors.extend(validate_slice(name, &slice));
     if !errors.is_empty() {
         return Err(Failure::invalid(
@@ -1045,8 +1047,89 @@ fn validate_devices(
                 ));
             }
         }
+        errors.extend(taint_problems(
+            &path,
+            device.taints.as_deref().unwrap_or_default(),
+        ));
     }
     errors
+}
+
+/// At most this many taints on one device (1.36; 4 before).
+const MAX_TAINTS: usize = 16;
+
+/// A device's taints (KEP-5055, as 1.36 validates them): how many, keys that are label names,
+/// values that are label values, effects the API knows.
+fn taint_problems(
+    path: &str,
+    taints: &[k8s_openapi::api::resource::v1::DeviceTaint],
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    if taints.len() > MAX_TAINTS {
+        errors.push(format!(
+            "{path}.taints: Too many: {}: must have at most {MAX_TAINTS} items",
+            taints.len()
+        ));
+    }
+    for (i, taint) in taints.iter().enumerate() {
+        let at = format!("{path}.taints[{i}]");
+        if !is_qualified_name(&taint.key) {
+            errors.push(format!(
+                "{at}.key: Invalid value: \"{}\": name part must consist of alphanumeric \
+                 characters, '-', '_' or '.', and must start and end with an alphanumeric \
+                 character",
+                taint.key
+            ));
+        }
+        if let Some(value) = &taint.value
+            && !(value.is_empty() || (value.len() <= 63 && QUALIFIED_NAME.is_match(value)))
+        {
+            errors.push(format!(
+                "{at}.value: Invalid value: \"{value}\": a valid label must be an empty string \
+                 or consist of alphanumeric characters, '-', '_' or '.', and must start and end \
+                 with an alphanumeric character"
+            ));
+        }
+        match taint.effect.as_str() {
+            "" => errors.push(format!("{at}.effect: Required value")),
+            "None" | "NoSchedule" | "NoExecute" => {}
+            other => errors.push(format!(
+                "{at}.effect: Unsupported value: \"{other}\": supported values: \"NoExecute\", \
+                 \"NoSchedule\", \"None\""
+            )),
+        }
+    }
+    errors
+}
+
+/// A label name: an optional DNS subdomain prefix and `/`, then a name of at most 63
+/// characters.
+fn is_qualified_name(text: &str) -> bool {
+    let (prefix, name) = match text.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, text),
+    };
+    prefix.is_none_or(|p| !p.is_empty() && is_subdomain(p, 253))
+        && !name.is_empty()
+        && name.len() <= 63
+        && QUALIFIED_NAME.is_match(name)
+}
+
+/// What the API server does with device taints before validating a write: before 1.36 the
+/// feature is alpha and off, so they are dropped (without an error, as the real server drops
+/// disabled fields); from 1.36 a taint without `timeAdded` gets the current time.
+fn prepare_taints(release: Release, slice: &mut ResourceSlice) {
+    for device in slice.spec.devices.iter_mut().flatten() {
+        if release == Release::V1_34 {
+            device.taints = None;
+            continue;
+        }
+        for taint in device.taints.iter_mut().flatten() {
+            if taint.time_added.is_none() {
+                taint.time_added = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+            }
+        }
+    }
 }
 
 /// One attribute: its name, exactly one value, string and version limits.

@@ -10,14 +10,15 @@ use knd::{
     cli::placement::{Catalog, DeviceId, Evaluated},
     discover::{inventory::Inventory, pci::PciDevice, topology},
     model::distance::Distance,
-    publish::resources::{PCI_BUS_ID, PCIE_ROOT, Value},
+    publish::resources::{NUMA_NODE, PCI_BUS_ID, PCIE_ROOT, Value},
 };
 
 /// The stand-in GPU driver's name (NVIDIA's).
 pub const GPU_DRIVER: &str = "gpu.nvidia.com";
 
 /// The ResourceSlice a GPU driver publishes for `inventory`'s GPUs on `node`: `gpu-N` in
-/// address order, with the standard `pciBusID` and `pcieRoot` attributes.
+/// address order, with the standard `pciBusID`, `pcieRoot` and (where the kernel knows it)
+/// `numaNode` attributes.
 pub fn gpu_slice(inventory: &Inventory, node: &str) -> ResourceSlice {
     let mut gpus: Vec<&PciDevice> = inventory.gpus.iter().collect();
     gpus.sort_by(|a, b| a.address.cmp(&b.address));
@@ -25,11 +26,15 @@ pub fn gpu_slice(inventory: &Inventory, node: &str) -> ResourceSlice {
         .iter()
         .enumerate()
         .map(|(i, gpu)| {
-            serde_json::json!({"name": format!("gpu-{i}"), "attributes": {
+            let mut device = serde_json::json!({"name": format!("gpu-{i}"), "attributes": {
                 PCI_BUS_ID: {"string": gpu.address},
                 PCIE_ROOT: {"string": gpu.root_complex.clone().unwrap_or_default()},
                 "productName": {"string": "NVIDIA H100 80GB HBM3"},
-            }})
+            }});
+            if let Some(numa) = gpu.numa_node {
+                device["attributes"][NUMA_NODE] = serde_json::json!({"int": numa});
+            }
+            device
         })
         .collect();
     serde_json::from_value(serde_json::json!({
