@@ -166,6 +166,25 @@ struct Demo {
     sandboxes: Vec<String>,
 }
 
+/// The simulated machine. The trainers' NICs are RoCE NICs: an RDMA device on the same PCI
+/// function, its GID table showing the address the pod will have (the kernel adds those
+/// entries when the address is configured; the stand-in tree shows them from the start).
+fn roce_machine() -> anyhow::Result<knd_testkit::sysfs::SysfsTree> {
+    let tree = machines::two_gpu_rails(NICS);
+    for (i, (_, address)) in PODS.iter().enumerate() {
+        let device = tree
+            .root()
+            .join(format!("sys/class/net/{}/device", NICS[i]))
+            .canonicalize()?;
+        let pci = format!("/{}", device.strip_prefix(tree.root())?.display());
+        let name = format!("mlx5_{i}");
+        tree.rdma(&pci, &name, Some(NICS[i]), u32::try_from(i)?);
+        tree.roce_gids(&name, &[address.parse()?]);
+    }
+    tree.rdma_cm();
+    Ok(tree)
+}
+
 impl Demo {
     async fn start() -> anyhow::Result<Self> {
         println!(
@@ -197,7 +216,7 @@ impl Demo {
             anyhow::Ok((node, switch, api, metrics))
         })
         .await??;
-        let tree = machines::two_gpu_rails(NICS);
+        let tree = roce_machine()?;
         println!(
             "node: NICs {} cabled to a switch; simulated GPU topology:",
             NICS.join(", ")
@@ -348,12 +367,92 @@ impl Demo {
             );
             ensure!(value.trim() == "1", "{SYSCTL} was not set in {name}");
         }
+        self.nccl_in_containers().await?;
         let mut baseline = Vec::new();
         for (i, pod) in pods.iter().enumerate() {
             baseline.push(self.counters(i, pod).await?);
         }
         self.traffic(&pods).await?;
         self.check_counters(&pods, &baseline).await
+    }
+
+    /// Starts a container in each trainer pod and shows, from the container's own environment
+    /// (`/proc/PID/environ` of the process the runtime started) and its mount namespace, the
+    /// NCCL variables and the topology file knd handed it at `CreateContainer`.
+    async fn nccl_in_containers(&mut self) -> anyhow::Result<()> {
+        for (i, ((pod, _), sandbox)) in PODS.iter().zip(self.sandboxes.clone()).enumerate() {
+            let id = self
+                .cri
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: sandbox.clone(),
+                    config: Some(cri::ContainerConfig {
+                        metadata: Some(cri::ContainerMetadata {
+                            name: "trainer".into(),
+                            attempt: 0,
+                        }),
+                        image: Some(cri::ImageSpec {
+                            image: "knd.test/pause:1".into(),
+                        }),
+                        ..cri::ContainerConfig::default()
+                    }),
+                    sandbox_config: Some(pod_config("ml", pod, &format!("pod-uid-{i}"))),
+                })
+                .await
+                .with_context(|| format!("creating the container of {pod}"))?
+                .into_inner()
+                .container_id;
+            self.cri
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .with_context(|| format!("starting the container of {pod}"))?;
+            let status = self
+                .cri
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: id,
+                    verbose: true,
+                })
+                .await?
+                .into_inner();
+            let info: serde_json::Value =
+                serde_json::from_str(status.info.get("info").context("no verbose info")?)?;
+            let pid = info["pid"]
+                .as_u64()
+                .context("no pid in the container's info")?;
+            let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+            let nccl: Vec<String> = environ
+                .split(|b| *b == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .filter(|v| v.starts_with("NCCL_"))
+                .collect();
+            println!("in {pod}'s container (pid {pid}): {}", nccl.join(" "));
+            ensure!(
+                nccl.iter().any(|v| v == "NCCL_SOCKET_IFNAME==net1")
+                    && nccl
+                        .iter()
+                        .any(|v| v == &format!("NCCL_IB_HCA==mlx5_{i}:1"))
+                    && nccl.iter().any(|v| v == "NCCL_IB_GID_INDEX=3"),
+                "{pod}'s container lacks knd's NCCL variables: {nccl:?}"
+            );
+            let file = nccl
+                .iter()
+                .find_map(|v| v.strip_prefix("NCCL_TOPO_FILE="))
+                .context("no NCCL_TOPO_FILE")?;
+            let topology = std::fs::read_to_string(format!("/proc/{pid}/root{file}"))
+                .with_context(|| format!("reading {file} in {pod}'s container"))?;
+            if i == 0 {
+                println!("{file} in {pod}'s container (first lines):");
+                for line in topology.lines().take(8) {
+                    println!("  {line}");
+                }
+            }
+            ensure!(
+                topology.contains(&format!("<net name=\"mlx5_{i}\" port=\"1\"/>")),
+                "{pod}'s topology file does not place its NIC:\n{topology}"
+            );
+        }
+        Ok(())
     }
 
     /// The scheduler's part: every pod names the template `knd templates` wrote for this node
@@ -799,7 +898,7 @@ fn claim(
     address: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let config: serde_json::Value = serde_json::from_str(&format!(
-        r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","mtu":9000,"addresses":["{address}/24"]}},"sysctls":{{"{SYSCTL}":"1"}}}}"#
+        r#"{{{CONFIG_HEAD},"interface":{{"name":"net1","mtu":9000,"addresses":["{address}/24"]}},"sysctls":{{"{SYSCTL}":"1"}},"nccl":{{"env":true}}}}"#
     ))?;
     Ok(serde_json::json!({
         "apiVersion": "resource.k8s.io/v1",

@@ -89,6 +89,11 @@ pub struct RunArgs {
     /// Where prepared claims and attachments are recorded.
     #[arg(long, env = "KND_STATE_DIR", default_value = "/var/lib/knd")]
     pub state_dir: PathBuf,
+    /// The state directory as the container runtime sees it, when knd runs in a container that
+    /// mounts it at another path (default: `--state-dir`). The pods' NCCL topology files are
+    /// written below it and bind-mounted into their containers from there.
+    #[arg(long, env = "KND_RUNTIME_STATE_DIR")]
+    pub runtime_state_dir: Option<PathBuf>,
     /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`. The node's loopback
     /// by default: the metrics name every tenant's pods and claims, so they are scraped through
     /// an authenticating proxy (the chart's kube-rbac-proxy), not served to the network.
@@ -291,6 +296,20 @@ pub async fn main(args: RunArgs) -> Result<(), Error> {
     run(args, shutdown).await
 }
 
+/// Where the pods' NCCL topology files go: under the state directory as knd sees it, and as
+/// the runtime sees the same directory (they differ when knd runs in a container).
+fn nccl_files(args: &RunArgs, host: &HostRoot) -> nri::pods::NcclFiles {
+    nri::pods::NcclFiles {
+        host: host.clone(),
+        dir: args.state_dir.join("nccl"),
+        runtime_dir: args
+            .runtime_state_dir
+            .as_ref()
+            .unwrap_or(&args.state_dir)
+            .join("nccl"),
+    }
+}
+
 /// Runs the daemon until `shutdown` is cancelled, then stops within `--shutdown-timeout`.
 pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error> {
     if !args.host_root.is_dir() {
@@ -361,7 +380,8 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
             Netns::current().map_err(Error::OwnNamespace)?,
             Arc::new(claims.clone()),
         )
-        .with_telemetry(Arc::clone(&telemetry)),
+        .with_telemetry(Arc::clone(&telemetry))
+        .with_nccl(nccl_files(&args, &host)),
     );
     let nri_task = tokio::spawn(nri::plugin::run(
         args.nri_socket.clone(),

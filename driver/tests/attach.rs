@@ -432,6 +432,11 @@ fn every_configuration_field_is_applied_or_refused() {
             "alignment.rs (prepare checks the NIC's class to the claim's GPU)",
         ),
         (
+            "nccl.env",
+            "pods.rs a_claim_asking_for_nccl_gets_its_variables_and_topology_file, \
+             nccl.rs (variables, GID choice, topology file)",
+        ),
+        (
             "rdma.mode",
             "pods.rs shared_rdma_gives_every_container_the_claimed_nics_verbs_devices \
              (`exclusive` is refused below)",

@@ -361,3 +361,133 @@ async fn shared_rdma_gives_every_container_the_claimed_nics_verbs_devices() {
     );
     hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
 }
+
+/// `nccl: {env: true}`: every container of the pod gets NCCL's variables for the claimed NIC —
+/// its name in the pod, its RDMA port, the GID index of the pod's address read from the port's
+/// GID table — and the topology file bind-mounted read-only, except what the container sets
+/// itself; the file goes with the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_claim_asking_for_nccl_gets_its_variables_and_topology_file() {
+    use knd::{
+        attach::nccl::TOPOLOGY_PATH,
+        discover::inventory::rdma::{RdmaDevice, RdmaPort},
+        nri::pods::NcclFiles,
+    };
+
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
+    node.inventory.send_modify(|inventory| {
+        Arc::make_mut(inventory).nics[0].rdma = vec![RdmaDevice {
+            name: "mlx5_3".into(),
+            ports: vec![RdmaPort {
+                number: 1,
+                link_layer: Some("Ethernet".into()),
+                ..RdmaPort::default()
+            }],
+            ..RdmaDevice::default()
+        }];
+    });
+    // The port's GID table once the pod's address is on the interface: v1 and v2 of the
+    // link-local address, then of 10.9.0.2 (IPv4-mapped), then free entries.
+    let sysfs = knd_testkit::sysfs::SysfsTree::new();
+    let port = "/sys/class/infiniband/mlx5_3/ports/1";
+    for (index, gid, kind) in [
+        (
+            0,
+            "fe80:0000:0000:0000:0000:00ff:fe00:0001",
+            Some("IB/RoCE v1"),
+        ),
+        (
+            1,
+            "fe80:0000:0000:0000:0000:00ff:fe00:0001",
+            Some("RoCE v2"),
+        ),
+        (
+            2,
+            "0000:0000:0000:0000:0000:ffff:0a09:0002",
+            Some("IB/RoCE v1"),
+        ),
+        (
+            3,
+            "0000:0000:0000:0000:0000:ffff:0a09:0002",
+            Some("RoCE v2"),
+        ),
+        (4, "0000:0000:0000:0000:0000:0000:0000:0000", None),
+    ] {
+        sysfs.file(&format!("{port}/gids/{index}"), gid);
+        if let Some(kind) = kind {
+            sysfs.file(&format!("{port}/gid_attrs/types/{index}"), kind);
+        }
+    }
+    node.prepare(
+        "c1",
+        "enp1",
+        r#""interface":{"name":"net1","addresses":["10.9.0.2/24"]},"nccl":{"env":true}"#,
+    );
+    let files = tempfile::tempdir().unwrap();
+    let hooks = node.hooks().with_nccl(NcclFiles {
+        host: sysfs.host(),
+        dir: files.path().join("nccl"),
+        runtime_dir: "/var/lib/knd/nccl".into(),
+    });
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+    let mut own = container();
+    own.env = vec!["PATH=/bin".into(), "NCCL_IB_HCA=mlx5_9".into()];
+    let adjust = hooks.create_container(node.sandbox(), own).await.unwrap();
+    let env: Vec<(String, String)> = adjust
+        .env
+        .into_iter()
+        .map(|kv| (kv.key, kv.value))
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("NCCL_SOCKET_IFNAME".to_owned(), "=net1".to_owned()),
+            ("NCCL_IB_GID_INDEX".to_owned(), "3".to_owned()),
+            ("NCCL_TOPO_FILE".to_owned(), TOPOLOGY_PATH.to_owned()),
+        ],
+        "the container's own NCCL_IB_HCA is left alone"
+    );
+    assert_eq!(adjust.mounts.len(), 1);
+    let mount = &adjust.mounts[0];
+    assert_eq!(mount.destination, TOPOLOGY_PATH);
+    assert_eq!(mount.source, "/var/lib/knd/nccl/pod-1/topo.xml");
+    assert!(mount.options.contains(&"ro".to_owned()), "{mount:?}");
+    let written = files.path().join("nccl/pod-1/topo.xml");
+    let xml = std::fs::read_to_string(&written).unwrap();
+    assert!(
+        xml.starts_with("<system version=\"1\" name=\"ml/trainer-0\">"),
+        "{xml}"
+    );
+    // The stand-in NIC is a veth: no PCI function to place (tests/nccl.rs checks the tree).
+    assert!(!xml.contains("<pci"), "{xml}");
+
+    // A container that sets NCCL_TOPO_FILE itself gets no mount.
+    let mut own = container();
+    own.env = vec!["NCCL_TOPO_FILE=/mine.xml".into()];
+    let adjust = hooks.create_container(node.sandbox(), own).await.unwrap();
+    assert!(adjust.mounts.is_empty());
+    assert!(adjust.env.iter().all(|kv| kv.key != "NCCL_TOPO_FILE"));
+
+    hooks.remove_pod_sandbox(node.sandbox()).await.unwrap();
+    assert!(!written.exists(), "the file goes with the pod");
+}
+
+/// Without `nccl.env` the containers get no variables and no mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces"]
+async fn a_claim_without_nccl_gets_no_variables() {
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
+    node.prepare("c1", "enp1", r#""interface":{"name":"net1"}"#);
+    let hooks = node.hooks();
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+    let adjust = hooks
+        .create_container(node.sandbox(), container())
+        .await
+        .unwrap();
+    assert!(
+        adjust.env.is_empty() && adjust.mounts.is_empty(),
+        "{adjust:?}"
+    );
+    hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
+}

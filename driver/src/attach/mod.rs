@@ -6,6 +6,8 @@
 //! never change namespace. Every step's error names the interface and the step, and a failed
 //! attachment undoes what it did before reporting.
 
+pub mod nccl;
+
 use std::{collections::BTreeMap, future::Future, net::IpAddr};
 
 use ipnet::IpNet;

@@ -96,6 +96,9 @@ pub struct NetworkConfig {
     /// Placement requirement relative to the pod's GPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<TopologyConfig>,
+    /// NCCL settings handed to the pod's containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nccl: Option<NcclConfig>,
 }
 
 /// The interface inside the pod.
@@ -282,6 +285,16 @@ pub struct TelemetryConfig {
     pub enabled: bool,
 }
 
+/// NCCL settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NcclConfig {
+    /// Give every container of the pod `NCCL_SOCKET_IFNAME`, `NCCL_IB_HCA`,
+    /// `NCCL_IB_GID_INDEX` and `NCCL_TOPO_FILE` for its claimed NICs (default: no). A variable
+    /// the container sets itself is left alone.
+    pub env: bool,
+}
+
 /// Placement requirement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -402,6 +415,7 @@ impl NetworkConfig {
             rdma: later.rdma.or(self.rdma),
             telemetry: later.telemetry.or(self.telemetry),
             topology: later.topology.or(self.topology),
+            nccl: later.nccl.or(self.nccl),
         }
     }
 

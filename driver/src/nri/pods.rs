@@ -96,6 +96,17 @@ pub enum HookError {
         /// `namespace/name` of the pod.
         pod: String,
     },
+    /// The NCCL settings a claim asks for could not be made.
+    #[error("{claim}: NCCL settings for pod {pod}")]
+    Nccl {
+        /// The claim.
+        claim: String,
+        /// `namespace/name` of the pod.
+        pod: String,
+        /// Why.
+        #[source]
+        source: Box<NcclFailure>,
+    },
     /// A container starts while its pod's claimed device is not attached.
     #[error("{claim}: its network device is not attached to pod {pod}: {why}")]
     NotAttached {
@@ -137,6 +148,43 @@ pub struct NodeHooks<C> {
     telemetry: Option<Arc<Telemetry>>,
     /// Telemetry attachments running in the background, drained at shutdown.
     tasks: TaskTracker,
+    /// Where the pods' NCCL topology files go.
+    nccl: Option<NcclFiles>,
+}
+
+/// Where knd writes the pods' NCCL topology files, and what it reads to make them.
+#[derive(Debug, Clone)]
+pub struct NcclFiles {
+    /// The host's sysfs (GID tables, PCIe bridges).
+    pub host: crate::os::host::HostRoot,
+    /// The directory knd writes them to, one subdirectory per pod.
+    pub dir: PathBuf,
+    /// The same directory as the container runtime sees it, for the bind mount (the same path
+    /// unless knd runs in a container that mounts it elsewhere).
+    pub runtime_dir: PathBuf,
+}
+
+/// Why a pod's NCCL settings could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NcclFailure {
+    /// From the devices.
+    #[error(transparent)]
+    Settings(#[from] attach::nccl::NcclError),
+    /// knd runs without a place for the files.
+    #[error("knd was started without a directory for NCCL topology files")]
+    NoDirectory,
+    /// The pod's UID cannot name a directory.
+    #[error("pod UID `{0}` is not a UID")]
+    Uid(String),
+    /// The file could not be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn network_namespace(pod: &api::PodSandbox) -> Option<PathBuf> {
@@ -168,6 +216,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             locks: Mutex::default(),
             telemetry: None,
             tasks: TaskTracker::new(),
+            nccl: None,
         }
     }
 
@@ -177,6 +226,121 @@ impl<C: ClaimApi> NodeHooks<C> {
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
         self.telemetry = Some(telemetry);
         self
+    }
+
+    /// Hands NCCL settings to the containers of pods whose claims ask for them, writing their
+    /// topology files below `files.dir`.
+    #[must_use]
+    pub fn with_nccl(mut self, files: NcclFiles) -> Self {
+        self.nccl = Some(files);
+        self
+    }
+
+    /// The NCCL variables (those `container` does not set itself) and the topology file's mount
+    /// for the devices of `claims` whose configuration asks for them; nothing when none does.
+    fn nccl_adjustment(
+        &self,
+        pod: &api::PodSandbox,
+        container: &api::Container,
+        claims: &[PreparedClaim],
+        record: Option<&PodRecord>,
+    ) -> Result<(Vec<api::KeyValue>, Vec<api::Mount>), HookError> {
+        let wanted: Vec<(&PreparedClaim, &PreparedDevice)> = claims
+            .iter()
+            .flat_map(|c| c.devices.iter().map(move |d| (c, d)))
+            .filter(|(_, d)| d.config.nccl.is_some_and(|n| n.env))
+            .collect();
+        let Some((first, _)) = wanted.first() else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let failed = |source: NcclFailure| HookError::Nccl {
+            claim: claim_label(first),
+            pod: format!("{}/{}", pod.namespace, pod.name),
+            source: Box::new(source),
+        };
+        let files = self
+            .nccl
+            .as_ref()
+            .ok_or_else(|| failed(NcclFailure::NoDirectory))?;
+        if !is_plain_uid(&pod.uid) {
+            return Err(failed(NcclFailure::Uid(pod.uid.clone())));
+        }
+        let inventory = self.inventory.borrow().clone();
+        let attachments: Vec<(&AttachmentRecord, &crate::model::records::PodSide)> = record
+            .map(|r| r.attachments.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|a| {
+                wanted
+                    .iter()
+                    .any(|(c, d)| c.uid == a.claim_uid && d.device == a.device)
+            })
+            .filter_map(|a| Some((a, a.pod.as_ref()?)))
+            .collect();
+        let addresses: Vec<Vec<std::net::IpAddr>> = attachments
+            .iter()
+            .map(|(_, side)| side.addresses.iter().map(ipnet::IpNet::addr).collect())
+            .collect();
+        let mut nics = Vec::new();
+        for ((attachment, side), addresses) in attachments.iter().zip(&addresses) {
+            let Some(nic) = resources::published_nic(&inventory, &attachment.device) else {
+                continue;
+            };
+            nics.push(attach::nccl::PodNic {
+                interface: &side.name,
+                addresses,
+                nic,
+            });
+        }
+        let gpus: Vec<&crate::discover::pci::PciDevice> = wanted
+            .iter()
+            .filter_map(|(_, d)| d.topology.as_ref())
+            .filter_map(|finding| inventory.gpus.iter().find(|g| g.address == finding.gpu))
+            .fold(Vec::new(), |mut gpus, gpu| {
+                if !gpus
+                    .iter()
+                    .any(|g: &&crate::discover::pci::PciDevice| g.address == gpu.address)
+                {
+                    gpus.push(gpu);
+                }
+                gpus
+            });
+        let pod_name = format!("{}/{}", pod.namespace, pod.name);
+        let settings = attach::nccl::settings(&files.host, &pod_name, &nics, &gpus)
+            .map_err(|e| failed(e.into()))?;
+        // The container's own variables win (`KEY=VALUE`; a bare `KEY` counts too).
+        let own: Vec<&str> = container
+            .env
+            .iter()
+            .map(|entry| entry.split_once('=').map_or(entry.as_str(), |(key, _)| key))
+            .collect();
+        let env: Vec<api::KeyValue> = settings
+            .env
+            .into_iter()
+            .filter(|(key, _)| !own.contains(&key.as_str()))
+            .map(|(key, value)| api::KeyValue { key, value })
+            .collect();
+        if !env.iter().any(|kv| kv.key == "NCCL_TOPO_FILE") {
+            return Ok((env, Vec::new()));
+        }
+        let mount = write_topology(files, &pod.uid, &settings.topology).map_err(failed)?;
+        Ok((env, vec![mount]))
+    }
+
+    /// Removes the pod's NCCL topology file, if it has one.
+    fn remove_nccl_file(&self, uid: &str) {
+        let Some(files) = &self.nccl else { return };
+        if !is_plain_uid(uid) {
+            return;
+        }
+        let dir = files.dir.join(uid);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the pod's NCCL topology file");
+            }
+        }
     }
 
     /// Starts measuring the attached interfaces of `record` in the background. The task holds
@@ -777,6 +941,7 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
         let lock = self.lock(&pod.uid);
         let _guard = lock.lock().await;
         let outcome = self.release_pod(&pod.uid, true).await;
+        self.remove_nccl_file(&pod.uid);
         self.locks
             .lock()
             .expect("pod locks poisoned")
@@ -787,7 +952,7 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
     async fn create_container(
         &self,
         pod: api::PodSandbox,
-        _container: api::Container,
+        container: api::Container,
     ) -> Result<api::ContainerAdjustment, HookError> {
         let claims = self.claims_of(&pod.uid)?;
         if claims.is_empty() {
@@ -817,6 +982,7 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
                 });
             }
         }
+        let (env, mounts) = self.nccl_adjustment(&pod, &container, &claims, record.as_ref())?;
         let devices = self.rdma_devices(&claims);
         let cgroup_rules = devices
             .iter()
@@ -828,17 +994,53 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
                 access: "rwm".into(),
             })
             .collect::<Vec<_>>();
-        if devices.is_empty() {
-            return Ok(api::ContainerAdjustment::default());
-        }
         Ok(api::ContainerAdjustment {
-            linux: Some(api::LinuxContainerAdjustment {
-                devices,
-                resources: Some(api::LinuxResources {
-                    devices: cgroup_rules,
-                }),
-            }),
+            linux: if devices.is_empty() {
+                None
+            } else {
+                Some(api::LinuxContainerAdjustment {
+                    devices,
+                    resources: Some(api::LinuxResources {
+                        devices: cgroup_rules,
+                    }),
+                })
+            },
+            env,
+            mounts,
             ..api::ContainerAdjustment::default()
         })
     }
+}
+
+/// Whether `uid` is a pod UID that is safe as one path component (letters, digits, dashes).
+fn is_plain_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Writes the pod's NCCL topology file atomically under `files.dir/<uid>/` and returns the
+/// read-only bind mount that shows it to the container at [`attach::nccl::TOPOLOGY_PATH`].
+fn write_topology(files: &NcclFiles, uid: &str, topology: &str) -> Result<api::Mount, NcclFailure> {
+    let dir = files.dir.join(uid);
+    let path = dir.join("topo.xml");
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        let staged = dir.join(".topo.xml.new");
+        std::fs::write(&staged, topology)?;
+        std::fs::rename(&staged, &path)
+    };
+    write().map_err(|source| NcclFailure::Write {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(api::Mount {
+        destination: attach::nccl::TOPOLOGY_PATH.to_owned(),
+        r#type: "bind".to_owned(),
+        source: files
+            .runtime_dir
+            .join(uid)
+            .join("topo.xml")
+            .to_string_lossy()
+            .into_owned(),
+        options: vec!["rbind".to_owned(), "ro".to_owned()],
+    })
 }

@@ -157,6 +157,23 @@ pub fn pod(daemonset: &DaemonSet, node: &Node) -> anyhow::Result<Pod> {
         .context("the knd container has no image")?;
     let mut mounts = mounts(template, container, node)?;
     let mut envs = env(container, node)?;
+    // On a node the state directory has the same path inside knd's container and outside; here
+    // a directory of the test stands in for it, and knd is told where the runtime finds it (to
+    // bind-mount the pods' NCCL topology files from it).
+    let state_dir = envs
+        .iter()
+        .find(|kv| kv.key == "KND_STATE_DIR")
+        .map_or("/var/lib/knd", |kv| kv.value.as_str())
+        .to_owned();
+    if let Some(mount) = mounts
+        .iter()
+        .find(|m| m.container_path == state_dir && m.host_path != state_dir)
+    {
+        envs.push(cri::KeyValue {
+            key: "KND_RUNTIME_STATE_DIR".into(),
+            value: mount.host_path.clone(),
+        });
+    }
     if let Some((dir, environment)) = &node.service_account {
         mounts.push(cri::Mount {
             container_path: SERVICE_ACCOUNT_DIR.into(),

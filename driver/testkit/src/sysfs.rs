@@ -286,6 +286,38 @@ impl SysfsTree {
         );
     }
 
+    /// Port 1 of RDMA device `name` on Ethernet (RoCE), with the GID table the kernel shows
+    /// once `addresses` are on its netdev: the link-local pair (RoCE v1, v2), then a v1 and a
+    /// v2 entry of each address (IPv4-mapped), then free (all-zero) entries up to 16.
+    pub fn roce_gids(&self, name: &str, addresses: &[std::net::Ipv4Addr]) {
+        let port = format!("/sys/class/infiniband/{name}/ports/1");
+        let text = |gid: std::net::Ipv6Addr| gid.segments().map(|s| format!("{s:04x}")).join(":");
+        let mut rows = vec![
+            (
+                text("fe80::ff:fe00:1".parse().expect("a GID")),
+                "IB/RoCE v1",
+            ),
+            (text("fe80::ff:fe00:1".parse().expect("a GID")), "RoCE v2"),
+        ];
+        for address in addresses {
+            rows.push((text(address.to_ipv6_mapped()), "IB/RoCE v1"));
+            rows.push((text(address.to_ipv6_mapped()), "RoCE v2"));
+        }
+        for (index, (gid, kind)) in rows.iter().enumerate() {
+            self.file(&format!("{port}/gids/{index}"), &format!("{gid}\n"));
+            self.file(
+                &format!("{port}/gid_attrs/types/{index}"),
+                &format!("{kind}\n"),
+            );
+        }
+        for index in rows.len()..16 {
+            self.file(
+                &format!("{port}/gids/{index}"),
+                &format!("{}\n", text(std::net::Ipv6Addr::UNSPECIFIED)),
+            );
+        }
+    }
+
     /// The `rdma_cm` misc device.
     pub fn rdma_cm(&self) {
         let dir = "/sys/devices/virtual/misc/rdma_cm";

@@ -158,3 +158,55 @@ fn parse_dev(dir: &HostDir, dev_path: &str, warnings: &mut Warnings) -> Option<C
         None
     }
 }
+
+/// What a GID table entry is for (`gid_attrs/types/N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GidType {
+    /// `RoCE v2`: routable, over UDP/IP (an IPv4 address appears IPv4-mapped).
+    RoceV2,
+    /// `IB/RoCE v1`: InfiniBand, or RoCE over Ethernet frames only.
+    IbOrRoceV1,
+}
+
+/// One used entry of a port's GID table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GidEntry {
+    /// Its index (what `NCCL_IB_GID_INDEX` and `ibv_query_gid` take).
+    pub index: u32,
+    /// The GID.
+    pub gid: std::net::Ipv6Addr,
+    /// Its type.
+    pub kind: GidType,
+}
+
+/// The used entries of `port`'s GID table on RDMA device `device`, by index: `gids/N` parsed as
+/// 128-bit GIDs, all-zero (free) ones left out, and `gid_attrs/types/N` (which the kernel
+/// refuses to read for free entries) as a [`GidType`]. Anything else in the directory, and
+/// entries whose files make no sense, are left out. Fails only when the table cannot be read.
+pub fn gid_table(host: &HostRoot, device: &str, port: u32) -> Result<Vec<GidEntry>, FileProblem> {
+    let port_dir = host.dir(&format!("/sys/class/infiniband/{device}/ports/{port}"))?;
+    let gids = port_dir.subdir("gids")?;
+    let mut entries: Vec<GidEntry> = gids
+        .list()
+        .into_iter()
+        .filter_map(|name| {
+            let index: u32 = name.parse().ok().filter(|_| !name.starts_with('+'))?;
+            let gid: std::net::Ipv6Addr = gids.read(&name).ok()??.parse().ok()?;
+            if gid.is_unspecified() {
+                return None;
+            }
+            let kind = match port_dir
+                .read(&format!("gid_attrs/types/{index}"))
+                .ok()??
+                .as_str()
+            {
+                "RoCE v2" => GidType::RoceV2,
+                "IB/RoCE v1" => GidType::IbOrRoceV1,
+                _ => return None,
+            };
+            Some(GidEntry { index, gid, kind })
+        })
+        .collect();
+    entries.sort_by_key(|e| e.index);
+    Ok(entries)
+}
