@@ -57,6 +57,9 @@ const PODS: [(&str, &str); 2] = [("trainer-0", "10.77.0.10"), ("trainer-1", "10.
 /// The claim template every pod names, from `knd templates` for this node.
 const TEMPLATE: &str = "gpu-nic-aligned";
 const TRAFFIC_SECONDS: u32 = 6;
+/// The daemon's health checks in the demo: every second, healthy again after 5 quiet seconds.
+const HEALTH_INTERVAL: u64 = 1;
+const HEALTH_WINDOW: u64 = 5;
 /// The per-interface sysctl every claim sets (set to 1).
 const SYSCTL: &str = "net.ipv4.conf.net1.arp_ignore";
 
@@ -153,7 +156,7 @@ impl Drop for Daemon {
 
 struct Demo {
     node: Arc<TestHost>,
-    _switch: TestHost,
+    switch: TestHost,
     /// The host root the daemon reads (kept until the end).
     tree: knd_testkit::sysfs::SysfsTree,
     dir: tempfile::TempDir,
@@ -269,7 +272,7 @@ impl Demo {
         );
         Ok(Self {
             node: Arc::new(node),
-            _switch: switch,
+            switch,
             tree,
             dir,
             containerd,
@@ -373,7 +376,107 @@ impl Demo {
             baseline.push(self.counters(i, pod).await?);
         }
         self.traffic(&pods).await?;
-        self.check_counters(&pods, &baseline).await
+        self.check_counters(&pods, &baseline).await?;
+        self.unhealthy_link_tainted().await
+    }
+
+    /// The scheduler's loop: trainer-0's switch port goes down, so its NIC in the pod loses
+    /// carrier; knd taints the device in its ResourceSlice, keeps the taint through a burst of
+    /// flaps without rewriting the slices, and removes it after a quiet health window.
+    async fn unhealthy_link_tainted(&self) -> anyhow::Result<()> {
+        let claim = self
+            .fake
+            .claim("ml", &format!("{}-nic", PODS[0].0))
+            .context("trainer-0's claim")?;
+        let device = claim
+            .status
+            .and_then(|s| s.allocation)
+            .and_then(|a| a.devices)
+            .into_iter()
+            .flat_map(|d| d.results.into_iter().flatten())
+            .find(|r| r.driver == "knd.dev")
+            .context("trainer-0's knd.dev device")?
+            .device;
+        let port = |up: bool| {
+            self.switch.netlink(|link| async move {
+                if up {
+                    link.set_up("port0").await
+                } else {
+                    link.set_down("port0").await
+                }
+            })
+        };
+        let taint = || {
+            self.fake
+                .slices()
+                .iter()
+                .flat_map(|s| s.spec.devices.iter().flatten())
+                .find(|d| d.name == device)
+                .and_then(|d| d.taints.clone())
+                .and_then(|mut t| t.pop())
+        };
+        let writes = || {
+            self.fake
+                .requests()
+                .iter()
+                .filter(|r| r.method != "GET" && r.path.contains("/resourceslices"))
+                .count()
+        };
+        let wait = async |what: &str, limit: Duration, done: &dyn Fn() -> bool| {
+            let started = Instant::now();
+            while !done() {
+                ensure!(started.elapsed() < limit, "{what} not within {limit:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(started.elapsed())
+        };
+        println!(
+            "\nhealth: switch port0 down (trainer-0's net1 loses carrier; --health-interval \
+             {HEALTH_INTERVAL} s, --health-window {HEALTH_WINDOW} s, --publish-interval 5 s)"
+        );
+        port(false)?;
+        let took = wait("the taint", Duration::from_secs(15), &|| taint().is_some()).await?;
+        let added = taint().context("the taint")?;
+        println!(
+            "  ResourceSlice: {device} tainted {}={}:{} after {took:.1?}",
+            added.key,
+            added.value.as_deref().unwrap_or_default(),
+            added.effect
+        );
+        ensure!(added.key == "knd.dev/unhealthy" && added.effect == "NoSchedule");
+        let before = writes();
+        let burst = Instant::now();
+        let mut up = false;
+        while burst.elapsed() < Duration::from_secs(6) {
+            up = !up;
+            port(up)?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            ensure!(
+                taint().as_ref() == Some(&added),
+                "the taint changed in the burst"
+            );
+        }
+        let burst_writes = writes() - before;
+        println!(
+            "  6 s of flaps (port0 toggled every 300 ms): taint unchanged, {burst_writes} slice writes"
+        );
+        ensure!(
+            burst_writes <= 2,
+            "{burst_writes} slice writes in 6 s of flaps"
+        );
+        port(true)?;
+        let quiet = wait(
+            "the taint's removal",
+            Duration::from_secs(HEALTH_WINDOW + 15),
+            &|| taint().is_none(),
+        )
+        .await?;
+        println!("  link up and quiet: taint removed after {quiet:.1?}");
+        ensure!(
+            quiet >= Duration::from_secs(HEALTH_WINDOW - 1),
+            "removed before the window"
+        );
+        Ok(())
     }
 
     /// Starts a container in each trainer pod and shows, from the container's own environment
@@ -819,6 +922,8 @@ fn start_daemon(
         .arg(containerd.nri_socket())
         .arg("--host-root")
         .arg(tree.root())
+        .args(["--health-interval", &HEALTH_INTERVAL.to_string()])
+        .args(["--health-window", &HEALTH_WINDOW.to_string()])
         .env_remove("KUBECONFIG")
         .env("RUST_LOG", "knd=info")
         .stdout(Stdio::null())
@@ -847,7 +952,17 @@ async fn start_container(
         .to_path_buf();
     let node = daemonset::Node::standing_in("node-1", dir, tree.root(), &nri_dir)?
         .with_service_account(fake, &dir.join("serviceaccount"))?;
-    let pod = daemonset::pod(&daemonset::load(&manifest)?, &node)?;
+    let mut pod = daemonset::pod(&daemonset::load(&manifest)?, &node)?;
+    // The demo's short health window (the manifest keeps the defaults).
+    for (key, value) in [
+        ("KND_HEALTH_INTERVAL", HEALTH_INTERVAL),
+        ("KND_HEALTH_WINDOW", HEALTH_WINDOW),
+    ] {
+        pod.container.envs.push(cri::KeyValue {
+            key: key.to_owned(),
+            value: value.to_string(),
+        });
+    }
     let port = daemonset::env_value(&pod.container, "KND_METRICS_ADDR")
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
         .context("the DaemonSet sets no KND_METRICS_ADDR")?
