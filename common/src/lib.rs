@@ -73,6 +73,100 @@ pub mod names {
     pub const NOOP_PROG: &str = "knd_noop";
     /// sock_ops program (on a cgroup v2 directory) that records TCP RTT and retransmits.
     pub const SOCKOPS_PROG: &str = "knd_sockops";
+    /// Array of [`super::Policer`], indexed by [`super::direction`]: a claim's bandwidth share.
+    pub const POLICER_MAP: &str = "POLICER";
+    /// Per-CPU array of [`super::TrafficCounters`], indexed by [`super::direction`]: frames the
+    /// policer dropped.
+    pub const POLICED_MAP: &str = "POLICED";
+    /// TCX ingress classifier that polices received traffic to the share.
+    pub const POLICE_INGRESS_PROG: &str = "knd_police_ingress";
+    /// TCX egress classifier that polices sent traffic to the share.
+    pub const POLICE_EGRESS_PROG: &str = "knd_police_egress";
+    /// Hash of pacing rates (bytes per second) by [`super::PacingKey`]: the TCP connections of
+    /// a bandwidth share, paced by the kernel's TCP stack.
+    pub const PACING_MAP: &str = "PACING";
+}
+
+/// Connections to pace: those of one network namespace (its cookie) with one local address
+/// (a share's address; IPv4 as IPv4-mapped IPv6, bytes in network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PacingKey {
+    /// `bpf_get_netns_cookie` of the connection's namespace.
+    pub netns_cookie: u64,
+    /// The connection's local address.
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(size_of::<PacingKey>() == 24);
+
+/// Shares whose connections the sock_ops program paces.
+pub const PACING_ENTRIES: u32 = 1024;
+
+/// One direction's policer: a claim's share of a NIC, enforced on its own interface as a
+/// token bucket in its virtual-scheduling form (GCRA): `tat_ns` is the time at which the bucket
+/// would be full again; a frame of `len` bytes passes when `tat_ns` is at most `tolerance_ns`
+/// ahead of now, and moves it `len / rate` later. A `rate` of 0 polices nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policer {
+    /// Bytes per second (the share's bits per second / 8).
+    pub rate: u64,
+    /// The bucket's size in bytes (what `tolerance_ns` amounts to at `rate`).
+    pub burst: u64,
+    /// How far ahead of now the theoretical arrival time may run: `burst / rate` seconds.
+    pub tolerance_ns: u64,
+    /// The theoretical arrival time (`bpf_ktime_get_ns` clock), advanced by an atomic add.
+    pub tat_ns: u64,
+}
+
+const _: () = assert!(size_of::<Policer>() == 32);
+
+impl Policer {
+    /// A policer of `rate` bytes per second with a bucket of `burst` bytes.
+    #[must_use]
+    pub const fn new(rate: u64, burst: u64) -> Self {
+        let tolerance_ns = match burst.saturating_mul(1_000_000_000).checked_div(rate) {
+            Some(ns) => ns,
+            None => 0,
+        };
+        Self {
+            rate,
+            burst,
+            tolerance_ns,
+            tat_ns: 0,
+        }
+    }
+
+    /// The verdict for a frame of `len` bytes at `now` with the theoretical arrival time at
+    /// `tat`: `None` to drop it, else the time it moves the arrival time on to.
+    #[must_use]
+    pub const fn admit(&self, tat: u64, now: u64, len: u64) -> Option<u64> {
+        let start = if tat > now { tat } else { now };
+        if start - now > self.tolerance_ns {
+            return None;
+        }
+        Some(start + self.cost_ns(len))
+    }
+
+    /// How long `len` bytes take at the rate.
+    #[must_use]
+    pub const fn cost_ns(&self, len: u64) -> u64 {
+        match len.saturating_mul(1_000_000_000).checked_div(self.rate) {
+            Some(ns) => ns,
+            None => 0,
+        }
+    }
+}
+
+/// The burst a share of `rate` bytes per second gets: 4 ms of its rate (a TCP sender's window
+/// at the round-trip times of a node's fabric, so that a flow at the rate is not cut below it),
+/// and at least eight 64 KiB GSO super-frames (one TSO frame must always fit).
+#[must_use]
+pub const fn policer_burst(rate: u64) -> u64 {
+    let window = rate / 250;
+    let floor = 8 * 65_536;
+    if window > floor { window } else { floor }
 }
 
 /// Entries in [`names::IFACE_STATS_MAP`]: one per [`direction`].
@@ -253,6 +347,10 @@ mod user {
     unsafe impl aya::Pod for super::RttStats {}
     // SAFETY: as above: `#[repr(C)]`, `Copy`, only `u64`s, no padding (size assertion).
     unsafe impl aya::Pod for super::DirectionStats {}
+    // SAFETY: as above: `#[repr(C)]`, `Copy`, only 64-bit integers, no padding (size assertion).
+    unsafe impl aya::Pod for super::Policer {}
+    // SAFETY: as above: `#[repr(C)]`, `Copy`, a `u64` and bytes, no padding (size assertion).
+    unsafe impl aya::Pod for super::PacingKey {}
 }
 
 #[cfg(test)]
@@ -273,5 +371,51 @@ mod tests {
         assert_eq!(rtt_bucket(2), 1);
         assert_eq!(rtt_bucket(30), 5, "30 µs is at most 32 = 2^5");
         assert_eq!(rtt_bucket(u32::MAX), RTT_BUCKETS - 1);
+    }
+
+    #[test]
+    fn the_policer_passes_its_rate_and_its_burst_and_no_more() {
+        // 1 Gbit/s = 125 MB/s with a 250 kB bucket (2 ms).
+        let policer = Policer::new(125_000_000, 250_000);
+        assert_eq!(policer.tolerance_ns, 2_000_000);
+        assert_eq!(policer.cost_ns(125_000), 1_000_000, "125 kB take 1 ms");
+        // From idle, a burst of 250 kB passes at once, then frames are dropped until time
+        // catches up with the arrival time.
+        let (mut tat, mut passed) = (0, 0);
+        let now = 10_000_000_000;
+        while let Some(next) = policer.admit(tat, now, 10_000) {
+            tat = next;
+            passed += 10_000;
+        }
+        assert_eq!(passed, 260_000, "the bucket plus the frame that fills it");
+        // With the bucket empty, offering 1.5 GB/s for a second passes a second's worth at the
+        // rate, less what the last burst frame overdrew (10 kB at most).
+        let mut passed = 0u64;
+        for step in 0..1_000_000u64 {
+            let t = now + step * 1_000;
+            if let Some(next) = policer.admit(tat, t, 1_500) {
+                tat = next;
+                passed += 1_500;
+            }
+        }
+        assert!(
+            (125_000_000 - 10_000..=125_000_000).contains(&passed),
+            "{passed}"
+        );
+        assert_eq!(
+            Policer::new(0, 1).admit(0, 5, 1_000_000),
+            Some(5),
+            "rate 0 polices nothing"
+        );
+        assert_eq!(
+            policer_burst(125_000_000),
+            524_288,
+            "floor: eight 64 KiB frames"
+        );
+        assert_eq!(
+            policer_burst(625_000_000),
+            2_500_000,
+            "5 Gbit/s: 4 ms of it"
+        );
     }
 }

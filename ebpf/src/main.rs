@@ -7,22 +7,29 @@
 //! goes to user space per packet: everything lands in per-CPU maps the driver reads.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd: the BPF target's core atomics have no read-modify-write"
+)]
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG, TC_ACT_UNSPEC,
+        BPF_SOCK_OPS_RTT_CB_FLAG, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
-    helpers::generated::bpf_get_netns_cookie,
+    helpers::bpf_ktime_get_ns,
+    helpers::generated::{bpf_get_netns_cookie, bpf_setsockopt},
     macros::{classifier, map, sock_ops},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{SockOpsContext, TcContext},
 };
 use knd_common::{
-    DirectionStats, IFACE_STATS_ENTRIES, NETNS_RTT_ENTRIES, ROCEV2_PORT, RTT_BUCKETS, RttStats,
-    SIZE_BUCKETS, class, direction, rtt_bucket, size_bucket,
+    DirectionStats, IFACE_STATS_ENTRIES, NETNS_RTT_ENTRIES, PACING_ENTRIES, PacingKey, Policer,
+    ROCEV2_PORT, RTT_BUCKETS, RttStats, SIZE_BUCKETS, TrafficCounters, class, direction,
+    rtt_bucket, size_bucket,
 };
 
 /// This interface's statistics by direction. The driver loads one instance of the classifiers
@@ -56,6 +63,88 @@ fn knd_traffic_ingress(ctx: TcContext) -> i32 {
 )]
 fn knd_traffic_egress(ctx: TcContext) -> i32 {
     count(&ctx, direction::EGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// Pacing rates (bytes per second) of the shares' TCP connections, by namespace and local
+/// address; the driver inserts a share's addresses when it attaches the share.
+#[map(name = "PACING")]
+static PACING: HashMap<PacingKey, u64> = HashMap::with_max_entries(PACING_ENTRIES, 0);
+
+/// This interface's bandwidth share by direction (a claim's share of a NIC); the driver writes
+/// the rate and burst, the programs the bucket.
+#[map(name = "POLICER")]
+static POLICER: Array<Policer> = Array::with_max_entries(IFACE_STATS_ENTRIES, 0);
+
+/// Frames and bytes the policer dropped, by direction.
+#[map(name = "POLICED")]
+static POLICED: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(IFACE_STATS_ENTRIES, 0);
+
+/// TCX egress, before the counting program: drops what exceeds the share (the kernel's and
+/// knd's transmit counters then both count only what left).
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[classifier] entry point receives its context by value"
+)]
+fn knd_police_egress(ctx: TcContext) -> i32 {
+    police(&ctx, direction::EGRESS)
+}
+
+/// TCX ingress, after the counting program: drops what exceeds the share.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[classifier] entry point receives its context by value"
+)]
+fn knd_police_ingress(ctx: TcContext) -> i32 {
+    police(&ctx, direction::INGRESS)
+}
+
+/// The policer (see [`Policer`]): the verdict on the theoretical arrival time as read, which
+/// moves on by an atomic add — the only read-modify-write the BPF target offers at its
+/// baseline instruction set. Two CPUs passing frames at the same moment both add their cost, so
+/// under load (the arrival time ahead of now) every byte is accounted exactly; only an idle
+/// bucket's restart (a plain store of now) can lose one concurrent frame's cost.
+#[inline]
+fn police(ctx: &TcContext, direction: u32) -> i32 {
+    let Some(policer) = POLICER.get_ptr_mut(direction) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: the pointer is to the map's value, valid for the program's run; the driver
+    // writes it only before the program is linked.
+    let settings = unsafe { *policer };
+    if settings.rate == 0 {
+        return TC_ACT_UNSPEC;
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let len = u64::from(ctx.len());
+    let tat = settings.tat_ns;
+    if settings.admit(tat, now, len).is_none() {
+        if let Some(dropped) = POLICED.get_ptr_mut(direction) {
+            // SAFETY: this CPU's slot of a per-CPU array entry; nothing else writes it meanwhile.
+            unsafe {
+                (*dropped).packets += 1;
+                (*dropped).bytes += len;
+            }
+        }
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: a field address within the map value (valid, see above); nothing is read here.
+    let tat_ptr = unsafe { &raw mut (*policer).tat_ns };
+    // SAFETY: `tat_ptr` points into the map value (above); volatile so the idle restart's store
+    // is not merged with the add, which is atomic across CPUs.
+    unsafe {
+        if tat < now {
+            core::ptr::write_volatile(tat_ptr, now);
+        }
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            tat_ptr,
+            settings.cost_ns(len),
+        );
+    }
     TC_ACT_UNSPEC
 }
 
@@ -178,6 +267,12 @@ fn classify(ctx: &TcContext) -> (u32, Option<u32>) {
 fn knd_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: the helper only reads the context the kernel passed in.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if matches!(
+        ctx.op(),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    ) {
+        pace(&ctx, cookie);
+    }
     let Some(stats) = NETNS_RTT.get_ptr_mut(cookie) else {
         return 1;
     };
@@ -212,6 +307,63 @@ fn knd_sockops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// A connection from a share's address gets the share's rate as its most pacing rate
+/// (`SO_MAX_PACING_RATE`): the kernel's TCP paces it (internal pacing, no `fq` needed), so a
+/// well-behaved flow stays within the share without meeting the policer's drops.
+#[inline]
+fn pace(ctx: &SockOpsContext, cookie: u64) {
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+    const SOL_SOCKET: i32 = 1;
+    const SO_MAX_PACING_RATE: i32 = 47;
+    let mut key = PacingKey {
+        netns_cookie: cookie,
+        addr: [0; 16],
+    };
+    match ctx.family() {
+        AF_INET => {
+            key.addr[10] = 0xff;
+            key.addr[11] = 0xff;
+            let v4 = ctx.local_ip4().to_ne_bytes();
+            key.addr[12] = v4[0];
+            key.addr[13] = v4[1];
+            key.addr[14] = v4[2];
+            key.addr[15] = v4[3];
+        }
+        AF_INET6 => {
+            let v6 = ctx.local_ip6();
+            let mut i = 0;
+            while i < 4 {
+                let word = v6[i].to_ne_bytes();
+                key.addr[i * 4] = word[0];
+                key.addr[i * 4 + 1] = word[1];
+                key.addr[i * 4 + 2] = word[2];
+                key.addr[i * 4 + 3] = word[3];
+                i += 1;
+            }
+        }
+        _ => return,
+    }
+    // SAFETY: a lookup in a hash map this program owns; the value is copied out at once.
+    let Some(rate) = (unsafe { PACING.get(key) }).copied() else {
+        return;
+    };
+    // The BPF setsockopt takes an int here (the kernel refuses other sizes), so rates are
+    // capped just below 2^32 bytes per second (34 Gbit/s; all ones would mean unlimited).
+    let mut rate: u32 = u32::try_from(rate).map_or(u32::MAX - 1, |r| r.min(u32::MAX - 1));
+    // SAFETY: `ops` is the kernel's context for this call; the option value is a local of
+    // the size given.
+    let _ignored = unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_MAX_PACING_RATE,
+            (&raw mut rate).cast(),
+            4,
+        )
+    };
 }
 
 #[cfg(not(test))]

@@ -6,12 +6,12 @@ use std::{collections::HashMap, fmt, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, tc::TcAttachOptions,
     },
 };
-use knd_common::{DirectionStats, RttStats, TrafficCounters, direction, names};
+use knd_common::{DirectionStats, PacingKey, Policer, RttStats, TrafficCounters, direction, names};
 
 use crate::os::netns::{self, Netns};
 
@@ -117,6 +117,19 @@ pub struct TrafficDetail {
     pub rx: DirectionStats,
     /// What the interface sent.
     pub tx: DirectionStats,
+    /// Received frames the policer dropped (a bandwidth share's ingress; zero unless policed).
+    pub policed_rx: TrafficCounters,
+    /// Frames to send the policer dropped (they never left: not in `tx`).
+    pub policed_tx: TrafficCounters,
+}
+
+/// A bandwidth share to enforce on an interface: a policer per direction (`None`: not policed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShareLimits {
+    /// On what the interface receives.
+    pub ingress: Option<Policer>,
+    /// On what the interface sends.
+    pub egress: Option<Policer>,
 }
 
 /// Traffic counted on one interface since it was attached, summed over all CPUs.
@@ -211,9 +224,11 @@ fn load_object() -> Result<Ebpf> {
         return Err(Error::NotBuilt);
     }
     raise_memlock_limit();
-    // The RTT map belongs to the node-wide sock_ops instance: one entry is enough here.
+    // The RTT and pacing maps belong to the node-wide sock_ops instance: one entry is enough
+    // here.
     EbpfLoader::new()
         .map_max_entries(names::NETNS_RTT_MAP, 1)
+        .map_max_entries(names::PACING_MAP, 1)
         .load(PROBES_OBJECT)
         .map_err(|e| Error::Load(Box::new(e)))
 }
@@ -380,6 +395,83 @@ impl TrafficProbes {
         Ok(id)
     }
 
+    /// Enforces `limits` on the attachment's interface (now `interface` in `netns`) with the
+    /// policing programs of the same instance: egress before the counting program (what it
+    /// drops never left, and is in neither knd's nor the kernel's transmit counters), ingress
+    /// after it (received frames count as the kernel counts them, then the excess is dropped).
+    /// Drops are counted in [`TrafficDetail::policed_rx`]/[`TrafficDetail::policed_tx`].
+    pub fn police(
+        &mut self,
+        id: AttachmentId,
+        netns: &Netns,
+        interface: &str,
+        limits: ShareLimits,
+    ) -> Result<()> {
+        let namespace = netns.to_string();
+        let attachment = self
+            .attachments
+            .get_mut(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        {
+            let name = names::POLICER_MAP;
+            let map = attachment
+                .ebpf
+                .map_mut(name)
+                .ok_or(Error::Missing { kind: "map", name })?;
+            let mut policers: Array<&mut MapData, Policer> =
+                Array::try_from(map).map_err(map_error("open", name))?;
+            for (index, policer) in [
+                (direction::INGRESS, limits.ingress),
+                (direction::EGRESS, limits.egress),
+            ] {
+                policers
+                    .set(index, policer.unwrap_or_default(), 0)
+                    .map_err(map_error("set", name))?;
+            }
+        }
+        let ebpf = &mut attachment.ebpf;
+        let mut linked = Vec::new();
+        netns.run(|| -> Result<()> {
+            for (program, attach_type, order, wanted) in [
+                (
+                    names::POLICE_EGRESS_PROG,
+                    TcAttachType::Egress,
+                    LinkOrder::first(),
+                    limits.egress.is_some(),
+                ),
+                (
+                    names::POLICE_INGRESS_PROG,
+                    TcAttachType::Ingress,
+                    LinkOrder::default(),
+                    limits.ingress.is_some(),
+                ),
+            ] {
+                if !wanted {
+                    continue;
+                }
+                let classifier = classifier(ebpf, program)?;
+                if classifier.fd().is_err() {
+                    classifier.load().map_err(|source| Error::Program {
+                        program,
+                        source: Box::new(source),
+                    })?;
+                }
+                classifier
+                    .attach_with_options(interface, attach_type, TcAttachOptions::TcxOrder(order))
+                    .map_err(|source| Error::Attach {
+                        program,
+                        interface: interface.to_owned(),
+                        namespace: namespace.clone(),
+                        source: Box::new(source),
+                    })?;
+                linked.push(program);
+            }
+            Ok(())
+        })??;
+        attachment.programs.extend(linked);
+        Ok(())
+    }
+
     /// Sets the attachment's counters back to zero: counting starts again from now. Exact only
     /// while the interface carries no frame (down, as it arrives in a pod).
     pub fn reset(&mut self, id: AttachmentId) -> Result<()> {
@@ -450,7 +542,8 @@ impl TrafficProbes {
             .get(&id)
             .ok_or(Error::UnknownAttachment(id))?;
         let stats = read_array::<DirectionStats>(&attachment.ebpf, names::IFACE_STATS_MAP)?;
-        Ok(TrafficDetail::of(&stats))
+        let policed = read_array::<TrafficCounters>(&attachment.ebpf, names::POLICED_MAP)?;
+        Ok(TrafficDetail::of(&stats, &policed))
     }
 
     /// A reader of the attachment's counters with a map handle of its own: it reads without
@@ -460,11 +553,14 @@ impl TrafficProbes {
             .attachments
             .get(&id)
             .ok_or(Error::UnknownAttachment(id))?;
-        let name = names::IFACE_STATS_MAP;
-        let map = own_handle(&attachment.ebpf, name)?;
-        Ok(TrafficReader(
-            PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(map_error("open", name))?,
-        ))
+        let open = |name: &'static str| -> Result<MapData> { own_handle(&attachment.ebpf, name) };
+        let (stats, policed) = (names::IFACE_STATS_MAP, names::POLICED_MAP);
+        Ok(TrafficReader {
+            stats: PerCpuArray::try_from(Map::PerCpuArray(open(stats)?))
+                .map_err(map_error("open", stats))?,
+            policed: PerCpuArray::try_from(Map::PerCpuArray(open(policed)?))
+                .map_err(map_error("open", policed))?,
+        })
     }
 }
 
@@ -484,7 +580,10 @@ fn place_here(namespace: &str, interface: &str) -> Result<(u64, u32)> {
 }
 
 /// Reads one attachment's counters (see [`TrafficProbes::reader`]).
-pub struct TrafficReader(PerCpuArray<MapData, DirectionStats>);
+pub struct TrafficReader {
+    stats: PerCpuArray<MapData, DirectionStats>,
+    policed: PerCpuArray<MapData, TrafficCounters>,
+}
 
 impl fmt::Debug for TrafficReader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -495,19 +594,22 @@ impl fmt::Debug for TrafficReader {
 impl TrafficReader {
     /// Traffic counted so far by class, frame size and RoCEv2 opcode class.
     pub fn detail(&self) -> Result<TrafficDetail> {
-        Ok(TrafficDetail::of(&sum_array(
-            &self.0,
-            names::IFACE_STATS_MAP,
-        )?))
+        Ok(TrafficDetail::of(
+            &sum_array(&self.stats, names::IFACE_STATS_MAP)?,
+            &sum_array(&self.policed, names::POLICED_MAP)?,
+        ))
     }
 }
 
 impl TrafficDetail {
-    fn of(stats: &[DirectionStats]) -> Self {
+    fn of(stats: &[DirectionStats], policed: &[TrafficCounters]) -> Self {
         let of = |d: u32| stats.get(d as usize).copied().unwrap_or_default();
+        let dropped = |d: u32| policed.get(d as usize).copied().unwrap_or_default();
         Self {
             rx: of(direction::INGRESS),
             tx: of(direction::EGRESS),
+            policed_rx: dropped(direction::INGRESS),
+            policed_tx: dropped(direction::EGRESS),
         }
     }
 }
@@ -547,6 +649,12 @@ impl PerCpuSum for DirectionStats {
     }
 }
 
+impl PerCpuSum for TrafficCounters {
+    fn plus(self, other: &Self) -> Self {
+        self.add(*other)
+    }
+}
+
 impl PerCpuSum for RttStats {
     fn plus(self, other: &Self) -> Self {
         self.merged(other)
@@ -579,6 +687,18 @@ fn sum_array<T: PerCpuSum, M: std::borrow::Borrow<MapData>>(
             Ok(per_cpu.iter().fold(T::default(), PerCpuSum::plus))
         })
         .collect()
+}
+
+/// The pacing map's key for `addr` in the namespace with `cookie` (IPv4 as IPv4-mapped IPv6).
+fn pacing_key(cookie: u64, addr: std::net::IpAddr) -> PacingKey {
+    let v6 = match addr {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    };
+    PacingKey {
+        netns_cookie: cookie,
+        addr: v6.octets(),
+    }
 }
 
 /// The node-wide sock_ops program: attached once to a cgroup v2 directory (the root sees every
@@ -670,6 +790,37 @@ impl SocketProbes {
         self.map()?
             .insert(cookie, zero, 0)
             .map_err(map_error("insert", names::NETNS_RTT_MAP))
+    }
+
+    /// Paces the TCP connections of the namespace with `cookie` whose local address is `addr`
+    /// (a share's address) at no more than `rate` bytes per second: connections established
+    /// from now on get it as their `SO_MAX_PACING_RATE`.
+    pub fn pace(&mut self, cookie: u64, addr: std::net::IpAddr, rate: u64) -> Result<()> {
+        let name = names::PACING_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        let mut pacing: aya::maps::HashMap<&mut MapData, PacingKey, u64> =
+            aya::maps::HashMap::try_from(map).map_err(map_error("open", name))?;
+        pacing
+            .insert(pacing_key(cookie, addr), rate, 0)
+            .map_err(map_error("insert", name))
+    }
+
+    /// Stops pacing what [`Self::pace`] paced (connections already paced keep their rate).
+    pub fn unpace(&mut self, cookie: u64, addr: std::net::IpAddr) -> Result<()> {
+        let name = names::PACING_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        let mut pacing: aya::maps::HashMap<&mut MapData, PacingKey, u64> =
+            aya::maps::HashMap::try_from(map).map_err(map_error("open", name))?;
+        match pacing.remove(&pacing_key(cookie, addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error("remove", name)(e)),
+        }
     }
 
     /// Stops measuring the namespace with `cookie` and forgets its statistics.
