@@ -225,6 +225,7 @@ fn nic_claim(tag: &str, pod_uid: &str, config: &config::NetworkConfig) -> Prepar
             device: "nic0".into(),
             config: config.clone(),
             topology: None,
+            share: None,
         }],
     }
 }

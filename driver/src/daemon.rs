@@ -102,6 +102,13 @@ pub struct RunArgs {
     /// Publish only devices this CEL expression accepts.
     #[arg(long, env = "KND_FILTER")]
     pub filter: Option<String>,
+    /// Publish the NICs this CEL expression accepts as shared NICs: allocatable to many claims
+    /// at once, each consuming part of the link's `bandwidth` (consumable capacity, Kubernetes
+    /// 1.36+), attached as a macvlan child in the pod and held to its share by knd's eBPF
+    /// policer. A shared NIC is only shared (a claim wanting it whole asks for all of its
+    /// bandwidth). Only NICs whose link speed the kernel reports can be shared.
+    #[arg(long, env = "KND_SHARED_NICS")]
+    pub shared_nics: Option<String>,
     /// The root of the cgroup v2 hierarchy the TCP RTT program attaches to (default: the
     /// `cgroup2` mount of the root in knd's mount table, e.g. `/sys/fs/cgroup/unified` on hybrid
     /// nodes, `/sys/fs/cgroup` on cgroup v2 ones). Checked to be a hierarchy's root.
@@ -198,6 +205,9 @@ pub enum Error {
     /// The filter does not compile.
     #[error("--filter: {0}")]
     Filter(#[from] selector::Error),
+    /// The shared-NIC selector does not compile.
+    #[error("--shared-nics: {0}")]
+    SharedNics(#[source] selector::Error),
     /// The state directory cannot be used.
     #[error("--state-dir: {0}")]
     State(#[from] state::Error),
@@ -296,6 +306,25 @@ pub async fn main(args: RunArgs) -> Result<(), Error> {
     run(args, shutdown).await
 }
 
+/// The listener of `/metrics`, `/healthz` and `/readyz`.
+async fn bind_metrics(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Metrics { addr, source })
+}
+
+/// The compiled `--filter` and `--shared-nics`.
+type Selectors = (Option<Arc<Selector>>, Option<Arc<Selector>>);
+
+fn selectors(args: &RunArgs) -> Result<Selectors, Error> {
+    let compile = |text: &Option<String>| text.as_deref().map(Selector::compile).transpose();
+    let filter = compile(&args.filter)?.map(Arc::new);
+    let shared = compile(&args.shared_nics)
+        .map_err(Error::SharedNics)?
+        .map(Arc::new);
+    Ok((filter, shared))
+}
+
 /// Where the pods' NCCL topology files go: under the state directory as knd sees it, and as
 /// the runtime sees the same directory (they differ when knd runs in a container).
 fn nccl_files(args: &RunArgs, host: &HostRoot) -> nri::pods::NcclFiles {
@@ -316,12 +345,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         return Err(Error::HostRoot(args.host_root));
     }
     let host = HostRoot::new(&args.host_root);
-    let filter = args
-        .filter
-        .as_deref()
-        .map(Selector::compile)
-        .transpose()?
-        .map(Arc::new);
+    let (filter, shared) = selectors(&args)?;
     let store = Arc::new(StateStore::open(&args.state_dir)?);
     let client = k8s::client(args.kubeconfig.as_deref()).await?;
     let driver = args.driver_name.clone();
@@ -360,7 +384,8 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     let slices_ready = Arc::new(AtomicBool::new(false));
     let publisher = tokio::spawn(publish_loop(
         Publisher::new(client.clone(), &driver, &node)
-            .with_taint_effect(args.unhealthy_taint.effect()),
+            .with_taint_effect(args.unhealthy_taint.effect())
+            .with_shared(shared.clone()),
         telemetry.published_devices.clone(),
         PublishTriggers {
             inventory: watcher.inventory.clone(),
@@ -389,17 +414,18 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
         Arc::clone(&hooks),
         shutdown.clone(),
     ));
-    let preparer = preparer(&args, &watcher, store, claims.clone(), &telemetry, &hooks);
+    let preparer = preparer(
+        &args,
+        &watcher,
+        (store, claims.clone(), shared),
+        &telemetry,
+        &hooks,
+    );
     let sockets = Sockets::new(&driver, &args.plugin_dir, &args.registry_dir);
     let plugin = dra::serve(&driver, sockets, preparer, health_rx, &shutdown)?;
 
     let health = Health::new(plugin.registration.clone(), slices_ready, &telemetry);
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(|source| Error::Metrics {
-            addr: args.metrics_addr,
-            source,
-        })?;
+    let listener = bind_metrics(args.metrics_addr).await?;
     let http = tokio::spawn(serve_http(listener, health, shutdown.clone()));
     tracing::info!(%driver, %node, metrics = %args.metrics_addr, "knd is running");
 
@@ -442,14 +468,14 @@ async fn inventory_scope(
 fn preparer(
     args: &RunArgs,
     watcher: &inventory_watch::Watcher,
-    store: Arc<StateStore>,
-    claims: ApiClaims,
+    (store, claims, shared): (Arc<StateStore>, ApiClaims, Option<Arc<Selector>>),
     telemetry: &Telemetry,
     pods: &Arc<nri::pods::NodeHooks<ApiClaims>>,
 ) -> Arc<Preparer<ApiClaims>> {
     let node = NodeDevices {
         pool: args.node_name.clone(),
         inventory: watcher.inventory.clone(),
+        shared,
     };
     Arc::new(
         Preparer::new(args.driver_name.clone(), node, store, claims)

@@ -81,6 +81,7 @@ fn setup(policy: Policy) -> Setup {
     let node = NodeDevices {
         pool: "node-1".into(),
         inventory: receiver.clone(),
+        shared: None,
     };
     let preparer =
         Preparer::new("knd.dev", node, store, claims.clone()).with_alignment(Alignment {

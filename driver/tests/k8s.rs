@@ -606,6 +606,7 @@ async fn claim_status_is_applied_with_retries_until_written_or_gone() {
             class: knd::model::distance::Distance::Node,
             required: knd::model::distance::Distance::Pxb,
         }),
+        share_id: None,
     }];
     fake.fail_next(&[503, 500, 429]);
     let outcome = claims
@@ -710,6 +711,7 @@ fn prepared_record(
             device: "pci-0000-b4-00-0".into(),
             config: knd::model::config::default_config(),
             topology,
+            share: None,
         }],
     }
 }
@@ -723,6 +725,7 @@ fn attached_report() -> Vec<DeviceReport> {
         message: "net1 is up in the pod".into(),
         network: None,
         topology: None,
+        share_id: None,
     }]
 }
 
@@ -1176,5 +1179,163 @@ async fn a_pods_claims_are_those_it_names_that_are_reserved_for_it() {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+/// A shared NIC's device and a share of it, as the API and the scheduler hold them
+/// (consumable capacity, KEP-5075, 1.36).
+#[tokio::test]
+async fn the_fake_api_validates_consumable_capacity_and_refuses_an_oversized_share() {
+    let fake = FakeApi::start().await.unwrap();
+    let slices: Api<ResourceSlice> = Api::all(fake.client().await.unwrap());
+    let shared = |policy: serde_json::Value| {
+        json!([{"name": "nic0", "allowMultipleAllocations": true,
+            "capacity": {"bandwidth": {"value": "10G", "requestPolicy": policy}}}])
+    };
+    let cases = [
+        (
+            shared(json!({"default": "1G", "validValues": ["1G"],
+                "validRange": {"min": "10M"}})),
+            "must not set more than one ValidRequestValues",
+        ),
+        (
+            shared(json!({"default": "20G", "validRange": {"min": "10M", "max": "10G"}})),
+            "requestPolicy.default: Invalid value: must be defined and fall within validRange",
+        ),
+        (
+            shared(json!({"validRange": {"min": "10M"}})),
+            "requestPolicy.default",
+        ),
+        (
+            shared(json!({"default": "2G", "validValues": ["2G", "1G"]})),
+            "must be sorted in ascending order",
+        ),
+        (
+            shared(json!({"default": "1G", "validRange": {"min": "10M", "step": "0"}})),
+            "step greater than zero",
+        ),
+        (
+            json!([{"name": "nic0", "capacity": {"bandwidth": {"value": "ten"}}}]),
+            "capacity[bandwidth].value: Invalid value: \"ten\"",
+        ),
+    ];
+    for (devices, expected) in cases {
+        let (code, message) = api_status(
+            slices
+                .create(&PostParams::default(), &slice(&devices))
+                .await,
+        );
+        assert_eq!(code, 422, "{devices}: {message}");
+        assert!(message.contains(expected), "{devices}: {message}");
+    }
+    // What knd publishes for a shared NIC is accepted.
+    let mut device: k8s_openapi::api::resource::v1::Device =
+        serde_json::from_value(json!({"name": "nic0"})).unwrap();
+    resources::make_shared(&mut device, 10_000_000_000);
+    let published = serde_json::to_value(vec![device]).unwrap();
+    slices
+        .create(&PostParams::default(), &slice(&published))
+        .await
+        .unwrap();
+
+    // Shares: 6G + 3G fit in 10G, another 2G does not.
+    let share = |name: &str, id: &str, bandwidth: &str| {
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": name, "namespace": "ml", "uid": format!("uid-{name}")},
+            "spec": {},
+            "status": {"allocation": {"devices": {"results": [{"request": "nic",
+                "driver": "knd.dev", "pool": "n1", "device": "nic0", "shareID": id,
+                "consumedCapacity": {"bandwidth": bandwidth}}]}}}})
+    };
+    fake.try_put_claim(share("a", "6b0f6f63-3c8e-4f5b-9a43-0d1e2f3a4b5c", "6G"))
+        .unwrap();
+    fake.try_put_claim(share("b", "7b0f6f63-3c8e-4f5b-9a43-0d1e2f3a4b5c", "3G"))
+        .unwrap();
+    let refused = fake
+        .try_put_claim(share("c", "8b0f6f63-3c8e-4f5b-9a43-0d1e2f3a4b5c", "2G"))
+        .unwrap_err();
+    assert!(
+        refused[0].contains("would bring device nic0 to 11000000000 of its 10000000000"),
+        "{refused:?}"
+    );
+    let refused = fake
+        .try_put_claim(share("d", "Not-A-UUID", "1G"))
+        .unwrap_err();
+    assert!(
+        refused[0].contains("must be a lowercase UUID"),
+        "{refused:?}"
+    );
+    // Re-storing a claim does not count its own share twice.
+    fake.try_put_claim(share("a", "6b0f6f63-3c8e-4f5b-9a43-0d1e2f3a4b5c", "7G"))
+        .unwrap();
+}
+
+/// `--shared-nics`: the NICs it selects are published shared, with their link speed as
+/// bandwidth; an API server without consumable capacity (1.34) drops the sharing, and knd then
+/// leaves those NICs out rather than let them be allocated whole.
+#[tokio::test]
+async fn shared_nics_are_published_with_bandwidth_and_withheld_from_servers_without_sharing() {
+    let fake = FakeApi::start().await.unwrap();
+    fake.add_node("gpu-node-1");
+    let mut inventory = knd_testkit::inventory_of(["eth1", "eth2"]);
+    for nic in &mut inventory.nics {
+        nic.netdev.as_mut().unwrap().speed_mbps = Some(100_000);
+    }
+    let selector = knd::publish::selector::Selector::compile(
+        "device.attributes[\"knd.dev\"].ifName == \"eth1\"",
+    )
+    .unwrap();
+    let mut publisher = Publisher::new(fake.client().await.unwrap(), "knd.dev", "gpu-node-1")
+        .with_shared(Some(Arc::new(selector)));
+    publisher.publish(&inventory).await.unwrap();
+    let devices: Vec<_> = fake
+        .slices()
+        .into_iter()
+        .flat_map(|s| s.spec.devices.unwrap_or_default())
+        .collect();
+    assert_eq!(devices.len(), 2);
+    let eth1 = devices.iter().find(|d| d.name == "eth1").unwrap();
+    assert_eq!(eth1.allow_multiple_allocations, Some(true));
+    let bandwidth = &eth1.capacity.as_ref().unwrap()["bandwidth"];
+    assert_eq!(bandwidth.value.0, "100G");
+    let policy = bandwidth.request_policy.as_ref().unwrap();
+    assert_eq!(policy.default.as_ref().unwrap().0, "1G");
+    let range = policy.valid_range.as_ref().unwrap();
+    assert_eq!(
+        (
+            range.min.0.as_str(),
+            range.step.as_ref().unwrap().0.as_str()
+        ),
+        ("10M", "10M")
+    );
+    let eth2 = devices.iter().find(|d| d.name == "eth2").unwrap();
+    assert_eq!(eth2.allow_multiple_allocations, None, "not selected");
+    assert!(!publisher.shares_dropped());
+
+    // A 1.34 server: the sharing is dropped, so the shared NIC is left out altogether.
+    let old = FakeApi::start().await.unwrap();
+    old.set_release(Release::V1_34);
+    old.add_node("gpu-node-1");
+    let selector = knd::publish::selector::Selector::compile(
+        "device.attributes[\"knd.dev\"].ifName == \"eth1\"",
+    )
+    .unwrap();
+    let mut publisher = Publisher::new(old.client().await.unwrap(), "knd.dev", "gpu-node-1")
+        .with_shared(Some(Arc::new(selector)));
+    publisher.publish(&inventory).await.unwrap();
+    assert!(publisher.shares_dropped());
+    let names: Vec<String> = old
+        .slices()
+        .into_iter()
+        .flat_map(|s| s.spec.devices.unwrap_or_default())
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["eth2"]);
+    // And it stays so, without rewrites.
+    let writes = old.requests().iter().filter(|r| r.method != "GET").count();
+    publisher.publish(&inventory).await.unwrap();
+    assert_eq!(
+        old.requests().iter().filter(|r| r.method != "GET").count(),
+        writes
     );
 }

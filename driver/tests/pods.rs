@@ -242,6 +242,7 @@ async fn an_attachment_interrupted_by_a_crash_is_undone_and_redone() {
             host: before.clone(),
             pod_name: "net1".into(),
             returned: false,
+            share: None,
             pod: None,
         }],
         failure: None,

@@ -81,6 +81,7 @@ async fn prepare_claims(node: &TestHost, store: &StateStore) -> (Vec<HostSide>, 
                 device: name,
                 config: config::parse(text.as_bytes()).unwrap(),
                 topology: None,
+                share: None,
             }],
         };
         store.claims.put(&claim.uid, &claim).unwrap();

@@ -30,6 +30,7 @@ fn record(key: &str, generation: u64) -> PreparedClaim {
             device: format!("pci-{generation:0>4000}"),
             config: knd::model::config::default_config(),
             topology: None,
+            share: None,
         }],
     }
 }

@@ -92,6 +92,7 @@ fn claim(uid: &str, pod: &str, device: &str, address: &str, extra: &str) -> Prep
             device: device.into(),
             config: config::parse(text.as_bytes()).unwrap(),
             topology: None,
+            share: None,
         }],
     }
 }
@@ -793,6 +794,7 @@ async fn the_dashboard_and_alerts_use_only_metrics_the_driver_exports() {
             class: knd::model::distance::Distance::Pix,
             required: knd::model::distance::Distance::Pxb,
         }),
+        share: None,
     });
     let (_, inventory) = watch::channel(Arc::new(knd::discover::inventory::Inventory::default()));
     knd::dra::alignment::Alignment {

@@ -53,7 +53,8 @@ pub struct StepError {
 }
 
 impl StepError {
-    fn new(interface: &str, step: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+    /// `step` on `interface` failed because of `reason`.
+    pub fn new(interface: &str, step: impl Into<String>, reason: impl std::fmt::Display) -> Self {
         Self {
             interface: interface.to_owned(),
             step: step.into(),
@@ -309,6 +310,127 @@ where
             Err(error)
         }
     }
+}
+
+/// Makes a share of the NIC recorded in `parent`: a macvlan child (`mode`) created directly in
+/// `pod` as `pod_name` (never in the host's namespace: no move, and the NIC itself stays where
+/// it is, untouched), then configured as `config` says. `arrived` is called as for
+/// [`attach_measured`]. On failure the child is deleted before the error is returned.
+pub async fn attach_share<Arrival>(
+    host: &Netns,
+    pod: &Netns,
+    parent: &HostSide,
+    (pod_name, mode): (&str, crate::model::config::MacvlanMode),
+    config: &NetworkConfig,
+    arrived: impl FnOnce(String, LinkStats) -> Arrival,
+) -> Result<PodSide, StepError>
+where
+    Arrival: Future<Output = ()> + Send,
+{
+    let interface = parent.link.name.clone();
+    if let Some((field, why)) = config.unsupported() {
+        return Err(StepError::new(
+            &interface,
+            "check the configuration",
+            format!("{field}: {why}"),
+        ));
+    }
+    if let Some(mtu) = config.interface.as_ref().and_then(|i| i.mtu)
+        && mtu > parent.link.mtu
+    {
+        return Err(StepError::new(
+            &interface,
+            format!("set MTU {mtu}"),
+            format!(
+                "a share's MTU cannot exceed its NIC's ({})",
+                parent.link.mtu
+            ),
+        ));
+    }
+    let pod_link = connect(pod, &interface).await?;
+    match pod_link.get(pod_name).await {
+        Err(netlink::Error::NoSuchLink(_)) => {}
+        Ok(_) => {
+            return Err(StepError::new(
+                &interface,
+                format!("create a share in the pod as {pod_name}"),
+                format!("the pod already has an interface called {pod_name}"),
+            ));
+        }
+        Err(e) => return Err(step(pod_name, "list the pod's interfaces")(e)),
+    }
+    let target = pod
+        .try_clone()
+        .map_err(|e| StepError::new(&interface, "open the pod's namespace", e))?;
+    let (parent_index, name) = (parent.link.index, pod_name.to_owned());
+    in_netns(host, &interface, move |link| async move {
+        link.add_macvlan_in(parent_index, &name, mode, &target)
+            .await
+            .map_err(step(&name, "create the share"))
+    })
+    .await?;
+    let place = pod_link.get(pod_name).await.ok().map(|l| PodPlace::of(&l));
+    match pod_link.stats(pod_name).await {
+        Ok(counters) => arrived(pod_name.to_owned(), counters).await,
+        Err(error) => tracing::warn!(
+            error = %crate::model::error_chain(&error),
+            interface = pod_name,
+            "cannot read the counters of a new share: it is not measured from its start"
+        ),
+    }
+    match configure_in_pod(pod, pod_link, &interface, pod_name, config).await {
+        Ok(mut side) => {
+            side.place = place;
+            Ok(side)
+        }
+        Err(error) => {
+            if let Err(undo) = detach_share(Some(pod), pod_name, &interface, place).await {
+                tracing::error!(%undo, "undoing a failed share failed too");
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Deletes a share made by [`attach_share`]: the interface at the recorded index in the pod,
+/// if it still is a child of the recorded NIC (one the pod made itself is left alone, and the
+/// error says so). Gone already (the pod's namespace went, taking it along) is fine.
+pub async fn detach_share(
+    pod: Option<&Netns>,
+    pod_name: &str,
+    parent_name: &str,
+    place: Option<PodPlace>,
+) -> Result<(), StepError> {
+    let Some(pod) = pod else {
+        return Ok(()); // the namespace is gone, and its macvlan children with it
+    };
+    let (name, label) = (pod_name.to_owned(), parent_name.to_owned());
+    in_netns(pod, parent_name, move |link| async move {
+        let fail = |what: &str| step(&label, what);
+        let found = match place {
+            Some(place) => link.get_index(place.index).await,
+            None => link.get(&name).await,
+        };
+        let found = match found {
+            Ok(found) => found,
+            Err(netlink::Error::NoSuchLink(_)) => return Ok(()),
+            Err(e) => return Err(fail("find the share in the pod")(e)),
+        };
+        if place.is_none_or(|p| PodPlace::of(&found).peer != p.peer) {
+            return Err(StepError::not_ours(
+                &label,
+                "find the share in the pod",
+                format!(
+                    "interface {} in the pod is not the claimed share; it was left in place",
+                    found_label(&found)
+                ),
+            ));
+        }
+        link.delete_index(found.header.index)
+            .await
+            .map_err(fail("delete the share"))
+    })
+    .await
 }
 
 async fn configure_in_pod(

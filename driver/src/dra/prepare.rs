@@ -60,6 +60,9 @@ pub struct NodeDevices {
     pub pool: String,
     /// The live inventory the pool is published from.
     pub inventory: watch::Receiver<Arc<Inventory>>,
+    /// Which NICs are published as shared (`--shared-nics`): only those are allocated as
+    /// shares, and they only as shares.
+    pub shared: Option<Arc<crate::publish::selector::Selector>>,
 }
 
 /// What else happens when a claim is prepared or released (the daemon links the telemetry
@@ -252,6 +255,9 @@ impl<S: ClaimApi> Preparer<S> {
                 device.pool
             )));
         }
+        if let Some(message) = self.misallocated_share(claim, prepared) {
+            return Ok(Some(message));
+        }
         let unpublished: Vec<&PreparedDevice> = {
             let inventory = self.node.inventory.borrow();
             prepared
@@ -289,6 +295,34 @@ impl<S: ClaimApi> Preparer<S> {
                     self.driver
                 )
             }))
+    }
+
+    /// Why a device of `prepared` was allocated against how it is published, if it was: a share
+    /// of a NIC knd does not publish as shared, or a shared NIC allocated whole.
+    fn misallocated_share(&self, claim: &ClaimRef, prepared: &PreparedClaim) -> Option<String> {
+        let shared = match &self.node.shared {
+            Some(selector) => resources::shared_devices(&self.node.inventory.borrow(), selector),
+            None => BTreeMap::new(),
+        };
+        prepared.devices.iter().find_map(|device| {
+            let is_shared = shared.contains_key(&device.device);
+            match (&device.share, is_shared) {
+                (Some(_), false) => Some(format!(
+                    "claim {claim}: request {} was allocated a share of device {}, which {} does \
+                     not publish as a shared NIC",
+                    device.requests.join(","),
+                    device.device,
+                    self.driver
+                )),
+                (None, true) => Some(format!(
+                    "claim {claim}: request {} was allocated device {} whole, but it is a shared \
+                     NIC (allocated only in shares: ask for all of its bandwidth to have it alone)",
+                    device.requests.join(","),
+                    device.device
+                )),
+                _ => None,
+            }
+        })
     }
 
     /// The PCI addresses of the GPUs other drivers allocated in `resource`, or else in the
@@ -416,12 +450,19 @@ pub fn plan(driver: &str, claim: &ClaimRef, resource: &Claim) -> Result<Prepared
                     result.request
                 )
             })?;
+            let share = share_of(result, &config).map_err(|e| {
+                format!(
+                    "claim {claim}: request {} (device {}): {e}",
+                    result.request, result.device
+                )
+            })?;
             Ok(PreparedDevice {
                 requests: vec![result.request.clone()],
                 pool: result.pool.clone(),
                 device: result.device.clone(),
                 config,
                 topology: None,
+                share,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -436,6 +477,53 @@ pub fn plan(driver: &str, claim: &ClaimRef, resource: &Claim) -> Result<Prepared
             .collect(),
         devices: prepared_devices,
     })
+}
+
+/// The share `result` was allocated, if it is one, checked against what a share can be
+/// configured with: a share is a child of a NIC other claims share, so nothing that would
+/// change the NIC itself (ethtool features, RDMA devices) applies, and it is always measured
+/// (its enforcement and its telemetry are the same programs).
+fn share_of(
+    result: &crate::model::claim::AllocatedDevice,
+    config: &NetworkConfig,
+) -> Result<Option<crate::model::records::PreparedShare>, String> {
+    let Some(share) = &result.share else {
+        if config.share.is_some() {
+            return Err(
+                "share: applies only to a device allocated as a share (the device was \
+                 allocated whole)"
+                    .into(),
+            );
+        }
+        return Ok(None);
+    };
+    let share = share.clone()?;
+    let bandwidth = share.bandwidth.ok_or(
+        "the allocation result has a shareID but no consumedCapacity.bandwidth: knd cannot \
+         tell the share's rate",
+    )?;
+    if bandwidth == 0 {
+        return Err("consumedCapacity.bandwidth is 0".into());
+    }
+    for (set, field) in [
+        (config.ethtool.is_some(), "ethtool"),
+        (config.rdma.is_some(), "rdma"),
+        (
+            config.telemetry.is_some_and(|t| !t.enabled),
+            "telemetry.enabled: false",
+        ),
+    ] {
+        if set {
+            return Err(format!(
+                "{field}: refused for a share of a shared NIC (it would change the NIC other \
+                 claims share, or leave the share unenforced)"
+            ));
+        }
+    }
+    Ok(Some(crate::model::records::PreparedShare {
+        id: share.id,
+        bandwidth,
+    }))
 }
 
 /// One of our opaque configs, parsed and validated on its own.
@@ -513,6 +601,7 @@ mod tests {
                     pool: "n".into(),
                     device: "d".into(),
                     admin_access: false,
+                    share: None,
                 }],
                 configs: vec![
                     opaque(false, serde_json::json!({"interface": {"name": "net1"}})),

@@ -124,6 +124,8 @@ pub struct Published {
     pub deleted: usize,
     /// The API kept every taint this publication wrote (true when it wrote none).
     pub taints_kept: bool,
+    /// The API kept every shared device shared (true when there was none).
+    pub shares_kept: bool,
 }
 
 /// The Node's `InternalIP` and `ExternalIP` addresses (`status.addresses`).
@@ -160,6 +162,11 @@ pub struct Publisher {
     /// The API server dropped the taints of a write (an API server before 1.36, where device
     /// taints are an alpha feature and off): taints are left out from then on.
     taints_dropped: bool,
+    /// The NICs published as shared (consumable bandwidth), if any.
+    shared: Option<Arc<crate::publish::selector::Selector>>,
+    /// The API server dropped `allowMultipleAllocations` (before 1.36 consumable capacity is
+    /// alpha and off): shared NICs are not published at all from then on.
+    shares_dropped: bool,
 }
 
 impl Publisher {
@@ -174,7 +181,25 @@ impl Publisher {
             generation: 0,
             taint_effect: Some(TaintEffect::NoSchedule),
             taints_dropped: false,
+            shared: None,
+            shares_dropped: false,
         }
+    }
+
+    /// Publishes the NICs `selector` accepts as shared NICs (see
+    /// [`resources::make_shared`]).
+    #[must_use]
+    pub fn with_shared(
+        mut self,
+        selector: Option<Arc<crate::publish::selector::Selector>>,
+    ) -> Self {
+        self.shared = selector;
+        self
+    }
+
+    /// Whether the API server turned out not to keep shared devices.
+    pub fn shares_dropped(&self) -> bool {
+        self.shares_dropped
     }
 
     /// Publishes unhealthy devices' taints with `effect`, or none (`None`).
@@ -222,7 +247,16 @@ impl Publisher {
         inventory: &Inventory,
         taints: &BTreeMap<String, Taint>,
     ) -> Result<Published, Error> {
-        let published = self.publish_once(inventory, taints).await?;
+        let mut published = self.publish_once(inventory, taints).await?;
+        if !self.shares_dropped && !published.shares_kept {
+            self.shares_dropped = true;
+            tracing::warn!(
+                "the API server dropped allowMultipleAllocations (consumable capacity is on by \
+                 default from Kubernetes 1.36, alpha before); the shared NICs are not published, \
+                 so that no claim gets one whole while it is meant to be shared"
+            );
+            published = self.publish_once(inventory, taints).await?;
+        }
         if self.taints_dropped || published.taints_kept {
             return Ok(published);
         }
@@ -247,6 +281,25 @@ impl Publisher {
                 .collect(),
             _ => BTreeMap::new(),
         };
+        let shared = match &self.shared {
+            Some(selector) => resources::shared_devices(inventory, selector),
+            None => BTreeMap::new(),
+        };
+        let without_shared;
+        let inventory = if self.shares_dropped && !shared.is_empty() {
+            let mut kept = inventory.clone();
+            kept.nics
+                .retain(|nic| !shared.contains_key(&resources::device_name(nic)));
+            without_shared = kept;
+            &without_shared
+        } else {
+            inventory
+        };
+        let shared = if self.shares_dropped {
+            BTreeMap::new()
+        } else {
+            shared
+        };
         let owner = self.owner().await?;
         let selector = format!("spec.driver={},spec.nodeName={}", self.driver, self.node);
         let existing: BTreeMap<String, ResourceSlice> = self
@@ -264,13 +317,12 @@ impl Publisher {
             .max()
             .unwrap_or(0);
         let build = |generation| {
-            resources::slices_with_taints(
+            resources::slices_of(
                 inventory,
-                &self.driver,
-                &self.node,
-                generation,
+                (&self.driver, &self.node, generation),
                 Some(&owner),
                 &taints,
+                &shared,
             )
         };
         let devices = inventory.nics.len();
@@ -281,6 +333,7 @@ impl Publisher {
                 slices: unchanged.len(),
                 devices,
                 taints_kept: true,
+                shares_kept: true,
                 ..Published::default()
             });
         }
@@ -291,6 +344,7 @@ impl Publisher {
             slices: desired.len(),
             devices,
             taints_kept: true,
+            shares_kept: true,
             ..Published::default()
         };
         self.write(&existing, &desired, &mut published).await?;
@@ -319,6 +373,7 @@ impl Publisher {
                     .await
                     .map_err(Error::api(format!("update ResourceSlice {name}")))?;
                 published.taints_kept &= same_taints(&slice, &stored);
+                published.shares_kept &= same_shares(&slice, &stored);
                 published.updated += 1;
             } else {
                 let stored = self
@@ -327,6 +382,7 @@ impl Publisher {
                     .await
                     .map_err(Error::api(format!("create ResourceSlice {name}")))?;
                 published.taints_kept &= same_taints(&slice, &stored);
+                published.shares_kept &= same_shares(&slice, &stored);
                 published.created += 1;
             }
         }
@@ -357,6 +413,20 @@ impl Publisher {
 
 /// Whether every device of `stored` carries as many taints as in `sent` (a server with device
 /// taints off drops them without an error).
+/// Whether the API server kept every shared device of `sent` shared in `stored`.
+fn same_shares(sent: &ResourceSlice, stored: &ResourceSlice) -> bool {
+    let count = |slice: &ResourceSlice| -> usize {
+        slice
+            .spec
+            .devices
+            .iter()
+            .flatten()
+            .filter(|d| d.allow_multiple_allocations == Some(true))
+            .count()
+    };
+    count(stored) == count(sent)
+}
+
 fn same_taints(sent: &ResourceSlice, stored: &ResourceSlice) -> bool {
     let count = |slice: &ResourceSlice| -> usize {
         slice
@@ -595,6 +665,7 @@ impl ApiClaims {
                 device: d.device.clone(),
                 conditions: Some(conditions(d)),
                 network_data: d.network.clone(),
+                share_id: d.share_id.clone(),
                 ..AllocatedDeviceStatus::default()
             })
             .collect();
@@ -700,6 +771,7 @@ pub fn prepared_report(claim: &PreparedClaim) -> Vec<DeviceReport> {
                 message: "prepared; attached when the pod sandbox starts".into(),
                 network,
                 topology: device.topology.clone(),
+                share_id: device.share.as_ref().map(|s| s.id.clone()),
             }
         })
         .collect()
@@ -734,6 +806,14 @@ pub fn claim_from(resource: &ResourceClaim) -> Claim {
                     pool: r.pool.clone(),
                     device: r.device.clone(),
                     admin_access: r.admin_access == Some(true),
+                    share: r.share_id.as_deref().map(|id| {
+                        let bandwidth = r
+                            .consumed_capacity
+                            .as_ref()
+                            .and_then(|c| c.get(crate::model::quantity::BANDWIDTH))
+                            .map(|q| q.0.as_str());
+                        crate::model::claim::Share::parse(id, bandwidth)
+                    }),
                 })
                 .collect(),
             configs: d

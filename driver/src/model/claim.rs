@@ -45,6 +45,45 @@ pub struct AllocatedDevice {
     pub device: String,
     /// `adminAccess`: the request asked for access to a device that may be in use by others.
     pub admin_access: bool,
+    /// A share of a device that allows several allocations (`shareID` set), with what it
+    /// consumes; `Err` names what in the allocation result is malformed.
+    pub share: Option<Result<Share, String>>,
+}
+
+/// One share of a device allocated to several claims (consumable capacity, KEP-5075).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// `shareID`: a UUID the scheduler gave this allocation.
+    pub id: String,
+    /// `consumedCapacity.bandwidth`, bits per second (`None`: the result names no bandwidth).
+    pub bandwidth: Option<u64>,
+}
+
+impl Share {
+    /// The share from an allocation result's `shareID` and its consumed `bandwidth` quantity,
+    /// or what is wrong with them.
+    pub fn parse(id: &str, bandwidth: Option<&str>) -> Result<Self, String> {
+        let uuid = id.len() == 36
+            && id.char_indices().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit() && !c.is_ascii_uppercase()
+                }
+            });
+        if !uuid {
+            return Err(format!("shareID {id:?} is not a lowercase UUID"));
+        }
+        let bandwidth = bandwidth
+            .map(|q| {
+                super::quantity::parse(q).map_err(|e| format!("consumedCapacity.bandwidth: {e}"))
+            })
+            .transpose()?;
+        Ok(Self {
+            id: id.to_owned(),
+            bandwidth,
+        })
+    }
 }
 
 /// One entry of `config[]`.

@@ -99,6 +99,35 @@ pub struct NetworkConfig {
     /// NCCL settings handed to the pod's containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nccl: Option<NcclConfig>,
+    /// How a bandwidth share of a shared NIC is made (only for devices allocated as a share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<ShareConfig>,
+}
+
+/// A bandwidth share: a macvlan child of the shared NIC, made in the pod's namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ShareConfig {
+    /// The child's macvlan mode (default `bridge`: shares of one NIC reach each other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MacvlanMode>,
+    /// Also police what the share receives to its bandwidth (default: only what it sends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub police_ingress: Option<bool>,
+}
+
+/// Macvlan modes a share may use (`passthru` would take the whole NIC, `source` needs a list of
+/// senders: neither is a share).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MacvlanMode {
+    /// Children of the NIC reach each other inside the NIC's driver.
+    #[default]
+    Bridge,
+    /// Children never reach each other.
+    Private,
+    /// Children reach each other only through the switch (reflective relay).
+    Vepa,
 }
 
 /// The interface inside the pod.
@@ -416,6 +445,7 @@ impl NetworkConfig {
             telemetry: later.telemetry.or(self.telemetry),
             topology: later.topology.or(self.topology),
             nccl: later.nccl.or(self.nccl),
+            share: later.share.or(self.share),
         }
     }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod distance;
 pub mod link;
 pub mod ports;
+pub mod quantity;
 pub mod records;
 
 /// An error with its causes, `a: b: c`.

@@ -118,6 +118,9 @@ pub struct DeviceReport {
     pub network: Option<NetworkDeviceData>,
     /// Its distance to the claim's closest GPU (the `TopologyAligned` condition).
     pub topology: Option<crate::model::distance::Finding>,
+    /// The allocation's `shareID` when the device is a share of a shared NIC (the status
+    /// entry's key includes it).
+    pub share_id: Option<String>,
 }
 
 /// A device's health as reported to kubelet.

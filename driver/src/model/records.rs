@@ -46,6 +46,19 @@ pub struct PreparedDevice {
     /// [`crate::dra::alignment`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<crate::model::distance::Finding>,
+    /// A share of a shared NIC (`None`: the whole device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<PreparedShare>,
+}
+
+/// A share of a shared NIC, as allocated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedShare {
+    /// The allocation's `shareID` (the claim status entry carries it).
+    pub id: String,
+    /// Bits per second the share consumes: what it is paced and policed to.
+    pub bandwidth: u64,
 }
 
 /// The host side of an interface, recorded before it is moved: what a restore puts back.
@@ -124,6 +137,20 @@ pub struct AttachmentRecord {
     /// now has under its name is the pod's own).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub returned: bool,
+    /// A share of a shared NIC: a child made in the pod (`host` is then the NIC, which never
+    /// moves; release deletes the child instead of moving anything back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<ShareRecord>,
+}
+
+/// The share an attachment is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShareRecord {
+    /// The allocation's `shareID`.
+    pub id: String,
+    /// Bits per second it is paced and policed to.
+    pub bandwidth: u64,
 }
 
 /// A pod's attachments (state store record, keyed by pod UID).

@@ -21,7 +21,9 @@ use crate::{
     model::{
         link::LinkStats,
         ports::{ClaimApi, ClaimRef, DeviceReport},
-        records::{AttachmentRecord, NetnsId, PodRecord, PreparedClaim, PreparedDevice},
+        records::{
+            AttachmentRecord, NetnsId, PodRecord, PreparedClaim, PreparedDevice, ShareRecord,
+        },
     },
     observe::metrics::{ClaimLabels, Telemetry},
     os::{netns::Netns, state::StateStore},
@@ -415,6 +417,22 @@ impl<C: ClaimApi> NodeHooks<C> {
                         };
                         let devices = rdma.get(&attachment.device).cloned().unwrap_or_default();
                         worker.watch(&ours.pod_uid, &pod_ns, labels, devices)?;
+                        // A share is held to its bandwidth again after a restart of knd (its
+                        // programs went with the old process).
+                        if let Some(share) = &attachment.share {
+                            let addresses: Vec<std::net::IpAddr> =
+                                side.addresses.iter().map(ipnet::IpNet::addr).collect();
+                            let ingress = prepared
+                                .and_then(|d| d.config.share)
+                                .and_then(|s| s.police_ingress)
+                                .unwrap_or(false);
+                            worker.enforce_share(
+                                (&ours.pod_uid, &pod_ns, &side.name),
+                                share.bandwidth,
+                                ingress,
+                                &addresses,
+                            )?;
+                        }
                     }
                     Ok(())
                 },
@@ -618,12 +636,16 @@ impl<C: ClaimApi> NodeHooks<C> {
                         device: device.device.clone(),
                     });
                 };
-                let host = attach::record_for(&self.host, &interface, &device.config)
-                    .await
-                    .map_err(|source| HookError::Attach {
-                        claim: claim_label(claim),
-                        source,
-                    })?;
+                // A share leaves the NIC where it is, as it is: only its identity is recorded.
+                let host = if device.share.is_some() {
+                    attach::record(&self.host, &interface).await
+                } else {
+                    attach::record_for(&self.host, &interface, &device.config).await
+                }
+                .map_err(|source| HookError::Attach {
+                    claim: claim_label(claim),
+                    source,
+                })?;
                 let pod_name = device
                     .config
                     .interface
@@ -640,6 +662,10 @@ impl<C: ClaimApi> NodeHooks<C> {
                     pod_name,
                     pod: None,
                     returned: false,
+                    share: device.share.as_ref().map(|share| ShareRecord {
+                        id: share.id.clone(),
+                        bandwidth: share.bandwidth,
+                    }),
                 });
                 plan.push((claim, device));
             }
@@ -654,16 +680,16 @@ impl<C: ClaimApi> NodeHooks<C> {
                 &pod_ns,
                 device,
             );
-            match attach::attach_measured(
-                &self.host,
-                &pod_ns,
-                &host,
-                &pod_name,
-                &device.config,
-                arrived,
-            )
-            .await
-            {
+            let attached = self
+                .attach_one(
+                    &pod_ns,
+                    &record.pod_uid,
+                    device,
+                    (&host, &pod_name),
+                    arrived,
+                )
+                .await;
+            match attached {
                 // Recorded once all are attached (by the caller); a crash before that is
                 // undone from the intended names recorded above.
                 Ok(side) => record.attachments[index].pod = Some(side),
@@ -678,6 +704,90 @@ impl<C: ClaimApi> NodeHooks<C> {
         }
         self.report(record);
         Ok(())
+    }
+
+    /// Attaches one device: moves the NIC in, or makes the share (and holds it to its
+    /// bandwidth).
+    async fn attach_one<Arrival>(
+        &self,
+        pod_ns: &Netns,
+        pod_uid: &str,
+        device: &PreparedDevice,
+        (host, pod_name): (&crate::model::records::HostSide, &str),
+        arrived: impl FnOnce(String, LinkStats) -> Arrival,
+    ) -> Result<crate::model::records::PodSide, attach::StepError>
+    where
+        Arrival: Future<Output = ()> + Send,
+    {
+        let Some(share) = &device.share else {
+            return attach::attach_measured(
+                &self.host,
+                pod_ns,
+                host,
+                pod_name,
+                &device.config,
+                arrived,
+            )
+            .await;
+        };
+        let mode = device.config.share.and_then(|s| s.mode).unwrap_or_default();
+        let side = attach::attach_share(
+            &self.host,
+            pod_ns,
+            host,
+            (pod_name, mode),
+            &device.config,
+            arrived,
+        )
+        .await?;
+        let enforced = self
+            .enforce(pod_uid, pod_ns, &side, device, share.bandwidth)
+            .await;
+        if let Err(why) = enforced {
+            // Made, but it cannot be held to its bandwidth: it goes.
+            attach::detach_share(Some(pod_ns), pod_name, &host.link.name, side.place)
+                .await
+                .ok();
+            return Err(attach::StepError::new(pod_name, "enforce the share", why));
+        }
+        Ok(side)
+    }
+
+    /// Holds the share `side` of `device` to `bandwidth` bits per second (see
+    /// [`Telemetry::enforce_share`]); without knd's eBPF programs a share cannot be given.
+    async fn enforce(
+        &self,
+        pod_uid: &str,
+        pod_ns: &Netns,
+        side: &crate::model::records::PodSide,
+        device: &PreparedDevice,
+        bandwidth: u64,
+    ) -> Result<(), String> {
+        let Some(telemetry) = self.telemetry.clone() else {
+            return Err(
+                "knd runs without its eBPF programs, which hold a share to its bandwidth".into(),
+            );
+        };
+        let pod_ns = pod_ns.try_clone().map_err(|e| e.to_string())?;
+        let (pod_uid, interface) = (pod_uid.to_owned(), side.name.clone());
+        let addresses: Vec<std::net::IpAddr> =
+            side.addresses.iter().map(ipnet::IpNet::addr).collect();
+        let ingress = device
+            .config
+            .share
+            .and_then(|s| s.police_ingress)
+            .unwrap_or(false);
+        tokio::task::spawn_blocking(move || {
+            telemetry.enforce_share(
+                (&pod_uid, &pod_ns, &interface),
+                bandwidth,
+                ingress,
+                &addresses,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| crate::model::error_chain(&e))
     }
 
     /// What to do as a claimed interface arrives in pod `pod_uid`'s namespace, before it is set
@@ -731,14 +841,26 @@ impl<C: ClaimApi> NodeHooks<C> {
     async fn detach_all(&self, record: &mut PodRecord, pod_ns: Option<&Netns>) -> bool {
         let mut complete = true;
         for attachment in record.attachments.iter_mut().filter(|a| !a.returned) {
-            let detached = attach::detach(
-                &self.host,
-                pod_ns,
-                &attachment.pod_name,
-                &attachment.host,
-                attachment.pod.as_ref().and_then(|p| p.place),
-            );
-            match detached.await {
+            let place = attachment.pod.as_ref().and_then(|p| p.place);
+            let detached = if attachment.share.is_some() {
+                attach::detach_share(
+                    pod_ns,
+                    &attachment.pod_name,
+                    &attachment.host.link.name,
+                    place,
+                )
+                .await
+            } else {
+                attach::detach(
+                    &self.host,
+                    pod_ns,
+                    &attachment.pod_name,
+                    &attachment.host,
+                    place,
+                )
+                .await
+            };
+            match detached {
                 Ok(()) => {
                     attachment.pod = None;
                     attachment.returned = true;
@@ -821,6 +943,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                     hardware_address: side.mac.clone(),
                 }),
                 topology: topology(&attachment.claim_uid, &attachment.device),
+                share_id: attachment.share.as_ref().map(|s| s.id.clone()),
             });
         }
         for (claim, devices) in by_claim.into_values() {

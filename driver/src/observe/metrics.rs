@@ -109,6 +109,8 @@ struct Probes {
     arrived: Vec<Arrived>,
     staged: Vec<Staged>,
     refused: u64,
+    /// Shares whose TCP connections are paced: (pod UID, namespace cookie, address).
+    paced: Vec<(String, u64, std::net::IpAddr)>,
 }
 
 /// Program instances loaded ahead of need, refilled in the background.
@@ -397,6 +399,78 @@ impl Telemetry {
         Ok(true)
     }
 
+    /// Holds `interface` of pod `pod_uid` (in `pod_ns`) to a bandwidth share of `bandwidth`
+    /// bits per second: the policer on the interface's counting instance ([`ShareLimits`]:
+    /// egress always, ingress when `police_ingress`), and the pacing of the pod's TCP
+    /// connections from `addresses`, where the sock_ops program runs. Counting is started here
+    /// if it did not start on arrival. Blocking. Idempotent.
+    pub fn enforce_share(
+        &self,
+        (pod_uid, pod_ns, interface): (&str, &Netns, &str),
+        bandwidth: u64,
+        police_ingress: bool,
+        addresses: &[std::net::IpAddr],
+    ) -> telemetry::Result<()> {
+        let rate = bandwidth / 8;
+        let policer = knd_common::Policer::new(rate, knd_common::policer_burst(rate));
+        let limits = telemetry::ShareLimits {
+            ingress: police_ingress.then_some(policer),
+            egress: Some(policer),
+        };
+        let find = |probes: &Probes| {
+            probes
+                .arrived
+                .iter()
+                .find(|a| a.pod_uid == pod_uid && a.interface == interface)
+                .map(|a| a.counting.attachment)
+                .or_else(|| {
+                    probes
+                        .watched
+                        .iter()
+                        .find(|w| w.pod_uid == pod_uid && w.labels.interface == interface)
+                        .map(|w| w.counting.attachment)
+                })
+        };
+        if find(&self.probes()).is_none() {
+            let loaded = self.loaded()?;
+            let mut probes = self.probes();
+            if find(&probes).is_none() {
+                let counting =
+                    start_counting(&mut probes.traffic, loaded, pod_ns, interface, None)?;
+                probes.arrived.push(Arrived {
+                    pod_uid: pod_uid.to_owned(),
+                    interface: interface.to_owned(),
+                    counting,
+                });
+            }
+        }
+        let mut probes = self.probes();
+        let attachment = find(&probes).ok_or(telemetry::Error::NoSuchInterface {
+            interface: interface.to_owned(),
+            namespace: pod_ns.to_string(),
+        })?;
+        probes
+            .traffic
+            .police(attachment, pod_ns, interface, limits)?;
+        let cookie = pod_ns.cookie()?;
+        let Probes { sockets, paced, .. } = &mut *probes;
+        let Some(sockets) = sockets.as_mut() else {
+            tracing::warn!(
+                interface,
+                "no sock_ops program: the share's TCP connections are not paced, only policed"
+            );
+            return Ok(());
+        };
+        for &address in addresses {
+            sockets.pace(cookie, address, rate)?;
+            let entry = (pod_uid.to_owned(), cookie, address);
+            if !paced.contains(&entry) {
+                paced.push(entry);
+            }
+        }
+        Ok(())
+    }
+
     /// Reads RDMA counters below `host` instead of `/` (the daemon's `--host-root`).
     #[must_use]
     pub fn with_host_root(mut self, host: HostRoot) -> Self {
@@ -480,8 +554,18 @@ impl Telemetry {
             sockets,
             watched,
             arrived,
+            paced,
             ..
         } = &mut *probes;
+        paced.retain(|(uid, cookie, address)| {
+            if uid != pod_uid {
+                return true;
+            }
+            if let Some(sockets) = sockets.as_mut() {
+                sockets.unpace(*cookie, *address).ok();
+            }
+            false
+        });
         arrived.retain(|a| {
             if a.pod_uid != pod_uid {
                 return true;

@@ -429,6 +429,13 @@ impl TrafficProbes {
                     .map_err(map_error("set", name))?;
             }
         }
+        if attachment
+            .programs
+            .iter()
+            .any(|p| [names::POLICE_EGRESS_PROG, names::POLICE_INGRESS_PROG].contains(p))
+        {
+            return Ok(()); // policed already; the limits above are updated in place
+        }
         let ebpf = &mut attachment.ebpf;
         let mut linked = Vec::new();
         netns.run(|| -> Result<()> {

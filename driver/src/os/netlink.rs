@@ -400,6 +400,51 @@ impl Link {
         .await
     }
 
+    /// Creates a macvlan child `name` of the interface with index `parent` (in this handle's
+    /// namespace) directly inside `target`, down: the child never exists in this namespace, so
+    /// nothing here can see or take it on the way.
+    pub async fn add_macvlan_in(
+        &self,
+        parent: u32,
+        name: &str,
+        mode: crate::model::config::MacvlanMode,
+        target: &Netns,
+    ) -> Result<()> {
+        use crate::model::config::MacvlanMode;
+        let mode = match mode {
+            MacvlanMode::Bridge => rtnetlink::packet_route::link::MacVlanMode::Bridge,
+            MacvlanMode::Private => rtnetlink::packet_route::link::MacVlanMode::Private,
+            MacvlanMode::Vepa => rtnetlink::packet_route::link::MacVlanMode::Vepa,
+        };
+        let message = rtnetlink::LinkMacVlan::new(name, parent, mode)
+            .setns_by_fd(target.as_fd().as_raw_fd())
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: format!("create as a macvlan child in {target}"),
+                link: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Deletes the interface with `index`.
+    pub async fn delete_index(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|source| Error::Kernel {
+                operation: "delete".into(),
+                link: format!("#{index}"),
+                source,
+            })
+    }
+
     /// Deletes the interface `name` (a veth's peer goes with it).
     pub async fn delete(&self, name: &str) -> Result<()> {
         let index = self.index(name).await?;

@@ -338,6 +338,7 @@ mod tests {
                 device: "pci-0000-b4-00-0".into(),
                 config: crate::model::config::default_config(),
                 topology: None,
+                share: None,
             }],
         }
     }

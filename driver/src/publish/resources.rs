@@ -5,9 +5,13 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::resource::v1::{
-        Device, DeviceAttribute, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+        CapacityRequestPolicy, CapacityRequestPolicyRange, Device, DeviceAttribute, DeviceCapacity,
+        DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
     },
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+    },
 };
 
 use crate::{
@@ -34,6 +38,65 @@ pub const UNHEALTHY_TAINT: &str = "knd.dev/unhealthy";
 pub const MAX_ATTRIBUTES_PER_DEVICE: usize = 32;
 /// At most this many bytes (UTF-8, as the API server counts them) in a string attribute.
 pub const MAX_STRING_ATTRIBUTE: usize = 64;
+
+/// A shared NIC's smallest share and the step shares grow by, bits per second: requests are
+/// rounded up to `SHARE_STEP` multiples (the API's `validRange`).
+pub const SHARE_STEP: u64 = 10_000_000;
+/// The share a request gets that names no bandwidth (or the whole NIC, if it is slower).
+pub const SHARE_DEFAULT: u64 = 1_000_000_000;
+
+/// A shared NIC's capacity: its link speed in bits per second; `None` when the kernel does not
+/// know the speed (link down, or a virtual device), so it cannot be shared out.
+pub fn share_capacity(nic: &Nic) -> Option<u64> {
+    nic.netdev
+        .as_ref()
+        .and_then(|n| n.speed_mbps)
+        .filter(|&mbps| mbps > 0)
+        .map(|mbps| u64::from(mbps) * 1_000_000)
+}
+
+/// The NICs of `inventory` that `selector` makes shared, with their capacity (bits per
+/// second): those it accepts whose link speed is known.
+pub fn shared_devices(
+    inventory: &Inventory,
+    selector: &super::selector::Selector,
+) -> BTreeMap<String, u64> {
+    inventory
+        .nics
+        .iter()
+        .filter_map(|nic| {
+            let name = device_name(nic);
+            let accepted = selector
+                .matches_own(&name, &attributes(nic))
+                .unwrap_or(false);
+            Some((name, share_capacity(nic).filter(|_| accepted)?))
+        })
+        .collect()
+}
+
+/// Makes `device` a shared NIC of `capacity` bits per second (KEP-5075 consumable capacity):
+/// allocatable to many claims at once, each consuming some `bandwidth`; the sum never exceeds
+/// the capacity. Requests without a bandwidth get [`SHARE_DEFAULT`]; amounts round up to
+/// [`SHARE_STEP`]s.
+pub fn make_shared(device: &mut Device, capacity: u64) {
+    let quantity = |v: u64| Quantity(crate::model::quantity::format(v));
+    device.allow_multiple_allocations = Some(true);
+    device.capacity = Some(BTreeMap::from([(
+        crate::model::quantity::BANDWIDTH.to_owned(),
+        DeviceCapacity {
+            value: quantity(capacity),
+            request_policy: Some(CapacityRequestPolicy {
+                default: Some(quantity(SHARE_DEFAULT.min(capacity))),
+                valid_range: Some(CapacityRequestPolicyRange {
+                    min: quantity(SHARE_STEP.min(capacity)),
+                    max: Some(quantity(capacity)),
+                    step: Some(quantity(SHARE_STEP)),
+                }),
+                valid_values: None,
+            }),
+        },
+    )]));
+}
 
 /// The Node a pool's slices belong to (for the owner reference that garbage-collects them).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,11 +358,32 @@ pub fn slices_with_taints(
     owner: Option<&NodeOwner>,
     taints: &BTreeMap<String, DeviceTaint>,
 ) -> Vec<ResourceSlice> {
+    slices_of(
+        inventory,
+        (driver, node, generation),
+        owner,
+        taints,
+        &BTreeMap::new(),
+    )
+}
+
+/// [`slices_with_taints`], with the NICs in `shared` (device name → capacity in bits per
+/// second) published as shared NICs ([`make_shared`]).
+pub fn slices_of(
+    inventory: &Inventory,
+    (driver, node, generation): (&str, &str, i64),
+    owner: Option<&NodeOwner>,
+    taints: &BTreeMap<String, DeviceTaint>,
+    shared: &BTreeMap<String, u64>,
+) -> Vec<ResourceSlice> {
     let mut devices: Vec<Device> = inventory.nics.iter().map(device).collect();
     devices.sort_by(|a, b| a.name.cmp(&b.name));
     devices.dedup_by(|a, b| a.name == b.name);
     for device in &mut devices {
         device.taints = taints.get(&device.name).map(|t| vec![t.clone()]);
+        if let Some(&capacity) = shared.get(&device.name) {
+            make_shared(device, capacity);
+        }
     }
     let per_slice = if devices.iter().any(|d| d.taints.is_some()) {
         MAX_DEVICES_PER_SLICE_WITH_TAINTS

@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 mod authz;
+mod capacity;
 
 pub use authz::{ADMIN_TOKEN, NODE, Release, TOKEN};
 use authz::{Attributes, Caller};
@@ -339,16 +340,40 @@ impl FakeApi {
     }
 
     /// Stores a claim given as API JSON (metadata.uid required), as the scheduler leaves it.
+    /// Panics on an allocation the scheduler could not have made (see [`Self::try_put_claim`]).
     pub fn put_claim(&self, claim: Value) {
+        if let Err(problems) = self.try_put_claim(claim) {
+            panic!("the claim's allocation is refused: {problems:?}");
+        }
+    }
+
+    /// Stores a claim given as API JSON, as the scheduler leaves it, unless its allocation
+    /// breaks a rule of consumable capacity (a share of a device that allows no sharing, a
+    /// `shareID` that is no UUID, more consumed than the device has left): then the problems.
+    pub fn try_put_claim(&self, claim: Value) -> Result<(), Vec<String>> {
         let mut claim: ResourceClaim = serde_json::from_value(claim).expect("a ResourceClaim");
         let key = (
             claim.metadata.namespace.clone().expect("a namespace"),
             claim.metadata.name.clone().expect("a name"),
         );
         let mut store = self.lock();
+        let problems = {
+            let slices: Vec<&ResourceSlice> = store.slices.values().collect();
+            let others: Vec<&ResourceClaim> = store
+                .claims
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .map(|(_, c)| c)
+                .collect();
+            capacity::allocation_problems(&claim, &slices, &others)
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
         claim.metadata.resource_version = Some(store.next_revision());
         store.device_owners.remove(&key);
         store.claims.insert(key, claim);
+        Ok(())
     }
 
     /// Deletes a claim.
@@ -774,6 +799,7 @@ fn create_slice(store: &mut Store, body: &[u8]) -> Answer {
         ));
     }
     prepare_taints(store.release, &mut slice);
+    capacity::prepare(store.release, &mut slice);
     let errors = validate_slice(&name, &slice);
     if !errors.is_empty() {
         return Err(Failure::invalid(
@@ -839,6 +865,7 @@ fn update_slice(store: &mut Store, name: &str, body: &[u8]) -> Answer {
         errors.push("spec.driver: Invalid value: field is immutable".into());
     }
     prepare_taints(store.release, &mut slice);
+    capacity::prepare(store.release, &mut slice);
     errors.extend(validate_slice(name, &slice));
     if !errors.is_empty() {
         return Err(Failure::invalid(
@@ -1051,6 +1078,7 @@ fn validate_devices(
             &path,
             device.taints.as_deref().unwrap_or_default(),
         ));
+        errors.extend(capacity::device_problems(&path, device));
     }
     errors
 }

@@ -183,6 +183,7 @@ pub fn node_devices(pool: &str, machine: &crate::sysfs::SysfsTree) -> NodeDevice
     NodeDevices {
         pool: pool.into(),
         inventory,
+        shared: None,
     }
 }
 
@@ -226,6 +227,7 @@ pub fn attachment_record(claim_uid: &str, device: &str) -> AttachmentRecord {
         },
         pod_name: "net1".into(),
         returned: false,
+        share: None,
         pod: Some(PodSide {
             name: "net1".into(),
             addresses: Vec::new(),

@@ -92,6 +92,7 @@ impl Node {
                 device: device.into(),
                 config: config::parse(text.as_bytes()).expect("test node"),
                 topology: None,
+                share: None,
             }],
         };
         self.store.claims.put(uid, &claim).expect("test node");
