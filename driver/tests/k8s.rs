@@ -1277,7 +1277,7 @@ async fn the_fake_api_validates_consumable_capacity_and_refuses_an_oversized_sha
 async fn shared_nics_are_published_with_bandwidth_and_withheld_from_servers_without_sharing() {
     let fake = FakeApi::start().await.unwrap();
     fake.add_node("gpu-node-1");
-    let mut inventory = knd_testkit::inventory_of(["eth1", "eth2"]);
+    let mut inventory = inventory_of(["eth1", "eth2"]);
     for nic in &mut inventory.nics {
         nic.netdev.as_mut().unwrap().speed_mbps = Some(100_000);
     }
