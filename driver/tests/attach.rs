@@ -437,6 +437,16 @@ fn every_configuration_field_is_applied_or_refused() {
              nccl.rs (variables, GID choice, topology file)",
         ),
         (
+            "share.mode",
+            "pods.rs a_share_is_made_in_the_pod_held_to_its_bandwidth_and_deleted_at_release \
+             (bridge, the default; the mode is set when the child is created)",
+        ),
+        (
+            "share.policeIngress",
+            "tcx_counters.rs an_ingress_policer_drops_what_exceeds_the_share_after_it_was_counted; \
+             prepare refuses `share` on a device allocated whole",
+        ),
+        (
             "rdma.mode",
             "pods.rs shared_rdma_gives_every_container_the_claimed_nics_verbs_devices \
              (`exclusive` is refused below)",

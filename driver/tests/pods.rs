@@ -492,3 +492,97 @@ async fn a_claim_without_nccl_gets_no_variables() {
     );
     hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
 }
+
+/// A share of a shared NIC: a macvlan child made in the pod (the NIC stays on the node exactly
+/// as it was), the claim status names the share, the policer holds it to its bandwidth and
+/// counts what it dropped, and release deletes the child and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn a_share_is_made_in_the_pod_held_to_its_bandwidth_and_deleted_at_release() {
+    use knd::{model::records::PreparedShare, observe::metrics::Telemetry};
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
+    let share_id = "6b0f6f63-3c8e-4f5b-9a43-0d1e2f3a4b5c";
+    node.prepare_with(
+        "c1",
+        "enp1",
+        r#""interface":{"name":"net1","addresses":["192.168.50.40/24"],"mtu":1400},
+           "neighbors":[{"destination":"192.168.50.99","hardwareAddr":"02:00:00:00:00:99"}]"#,
+        Some(PreparedShare {
+            id: share_id.into(),
+            bandwidth: 10_000_000, // 10 Mbit/s
+        }),
+    );
+    let before = attach::record(node.host.netns(), "enp1").await.unwrap();
+    let cgroup = knd::observe::telemetry::default_cgroup_root();
+    let telemetry = Arc::new(Telemetry::new(cgroup.as_deref(), 10));
+    let hooks = node.hooks().with_telemetry(Arc::clone(&telemetry));
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+
+    // The child is in the pod, configured; the NIC never left the node, and is as it was.
+    let inside = attach::record(node.pod.netns(), "net1").await.unwrap();
+    assert_eq!(inside.nets(), ["192.168.50.40/24".parse().unwrap()]);
+    assert_eq!(inside.link.mtu, 1400);
+    assert_eq!(
+        attach::record(node.host.netns(), "enp1").await.unwrap(),
+        before
+    );
+    let links = node
+        .pod
+        .netlink(|link| async move { link.links().await })
+        .unwrap();
+    let child = links.iter().find(|l| l.name == "net1").unwrap();
+    assert_eq!(child.kind.as_deref(), Some("macvlan"), "{child:?}");
+    let parent = child.peer.expect("a macvlan has a parent");
+    assert_eq!(parent.index, before.link.index, "a child of enp1");
+    assert!(
+        parent.netnsid.is_some(),
+        "whose parent is in another namespace"
+    );
+    let reports = node.claims.reports();
+    assert_eq!(reports[0].1[0].share_id.as_deref(), Some(share_id));
+    assert!(reports[0].1[0].ready);
+
+    // 2 MB of UDP at once: the 512 kB bucket passes a quarter, the policer drops the rest.
+    node.pod
+        .run(|| {
+            let socket = std::net::UdpSocket::bind("192.168.50.40:0").unwrap();
+            for _ in 0..1_500 {
+                socket.send_to(&[0x5a; 1_300], "192.168.50.99:9").unwrap();
+            }
+        })
+        .unwrap();
+    let text = loop {
+        let text = knd::observe::metrics::encode(&telemetry.registry());
+        if text.contains("knd_claim_policed_packets_total") {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let dropped: u64 = text
+        .lines()
+        .find(|l| {
+            l.starts_with("knd_claim_policed_packets_total{")
+                && l.contains("direction=\"tx\"")
+                && l.contains("claim=\"claim-c1\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    let sent: u64 = text
+        .lines()
+        .find(|l| l.starts_with("knd_claim_tx_packets_total{") && l.contains("claim=\"claim-c1\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        dropped > 1_000 && sent < 500,
+        "sent {sent}, policed {dropped}: {text}"
+    );
+
+    // Release: the child goes, the NIC stays as it was.
+    hooks.stop_pod_sandbox(node.sandbox()).await.unwrap();
+    assert!(attach::record(node.pod.netns(), "net1").await.is_err());
+    assert_eq!(
+        attach::record(node.host.netns(), "enp1").await.unwrap(),
+        before
+    );
+    hooks.remove_pod_sandbox(node.sandbox()).await.unwrap();
+}

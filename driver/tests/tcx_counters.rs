@@ -308,6 +308,7 @@ fn an_attachment_follows_its_device_into_another_namespace() {
 /// egress at `rate` bytes per second.
 fn policed_share(
     rate: u64,
+    ingress: bool,
 ) -> (
     TestHost,
     TestHost,
@@ -329,9 +330,10 @@ fn policed_share(
     peer.configure("wire", B_ADDR, 24).unwrap();
     let mut probes = TrafficProbes::new();
     let id = probes.attach(pod.netns(), "share0").unwrap();
+    let policer = Policer::new(rate, policer_burst(rate));
     let limits = ShareLimits {
-        ingress: None,
-        egress: Some(Policer::new(rate, policer_burst(rate))),
+        ingress: ingress.then_some(policer),
+        egress: Some(policer),
     };
     probes.police(id, pod.netns(), "share0", limits).unwrap();
     (node, peer, pod, probes, id)
@@ -342,7 +344,7 @@ fn policed_share(
 fn a_policed_interface_never_sends_above_its_share_and_counts_what_it_dropped() {
     // 400 Mbit/s = 50 MB/s.
     let rate = 50_000_000;
-    let (_node, peer, pod, probes, id) = policed_share(rate);
+    let (_node, peer, pod, probes, id) = policed_share(rate, false);
     // An unpaced TCP sender: the policer alone holds it below the share (TCP recovers badly
     // from drops at its own interface, so it gets much less: why shares are also paced).
     let bytes = 8 << 20;
@@ -369,7 +371,7 @@ fn a_policed_interface_never_sends_above_its_share_and_counts_what_it_dropped() 
 #[ignore = "needs root: namespaces, macvlan, cgroups and eBPF (cargo xtask test runs it as root)"]
 fn a_paced_share_gets_its_rate_without_drops() {
     let rate = 50_000_000;
-    let (_node, peer, pod, probes, id) = policed_share(rate);
+    let (_node, peer, pod, probes, id) = policed_share(rate, false);
     let cgroup = knd::observe::telemetry::default_cgroup_root().expect("a cgroup v2 mount");
     let mut sockets = knd::observe::telemetry::SocketProbes::attach(&cgroup).unwrap();
     let cookie = pod.netns().cookie().unwrap();
@@ -401,4 +403,26 @@ fn a_paced_share_gets_its_rate_without_drops() {
         detail.policed_tx,
         after.policed_tx
     );
+}
+
+#[test]
+#[ignore = "needs root: namespaces, macvlan and eBPF (cargo xtask test runs it as root)"]
+fn an_ingress_policer_drops_what_exceeds_the_share_after_it_was_counted() {
+    let rate = 1_250_000; // 10 Mbit/s
+    let (_node, peer, pod, probes, id) = policed_share(rate, true);
+    pod.ping(B_ADDR, 1).unwrap();
+    // 2 MB at once from the peer: the bucket (512 kB) passes about a quarter.
+    peer.run(|| {
+        let socket = std::net::UdpSocket::bind((B_ADDR, 0)).unwrap();
+        for _ in 0..1_500 {
+            socket.send_to(&[0x5a; 1_300], (A_ADDR, 9)).unwrap();
+        }
+    })
+    .unwrap();
+    let detail = probes.detail(id).unwrap();
+    assert!(detail.policed_rx.packets > 1_000, "{detail:?}");
+    assert!(detail.policed_rx.packets < 1_500, "{detail:?}");
+    // Counted before the policer: knd's receive counters are the kernel's.
+    let (ours, kernel) = settled(&probes, id, &pod, "share0");
+    assert_exact(ours, kernel);
 }

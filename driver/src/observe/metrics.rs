@@ -74,6 +74,8 @@ struct Counting {
     attachment: AttachmentId,
     /// The counters, read by scrapes without the probes' lock.
     reader: Arc<telemetry::TrafficReader>,
+    /// A bandwidth share's policer runs on the interface too (its drops are exported).
+    policed: bool,
     /// When counting started (seconds since the epoch).
     since: f64,
     /// The kernel's counters of the interface when counting started, if read then (an
@@ -452,6 +454,17 @@ impl Telemetry {
         probes
             .traffic
             .police(attachment, pod_ns, interface, limits)?;
+        let Probes {
+            arrived, watched, ..
+        } = &mut *probes;
+        for counting in arrived
+            .iter_mut()
+            .map(|a| &mut a.counting)
+            .chain(watched.iter_mut().map(|w| &mut w.counting))
+            .filter(|c| c.attachment == attachment)
+        {
+            counting.policed = true;
+        }
         let cookie = pod_ns.cookie()?;
         let Probes { sockets, paced, .. } = &mut *probes;
         let Some(sockets) = sockets.as_mut() else {
@@ -700,6 +713,7 @@ fn start_counting(
     Ok(Counting {
         attachment,
         reader,
+        policed: false,
         since: unix_seconds(),
         baseline,
     })
@@ -718,6 +732,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Reading {
     labels: Vec<(&'static str, String)>,
+    policed: bool,
     since: f64,
     baseline: Option<LinkStats>,
     detail: TrafficDetail,
@@ -798,7 +813,7 @@ impl Collector for ClaimCollector {
                     (
                         w.labels.pairs(),
                         Arc::clone(&w.counting.reader),
-                        (w.counting.since, w.counting.baseline),
+                        (w.counting.since, w.counting.baseline, w.counting.policed),
                         w.cookie,
                         w.rdma.clone(),
                     )
@@ -813,7 +828,7 @@ impl Collector for ClaimCollector {
         };
         let readings: Vec<Reading> = targets
             .into_iter()
-            .filter_map(|(labels, reader, (since, baseline), cookie, rdma)| {
+            .filter_map(|(labels, reader, (since, baseline, policed), cookie, rdma)| {
                 let detail = reader
                     .detail()
                     .inspect_err(
@@ -831,6 +846,7 @@ impl Collector for ClaimCollector {
                     .collect();
                 Some(Reading {
                     labels,
+                    policed,
                     since,
                     baseline,
                     detail,
@@ -937,6 +953,37 @@ impl Pick {
     }
 }
 
+/// What the policers of bandwidth shares dropped, by direction (only for policed claims).
+fn encode_policed(
+    encoder: &mut DescriptorEncoder,
+    readings: &[Reading],
+) -> Result<(), std::fmt::Error> {
+    let mut packets = Vec::new();
+    let mut bytes = Vec::new();
+    for r in readings.iter().filter(|r| r.policed) {
+        for (direction, dropped) in [("rx", r.detail.policed_rx), ("tx", r.detail.policed_tx)] {
+            let labels = with(&r.labels, &[("direction", direction)]);
+            packets.push((labels.clone(), dropped.packets));
+            bytes.push((labels, dropped.bytes));
+        }
+    }
+    if packets.is_empty() {
+        return Ok(());
+    }
+    counter_family(
+        encoder,
+        "knd_claim_policed_packets",
+        "Frames the policer of the claim's bandwidth share dropped",
+        &packets,
+    )?;
+    counter_family(
+        encoder,
+        "knd_claim_policed_bytes",
+        "Bytes the policer of the claim's bandwidth share dropped",
+        &bytes,
+    )
+}
+
 /// Bytes and frames: totals, by class, RoCEv2 by opcode class, frame sizes.
 fn encode_traffic(
     encoder: &mut DescriptorEncoder,
@@ -971,6 +1018,7 @@ fn encode_traffic(
             .collect();
         counter_family(encoder, name, help, &series)?;
     }
+    encode_policed(encoder, readings)?;
     let mut class_bytes = Vec::new();
     let mut class_packets = Vec::new();
     let mut roce_packets = Vec::new();

@@ -79,6 +79,17 @@ impl Node {
 
     /// Records claim `uid` for pod `pod-1` with `device` and the config fields `config_json`.
     pub fn prepare(&self, uid: &str, device: &str, config_json: &str) {
+        self.prepare_with(uid, device, config_json, None);
+    }
+
+    /// [`Self::prepare`], the device allocated as `share` of a shared NIC (or whole: `None`).
+    pub fn prepare_with(
+        &self,
+        uid: &str,
+        device: &str,
+        config_json: &str,
+        share: Option<knd::model::records::PreparedShare>,
+    ) {
         let text =
             format!(r#"{{"apiVersion":"knd.dev/v1alpha1","kind":"NetworkConfig",{config_json}}}"#);
         let claim = PreparedClaim {
@@ -92,7 +103,7 @@ impl Node {
                 device: device.into(),
                 config: config::parse(text.as_bytes()).expect("test node"),
                 topology: None,
-                share: None,
+                share,
             }],
         };
         self.store.claims.put(uid, &claim).expect("test node");
