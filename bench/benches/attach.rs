@@ -16,6 +16,10 @@
 //! (counting from the interface's arrival; the programs linked to the NIC on the node once the
 //! claim is prepared, as the daemon does): what telemetry adds is paired in the same rounds.
 //!
+//! A third claimed pod per round gets a bandwidth share of nic0 instead (a macvlan child made
+//! directly in the pod, policed by the preloaded programs: no move): what a share adds, paired
+//! with the pod without a claim before it, beside what the exclusive NIC adds.
+//!
 //! Goals: added p50 under 10 ms and p99 under 25 ms; knd's own share p50 under 2 ms and p99
 //! under 5 ms; telemetry adds p50 under 1 ms.
 
@@ -27,7 +31,7 @@ use std::{
 use knd::{
     model::{
         config,
-        records::{PreparedClaim, PreparedDevice},
+        records::{PreparedClaim, PreparedDevice, PreparedShare},
     },
     nri::{
         plugin::{self, Identity},
@@ -36,7 +40,7 @@ use knd::{
     observe::metrics::Telemetry,
     os::state::StateStore,
 };
-use knd_bench::{report, summarize};
+use knd_bench::{Summary, report, summarize};
 use knd_testkit::{
     TestHost,
     claims::MemoryClaims,
@@ -165,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let (mut without, mut connected, mut with) = (Vec::new(), Vec::new(), Vec::new());
     let mut with_telemetry = Vec::new();
+    let mut with_share = Vec::new();
     let mut moves = Vec::new();
     for round in 0..ROUNDS {
         for i in 0..PER_ROUND {
@@ -201,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(record.is_none(), "pod {uid} was not cleaned up: {record:?}");
                 store.claims.remove(&claim.uid)?;
             }
+            with_share.push(share_once(&mut client, &store, &node, n, &measured).await?);
         }
         shutdown.cancel();
         moves.extend(kernel_moves(&node, PER_ROUND).await?);
@@ -208,7 +214,13 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    summarize_all(&without, &connected, &with, &moves, &with_telemetry)?;
+    summarize_all(
+        &without,
+        &connected,
+        &with,
+        &moves,
+        (&with_telemetry, &with_share),
+    )?;
     Ok(())
 }
 
@@ -246,6 +258,69 @@ async fn stage_ahead(
     Ok(())
 }
 
+/// One pod whose claim is a 1 Gbit/s share of nic0: made in the pod, nic0 stays on the node.
+async fn share_once(
+    client: &mut CriClient,
+    store: &StateStore,
+    node: &TestHost,
+    n: usize,
+    config: &config::NetworkConfig,
+) -> anyhow::Result<Duration> {
+    let uid = format!("share-{n}");
+    let mut claim = nic_claim(&format!("{n}-share"), &uid, config);
+    claim.devices[0].share = Some(PreparedShare {
+        id: format!("00000000-0000-4000-8000-{n:012}"),
+        bandwidth: 1_000_000_000,
+    });
+    store.claims.put(&claim.uid, &claim)?;
+    let shared = || {
+        let record = store.pods.get(&uid)?;
+        anyhow::ensure!(
+            record.is_some_and(|r| r.attachments.iter().all(|a| a.pod.is_some())),
+            "pod {uid} started without its share"
+        );
+        anyhow::ensure!(node.link_stats("nic0").is_ok(), "nic0 left the node");
+        Ok(())
+    };
+    let elapsed = sandbox_once(client, n, &uid, shared).await?;
+    store.claims.remove(&claim.uid)?;
+    Ok(elapsed)
+}
+
+/// What one bandwidth share adds, paired with the unclaimed pod of the same round and
+/// position, printed beside what one exclusive NIC adds (`exclusive`).
+fn summarize_share(
+    with_share: &[Duration],
+    connected: &[Duration],
+    exclusive: &Summary,
+) -> anyhow::Result<[Summary; 2]> {
+    let shared = summarize(
+        "RunPodSandbox, knd making 1 bandwidth share",
+        with_share,
+        None,
+    )?;
+    let paired: Vec<Duration> = with_share
+        .iter()
+        .zip(connected)
+        .map(|(share, none)| share.saturating_sub(*none))
+        .collect();
+    let cost = summarize(
+        "added by 1 bandwidth share (paired with the pod before it)",
+        &paired,
+        Some(Duration::from_millis(25)),
+    )?
+    .with_p50_goal(Duration::from_millis(10));
+    println!(
+        "added by one bandwidth share, paired: p50 {:.1?}, p99 {:.1?} (one exclusive NIC: p50 \
+         {:.1?}, p99 {:.1?})",
+        Duration::from_micros(cost.p50_us),
+        Duration::from_micros(cost.p99_us),
+        Duration::from_micros(exclusive.p50_us),
+        Duration::from_micros(exclusive.p99_us)
+    );
+    Ok([shared, cost])
+}
+
 /// Prints and writes the results: each condition, what one NIC adds (by percentile and paired),
 /// and the kernel's own move.
 fn summarize_all(
@@ -253,7 +328,7 @@ fn summarize_all(
     connected: &[Duration],
     with: &[Duration],
     moves: &[Duration],
-    with_telemetry: &[Duration],
+    (with_telemetry, with_share): (&[Duration], &[Duration]),
 ) -> anyhow::Result<()> {
     let plain = summarize("RunPodSandbox, no NRI plugin", without, None)?;
     let added = |with_knd: u64, plain: u64| Duration::from_micros(with_knd.saturating_sub(plain));
@@ -333,6 +408,7 @@ fn summarize_all(
         Duration::from_micros(telemetry_cost.p50_us),
         Duration::from_micros(telemetry_cost.p99_us)
     );
+    let [shared, share_cost] = summarize_share(with_share, connected, &pairs)?;
     report(
         "attach",
         "Attach latency (real containerd, NRI RunPodSandbox)",
@@ -341,6 +417,8 @@ fn summarize_all(
             unclaimed,
             attached,
             pairs,
+            shared,
+            share_cost,
             kernel,
             own,
             measured,

@@ -249,7 +249,7 @@ fn demo(root: &Path, from_image: bool) -> anyhow::Result<()> {
 }
 
 /// The suites in bench/, in the order `cargo xtask bench` runs them.
-const SUITES: [&str; 8] = [
+const SUITES: [&str; 9] = [
     "discovery",
     "prepare",
     "api",
@@ -257,6 +257,7 @@ const SUITES: [&str; 8] = [
     "container",
     "telemetry",
     "collectives",
+    "sharing",
     "placement",
 ];
 
