@@ -167,7 +167,13 @@ fn main() -> anyhow::Result<()> {
         }
         samples.extend(these);
     }
-    let (document, met) = document(&samples, &pods, started.elapsed());
+    let cost = policer_cost(&fabric, &pods[0])?;
+    println!(
+        "policer: {:.1} ns per frame, net of the do-nothing program's {:.1} ns on the same frames \
+         ({} frames)",
+        cost.net_ns, cost.noop_ns, cost.frames
+    );
+    let (document, met) = document(&samples, &pods, cost, started.elapsed());
     for table in &document.tables {
         knd_bench::print_table(table);
     }
@@ -336,6 +342,121 @@ fn run_round(
     })
 }
 
+/// The policer's cost per frame, net of the do-nothing program on the same frames.
+#[derive(Debug, Clone, Copy)]
+struct PolicerCost {
+    police_ns: f64,
+    noop_ns: f64,
+    net_ns: f64,
+    frames: u64,
+    /// Bytes those frames carried (GSO super-frames: one run per up to 64 KiB).
+    bytes: u64,
+}
+
+/// On `pod`'s share: the counting instance with a policer that never drops (100 Gbit/s, so
+/// every frame takes the passing path) and the do-nothing program on the same egress hook, both
+/// run on every frame of the same unpaced TCP transfers; the kernel's run-time statistics of
+/// each, in 5 rounds of 1 s.
+#[expect(clippy::cast_precision_loss, reason = "nanosecond averages")]
+fn policer_cost(fabric: &TestHost, pod: &Pod) -> anyhow::Result<PolicerCost> {
+    use knd::observe::telemetry::{ShareLimits, TrafficProbes};
+    use knd_common::{Policer, policer_burst};
+    let _stats = telemetry::enable_run_stats()?;
+    let mut rounds = Vec::new();
+    let (mut frames, mut bytes) = (0, 0);
+    for round in 0..5 {
+        let mut probes = TrafficProbes::new();
+        let policed = probes.attach(pod.host.netns(), "net1")?;
+        let rate = 12_500_000_000;
+        let limits = ShareLimits {
+            ingress: None,
+            egress: Some(Policer::new(rate, policer_burst(rate))),
+        };
+        probes.police(policed, pod.host.netns(), "net1", limits)?;
+        // Another registry: one registry refuses a second attachment to an interface.
+        let mut baseline = TrafficProbes::new();
+        let noop = baseline.attach_baseline_one(pod.host.netns(), "net1", false)?;
+        let listener = fabric
+            .run(|| TcpListener::bind(SocketAddr::new(IpAddr::V4(FABRIC), PORT + 10 + round)))??;
+        let target = listener.local_addr()?;
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let receiver = scope.spawn(move || -> std::io::Result<()> {
+                let (mut stream, _) = listener.accept()?;
+                let mut buffer = vec![0_u8; 256 * 1024];
+                while stream.read(&mut buffer)? > 0 {}
+                Ok(())
+            });
+            pod.host.run(|| -> std::io::Result<()> {
+                let mut stream = TcpStream::connect(target)?;
+                let chunk = vec![0x5a_u8; 256 * 1024];
+                let until = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < until {
+                    stream.write_all(&chunk)?;
+                }
+                Ok(())
+            })??;
+            receiver
+                .join()
+                .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+            Ok(())
+        })?;
+        let per_run = |probes: &TrafficProbes, id, name: &str| -> anyhow::Result<(f64, u64)> {
+            let stats = probes
+                .program_stats(id)?
+                .into_iter()
+                .find(|s| s.program == name)
+                .context("no statistics")?;
+            Ok((
+                stats.run_time.as_nanos() as f64 / stats.runs.max(1) as f64,
+                stats.runs,
+            ))
+        };
+        let (police, runs) = per_run(&probes, policed, knd_common::names::POLICE_EGRESS_PROG)?;
+        let (noop, _) = per_run(&baseline, noop, knd_common::names::NOOP_PROG)?;
+        anyhow::ensure!(
+            probes.detail(policed)?.policed_tx.packets == 0,
+            "the cost policer dropped frames"
+        );
+        frames += runs;
+        bytes += probes.detail(policed)?.tx.total().bytes;
+        rounds.push((police, noop));
+    }
+    let police_ns = median(rounds.iter().map(|r| r.0).collect());
+    let noop_ns = median(rounds.iter().map(|r| r.1).collect());
+    Ok(PolicerCost {
+        police_ns,
+        noop_ns,
+        net_ns: median(rounds.iter().map(|r| r.0 - r.1).collect()),
+        frames,
+        bytes,
+    })
+}
+
+fn cost_table(cost: PolicerCost) -> Table {
+    let mut table = Table::new(
+        "The policer's cost per frame (egress, kernel BPF run-time statistics, median of 5 rounds)",
+        &[
+            "policer ns/frame",
+            "do-nothing ns/frame",
+            "net ns/frame",
+            "frames",
+            "bytes/frame",
+            "net ns per 1500-byte wire packet",
+        ],
+    );
+    #[expect(clippy::cast_precision_loss, reason = "averages for a report")]
+    let per_frame = cost.bytes as f64 / cost.frames.max(1) as f64;
+    table.row(vec![
+        format!("{:.1}", cost.police_ns),
+        format!("{:.1}", cost.noop_ns),
+        format!("{:.1}", cost.net_ns),
+        cost.frames.to_string(),
+        format!("{per_frame:.0}"),
+        format!("{:.2}", cost.net_ns * 1500.0 / per_frame.max(1.0)),
+    ]);
+    table
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -343,7 +464,12 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// The report and whether every goal was met.
 #[expect(clippy::cast_precision_loss, reason = "rates for a report")]
-fn document(samples: &[Sample], pods: &[Pod], elapsed: Duration) -> (Document, bool) {
+fn document(
+    samples: &[Sample],
+    pods: &[Pod],
+    cost: PolicerCost,
+    elapsed: Duration,
+) -> (Document, bool) {
     let mut document = Document::new("sharing", "Bandwidth shares of one NIC, enforced");
     document.notes.push(format!(
         "Three pods, each with a share of one NIC (a veth to a receiver namespace) made by knd \
@@ -414,6 +540,7 @@ fn document(samples: &[Sample], pods: &[Pod], elapsed: Duration) -> (Document, b
         bars.push((i, pod.share, knd, free));
     }
     document.tables.push(table);
+    document.tables.push(cost_table(cost));
     let categories: Vec<String> = bars.iter().map(|(i, ..)| format!("pod{i}")).collect();
     document.charts.push(Chart {
         title: "Share, achieved with enforcement, and without".into(),

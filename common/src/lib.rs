@@ -138,15 +138,16 @@ impl Policer {
         }
     }
 
-    /// The verdict for a frame of `len` bytes at `now` with the theoretical arrival time at
-    /// `tat`: `None` to drop it, else the time it moves the arrival time on to.
+    /// The verdict for a frame that takes `cost` nanoseconds at the rate ([`Self::cost_ns`]),
+    /// at `now` with the theoretical arrival time at `tat`: `None` to drop it, else the time it
+    /// moves the arrival time on to.
     #[must_use]
-    pub const fn admit(&self, tat: u64, now: u64, len: u64) -> Option<u64> {
+    pub const fn admit(&self, tat: u64, now: u64, cost: u64) -> Option<u64> {
         let start = if tat > now { tat } else { now };
         if start - now > self.tolerance_ns {
             return None;
         }
-        Some(start + self.cost_ns(len))
+        Some(start + cost)
     }
 
     /// How long `len` bytes take at the rate.
@@ -383,7 +384,7 @@ mod tests {
         // catches up with the arrival time.
         let (mut tat, mut passed) = (0, 0);
         let now = 10_000_000_000;
-        while let Some(next) = policer.admit(tat, now, 10_000) {
+        while let Some(next) = policer.admit(tat, now, policer.cost_ns(10_000)) {
             tat = next;
             passed += 10_000;
         }
@@ -393,7 +394,7 @@ mod tests {
         let mut passed = 0u64;
         for step in 0..1_000_000u64 {
             let t = now + step * 1_000;
-            if let Some(next) = policer.admit(tat, t, 1_500) {
+            if let Some(next) = policer.admit(tat, t, policer.cost_ns(1_500)) {
                 tat = next;
                 passed += 1_500;
             }
@@ -402,8 +403,10 @@ mod tests {
             (125_000_000 - 10_000..=125_000_000).contains(&passed),
             "{passed}"
         );
+        let free = Policer::new(0, 1);
+        assert_eq!(free.cost_ns(1_000_000), 0);
         assert_eq!(
-            Policer::new(0, 1).admit(0, 5, 1_000_000),
+            free.admit(0, 5, free.cost_ns(1_000_000)),
             Some(5),
             "rate 0 polices nothing"
         );

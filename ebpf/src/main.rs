@@ -122,7 +122,8 @@ fn police(ctx: &TcContext, direction: u32) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let len = u64::from(ctx.len());
     let tat = settings.tat_ns;
-    if settings.admit(tat, now, len).is_none() {
+    let cost = settings.cost_ns(len);
+    if settings.admit(tat, now, cost).is_none() {
         if let Some(dropped) = POLICED.get_ptr_mut(direction) {
             // SAFETY: this CPU's slot of a per-CPU array entry; nothing else writes it meanwhile.
             unsafe {
@@ -141,8 +142,7 @@ fn police(ctx: &TcContext, direction: u32) -> i32 {
             core::ptr::write_volatile(tat_ptr, now);
         }
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            tat_ptr,
-            settings.cost_ns(len),
+            tat_ptr, cost,
         );
     }
     TC_ACT_UNSPEC
