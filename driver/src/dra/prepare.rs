@@ -301,7 +301,7 @@ impl<S: ClaimApi> Preparer<S> {
     /// of a NIC knd does not publish as shared, or a shared NIC allocated whole.
     fn misallocated_share(&self, claim: &ClaimRef, prepared: &PreparedClaim) -> Option<String> {
         let shared = match &self.node.shared {
-            Some(selector) => resources::shared_devices(&self.node.inventory.borrow(), selector),
+            Some(selector) => selector.shared_devices(&self.node.inventory.borrow()),
             None => BTreeMap::new(),
         };
         prepared.devices.iter().find_map(|device| {

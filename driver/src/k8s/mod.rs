@@ -282,7 +282,7 @@ impl Publisher {
             _ => BTreeMap::new(),
         };
         let shared = match &self.shared {
-            Some(selector) => resources::shared_devices(inventory, selector),
+            Some(selector) => selector.shared_devices(inventory),
             None => BTreeMap::new(),
         };
         let without_shared;

@@ -55,25 +55,6 @@ pub fn share_capacity(nic: &Nic) -> Option<u64> {
         .map(|mbps| u64::from(mbps) * 1_000_000)
 }
 
-/// The NICs of `inventory` that `selector` makes shared, with their capacity (bits per
-/// second): those it accepts whose link speed is known.
-pub fn shared_devices(
-    inventory: &Inventory,
-    selector: &super::selector::Selector,
-) -> BTreeMap<String, u64> {
-    inventory
-        .nics
-        .iter()
-        .filter_map(|nic| {
-            let name = device_name(nic);
-            let accepted = selector
-                .matches_own(&name, &attributes(nic))
-                .unwrap_or(false);
-            Some((name, share_capacity(nic).filter(|_| accepted)?))
-        })
-        .collect()
-}
-
 /// Makes `device` a shared NIC of `capacity` bits per second (KEP-5075 consumable capacity):
 /// allocatable to many claims at once, each consuming some `bandwidth`; the sum never exceeds
 /// the capacity. Requests without a bandwidth get [`SHARE_DEFAULT`]; amounts round up to

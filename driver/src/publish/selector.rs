@@ -219,6 +219,22 @@ impl Selector {
         }
     }
 
+    /// The NICs of `inventory` this selector makes shared (`--shared-nics`), with their
+    /// capacity in bits per second: those it accepts whose link speed is known.
+    pub fn shared_devices(&self, inventory: &Inventory) -> std::collections::BTreeMap<String, u64> {
+        inventory
+            .nics
+            .iter()
+            .filter_map(|nic| {
+                let name = resources::device_name(nic);
+                let accepted = self
+                    .matches_own(&name, &resources::attributes(nic))
+                    .unwrap_or(false);
+                Some((name, resources::share_capacity(nic).filter(|_| accepted)?))
+            })
+            .collect()
+    }
+
     /// [`Selector::matches`] for a device of knd's own driver.
     pub fn matches_own(
         &self,
