@@ -626,3 +626,90 @@ fn a_tainted_nic_is_skipped_unless_the_request_tolerates_it() {
         );
     }
 }
+
+/// A node with one shared 10G NIC (`nic0`, as knd publishes it) and one NIC allocated whole.
+fn catalog_slices() -> Vec<ResourceSlice> {
+    let mut device: k8s_openapi::api::resource::v1::Device =
+        serde_json::from_value(serde_json::json!({"name": "nic0"})).unwrap();
+    resources::make_shared(&mut device, 10_000_000_000);
+    vec![
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": "node-1-knd.dev-0"},
+            "spec": {"driver": "knd.dev", "nodeName": "node-1",
+                "pool": {"name": "node-1", "generation": 1, "resourceSliceCount": 1},
+                "devices": [device, {"name": "nic1"}]}}))
+        .unwrap(),
+    ]
+}
+
+/// Consumable capacity as the scheduler applies it (KEP-5075): a shared NIC is allocated to
+/// claim after claim, each consuming its requested bandwidth rounded up by the request policy
+/// (or the policy's default), until what is left does not cover a request; `knd explain` shows
+/// the share and says why a request does not fit.
+#[test]
+fn shares_of_a_shared_nic_are_allocated_until_its_bandwidth_is_spent() {
+    use knd::cli::placement::Usage;
+    let class: k8s_openapi::api::resource::v1::DeviceClass =
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+            "metadata": {"name": "knd-shared-nic"},
+            "spec": {"selectors": [{"cel": {"expression":
+                "device.driver == \"knd.dev\" && device.allowMultipleAllocations"}}]}}))
+        .unwrap();
+    let catalog = Catalog::new(&catalog_slices(), &[class]).unwrap();
+    let claim = |bandwidth: Option<&str>| {
+        let mut exactly = serde_json::json!({"deviceClassName": "knd-shared-nic"});
+        if let Some(b) = bandwidth {
+            exactly["capacity"] = serde_json::json!({"requests": {"bandwidth": b}});
+        }
+        let spec: k8s_openapi::api::resource::v1::DeviceClaim =
+            serde_json::from_value(serde_json::json!({"requests": [{"name": "nic",
+                "exactly": exactly}]}))
+            .unwrap();
+        Claim::compile("share", &spec).unwrap()
+    };
+    let mut usage = Usage::default();
+    let mut take = |claim: &Claim| {
+        let evaluated = claim.evaluate(&catalog);
+        let outcome = evaluated.allocate_with(&usage);
+        if let Ok(allocation) = &outcome {
+            usage.take(allocation);
+        }
+        outcome.map(|a| (a.results[0].1.device.clone(), a.consumed[0]["bandwidth"]))
+    };
+    // 3G, 15M (rounded up to the 10M step: 20M), nothing named (the 1G default).
+    assert_eq!(take(&claim(Some("3G"))), Ok(("nic0".into(), 3_000_000_000)));
+    assert_eq!(take(&claim(Some("15M"))), Ok(("nic0".into(), 20_000_000)));
+    assert_eq!(take(&claim(None)), Ok(("nic0".into(), 1_000_000_000)));
+    // 5.98G left: 5G fits, then 1G does not.
+    assert_eq!(take(&claim(Some("5G"))), Ok(("nic0".into(), 5_000_000_000)));
+    let refused = take(&claim(Some("1G"))).unwrap_err();
+    assert!(
+        refused[0].reasons[0].contains("0 match (1 more have too little capacity left)"),
+        "{refused:?}"
+    );
+    // More than the NIC has is never allocatable, and explain says why; nic1 is not shared.
+    let too_big = claim(Some("20G"));
+    let evaluated = too_big.evaluate(&catalog);
+    let (text, ok) = knd::cli::placement::explain(&evaluated);
+    assert!(!ok);
+    assert!(
+        text.contains(
+            "capacity bandwidth: 20000000000 rounds to 20000000000, above the maximum 10000000000"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("device.allowMultipleAllocations` is false"),
+        "nic1 is rejected by the class: {text}"
+    );
+    let two = claim(Some("2G"));
+    let evaluated = two.evaluate(&catalog);
+    let (text, ok) = knd::cli::placement::explain(&evaluated);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("nic: knd.dev/node-1/nic0 (a share: bandwidth 2G)"),
+        "{text}"
+    );
+}

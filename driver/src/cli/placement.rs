@@ -11,8 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use k8s_openapi::api::resource::v1::{
-    DeviceClaim, DeviceClass, DeviceSelector, DeviceTaint, DeviceToleration, ExactDeviceRequest,
-    ResourceSlice,
+    DeviceCapacity, DeviceClaim, DeviceClass, DeviceSelector, DeviceTaint, DeviceToleration,
+    ExactDeviceRequest, ResourceSlice,
 };
 
 use crate::publish::{
@@ -166,7 +166,85 @@ pub struct Entry {
     pub attributes: BTreeMap<String, Value>,
     /// Its taints (KEP-5055).
     pub taints: Vec<DeviceTaint>,
+    /// `allowMultipleAllocations` (KEP-5075): allocatable to many claims, each consuming part
+    /// of its capacity.
+    pub shared: bool,
+    /// Its capacities, by name.
+    pub capacity: BTreeMap<String, Capacity>,
     cel: selector::Device,
+}
+
+/// One capacity of a device (KEP-5075): its total, and how a request consumes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// The device's whole capacity.
+    pub total: u64,
+    default: Option<u64>,
+    valid_values: Vec<u64>,
+    /// `(min, max, step)`.
+    range: Option<(u64, Option<u64>, Option<u64>)>,
+}
+
+impl Capacity {
+    /// The capacity the API object describes (quantities that are not whole numbers: `None`).
+    fn of(capacity: &DeviceCapacity) -> Option<Self> {
+        let quantity = |q: &k8s_openapi::apimachinery::pkg::api::resource::Quantity| {
+            crate::model::quantity::parse(&q.0).ok()
+        };
+        let policy = capacity.request_policy.as_ref();
+        Some(Self {
+            total: quantity(&capacity.value)?,
+            default: policy.and_then(|p| p.default.as_ref()).and_then(quantity),
+            valid_values: policy
+                .and_then(|p| p.valid_values.as_ref())
+                .map(|v| v.iter().filter_map(quantity).collect())
+                .unwrap_or_default(),
+            range: policy.and_then(|p| p.valid_range.as_ref()).and_then(|r| {
+                Some((
+                    quantity(&r.min)?,
+                    r.max.as_ref().and_then(quantity),
+                    r.step.as_ref().and_then(quantity),
+                ))
+            }),
+        })
+    }
+
+    /// What a request consumes, as the scheduler rounds it: the amount asked for (`None`: the
+    /// policy's default, else the whole capacity), raised to the smallest valid value, or to
+    /// the range's minimum and then to a whole number of steps above it; `Err` when that
+    /// exceeds every valid value, the range's maximum or the capacity.
+    pub fn consume(&self, requested: Option<u64>) -> Result<u64, String> {
+        let Some(wanted) = requested.or(self.default) else {
+            return Ok(self.total);
+        };
+        let amount = if self.valid_values.is_empty() {
+            match self.range {
+                Some((min, max, step)) => {
+                    let mut amount = wanted.max(min);
+                    if let Some(step) = step.filter(|s| *s > 0) {
+                        amount = min + (amount - min).div_ceil(step) * step;
+                    }
+                    if let Some(max) = max.filter(|m| amount > *m) {
+                        return Err(format!(
+                            "{wanted} rounds to {amount}, above the maximum {max}"
+                        ));
+                    }
+                    amount
+                }
+                None => wanted,
+            }
+        } else {
+            *self
+                .valid_values
+                .iter()
+                .find(|v| **v >= wanted)
+                .ok_or_else(|| format!("{wanted} is above every valid value"))?
+        };
+        if amount > self.total {
+            return Err(format!("{amount} is more than the device's {}", self.total));
+        }
+        Ok(amount)
+    }
 }
 
 /// The devices and classes an allocation chooses from.
@@ -194,8 +272,14 @@ impl Catalog {
             }
             for device in spec.devices.iter().flatten() {
                 let attributes = qualified_attributes(&spec.driver, device);
+                let shared = device.allow_multiple_allocations == Some(true);
                 devices.push(Entry {
-                    cel: selector::Device::new(&device.name, &spec.driver, &attributes),
+                    cel: selector::Device::with_sharing(
+                        &device.name,
+                        &spec.driver,
+                        &attributes,
+                        shared,
+                    ),
                     id: DeviceId {
                         driver: spec.driver.clone(),
                         pool: spec.pool.name.clone(),
@@ -204,6 +288,13 @@ impl Catalog {
                     node: spec.node_name.clone().or_else(|| device.node_name.clone()),
                     attributes,
                     taints: device.taints.clone().unwrap_or_default(),
+                    shared,
+                    capacity: device
+                        .capacity
+                        .iter()
+                        .flatten()
+                        .filter_map(|(name, c)| Some((name.clone(), Capacity::of(c)?)))
+                        .collect(),
                 });
             }
         }
@@ -294,6 +385,8 @@ struct Alternative {
     selectors: Vec<Selector>,
     count: Count,
     tolerations: Vec<DeviceToleration>,
+    /// `capacity.requests`: amounts by capacity name.
+    capacity: BTreeMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -373,6 +466,7 @@ impl Claim {
                             device_class_name: s.device_class_name.clone(),
                             selectors: s.selectors.clone(),
                             tolerations: s.tolerations.clone(),
+                            capacity: s.capacity.clone(),
                             ..ExactDeviceRequest::default()
                         };
                         alternative(name, &format!("{}/{}", request.name, s.name), &exactly)
@@ -479,9 +573,25 @@ fn alternative(
             });
         }
     };
+    let capacity = exactly
+        .capacity
+        .as_ref()
+        .and_then(|c| c.requests.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|(capacity, q)| {
+            crate::model::quantity::parse(&q.0)
+                .map(|amount| (capacity.clone(), amount))
+                .map_err(|e| Error::Claim {
+                    claim: claim.to_owned(),
+                    message: format!("request {name}: capacity.requests[{capacity}]: {e}"),
+                })
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Alternative {
         name: name.to_owned(),
         class: exactly.device_class_name.clone(),
+        capacity,
         selectors: compile(
             exactly.selectors.as_deref(),
             &format!("claim {claim}, request {name}"),
@@ -515,6 +625,7 @@ fn verdict(catalog: &Catalog, alternative: &Alternative, device: &Entry) -> Resu
             Err(e) => return Err(format!("{whose}: {e}")),
         }
     }
+    needs(alternative, device)?;
     // As the scheduler: a NoSchedule or NoExecute taint the request does not tolerate rules
     // the device out (`None`, and effects it does not know, do not).
     if let Some(taint) = device.taints.iter().find(|t| {
@@ -529,6 +640,35 @@ fn verdict(catalog: &Catalog, alternative: &Alternative, device: &Entry) -> Resu
         ));
     }
     Ok(())
+}
+
+/// What `alternative` consumes of `device`'s capacities (KEP-5075), or why it cannot have it:
+/// a capacity it asks for that the device lacks (a qualified name of the device's own driver
+/// matches the unqualified one), or an amount the request policy or the capacity refuses.
+fn needs(alternative: &Alternative, device: &Entry) -> Result<BTreeMap<String, u64>, String> {
+    let local = |name: &str| {
+        name.strip_prefix(&format!("{}/", device.id.driver))
+            .unwrap_or(name)
+            .to_owned()
+    };
+    let requested: BTreeMap<String, u64> = alternative
+        .capacity
+        .iter()
+        .map(|(name, amount)| (local(name), *amount))
+        .collect();
+    if let Some(missing) = requested.keys().find(|n| !device.capacity.contains_key(*n)) {
+        return Err(format!("has no capacity {missing}"));
+    }
+    device
+        .capacity
+        .iter()
+        .map(|(name, capacity)| {
+            let amount = capacity
+                .consume(requested.get(name).copied())
+                .map_err(|e| format!("capacity {name}: {e}"))?;
+            Ok((name.clone(), amount))
+        })
+        .collect()
 }
 
 /// Whether `toleration` tolerates `taint`, as Kubernetes decides it: the same effect (or any,
@@ -570,6 +710,54 @@ pub struct Allocation {
     pub node: Option<String>,
     /// `(request or request/subrequest, device)`, in request order.
     pub results: Vec<(String, DeviceId)>,
+    /// For each result, what it consumes of a shared device's capacities (the allocation
+    /// result's `consumedCapacity`; empty for a device allocated whole).
+    pub consumed: Vec<BTreeMap<String, u64>>,
+}
+
+/// What earlier allocations took: devices allocated whole, and the capacity shares of shared
+/// devices consume.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Devices allocated whole.
+    pub whole: HashSet<DeviceId>,
+    /// Per shared device, what its shares consume, by capacity.
+    pub consumed: BTreeMap<DeviceId, BTreeMap<String, u64>>,
+}
+
+impl Usage {
+    /// Records `allocation` as taken.
+    pub fn take(&mut self, allocation: &Allocation) {
+        for ((_, device), consumed) in allocation.results.iter().zip(&allocation.consumed) {
+            if consumed.is_empty() {
+                self.whole.insert(device.clone());
+            } else {
+                let taken = self.consumed.entry(device.clone()).or_default();
+                for (name, amount) in consumed {
+                    *taken.entry(name.clone()).or_default() += amount;
+                }
+            }
+        }
+    }
+
+    /// Whether `device` is free for `alternative`: not allocated whole, or, shared, with enough
+    /// of each capacity left.
+    fn available(&self, alternative: &Alternative, device: &Entry) -> bool {
+        if !device.shared {
+            return !self.whole.contains(&device.id);
+        }
+        let Ok(needed) = needs(alternative, device) else {
+            return false;
+        };
+        let taken = self.consumed.get(&device.id);
+        needed.iter().all(|(name, amount)| {
+            let used = taken.and_then(|t| t.get(name)).copied().unwrap_or(0);
+            device
+                .capacity
+                .get(name)
+                .is_some_and(|c| used + amount <= c.total)
+        })
+    }
 }
 
 impl Allocation {
@@ -709,12 +897,22 @@ impl Evaluated<'_> {
     /// Allocates the claim from devices not in `in_use`: the first node (in name order) where
     /// everything fits, or why it fits nowhere.
     pub fn allocate(&self, in_use: &HashSet<DeviceId>) -> Result<Allocation, Vec<Failure>> {
+        self.allocate_with(&Usage {
+            whole: in_use.clone(),
+            ..Usage::default()
+        })
+    }
+
+    /// [`Self::allocate`] with shared devices (KEP-5075) partly consumed by earlier claims:
+    /// a shared device is never in use whole, and fits while what is left of each of its
+    /// capacities covers what the request consumes.
+    pub fn allocate_with(&self, usage: &Usage) -> Result<Allocation, Vec<Failure>> {
         let mut failures = Vec::new();
         for node in self.catalog.nodes() {
-            match self.allocate_on(node.as_ref(), in_use, None) {
+            match self.allocate_on(node.as_ref(), usage, None) {
                 Some(allocation) => return Ok(allocation),
                 None => failures.push(Failure {
-                    reasons: self.why_not(node.as_ref(), in_use),
+                    reasons: self.why_not(node.as_ref(), usage),
                     node,
                 }),
             }
@@ -722,14 +920,19 @@ impl Evaluated<'_> {
         Err(failures)
     }
 
-    fn free_candidates(
-        &self,
-        node: Option<&String>,
-        in_use: &HashSet<DeviceId>,
-    ) -> Vec<Vec<usize>> {
+    fn alternatives(&self) -> Vec<&Alternative> {
+        self.claim
+            .requests
+            .iter()
+            .flat_map(|r| &r.alternatives)
+            .collect()
+    }
+
+    fn free_candidates(&self, node: Option<&String>, usage: &Usage) -> Vec<Vec<usize>> {
         self.verdicts
             .iter()
-            .map(|verdicts| {
+            .zip(self.alternatives())
+            .map(|(verdicts, alternative)| {
                 verdicts
                     .iter()
                     .enumerate()
@@ -737,7 +940,7 @@ impl Evaluated<'_> {
                         let device = &self.catalog.devices[*i];
                         v.is_ok()
                             && (device.node.is_none() || device.node.as_ref() == node)
-                            && !in_use.contains(&device.id)
+                            && usage.available(alternative, device)
                     })
                     .map(|(i, _)| i)
                     .collect()
@@ -749,7 +952,7 @@ impl Evaluated<'_> {
     fn allocate_on(
         &self,
         node: Option<&String>,
-        in_use: &HashSet<DeviceId>,
+        usage: &Usage,
         skip: Option<usize>,
     ) -> Option<Allocation> {
         let partly_busy = self
@@ -759,13 +962,14 @@ impl Evaluated<'_> {
                 verdicts.iter().zip(&self.catalog.devices).any(|(v, d)| {
                     v.is_ok()
                         && (d.node.is_none() || d.node.as_ref() == node)
-                        && in_use.contains(&d.id)
+                        && !d.shared
+                        && usage.whole.contains(&d.id)
                 })
             })
             .collect();
         let mut search = Search {
             evaluated: self,
-            candidates: self.free_candidates(node, in_use),
+            candidates: self.free_candidates(node, usage),
             partly_busy,
             constraints: self
                 .claim
@@ -787,6 +991,7 @@ impl Evaluated<'_> {
             }
             return None;
         }
+        let alternatives = self.alternatives();
         let results = search
             .chosen
             .iter()
@@ -797,31 +1002,51 @@ impl Evaluated<'_> {
                 )
             })
             .collect();
+        let consumed = search
+            .chosen
+            .iter()
+            .map(|&(_, index, device)| {
+                let device = &self.catalog.devices[device];
+                if device.shared {
+                    needs(alternatives[index], device).unwrap_or_default()
+                } else {
+                    BTreeMap::new()
+                }
+            })
+            .collect();
         Some(Allocation {
             node: node.cloned(),
             results,
+            consumed,
         })
     }
 
     /// Why nothing fits on `node`: requests without enough devices, else the constraints that
     /// alone block it (with the values the candidates have), else the combination.
-    fn why_not(&self, node: Option<&String>, in_use: &HashSet<DeviceId>) -> Vec<String> {
-        let candidates = self.free_candidates(node, in_use);
+    fn why_not(&self, node: Option<&String>, usage: &Usage) -> Vec<String> {
+        let candidates = self.free_candidates(node, usage);
         let mut reasons = Vec::new();
         let mut index = 0;
         for request in &self.claim.requests {
             let mut short = Vec::new();
             for alternative in &request.alternatives {
                 let have = candidates[index].len();
-                let taken = self.verdicts[index]
+                let unavailable: Vec<&Entry> = self.verdicts[index]
                     .iter()
                     .enumerate()
-                    .filter(|(i, v)| v.is_ok() && in_use.contains(&self.catalog.devices[*i].id))
-                    .count();
-                let busy = if taken > 0 {
-                    format!(" ({taken} more are in use)")
-                } else {
-                    String::new()
+                    .map(|(i, v)| (&self.catalog.devices[i], v))
+                    .filter(|(d, v)| v.is_ok() && !usage.available(alternative, d))
+                    .map(|(d, _)| d)
+                    .collect();
+                let taken = unavailable.iter().filter(|d| !d.shared).count();
+                let spent = unavailable.len() - taken;
+                let busy = match (taken, spent) {
+                    (0, 0) => String::new(),
+                    (taken, 0) => format!(" ({taken} more are in use)"),
+                    (0, spent) => format!(" ({spent} more have too little capacity left)"),
+                    (taken, spent) => {
+                        format!(" ({taken} more are in use, {spent} have too little capacity left)")
+                    }
                 };
                 match alternative.count {
                     Count::Exact(n) if have < n => short.push(format!(
@@ -844,7 +1069,7 @@ impl Evaluated<'_> {
             return reasons;
         }
         for (i, constraint) in self.claim.constraints.iter().enumerate() {
-            if self.allocate_on(node, in_use, Some(i)).is_some() {
+            if self.allocate_on(node, usage, Some(i)).is_some() {
                 reasons.push(format!(
                     "constraint {} ({}) cannot be met: {}",
                     i + 1,
@@ -1002,8 +1227,23 @@ pub fn explain(evaluated: &Evaluated<'_>) -> (String, bool) {
         Ok(allocation) => {
             let node = allocation.node.as_deref().unwrap_or("any node");
             let _ = writeln!(text, "allocatable on {node}:");
-            for (request, device) in &allocation.results {
-                let _ = writeln!(text, "  {request}: {device}");
+            for ((request, device), consumed) in allocation.results.iter().zip(&allocation.consumed)
+            {
+                let share: Vec<String> = consumed
+                    .iter()
+                    .map(|(name, amount)| {
+                        format!("{name} {}", crate::model::quantity::format(*amount))
+                    })
+                    .collect();
+                if share.is_empty() {
+                    let _ = writeln!(text, "  {request}: {device}");
+                } else {
+                    let _ = writeln!(
+                        text,
+                        "  {request}: {device} (a share: {})",
+                        share.join(", ")
+                    );
+                }
             }
         }
         Err(failures) => {

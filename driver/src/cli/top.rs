@@ -169,6 +169,8 @@ pub struct Row {
     pub rdma_tx_gbps: f64,
     /// CNPs sent and handled per second.
     pub cnps_per_s: f64,
+    /// Frames the bandwidth share's policer dropped per second (both directions).
+    pub policed_per_s: f64,
 }
 
 /// Sums of each counter per interface: `(metric, interface) -> value`.
@@ -292,6 +294,7 @@ pub fn rows(before: &[Sample], now: &[Sample], interval: Duration) -> Vec<Row> {
                 rdma_rx_gbps: rate("knd_claim_rdma_rx_bytes_total", interface) * 8.0 / 1e9,
                 rdma_tx_gbps: rate("knd_claim_rdma_tx_bytes_total", interface) * 8.0 / 1e9,
                 cnps_per_s: rate("knd_claim_rdma_cnp_total", interface),
+                policed_per_s: rate("knd_claim_policed_packets_total", interface),
                 interface: interface.clone(),
             }
         })
@@ -305,7 +308,7 @@ fn micros(duration: Option<Duration>) -> String {
 /// The table: a header line and one line per row.
 pub fn render(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<28} {:<8} {:<18} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7}\n",
+        "{:<28} {:<8} {:<18} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>9}\n",
         "POD",
         "IFACE",
         "DEVICE",
@@ -318,13 +321,14 @@ pub fn render(rows: &[Row]) -> String {
         "RETX/s",
         "RDMA RX",
         "RDMA TX",
-        "CNP/s"
+        "CNP/s",
+        "POLICED/s"
     );
     for row in rows {
         let pod = format!("{}/{}", row.interface.namespace, row.interface.pod);
         let _ignored = writeln!(
             out,
-            "{:<28} {:<8} {:<18} {:>8.3} {:>8.3} {:>10.0} {:>10.0} {:>6}us {:>6}us {:>7.0} {:>8.3} {:>8.3} {:>7.0}",
+            "{:<28} {:<8} {:<18} {:>8.3} {:>8.3} {:>10.0} {:>10.0} {:>6}us {:>6}us {:>7.0} {:>8.3} {:>8.3} {:>7.0} {:>9.0}",
             cut(&pod, 28),
             cut(&row.interface.interface, 8),
             cut(&row.interface.device, 18),
@@ -338,6 +342,7 @@ pub fn render(rows: &[Row]) -> String {
             row.rdma_rx_gbps,
             row.rdma_tx_gbps,
             row.cnps_per_s,
+            row.policed_per_s,
         );
     }
     if rows.is_empty() {
@@ -446,6 +451,7 @@ mod tests {
              knd_claim_tcp_rtt_seconds_bucket{{{LABELS},le=\"+Inf\"}} {}\n\
              knd_claim_rdma_cnp_total{{{LABELS},rdma_device=\"mlx5_0\",port=\"1\",kind=\"sent\"}} {cnp}\n\
              knd_claim_rdma_cnp_total{{{LABELS},rdma_device=\"mlx5_0\",port=\"1\",kind=\"handled\"}} {cnp}\n\
+             knd_claim_policed_packets_total{{{LABELS},direction=\"tx\"}} {cnp}\n\
              # EOF\n",
             rtt[0], rtt[1], rtt[2]
         )
@@ -492,6 +498,11 @@ mod tests {
         assert!((row.rx_gbps - 1.0).abs() < 1e-9, "{}", row.rx_gbps);
         assert!((row.rx_pps - 500.0).abs() < 1e-9);
         assert!((row.cnps_per_s - 20.0).abs() < 1e-9, "sent + handled");
+        assert!(
+            (row.policed_per_s - 10.0).abs() < 1e-9,
+            "{}",
+            row.policed_per_s
+        );
         assert_eq!(row.rtt_p50, Some(Duration::from_micros(16)));
         assert_eq!(row.rtt_p99, Some(Duration::from_micros(32)));
         let table = render(&rows);

@@ -962,6 +962,9 @@ fn encode_policed(
     encoder: &mut DescriptorEncoder,
     readings: &[Reading],
 ) -> Result<(), std::fmt::Error> {
+    if readings.is_empty() {
+        return Ok(());
+    }
     let mut packets = Vec::new();
     let mut bytes = Vec::new();
     for r in readings.iter().filter(|r| r.policed) {
@@ -972,6 +975,20 @@ fn encode_policed(
         }
     }
     if packets.is_empty() {
+        // Declared with the other claim series even when no claim is a share, so dashboards
+        // and alerts can name them.
+        for (name, help) in [
+            (
+                "knd_claim_policed_packets",
+                "Frames the policer of the claim's bandwidth share dropped",
+            ),
+            (
+                "knd_claim_policed_bytes",
+                "Bytes the policer of the claim's bandwidth share dropped",
+            ),
+        ] {
+            encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        }
         return Ok(());
     }
     counter_family(

@@ -74,6 +74,19 @@ impl Device {
         driver: &str,
         attributes: &std::collections::BTreeMap<String, Value>,
     ) -> Self {
+        Self::with_sharing(name, driver, attributes, false)
+    }
+
+    /// [`Device::new`] for a device that does (`shared`) or does not allow multiple
+    /// allocations (`device.allowMultipleAllocations`, KEP-5075). Its capacities are not
+    /// offered to CEL: they are Kubernetes quantities, a type the expressions here cannot
+    /// compare.
+    pub fn with_sharing(
+        name: &str,
+        driver: &str,
+        attributes: &std::collections::BTreeMap<String, Value>,
+        shared: bool,
+    ) -> Self {
         let mut domains: HashMap<String, HashMap<Key, CelValue>> = HashMap::new();
         // The standard domain and the driver's own always exist, so `device.attributes[d]` is a
         // map (possibly empty) rather than an error for them.
@@ -115,7 +128,7 @@ impl Device {
             (Key::String(Arc::new("capacity".to_owned())), capacity),
             (
                 Key::String(Arc::new("allowMultipleAllocations".to_owned())),
-                CelValue::Bool(false),
+                CelValue::Bool(shared),
             ),
         ]));
         Self {
