@@ -713,3 +713,37 @@ fn shares_of_a_shared_nic_are_allocated_until_its_bandwidth_is_spent() {
         "{text}"
     );
 }
+
+/// `knd templates --shared-nics`: the share template of a node whose NICs are shared is
+/// allocated as a share of one of them; a node without shared NICs gets no such template.
+#[test]
+fn the_share_template_gets_a_share_of_a_shared_nic() {
+    use knd::cli::placement::Usage;
+    let inventory = inventory_of(&machines::gpu_8x8());
+    let selector = knd::publish::selector::Selector::compile("true").unwrap();
+    let shared = selector.shared_devices(&inventory);
+    assert!(!shared.is_empty(), "the fixture's NICs report their speed");
+    let template = templates::share(&shared).unwrap();
+    assert!(templates::share(&std::collections::BTreeMap::new()).is_none());
+    let slices = resources::slices_of(
+        &inventory,
+        (DRIVER_NAME, "node-1", 1),
+        None,
+        &std::collections::BTreeMap::new(),
+        &shared,
+    );
+    let classes: Vec<k8s_openapi::api::resource::v1::DeviceClass> = templates::device_classes()
+        .into_iter()
+        .map(|t| serde_json::from_value(t.object).unwrap())
+        .collect();
+    let catalog = Catalog::new(&slices, &classes).unwrap();
+    let spec: k8s_openapi::api::resource::v1::DeviceClaim =
+        serde_json::from_value(template.object["spec"]["spec"]["devices"].clone()).unwrap();
+    let claim = Claim::compile("nic-share-1g", &spec).unwrap();
+    let allocation = claim
+        .evaluate(&catalog)
+        .allocate_with(&Usage::default())
+        .unwrap();
+    assert!(shared.contains_key(&allocation.results[0].1.device));
+    assert_eq!(allocation.consumed[0]["bandwidth"], 1_000_000_000);
+}

@@ -96,6 +96,10 @@ pub enum Command {
         /// The GPU driver's DeviceClass.
         #[arg(long, default_value = crate::cli::templates::DEFAULT_GPU_CLASS)]
         gpu_class: String,
+        /// The node's `knd run --shared-nics` expression: adds a template for a share of
+        /// the NICs it makes shared.
+        #[arg(long)]
+        shared_nics: Option<String>,
         /// The node named in the header; default: `$NODE_NAME`, else the host's hostname.
         #[arg(long)]
         node_name: Option<String>,
@@ -167,6 +171,9 @@ pub enum Error {
     /// The `--filter` expression is invalid.
     #[error("--filter: {0}")]
     Filter(#[from] crate::publish::selector::Error),
+    /// `--shared-nics` does not compile.
+    #[error("--shared-nics: {0}")]
+    SharedNics(#[source] crate::publish::selector::Error),
     /// The host root is not a directory.
     #[error("--host-root {0} is not a directory")]
     HostRoot(PathBuf),
@@ -286,18 +293,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             host_root,
             gpu_class,
             node_name,
-        } => {
-            let host = host_root_checked(host_root)?;
-            let inventory = inventory::discover(&host);
-            report_to_stderr(&inventory);
-            let node = node_name.unwrap_or_else(|| node_name_of(&host));
-            let templates = templates::generate(&inventory, &gpu_class);
-            print!(
-                "{}",
-                templates::to_yaml(&templates, &node).map_err(|e| Error::Output(Box::new(e)))?
-            );
-            Ok(())
-        }
+            shared_nics,
+        } => print_templates(host_root, &gpu_class, node_name, shared_nics.as_deref()),
         Command::Explain {
             claim,
             slices,
@@ -329,6 +326,30 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// `knd templates`.
+fn print_templates(
+    host_root: PathBuf,
+    gpu_class: &str,
+    node_name: Option<String>,
+    shared_nics: Option<&str>,
+) -> Result<(), Error> {
+    let host = host_root_checked(host_root)?;
+    let inventory = inventory::discover(&host);
+    report_to_stderr(&inventory);
+    let node = node_name.unwrap_or_else(|| node_name_of(&host));
+    let mut templates = templates::generate(&inventory, gpu_class);
+    if let Some(expression) = shared_nics {
+        let selector =
+            crate::publish::selector::Selector::compile(expression).map_err(Error::SharedNics)?;
+        templates.extend(templates::share(&selector.shared_devices(&inventory)));
+    }
+    print!(
+        "{}",
+        templates::to_yaml(&templates, &node).map_err(|e| Error::Output(Box::new(e)))?
+    );
+    Ok(())
 }
 
 fn read_input(path: &std::path::Path) -> Result<String, Error> {

@@ -129,6 +129,34 @@ pub fn generate(inventory: &Inventory, gpu_class: &str) -> Vec<Template> {
     out
 }
 
+/// `nic-share-1g`: a 1 Gbit/s share (the request policy's default, written out) of a shared
+/// NIC, for a node whose `knd run --shared-nics` makes `shared` (device → bits per second)
+/// shared; nothing when it makes none. Class `knd-nic`: only shared NICs have the `bandwidth`
+/// capacity the request names, so it never lands on a NIC allocated whole.
+pub fn share(shared: &BTreeMap<String, u64>) -> Option<Template> {
+    if shared.is_empty() {
+        return None;
+    }
+    let nics: Vec<String> = shared
+        .iter()
+        .map(|(device, bps)| format!("{device} ({})", crate::model::quantity::format(*bps)))
+        .collect();
+    let mut nic = request("nic", NIC_CLASS, None);
+    nic["exactly"]["capacity"] = json!({"requests": {
+        crate::model::quantity::BANDWIDTH: crate::model::quantity::format(
+            crate::publish::resources::SHARE_DEFAULT
+        )
+    }});
+    Some(Template {
+        comment: format!(
+            "A 1 Gbit/s share of a shared NIC: {} (a macvlan child made in the pod, held to its \
+             bandwidth).",
+            nics.join(", ")
+        ),
+        object: claim_template("nic-share-1g", &[nic], &[]),
+    })
+}
+
 /// `gpu-nic-numaN` for every NUMA node that has both GPUs and NICs.
 fn numa_pairs(inventory: &Inventory, gpu_class: &str) -> Vec<Template> {
     let mut roots: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
