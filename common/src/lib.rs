@@ -78,10 +78,6 @@ pub mod names {
     /// Per-CPU array of [`super::TrafficCounters`], indexed by [`super::direction`]: frames the
     /// policer dropped.
     pub const POLICED_MAP: &str = "POLICED";
-    /// TCX ingress classifier that polices received traffic to the share.
-    pub const POLICE_INGRESS_PROG: &str = "knd_police_ingress";
-    /// TCX egress classifier that polices sent traffic to the share.
-    pub const POLICE_EGRESS_PROG: &str = "knd_police_egress";
     /// Hash of pacing rates (bytes per second) by [`super::PacingKey`]: the TCP connections of
     /// a bandwidth share, paced by the kernel's TCP stack.
     pub const PACING_MAP: &str = "PACING";

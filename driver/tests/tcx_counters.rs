@@ -335,7 +335,7 @@ fn policed_share(
         ingress: ingress.then_some(policer),
         egress: Some(policer),
     };
-    probes.police(id, pod.netns(), "share0", limits).unwrap();
+    probes.police(id, limits).unwrap();
     (node, peer, pod, probes, id)
 }
 

@@ -44,7 +44,9 @@ static IFACE_STATS: PerCpuArray<DirectionStats> =
 static NETNS_RTT: PerCpuHashMap<u64, RttStats> =
     PerCpuHashMap::with_max_entries(NETNS_RTT_ENTRIES, 0);
 
-/// TCX ingress: counts frames the interface received.
+/// TCX ingress: counts frames the interface received, then, on a bandwidth share that polices
+/// what it receives, drops what exceeds the share (counted as received, as the kernel counts
+/// it).
 #[classifier]
 #[expect(
     clippy::needless_pass_by_value,
@@ -52,16 +54,20 @@ static NETNS_RTT: PerCpuHashMap<u64, RttStats> =
 )]
 fn knd_traffic_ingress(ctx: TcContext) -> i32 {
     count(&ctx, direction::INGRESS);
-    TC_ACT_UNSPEC
+    police(&ctx, direction::INGRESS)
 }
 
-/// TCX egress: counts frames the interface sent.
+/// TCX egress: on a bandwidth share, first drops what exceeds the share (it never leaves, so
+/// neither knd nor the kernel counts it as sent), then counts frames the interface sent.
 #[classifier]
 #[expect(
     clippy::needless_pass_by_value,
     reason = "the #[classifier] entry point receives its context by value"
 )]
 fn knd_traffic_egress(ctx: TcContext) -> i32 {
+    if police(&ctx, direction::EGRESS) == TC_ACT_SHOT {
+        return TC_ACT_SHOT;
+    }
     count(&ctx, direction::EGRESS);
     TC_ACT_UNSPEC
 }
@@ -71,8 +77,9 @@ fn knd_traffic_egress(ctx: TcContext) -> i32 {
 #[map(name = "PACING")]
 static PACING: HashMap<PacingKey, u64> = HashMap::with_max_entries(PACING_ENTRIES, 0);
 
-/// This interface's bandwidth share by direction (a claim's share of a NIC); the driver writes
-/// the rate and burst, the programs the bucket.
+/// This interface's bandwidth share by direction (a claim's share of a NIC; a rate of 0, the
+/// default, polices nothing): the counting programs police too, so a share costs no program
+/// link of its own. The driver writes the rate and burst, the programs the arrival time.
 #[map(name = "POLICER")]
 static POLICER: Array<Policer> = Array::with_max_entries(IFACE_STATS_ENTRIES, 0);
 
@@ -80,27 +87,6 @@ static POLICER: Array<Policer> = Array::with_max_entries(IFACE_STATS_ENTRIES, 0)
 #[map(name = "POLICED")]
 static POLICED: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(IFACE_STATS_ENTRIES, 0);
-
-/// TCX egress, before the counting program: drops what exceeds the share (the kernel's and
-/// knd's transmit counters then both count only what left).
-#[classifier]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the #[classifier] entry point receives its context by value"
-)]
-fn knd_police_egress(ctx: TcContext) -> i32 {
-    police(&ctx, direction::EGRESS)
-}
-
-/// TCX ingress, after the counting program: drops what exceeds the share.
-#[classifier]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the #[classifier] entry point receives its context by value"
-)]
-fn knd_police_ingress(ctx: TcContext) -> i32 {
-    police(&ctx, direction::INGRESS)
-}
 
 /// The policer (see [`Policer`]): the verdict on the theoretical arrival time as read, which
 /// moves on by an atomic add — the only read-modify-write the BPF target offers at its

@@ -451,9 +451,7 @@ impl Telemetry {
             interface: interface.to_owned(),
             namespace: pod_ns.to_string(),
         })?;
-        probes
-            .traffic
-            .police(attachment, pod_ns, interface, limits)?;
+        probes.traffic.police(attachment, limits)?;
         let Probes {
             arrived, watched, ..
         } = &mut *probes;

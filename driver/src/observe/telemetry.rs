@@ -395,87 +395,31 @@ impl TrafficProbes {
         Ok(id)
     }
 
-    /// Enforces `limits` on the attachment's interface (now `interface` in `netns`) with the
-    /// policing programs of the same instance: egress before the counting program (what it
-    /// drops never left, and is in neither knd's nor the kernel's transmit counters), ingress
-    /// after it (received frames count as the kernel counts them, then the excess is dropped).
-    /// Drops are counted in [`TrafficDetail::policed_rx`]/[`TrafficDetail::policed_tx`].
-    pub fn police(
-        &mut self,
-        id: AttachmentId,
-        netns: &Netns,
-        interface: &str,
-        limits: ShareLimits,
-    ) -> Result<()> {
-        let namespace = netns.to_string();
+    /// Enforces `limits` on the attachment's interface: the counting programs police too,
+    /// egress before counting (what they drop never left, and is in neither knd's nor the
+    /// kernel's transmit counters), ingress after it (received frames count as the kernel
+    /// counts them, then the excess is dropped); only their map is written, no program is
+    /// linked. Drops are counted in [`TrafficDetail::policed_rx`]/[`TrafficDetail::policed_tx`].
+    pub fn police(&mut self, id: AttachmentId, limits: ShareLimits) -> Result<()> {
         let attachment = self
             .attachments
             .get_mut(&id)
             .ok_or(Error::UnknownAttachment(id))?;
-        {
-            let name = names::POLICER_MAP;
-            let map = attachment
-                .ebpf
-                .map_mut(name)
-                .ok_or(Error::Missing { kind: "map", name })?;
-            let mut policers: Array<&mut MapData, Policer> =
-                Array::try_from(map).map_err(map_error("open", name))?;
-            for (index, policer) in [
-                (direction::INGRESS, limits.ingress),
-                (direction::EGRESS, limits.egress),
-            ] {
-                policers
-                    .set(index, policer.unwrap_or_default(), 0)
-                    .map_err(map_error("set", name))?;
-            }
+        let name = names::POLICER_MAP;
+        let map = attachment
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        let mut policers: Array<&mut MapData, Policer> =
+            Array::try_from(map).map_err(map_error("open", name))?;
+        for (index, policer) in [
+            (direction::INGRESS, limits.ingress),
+            (direction::EGRESS, limits.egress),
+        ] {
+            policers
+                .set(index, policer.unwrap_or_default(), 0)
+                .map_err(map_error("set", name))?;
         }
-        if attachment
-            .programs
-            .iter()
-            .any(|p| [names::POLICE_EGRESS_PROG, names::POLICE_INGRESS_PROG].contains(p))
-        {
-            return Ok(()); // policed already; the limits above are updated in place
-        }
-        let ebpf = &mut attachment.ebpf;
-        let mut linked = Vec::new();
-        netns.run(|| -> Result<()> {
-            for (program, attach_type, order, wanted) in [
-                (
-                    names::POLICE_EGRESS_PROG,
-                    TcAttachType::Egress,
-                    LinkOrder::first(),
-                    limits.egress.is_some(),
-                ),
-                (
-                    names::POLICE_INGRESS_PROG,
-                    TcAttachType::Ingress,
-                    LinkOrder::default(),
-                    limits.ingress.is_some(),
-                ),
-            ] {
-                if !wanted {
-                    continue;
-                }
-                let classifier = classifier(ebpf, program)?;
-                if classifier.fd().is_err() {
-                    classifier.load().map_err(|source| Error::Program {
-                        program,
-                        source: Box::new(source),
-                    })?;
-                }
-                classifier
-                    .attach_with_options(interface, attach_type, TcAttachOptions::TcxOrder(order))
-                    .map_err(|source| Error::Attach {
-                        program,
-                        interface: interface.to_owned(),
-                        namespace: namespace.clone(),
-                        source: Box::new(source),
-                    })?;
-                linked.push(program);
-            }
-            Ok(())
-        })??;
-        attachment.programs.extend(linked);
         Ok(())
     }
 
