@@ -586,3 +586,42 @@ async fn a_share_is_made_in_the_pod_held_to_its_bandwidth_and_deleted_at_release
     );
     hooks.remove_pod_sandbox(node.sandbox()).await.unwrap();
 }
+
+/// A crash between making a share and recording where it is in the pod: the restarted driver
+/// still finds the child under its intended name, checks it is a child of the claimed NIC, and
+/// deletes it at release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates network namespaces and loads eBPF programs"]
+async fn a_share_whose_place_was_never_recorded_is_still_found_and_deleted() {
+    use knd::{model::records::PreparedShare, observe::metrics::Telemetry};
+    let node = tokio::task::spawn_blocking(Node::create).await.unwrap();
+    node.prepare_with(
+        "c1",
+        "enp1",
+        r#""interface":{"name":"net1","addresses":["192.168.50.41/24"]}"#,
+        Some(PreparedShare {
+            id: "7b0f6f63-3c8e-4f5b-9a43-0d1e2f3a4b5c".into(),
+            bandwidth: 100_000_000,
+        }),
+    );
+    let before = attach::record(node.host.netns(), "enp1").await.unwrap();
+    let telemetry = Arc::new(Telemetry::new(None, 10));
+    let hooks = node.hooks().with_telemetry(Arc::clone(&telemetry));
+    hooks.run_pod_sandbox(node.sandbox()).await.unwrap();
+    assert!(attach::record(node.pod.netns(), "net1").await.is_ok());
+    // As if knd died before recording the pod side.
+    let mut record = node.store.pods.get("pod-1").unwrap().unwrap();
+    record.attachments[0].pod = None;
+    node.store.pods.put("pod-1", &record).unwrap();
+    drop(hooks);
+    let restarted = node.hooks();
+    restarted.stop_pod_sandbox(node.sandbox()).await.unwrap();
+    assert!(
+        attach::record(node.pod.netns(), "net1").await.is_err(),
+        "deleted"
+    );
+    assert_eq!(
+        attach::record(node.host.netns(), "enp1").await.unwrap(),
+        before
+    );
+}

@@ -384,7 +384,7 @@ where
             Ok(side)
         }
         Err(error) => {
-            if let Err(undo) = detach_share(Some(pod), pod_name, &interface, place).await {
+            if let Err(undo) = detach_share(Some(pod), pod_name, parent, place).await {
                 tracing::error!(%undo, "undoing a failed share failed too");
             }
             Err(error)
@@ -392,15 +392,18 @@ where
     }
 }
 
-/// Deletes a share made by [`attach_share`]: the interface at the recorded index in the pod,
-/// if it still is a child of the recorded NIC (one the pod made itself is left alone, and the
-/// error says so). Gone already (the pod's namespace went, taking it along) is fine.
+/// Deletes a share made by [`attach_share`] of the NIC recorded in `parent`: the interface
+/// at the recorded index in the pod (or, when a crash left no index recorded, the one under
+/// the intended name), if it still is a child of that NIC — one the pod made itself is left
+/// alone, and the error says so. Gone already (the pod's namespace went, taking it along) is
+/// fine.
 pub async fn detach_share(
     pod: Option<&Netns>,
     pod_name: &str,
-    parent_name: &str,
+    parent: &HostSide,
     place: Option<PodPlace>,
 ) -> Result<(), StepError> {
+    let (parent_name, parent_index) = (parent.link.name.as_str(), parent.link.index);
     let Some(pod) = pod else {
         return Ok(()); // the namespace is gone, and its macvlan children with it
     };
@@ -416,7 +419,13 @@ pub async fn detach_share(
             Err(netlink::Error::NoSuchLink(_)) => return Ok(()),
             Err(e) => return Err(fail("find the share in the pod")(e)),
         };
-        if place.is_none_or(|p| PodPlace::of(&found).peer != p.peer) {
+        let peer = PodPlace::of(&found).peer;
+        let ours = match place {
+            Some(place) => peer == place.peer,
+            // A child of the NIC, seen from the pod: linked to its index in another namespace.
+            None => peer.is_some_and(|p| p.index == parent_index && p.netnsid.is_some()),
+        };
+        if !ours {
             return Err(StepError::not_ours(
                 &label,
                 "find the share in the pod",

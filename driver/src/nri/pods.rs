@@ -745,7 +745,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             .await;
         if let Err(why) = enforced {
             // Made, but it cannot be held to its bandwidth: it goes.
-            attach::detach_share(Some(pod_ns), pod_name, &host.link.name, side.place)
+            attach::detach_share(Some(pod_ns), pod_name, host, side.place)
                 .await
                 .ok();
             return Err(attach::StepError::new(pod_name, "enforce the share", why));
@@ -843,13 +843,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         for attachment in record.attachments.iter_mut().filter(|a| !a.returned) {
             let place = attachment.pod.as_ref().and_then(|p| p.place);
             let detached = if attachment.share.is_some() {
-                attach::detach_share(
-                    pod_ns,
-                    &attachment.pod_name,
-                    &attachment.host.link.name,
-                    place,
-                )
-                .await
+                attach::detach_share(pod_ns, &attachment.pod_name, &attachment.host, place).await
             } else {
                 attach::detach(
                     &self.host,
