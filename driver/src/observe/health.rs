@@ -399,7 +399,11 @@ pub fn attached(store: &crate::os::state::StateStore) -> BTreeMap<String, InPod>
         .filter(|(_, record)| !record.detached)
         .flat_map(|(_, record)| {
             let netns = record.netns.clone();
+            // A share leaves its NIC on the node (read there); the pod has only a child of it.
             record.attachments.into_iter().filter_map(move |a| {
+                if a.share.is_some() {
+                    return None;
+                }
                 let pod = a.pod?;
                 Some((
                     a.device,
