@@ -98,8 +98,9 @@ fn police(ctx: &TcContext, direction: u32) -> i32 {
     let Some(policer) = POLICER.get_ptr_mut(direction) else {
         return TC_ACT_UNSPEC;
     };
-    // SAFETY: the pointer is to the map's value, valid for the program's run; the driver
-    // writes it only before the program is linked.
+    // SAFETY: the pointer is to the map's value, valid for the program's run. The driver writes
+    // the settings once, when it enforces the share; a frame racing that write may see a mix of
+    // old and new fields, which decides only that frame.
     let settings = unsafe { *policer };
     if settings.rate == 0 {
         return TC_ACT_UNSPEC;
