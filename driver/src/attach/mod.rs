@@ -152,6 +152,26 @@ pub async fn record(host: &Netns, interface: &str) -> Result<HostSide, StepError
     .await
 }
 
+/// The NIC behind a share, as recorded: only what identifies it (a share never changes the
+/// NIC, so nothing of it needs restoring — no addresses, routes or neighbors are read).
+pub async fn record_parent(host: &Netns, interface: &str) -> Result<HostSide, StepError> {
+    let name = interface.to_owned();
+    in_netns(host, interface, move |link| async move {
+        let settings = link
+            .settings(&name)
+            .await
+            .map_err(step(&name, "read settings"))?;
+        Ok(HostSide {
+            link: settings,
+            addresses: Vec::new(),
+            routes: Vec::new(),
+            neighbors: Vec::new(),
+            features: BTreeMap::new(),
+        })
+    })
+    .await
+}
+
 /// The features `config` changes, by name.
 fn wanted_features(config: &NetworkConfig) -> Option<&BTreeMap<String, bool>> {
     config
@@ -228,13 +248,7 @@ where
     Arrival: Future<Output = ()> + Send,
 {
     let interface = host_side.link.name.clone();
-    if let Some((field, why)) = config.unsupported() {
-        return Err(StepError::new(
-            &interface,
-            "check the configuration",
-            format!("{field}: {why}"),
-        ));
-    }
+    refuse_unsupported(&interface, config)?;
     if let Some(mac) = config
         .interface
         .as_ref()
@@ -260,18 +274,7 @@ where
     // The kernel moves first and renames after: a name already used in the pod would leave
     // the interface in the pod under its host name. Check first.
     let pod_link = connect(pod, &interface).await?;
-    let free = match pod_link.get(pod_name).await {
-        Err(netlink::Error::NoSuchLink(_)) => true,
-        Ok(_) => false,
-        Err(e) => return Err(step(pod_name, "list the pod's interfaces")(e)),
-    };
-    if !free {
-        return Err(StepError::new(
-            &interface,
-            format!("move into the pod as {pod_name}"),
-            format!("the pod already has an interface called {pod_name}"),
-        ));
-    }
+    name_free(&pod_link, &interface, pod_name, "move into the pod").await?;
     let (name, new_name) = (interface.clone(), pod_name.to_owned());
     let moved = in_netns(host, &interface, move |link| async move {
         link.move_renamed(&name, &target, &new_name)
@@ -289,14 +292,7 @@ where
     // No container of the pod runs yet (the runtime waits for this hook): the name is still
     // the one just given, and from here on the index is what identifies the interface.
     let place = pod_link.get(pod_name).await.ok().map(|l| PodPlace::of(&l));
-    match pod_link.stats(pod_name).await {
-        Ok(counters) => arrived(pod_name.to_owned(), counters).await,
-        Err(error) => tracing::warn!(
-            error = %crate::model::error_chain(&error),
-            interface = pod_name,
-            "cannot read the counters of an arriving interface: it is not measured from its start"
-        ),
-    }
+    announce(&pod_link, pod_name, arrived).await;
     let applied = configure_in_pod(pod, pod_link, &interface, pod_name, config).await;
     match applied {
         Ok(mut side) => {
@@ -309,6 +305,55 @@ where
             }
             Err(error)
         }
+    }
+}
+
+/// Refuses a configuration with a field knd does not apply, naming it.
+fn refuse_unsupported(interface: &str, config: &NetworkConfig) -> Result<(), StepError> {
+    match config.unsupported() {
+        Some((field, why)) => Err(StepError::new(
+            interface,
+            "check the configuration",
+            format!("{field}: {why}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Fails `what` (as `pod_name`) when the pod already has an interface called `pod_name`.
+async fn name_free(
+    pod_link: &Link,
+    interface: &str,
+    pod_name: &str,
+    what: &str,
+) -> Result<(), StepError> {
+    match pod_link.get(pod_name).await {
+        Err(netlink::Error::NoSuchLink(_)) => Ok(()),
+        Ok(_) => Err(StepError::new(
+            interface,
+            format!("{what} as {pod_name}"),
+            format!("the pod already has an interface called {pod_name}"),
+        )),
+        Err(e) => Err(step(pod_name, "list the pod's interfaces")(e)),
+    }
+}
+
+/// Calls `arrived` with the kernel's counters of `pod_name`, just arrived in the pod (down,
+/// nothing configured): measuring starts before its first frame.
+async fn announce<Arrival>(
+    pod_link: &Link,
+    pod_name: &str,
+    arrived: impl FnOnce(String, LinkStats) -> Arrival,
+) where
+    Arrival: Future<Output = ()> + Send,
+{
+    match pod_link.stats(pod_name).await {
+        Ok(counters) => arrived(pod_name.to_owned(), counters).await,
+        Err(error) => tracing::warn!(
+            error = %crate::model::error_chain(&error),
+            interface = pod_name,
+            "cannot read the counters of an arriving interface: it is not measured from its start"
+        ),
     }
 }
 
@@ -328,13 +373,7 @@ where
     Arrival: Future<Output = ()> + Send,
 {
     let interface = parent.link.name.clone();
-    if let Some((field, why)) = config.unsupported() {
-        return Err(StepError::new(
-            &interface,
-            "check the configuration",
-            format!("{field}: {why}"),
-        ));
-    }
+    refuse_unsupported(&interface, config)?;
     if let Some(mtu) = config.interface.as_ref().and_then(|i| i.mtu)
         && mtu > parent.link.mtu
     {
@@ -348,17 +387,7 @@ where
         ));
     }
     let pod_link = connect(pod, &interface).await?;
-    match pod_link.get(pod_name).await {
-        Err(netlink::Error::NoSuchLink(_)) => {}
-        Ok(_) => {
-            return Err(StepError::new(
-                &interface,
-                format!("create a share in the pod as {pod_name}"),
-                format!("the pod already has an interface called {pod_name}"),
-            ));
-        }
-        Err(e) => return Err(step(pod_name, "list the pod's interfaces")(e)),
-    }
+    name_free(&pod_link, &interface, pod_name, "create a share in the pod").await?;
     let target = pod
         .try_clone()
         .map_err(|e| StepError::new(&interface, "open the pod's namespace", e))?;
@@ -370,14 +399,7 @@ where
     })
     .await?;
     let place = pod_link.get(pod_name).await.ok().map(|l| PodPlace::of(&l));
-    match pod_link.stats(pod_name).await {
-        Ok(counters) => arrived(pod_name.to_owned(), counters).await,
-        Err(error) => tracing::warn!(
-            error = %crate::model::error_chain(&error),
-            interface = pod_name,
-            "cannot read the counters of a new share: it is not measured from its start"
-        ),
-    }
+    announce(&pod_link, pod_name, arrived).await;
     match configure_in_pod(pod, pod_link, &interface, pod_name, config).await {
         Ok(mut side) => {
             side.place = place;

@@ -300,12 +300,13 @@ impl<S: ClaimApi> Preparer<S> {
     /// Why a device of `prepared` was allocated against how it is published, if it was: a share
     /// of a NIC knd does not publish as shared, or a shared NIC allocated whole.
     fn misallocated_share(&self, claim: &ClaimRef, prepared: &PreparedClaim) -> Option<String> {
-        let shared = match &self.node.shared {
-            Some(selector) => selector.shared_devices(&self.node.inventory.borrow()),
-            None => BTreeMap::new(),
-        };
+        let inventory = self.node.inventory.borrow();
         prepared.devices.iter().find_map(|device| {
-            let is_shared = shared.contains_key(&device.device);
+            let is_shared = self.node.shared.as_ref().is_some_and(|selector| {
+                resources::published_nic(&inventory, &device.device)
+                    .and_then(|nic| selector.share_capacity(nic))
+                    .is_some()
+            });
             match (&device.share, is_shared) {
                 (Some(_), false) => Some(format!(
                     "claim {claim}: request {} was allocated a share of device {}, which {} does \

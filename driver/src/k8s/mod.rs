@@ -411,33 +411,29 @@ impl Publisher {
     }
 }
 
-/// Whether every device of `stored` carries as many taints as in `sent` (a server with device
-/// taints off drops them without an error).
-/// Whether the API server kept every shared device of `sent` shared in `stored`.
-fn same_shares(sent: &ResourceSlice, stored: &ResourceSlice) -> bool {
+/// Whether the API server kept in `stored` all that `per_device` counts in `sent` (a server
+/// with a feature off drops its fields without an error).
+fn kept(
+    sent: &ResourceSlice,
+    stored: &ResourceSlice,
+    per_device: fn(&k8s_openapi::api::resource::v1::Device) -> usize,
+) -> bool {
     let count = |slice: &ResourceSlice| -> usize {
-        slice
-            .spec
-            .devices
-            .iter()
-            .flatten()
-            .filter(|d| d.allow_multiple_allocations == Some(true))
-            .count()
+        slice.spec.devices.iter().flatten().map(per_device).sum()
     };
     count(stored) == count(sent)
 }
 
+/// Whether every device of `stored` carries as many taints as in `sent`.
 fn same_taints(sent: &ResourceSlice, stored: &ResourceSlice) -> bool {
-    let count = |slice: &ResourceSlice| -> usize {
-        slice
-            .spec
-            .devices
-            .iter()
-            .flatten()
-            .map(|d| d.taints.as_ref().map_or(0, Vec::len))
-            .sum()
-    };
-    count(stored) == count(sent)
+    kept(sent, stored, |d| d.taints.as_ref().map_or(0, Vec::len))
+}
+
+/// Whether the API server kept every shared device of `sent` shared in `stored`.
+fn same_shares(sent: &ResourceSlice, stored: &ResourceSlice) -> bool {
+    kept(sent, stored, |d| {
+        usize::from(d.allow_multiple_allocations == Some(true))
+    })
 }
 
 /// Whether the API's slices are exactly the wanted ones (names, specs, owners, labels).

@@ -638,7 +638,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                 };
                 // A share leaves the NIC where it is, as it is: only its identity is recorded.
                 let host = if device.share.is_some() {
-                    attach::record(&self.host, &interface).await
+                    attach::record_parent(&self.host, &interface).await
                 } else {
                     attach::record_for(&self.host, &interface, &device.config).await
                 }

@@ -743,34 +743,29 @@ impl SocketProbes {
             .map_err(map_error("insert", names::NETNS_RTT_MAP))
     }
 
+    fn pacing(&mut self) -> Result<aya::maps::HashMap<&mut MapData, PacingKey, u64>> {
+        let name = names::PACING_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
+        aya::maps::HashMap::try_from(map).map_err(map_error("open", name))
+    }
+
     /// Paces the TCP connections of the namespace with `cookie` whose local address is `addr`
     /// (a share's address) at no more than `rate` bytes per second: connections established
     /// from now on get it as their `SO_MAX_PACING_RATE`.
     pub fn pace(&mut self, cookie: u64, addr: std::net::IpAddr, rate: u64) -> Result<()> {
-        let name = names::PACING_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        let mut pacing: aya::maps::HashMap<&mut MapData, PacingKey, u64> =
-            aya::maps::HashMap::try_from(map).map_err(map_error("open", name))?;
-        pacing
+        self.pacing()?
             .insert(pacing_key(cookie, addr), rate, 0)
-            .map_err(map_error("insert", name))
+            .map_err(map_error("insert", names::PACING_MAP))
     }
 
     /// Stops pacing what [`Self::pace`] paced (connections already paced keep their rate).
     pub fn unpace(&mut self, cookie: u64, addr: std::net::IpAddr) -> Result<()> {
-        let name = names::PACING_MAP;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
-        let mut pacing: aya::maps::HashMap<&mut MapData, PacingKey, u64> =
-            aya::maps::HashMap::try_from(map).map_err(map_error("open", name))?;
-        match pacing.remove(&pacing_key(cookie, addr)) {
+        match self.pacing()?.remove(&pacing_key(cookie, addr)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_error("remove", name)(e)),
+            Err(e) => Err(map_error("remove", names::PACING_MAP)(e)),
         }
     }
 

@@ -448,16 +448,16 @@ impl Link {
     /// Deletes the interface `name` (a veth's peer goes with it).
     pub async fn delete(&self, name: &str) -> Result<()> {
         let index = self.index(name).await?;
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(|source| Error::Kernel {
-                operation: "delete".into(),
+        self.delete_index(index).await.map_err(|e| match e {
+            Error::Kernel {
+                operation, source, ..
+            } => Error::Kernel {
+                operation,
                 link: name.to_owned(),
                 source,
-            })
+            },
+            other => other,
+        })
     }
 
     /// Brings the interface `name` up.

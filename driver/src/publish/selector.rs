@@ -233,19 +233,22 @@ impl Selector {
     }
 
     /// The NICs of `inventory` this selector makes shared (`--shared-nics`), with their
-    /// capacity in bits per second: those it accepts whose link speed is known.
+    /// capacity in bits per second (see [`Self::share_capacity`]).
     pub fn shared_devices(&self, inventory: &Inventory) -> std::collections::BTreeMap<String, u64> {
         inventory
             .nics
             .iter()
-            .filter_map(|nic| {
-                let name = resources::device_name(nic);
-                let accepted = self
-                    .matches_own(&name, &resources::attributes(nic))
-                    .unwrap_or(false);
-                Some((name, resources::share_capacity(nic).filter(|_| accepted)?))
-            })
+            .filter_map(|nic| Some((resources::device_name(nic), self.share_capacity(nic)?)))
             .collect()
+    }
+
+    /// The capacity of `nic` in bits per second when this selector makes it shared: it accepts
+    /// the NIC and the NIC's link speed is known.
+    pub fn share_capacity(&self, nic: &crate::discover::inventory::Nic) -> Option<u64> {
+        let accepted = self
+            .matches_own(&resources::device_name(nic), &resources::attributes(nic))
+            .unwrap_or(false);
+        resources::share_capacity(nic).filter(|_| accepted)
     }
 
     /// [`Selector::matches`] for a device of knd's own driver.
