@@ -26,7 +26,7 @@ fn inventory_of(tree: &SysfsTree) -> Inventory {
 }
 
 fn documents(inventory: &Inventory) -> Documents {
-    placement::node_documents(inventory).unwrap()
+    placement::node_documents(inventory, &std::collections::BTreeMap::new()).unwrap()
 }
 
 fn names(templates: &[templates::Template]) -> Vec<String> {
@@ -746,4 +746,59 @@ fn the_share_template_gets_a_share_of_a_shared_nic() {
         .unwrap();
     assert!(shared.contains_key(&allocation.results[0].1.device));
     assert_eq!(allocation.consumed[0]["bandwidth"], 1_000_000_000);
+}
+
+/// The placement simulator with consumable capacity (KEP-5075): on a node whose NICs are shared,
+/// GPU pods take 100 Gbit/s of the NIC on their PCIe root and network pods 1–25 Gbit/s of any;
+/// every GPU pod stays aligned, shares are packed up to exactly a NIC's capacity and never past
+/// it (the simulator checks each allocation apart from the allocator), and the node holds many
+/// more pods than when each pod takes a NIC whole.
+#[test]
+fn shared_nics_hold_more_pods_keep_gpu_pods_aligned_and_never_oversubscribe() {
+    use knd::cli::placement::Usage;
+    let inventory = inventory_of(&machines::gpu_8x8());
+    let shared = knd::publish::selector::Selector::compile("true")
+        .unwrap()
+        .shared_devices(&inventory);
+    assert_eq!(shared.len(), 8, "{shared:?}");
+    let mut outcomes = Vec::new();
+    for nics in [std::collections::BTreeMap::new(), shared] {
+        let documents = placement::node_documents(&inventory, &nics).unwrap();
+        let catalog = Catalog::new(&documents.slices, &documents.classes).unwrap();
+        let kinds = placement::mixed_kinds(&documents, !nics.is_empty()).unwrap();
+        assert_eq!(kinds.len(), 4);
+        let strategy = Strategy::Kinds(kinds.iter().map(|c| vec![c.evaluate(&catalog)]).collect());
+        let outcome = placement::simulate(&inventory, &catalog, &strategy, 2000, 3).unwrap();
+        assert_eq!(outcome.allocations, 2000);
+        assert_eq!(outcome.aligned, outcome.pairs, "{outcome:?}");
+        // Each kind arrives about as often: a quarter are GPU pods.
+        assert!((400..600).contains(&outcome.pairs), "{outcome:?}");
+        outcomes.push(outcome);
+
+        // Giving back what an allocation took frees exactly that.
+        let mut usage = Usage::default();
+        let first = kinds[1].evaluate(&catalog).allocate_with(&usage).unwrap();
+        usage.take(&first);
+        let second = kinds[1].evaluate(&catalog).allocate_with(&usage).unwrap();
+        usage.take(&second);
+        usage.give_back(&first);
+        usage.give_back(&second);
+        assert_eq!(usage, Usage::default());
+    }
+    let (whole, shared) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(whole.shares, 0);
+    assert_eq!(whole.peak_allotted_permille, 0);
+    assert_eq!(
+        shared.shares, shared.allocations,
+        "every pod's NIC is a share"
+    );
+    assert_eq!(
+        shared.peak_allotted_permille, 1000,
+        "shares fill a NIC to its capacity: {shared:?}"
+    );
+    assert!(whole.full_at() <= 8.0, "{whole:?}");
+    assert!(
+        shared.full_at() > 4.0 * whole.full_at(),
+        "{shared:?} vs {whole:?}"
+    );
 }

@@ -740,6 +740,28 @@ impl Usage {
         }
     }
 
+    /// Gives back what `allocation` took (its pod ended).
+    pub fn give_back(&mut self, allocation: &Allocation) {
+        for ((_, device), consumed) in allocation.results.iter().zip(&allocation.consumed) {
+            if consumed.is_empty() {
+                self.whole.remove(device);
+                continue;
+            }
+            let Some(taken) = self.consumed.get_mut(device) else {
+                continue;
+            };
+            for (name, amount) in consumed {
+                if let Some(used) = taken.get_mut(name) {
+                    *used = used.saturating_sub(*amount);
+                }
+            }
+            taken.retain(|_, used| *used > 0);
+            if taken.is_empty() {
+                self.consumed.remove(device);
+            }
+        }
+    }
+
     /// Whether `device` is free for `alternative`: not allocated whole, or, shared, with enough
     /// of each capacity left.
     fn available(&self, alternative: &Alternative, device: &Entry) -> bool {
