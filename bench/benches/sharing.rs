@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
             node.netns(),
             host.netns(),
             &parent,
-            ("net1", MacvlanMode::Bridge),
+            ("net1", MacvlanMode::Bridge, &mut attach::Spent::default()),
             &config,
             |_, _| async {},
         ))?;

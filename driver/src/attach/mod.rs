@@ -22,7 +22,7 @@ use crate::{
     },
     os::{
         ethtool::{self, Ethtool},
-        netlink::{self, Link, LinkEntry},
+        netlink::{self, Iface, Link, LinkEntry},
         netns::Netns,
     },
 };
@@ -34,6 +34,14 @@ impl PodPlace {
             peer: LinkPeer::of(link),
         }
     }
+}
+
+/// Where an attachment's time went: in the kernel's request that put the interface in the pod
+/// (the move, or the share's creation), apart from knd's own steps around it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Spent {
+    /// Time in the kernel's move (or creation) request.
+    pub kernel: std::time::Duration,
 }
 
 /// A failed step: which interface, which step, what went wrong.
@@ -129,16 +137,18 @@ pub async fn record(host: &Netns, interface: &str) -> Result<HostSide, StepError
             .settings(&name)
             .await
             .map_err(step(&name, "read settings"))?;
+        // The rest of the interface found: by its index.
+        let at = Iface::At {
+            index: settings.index,
+            name: &name,
+        };
         let addresses = link
-            .address_records(&name)
+            .address_records(at)
             .await
             .map_err(step(&name, "read addresses"))?;
-        let routes = link
-            .routes(&name)
-            .await
-            .map_err(step(&name, "read routes"))?;
+        let routes = link.routes(at).await.map_err(step(&name, "read routes"))?;
         let neighbors = link
-            .permanent_neighbors(&name)
+            .permanent_neighbors(at)
             .await
             .map_err(step(&name, "read neighbors"))?;
         Ok(HostSide {
@@ -230,17 +240,26 @@ pub async fn attach(
     pod_name: &str,
     config: &NetworkConfig,
 ) -> Result<PodSide, StepError> {
-    attach_measured(host, pod, host_side, pod_name, config, |_, _| async {}).await
+    let mut spent = Spent::default();
+    attach_measured(
+        host,
+        pod,
+        host_side,
+        (pod_name, &mut spent),
+        config,
+        |_, _| async {},
+    )
+    .await
 }
 
 /// [`attach`], calling `arrived` with the interface's name and the kernel's counters of it the
 /// moment it is in the pod — down, nothing configured, no frame carried there yet — so that
-/// measuring can start before its first frame.
+/// measuring can start before its first frame; adds the kernel's move time to `spent`.
 pub async fn attach_measured<Arrival>(
     host: &Netns,
     pod: &Netns,
     host_side: &HostSide,
-    pod_name: &str,
+    (pod_name, spent): (&str, &mut Spent),
     config: &NetworkConfig,
     arrived: impl FnOnce(String, LinkStats) -> Arrival,
 ) -> Result<PodSide, StepError>
@@ -276,12 +295,14 @@ where
     let pod_link = connect(pod, &interface).await?;
     name_free(&pod_link, &interface, pod_name, "move into the pod").await?;
     let (name, new_name) = (interface.clone(), pod_name.to_owned());
+    let kernel = std::time::Instant::now();
     let moved = in_netns(host, &interface, move |link| async move {
         link.move_renamed(&name, &target, &new_name)
             .await
             .map_err(step(&name, &format!("move into the pod as {new_name}")))
     })
     .await;
+    spent.kernel += kernel.elapsed();
     if let Err(error) = moved {
         // Moved but not renamed (the pod raced us to the name): bring it back.
         if let Err(undo) = detach(host, Some(pod), &interface, host_side, None).await {
@@ -291,9 +312,8 @@ where
     }
     // No container of the pod runs yet (the runtime waits for this hook): the name is still
     // the one just given, and from here on the index is what identifies the interface.
-    let place = pod_link.get(pod_name).await.ok().map(|l| PodPlace::of(&l));
-    announce(&pod_link, pod_name, arrived).await;
-    let applied = configure_in_pod(pod, pod_link, &interface, pod_name, config).await;
+    let place = arrive(&pod_link, pod_name, arrived).await;
+    let applied = configure_in_pod(pod, pod_link, (&interface, pod_name, place), config).await;
     match applied {
         Ok(mut side) => {
             side.place = place;
@@ -338,16 +358,26 @@ async fn name_free(
     }
 }
 
-/// Calls `arrived` with the kernel's counters of `pod_name`, just arrived in the pod (down,
-/// nothing configured): measuring starts before its first frame.
-async fn announce<Arrival>(
+/// Finds `pod_name`, just arrived in the pod (down, nothing configured), and calls `arrived`
+/// with its counters: measuring starts before its first frame. Returns where it is (`None` if
+/// it cannot be read: it is then configured by name and not measured from its start).
+async fn arrive<Arrival>(
     pod_link: &Link,
     pod_name: &str,
     arrived: impl FnOnce(String, LinkStats) -> Arrival,
-) where
+) -> Option<PodPlace>
+where
     Arrival: Future<Output = ()> + Send,
 {
-    match pod_link.stats(pod_name).await {
+    let found = pod_link.get(pod_name).await;
+    let counters = match &found {
+        Ok(link) => netlink::stats_of(link, pod_name),
+        Err(error) => Err(netlink::Error::InvalidRequest {
+            link: pod_name.to_owned(),
+            reason: crate::model::error_chain(error),
+        }),
+    };
+    match counters {
         Ok(counters) => arrived(pod_name.to_owned(), counters).await,
         Err(error) => tracing::warn!(
             error = %crate::model::error_chain(&error),
@@ -355,17 +385,19 @@ async fn announce<Arrival>(
             "cannot read the counters of an arriving interface: it is not measured from its start"
         ),
     }
+    found.ok().map(|l| PodPlace::of(&l))
 }
 
 /// Makes a share of the NIC recorded in `parent`: a macvlan child (`mode`) created directly in
 /// `pod` as `pod_name` (never in the host's namespace: no move, and the NIC itself stays where
 /// it is, untouched), then configured as `config` says. `arrived` is called as for
-/// [`attach_measured`]. On failure the child is deleted before the error is returned.
+/// [`attach_measured`], and the kernel's creation time added to `spent`. On failure the child is
+/// deleted before the error is returned.
 pub async fn attach_share<Arrival>(
     host: &Netns,
     pod: &Netns,
     parent: &HostSide,
-    (pod_name, mode): (&str, crate::model::config::MacvlanMode),
+    (pod_name, mode, spent): (&str, crate::model::config::MacvlanMode, &mut Spent),
     config: &NetworkConfig,
     arrived: impl FnOnce(String, LinkStats) -> Arrival,
 ) -> Result<PodSide, StepError>
@@ -392,15 +424,16 @@ where
         .try_clone()
         .map_err(|e| StepError::new(&interface, "open the pod's namespace", e))?;
     let (parent_index, name) = (parent.link.index, pod_name.to_owned());
+    let kernel = std::time::Instant::now();
     in_netns(host, &interface, move |link| async move {
         link.add_macvlan_in(parent_index, &name, mode, &target)
             .await
             .map_err(step(&name, "create the share"))
     })
     .await?;
-    let place = pod_link.get(pod_name).await.ok().map(|l| PodPlace::of(&l));
-    announce(&pod_link, pod_name, arrived).await;
-    match configure_in_pod(pod, pod_link, &interface, pod_name, config).await {
+    spent.kernel += kernel.elapsed();
+    let place = arrive(&pod_link, pod_name, arrived).await;
+    match configure_in_pod(pod, pod_link, (&interface, pod_name, place), config).await {
         Ok(mut side) => {
             side.place = place;
             Ok(side)
@@ -467,16 +500,20 @@ pub async fn detach_share(
 async fn configure_in_pod(
     pod: &Netns,
     link: Link,
-    interface: &str,
-    pod_name: &str,
+    (interface, pod_name, place): (&str, &str, Option<PodPlace>),
     config: &NetworkConfig,
 ) -> Result<PodSide, StepError> {
     let host_name = interface.to_owned();
     let name = pod_name.to_owned();
+    // Where it arrived, by index (no lookup before each step); by name if that was not read.
+    let at = place.map_or(Iface::Named(pod_name), |p| Iface::At {
+        index: p.index,
+        name: pod_name,
+    });
     let fail = |what: &str| step(&host_name, what);
     let settings = config.interface.clone().unwrap_or_default();
     if let Some(mtu) = settings.mtu {
-        link.set_mtu(&name, mtu)
+        link.set_mtu(at, mtu)
             .await
             .map_err(fail(&format!("set MTU {mtu}")))?;
     }
@@ -487,7 +524,7 @@ async fn configure_in_pod(
         gro_ipv4_max_size: settings.gro_ipv4_max_size,
     };
     if sizes != OffloadSizes::default() {
-        link.set_offload_sizes(&name, sizes)
+        link.set_offload_sizes(at, sizes)
             .await
             .map_err(fail("set GSO/GRO sizes"))?;
     }
@@ -499,7 +536,7 @@ async fn configure_in_pod(
         .await?;
     }
     if let Some(mac) = &settings.hardware_addr {
-        link.set_mac(&name, mac)
+        link.set_mac(at, mac)
             .await
             .map_err(fail(&format!("set MAC {mac}")))?;
     }
@@ -508,16 +545,16 @@ async fn configure_in_pod(
         let net: IpNet = text
             .parse()
             .map_err(|e| StepError::new(&host_name, format!("add address {text}"), e))?;
-        link.add_address(&name, net.addr(), net.prefix_len())
+        link.add_address(at, net.addr(), net.prefix_len())
             .await
             .map_err(fail(&format!("add address {net}")))?;
         addresses.push(net);
     }
-    link.set_up(&name).await.map_err(fail("set up"))?;
+    link.set_up(at).await.map_err(fail("set up"))?;
     for route in config.routes.iter().flatten() {
         let what = format!("add route to {}", route.destination);
         let parsed = pod_route(route).map_err(|e| StepError::new(&host_name, &what, e))?;
-        link.add_route(&name, &parsed).await.map_err(fail(&what))?;
+        link.add_route(at, &parsed).await.map_err(fail(&what))?;
     }
     for rule in config.rules.iter().flatten() {
         let parse = |text: &Option<String>| {
@@ -544,16 +581,16 @@ async fn configure_in_pod(
             .destination
             .parse()
             .map_err(|e| StepError::new(&host_name, &what, e))?;
-        link.add_neighbor(&name, ip, &neighbor.hardware_addr)
+        link.add_neighbor(at, ip, &neighbor.hardware_addr)
             .await
             .map_err(fail(&what))?;
     }
     apply_sysctls(pod, &host_name, &name, config).await?;
-    let mac = link
-        .settings(&name)
-        .await
-        .map_err(fail("read settings"))?
-        .mac;
+    let settings = match at {
+        Iface::At { index, .. } => link.settings_at(index).await,
+        Iface::Named(name) => link.settings(name).await,
+    };
+    let mac = settings.map_err(fail("read settings"))?.mac;
     Ok(PodSide {
         name,
         addresses,

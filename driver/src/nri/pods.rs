@@ -530,6 +530,13 @@ impl<C: ClaimApi> NodeHooks<C> {
             .await
     }
 
+    /// [`Self::save`] without fsync (see [`crate::os::state::Records::put_unsynced`]).
+    async fn save_unsynced(&self, record: &PodRecord) -> Result<(), HookError> {
+        let record = record.clone();
+        self.blocking(move |store| store.pods.put_unsynced(&record.pod_uid, &record))
+            .await
+    }
+
     async fn load(&self, pod_uid: &str) -> Result<Option<PodRecord>, HookError> {
         let uid = pod_uid.to_owned();
         self.blocking(move |store| store.pods.get(&uid)).await
@@ -544,6 +551,7 @@ impl<C: ClaimApi> NodeHooks<C> {
     }
 
     async fn attach_pod(&self, pod: &api::PodSandbox, netns_path: &Path) -> Result<(), HookError> {
+        let started = std::time::Instant::now();
         let claims = self.claims_of(&pod.uid)?;
         if claims.is_empty() {
             return Ok(());
@@ -593,8 +601,10 @@ impl<C: ClaimApi> NodeHooks<C> {
             failure: None,
             detached: false,
         };
-        let started = std::time::Instant::now();
-        let outcome = self.attach_claims(&claims, netns_path, &mut record).await;
+        let mut spent = attach::Spent::default();
+        let outcome = self
+            .attach_claims(&claims, netns_path, &mut record, &mut spent)
+            .await;
         if let Err(error) = &outcome {
             record.failure = Some(crate::model::error_chain(error));
             // Whatever could not be given back stays recorded as attached, for stop to retry.
@@ -606,6 +616,9 @@ impl<C: ClaimApi> NodeHooks<C> {
                 telemetry
                     .attach_seconds
                     .observe(started.elapsed().as_secs_f64());
+                telemetry
+                    .attach_kernel_seconds
+                    .observe(spent.kernel.as_secs_f64());
                 self.watch(&record);
             }
             (Err(_), Some(telemetry)) => {
@@ -625,6 +638,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         claims: &[PreparedClaim],
         netns_path: &Path,
         record: &mut PodRecord,
+        spent: &mut attach::Spent,
     ) -> Result<(), HookError> {
         let pod_ns = Netns::open(netns_path).map_err(HookError::Namespace)?;
         let mut plan = Vec::new();
@@ -670,7 +684,12 @@ impl<C: ClaimApi> NodeHooks<C> {
                 plan.push((claim, device));
             }
         }
-        self.save(record).await?;
+        // What a crash of knd in the middle of a move needs to undo it. Not fsynced: a crash of
+        // the machine takes the pod's namespace along, and with it every NIC goes back to the
+        // host (a share goes with the namespace), so this record matters only across a crash of
+        // knd itself, which the page cache survives. The record written once all are attached
+        // is the durable one.
+        self.save_unsynced(record).await?;
         for (index, (claim, device)) in plan.into_iter().enumerate() {
             let host = record.attachments[index].host.clone();
             let pod_name = record.attachments[index].pod_name.clone();
@@ -685,7 +704,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                     &pod_ns,
                     &record.pod_uid,
                     device,
-                    (&host, &pod_name),
+                    (&host, &pod_name, &mut *spent),
                     arrived,
                 )
                 .await;
@@ -713,7 +732,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         pod_ns: &Netns,
         pod_uid: &str,
         device: &PreparedDevice,
-        (host, pod_name): (&crate::model::records::HostSide, &str),
+        (host, pod_name, spent): (&crate::model::records::HostSide, &str, &mut attach::Spent),
         arrived: impl FnOnce(String, LinkStats) -> Arrival,
     ) -> Result<crate::model::records::PodSide, attach::StepError>
     where
@@ -724,7 +743,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                 &self.host,
                 pod_ns,
                 host,
-                pod_name,
+                (pod_name, spent),
                 &device.config,
                 arrived,
             )
@@ -735,7 +754,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             &self.host,
             pod_ns,
             host,
-            (pod_name, mode),
+            (pod_name, mode, spent),
             &device.config,
             arrived,
         )

@@ -207,6 +207,26 @@ fn route_address(address: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
+/// The kernel's traffic counters in `link` (the interface called `name`, for messages).
+pub fn stats_of(link: &LinkMessage, name: &str) -> Result<LinkStats> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Stats64(stats) => Some(LinkStats {
+                rx_packets: stats.rx_packets,
+                rx_bytes: stats.rx_bytes,
+                tx_packets: stats.tx_packets,
+                tx_bytes: stats.tx_bytes,
+                tx_dropped: stats.tx_dropped,
+            }),
+            _ => None,
+        })
+        .ok_or_else(|| Error::MissingAttribute {
+            link: name.to_owned(),
+            attribute: "IFLA_STATS64",
+        })
+}
+
 /// Notifications from [`Link::subscribe`].
 #[derive(Debug)]
 pub struct Events {
@@ -221,6 +241,43 @@ impl Events {
     pub async fn next(&mut self) -> Option<()> {
         use futures::StreamExt as _;
         self.messages.next().await.map(|_| ())
+    }
+}
+
+/// The interface an operation acts on: by name (looked up first, one more round trip), or at an
+/// index already known — what knd uses for a device it placed itself: no lookup, and no name
+/// that someone else in the namespace could have taken in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Iface<'a> {
+    /// The interface called this.
+    Named(&'a str),
+    /// The interface at `index`; `name` is only for messages.
+    At {
+        /// Its index in the connection's namespace.
+        index: u32,
+        /// Its name, for messages.
+        name: &'a str,
+    },
+}
+
+impl<'a> Iface<'a> {
+    /// The name, for messages.
+    pub fn name(&self) -> &'a str {
+        match self {
+            Self::Named(name) | Self::At { name, .. } => name,
+        }
+    }
+}
+
+impl<'a> From<&'a str> for Iface<'a> {
+    fn from(name: &'a str) -> Self {
+        Self::Named(name)
+    }
+}
+
+impl<'a> From<&'a String> for Iface<'a> {
+    fn from(name: &'a String) -> Self {
+        Self::Named(name)
     }
 }
 
@@ -313,25 +370,17 @@ impl Link {
         Ok(self.get(name).await?.header.index)
     }
 
+    /// The index of `iface`: looked up by name, or known already.
+    async fn resolve(&self, iface: Iface<'_>) -> Result<u32> {
+        match iface {
+            Iface::Named(name) => self.index(name).await,
+            Iface::At { index, .. } => Ok(index),
+        }
+    }
+
     /// The kernel's traffic counters for the interface called `name`.
     pub async fn stats(&self, name: &str) -> Result<LinkStats> {
-        let link = self.get(name).await?;
-        link.attributes
-            .iter()
-            .find_map(|attribute| match attribute {
-                LinkAttribute::Stats64(stats) => Some(LinkStats {
-                    rx_packets: stats.rx_packets,
-                    rx_bytes: stats.rx_bytes,
-                    tx_packets: stats.tx_packets,
-                    tx_bytes: stats.tx_bytes,
-                    tx_dropped: stats.tx_dropped,
-                }),
-                _ => None,
-            })
-            .ok_or_else(|| Error::MissingAttribute {
-                link: name.to_owned(),
-                attribute: "IFLA_STATS64",
-            })
+        stats_of(&self.get(name).await?, name)
     }
 
     /// The interface's operational state, carrier changes and error counters, as the health
@@ -461,15 +510,24 @@ impl Link {
     }
 
     /// Brings the interface `name` up.
-    pub async fn set_up(&self, name: &str) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn set_up(&self, iface: impl Into<Iface<'_>>) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         self.set(name, "set up", LinkUnspec::new_with_index(index).up())
             .await
     }
 
     /// Adds `address/prefix_len` to the interface `name`.
-    pub async fn add_address(&self, name: &str, address: IpAddr, prefix_len: u8) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn add_address(
+        &self,
+        iface: impl Into<Iface<'_>>,
+        address: IpAddr,
+        prefix_len: u8,
+    ) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         self.handle
             .address()
             .add(index, address, prefix_len)
@@ -525,8 +583,10 @@ impl Link {
     /// The addresses on the interface `name` with their broadcast, label, scope, flags,
     /// lifetimes, prefix-route metric and protocol; IPv6 link-local ones (the kernel's own,
     /// made again on every link) left out.
-    pub async fn address_records(&self, name: &str) -> Result<Vec<Address>> {
-        let index = self.index(name).await?;
+    pub async fn address_records(&self, iface: impl Into<Iface<'_>>) -> Result<Vec<Address>> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         let mut dump = self
             .handle
             .address()
@@ -560,8 +620,14 @@ impl Link {
     /// recorded), label, scope, the flags one may set, what is left of its lifetimes, the
     /// prefix route's metric and the protocol. An address whose valid lifetime ran out while it
     /// was away is not added (the kernel would have removed it).
-    pub async fn add_address_record(&self, name: &str, address: &Address) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn add_address_record(
+        &self,
+        iface: impl Into<Iface<'_>>,
+        address: &Address,
+    ) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         let net = address.net;
         let now = unix_now();
         let left = |until: Option<u64>| {
@@ -628,8 +694,10 @@ impl Link {
     /// Routes out of the interface `name` in every table except `local`, leaving out those the
     /// kernel adds by itself for addresses (protocol `kernel`) and IPv6 multicast/link-local
     /// routes: what a restore has to put back.
-    pub async fn routes(&self, name: &str) -> Result<Vec<Route>> {
-        let index = self.index(name).await?;
+    pub async fn routes(&self, iface: impl Into<Iface<'_>>) -> Result<Vec<Route>> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         let mut routes = Vec::new();
         for query in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -658,8 +726,15 @@ impl Link {
 
     /// Moves the interface `name` into `target` under the name `new_name`, in one request (a
     /// pod usually has an `eth0` already, so moving first and renaming after could collide).
-    pub async fn move_renamed(&self, name: &str, target: &Netns, new_name: &str) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn move_renamed(
+        &self,
+        iface: impl Into<Iface<'_>>,
+        target: &Netns,
+        new_name: &str,
+    ) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         self.set(
             name,
             &format!("move to {target} as {new_name}"),
@@ -722,8 +797,14 @@ impl Link {
 
     /// Sets the GSO/GRO limits of the interface `name` that `sizes` names (others unchanged),
     /// in one request.
-    pub async fn set_offload_sizes(&self, name: &str, sizes: OffloadSizes) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn set_offload_sizes(
+        &self,
+        iface: impl Into<Iface<'_>>,
+        sizes: OffloadSizes,
+    ) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         let mut message = LinkUnspec::new_with_index(index);
         let wanted = [
             sizes.gso_max_size.map(LinkAttribute::GsoMaxSize),
@@ -739,8 +820,10 @@ impl Link {
     }
 
     /// Sets the MTU of the interface `name`.
-    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn set_mtu(&self, iface: impl Into<Iface<'_>>, mtu: u32) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         self.set(
             name,
             &format!("set MTU {mtu}"),
@@ -753,17 +836,23 @@ impl Link {
     /// shows) over netlink: `IFLA_AF_SPEC` → `AF_INET` → `IFLA_INET_CONF`, one attribute per
     /// `(IPV4_DEVCONF_* id, value)` ([`ipv4_devconf_id`]). Needs no writable `/proc/sys`, which
     /// a container does not have.
-    pub async fn set_ipv4_conf(&self, name: &str, settings: &[(u16, u32)]) -> Result<()> {
+    pub async fn set_ipv4_conf(
+        &self,
+        iface: impl Into<Iface<'_>>,
+        settings: &[(u16, u32)],
+    ) -> Result<()> {
         use netlink_packet_core::{DefaultNla, Emitable as _, NLA_F_NESTED};
         use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec};
         const IFLA_INET_CONF: u16 = 1;
+        let iface = iface.into();
+        let name = iface.name();
         let entries: Vec<DefaultNla> = settings
             .iter()
             .map(|(id, value)| DefaultNla::new(*id, value.to_ne_bytes().to_vec()))
             .collect();
         let mut nested = vec![0; entries.as_slice().buffer_len()];
         entries.as_slice().emit(&mut nested);
-        let index = self.index(name).await?;
+        let index = self.resolve(iface).await?;
         let conf = AfSpecInet::Other(DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, nested));
         self.set(
             name,
@@ -776,8 +865,10 @@ impl Link {
     }
 
     /// Sets the MAC address of the interface `name`.
-    pub async fn set_mac(&self, name: &str, mac: &str) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn set_mac(&self, iface: impl Into<Iface<'_>>, mac: &str) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         let bytes = parse_mac(mac).ok_or_else(|| Error::InvalidRequest {
             link: name.to_owned(),
             reason: format!("{mac} is not a MAC address"),
@@ -791,15 +882,19 @@ impl Link {
     }
 
     /// Takes the interface `name` down.
-    pub async fn set_down(&self, name: &str) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn set_down(&self, iface: impl Into<Iface<'_>>) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         self.set(name, "set down", LinkUnspec::new_with_index(index).down())
             .await
     }
 
     /// Adds `route` out of the interface `name`.
-    pub async fn add_route(&self, name: &str, route: &Route) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn add_route(&self, iface: impl Into<Iface<'_>>, route: &Route) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         let failed = |reason: String| Error::InvalidRequest {
             link: name.to_owned(),
             reason: format!("route to {}: {reason}", route.destination),
@@ -911,8 +1006,15 @@ impl Link {
     }
 
     /// Adds a permanent neighbor entry `ip` → `mac` on the interface `name`.
-    pub async fn add_neighbor(&self, name: &str, ip: IpAddr, mac: &str) -> Result<()> {
-        let index = self.index(name).await?;
+    pub async fn add_neighbor(
+        &self,
+        iface: impl Into<Iface<'_>>,
+        ip: IpAddr,
+        mac: &str,
+    ) -> Result<()> {
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         let bytes = parse_mac(mac).ok_or_else(|| Error::InvalidRequest {
             link: name.to_owned(),
             reason: format!("{mac} is not a MAC address"),
@@ -934,11 +1036,13 @@ impl Link {
 
     /// The permanent neighbor entries (static ARP/NDP) on the interface `name`, as
     /// `(address, MAC)`: the kernel drops them when the interface leaves the namespace.
-    pub async fn permanent_neighbors(&self, name: &str) -> Result<Vec<Neighbor>> {
+    pub async fn permanent_neighbors(&self, iface: impl Into<Iface<'_>>) -> Result<Vec<Neighbor>> {
         use netlink_packet_route::neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourState,
         };
-        let index = self.index(name).await?;
+        let iface = iface.into();
+        let name = iface.name();
+        let index = self.resolve(iface).await?;
         let mut dump = self.handle.neighbours().get().execute();
         let mut found = Vec::new();
         loop {

@@ -5,6 +5,8 @@
 //! One small JSON file per record, replaced atomically: written to a temporary file, fsynced,
 //! renamed over the old one, and the directory fsynced. A reader therefore sees either the old or
 //! the new record, never a torn one; leftover temporary files from a crash are removed at open.
+//! Records that only matter while the machine runs skip the fsyncs ([`Records::put_unsynced`]):
+//! still atomic, and still kept across a crash of the process.
 
 use std::{
     collections::BTreeMap,
@@ -128,8 +130,21 @@ impl<T: Serialize + DeserializeOwned + Clone> Records<T> {
 
     /// Stores `value` under `key`, replacing any earlier record atomically and durably.
     pub fn put(&self, key: &str, value: &T) -> Result<()> {
-        self.write(key, value)?;
+        self.write(key, value, true)?;
         self.sync_dir()?;
+        if let Some(mut cache) = self.cached() {
+            cache.insert(key.to_owned(), value.clone());
+        }
+        Ok(())
+    }
+
+    /// Stores `value` under `key`, replacing any earlier record atomically but not durably:
+    /// written and renamed into place without fsync. A crash of the process at any instant
+    /// (SIGKILL) loses nothing, since the written pages are the kernel's; a crash of the
+    /// machine may leave the earlier record, none, or an unreadable one (which the pods store
+    /// moves aside). For records that matter only while the machine runs.
+    pub fn put_unsynced(&self, key: &str, value: &T) -> Result<()> {
+        self.write(key, value, false)?;
         if let Some(mut cache) = self.cached() {
             cache.insert(key.to_owned(), value.clone());
         }
@@ -144,7 +159,7 @@ impl<T: Serialize + DeserializeOwned + Clone> Records<T> {
     {
         let mut written = Vec::new();
         for (key, value) in records {
-            self.write(key, value)?;
+            self.write(key, value, true)?;
             written.push((key, value));
         }
         if written.is_empty() {
@@ -159,8 +174,8 @@ impl<T: Serialize + DeserializeOwned + Clone> Records<T> {
         Ok(())
     }
 
-    /// Writes one record to a temporary file, syncs it, and renames it into place.
-    fn write(&self, key: &str, value: &T) -> Result<()> {
+    /// Writes one record to a temporary file, syncs it (with `sync`), and renames it into place.
+    fn write(&self, key: &str, value: &T, sync: bool) -> Result<()> {
         let path = self.path(key)?;
         let temporary = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(value).map_err(|source| Error::Corrupt {
@@ -175,7 +190,7 @@ impl<T: Serialize + DeserializeOwned + Clone> Records<T> {
             .open(&temporary)
             .map_err(|source| io_error("creating", &temporary, source))?;
         file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
+            .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
             .map_err(|source| io_error("writing", &temporary, source))?;
         drop(file);
         fs::rename(&temporary, &path).map_err(|source| io_error("renaming", &temporary, source))

@@ -299,7 +299,7 @@ pub fn bridge(host: &TestHost, name: &str, ports: &[&str]) -> anyhow::Result<()>
         host.disable_ipv6(port)?;
         host.netlink(|link| async move {
             links::set_controller(&link, port, name).await?;
-            link.set_up(port).await
+            link.set_up(*port).await
         })?;
     }
     host.set_up(name)
