@@ -524,14 +524,12 @@ impl<C: ClaimApi> NodeHooks<C> {
         Ok(claims.into_iter().map(|(_, claim)| claim).collect())
     }
 
+    /// Records `record`, atomically but without fsync
+    /// ([`crate::os::state::Records::put_unsynced`]): a pod record describes namespaces and
+    /// interfaces that do not outlive the machine — when it goes down, every pod's namespace
+    /// goes with it and each NIC is back on the host (a share is gone with its namespace) — so
+    /// it has to survive a crash of knd, which the page cache does, not one of the machine.
     async fn save(&self, record: &PodRecord) -> Result<(), HookError> {
-        let record = record.clone();
-        self.blocking(move |store| store.pods.put(&record.pod_uid, &record))
-            .await
-    }
-
-    /// [`Self::save`] without fsync (see [`crate::os::state::Records::put_unsynced`]).
-    async fn save_unsynced(&self, record: &PodRecord) -> Result<(), HookError> {
         let record = record.clone();
         self.blocking(move |store| store.pods.put_unsynced(&record.pod_uid, &record))
             .await
@@ -631,7 +629,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         outcome
     }
 
-    /// Records every host side first (durably), then moves one interface after the other; on a
+    /// Records every host side first (kept across a crash of knd), then moves one interface after the other; on a
     /// failure gives back what moved and reports which claim and step failed.
     async fn attach_claims(
         &self,
@@ -684,12 +682,8 @@ impl<C: ClaimApi> NodeHooks<C> {
                 plan.push((claim, device));
             }
         }
-        // What a crash of knd in the middle of a move needs to undo it. Not fsynced: a crash of
-        // the machine takes the pod's namespace along, and with it every NIC goes back to the
-        // host (a share goes with the namespace), so this record matters only across a crash of
-        // knd itself, which the page cache survives. The record written once all are attached
-        // is the durable one.
-        self.save_unsynced(record).await?;
+        // What a crash of knd in the middle of a move needs to undo it.
+        self.save(record).await?;
         for (index, (claim, device)) in plan.into_iter().enumerate() {
             let host = record.attachments[index].host.clone();
             let pod_name = record.attachments[index].pod_name.clone();

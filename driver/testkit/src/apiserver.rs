@@ -108,9 +108,23 @@ struct Store {
     /// The release whose authorisation rules apply.
     release: Release,
     requests: Vec<Request>,
+    /// Every change to a ResourceSlice, in order, for watches: (revision, event type, the
+    /// object as it was then).
+    slice_changes: Vec<(u64, &'static str, ResourceSlice)>,
+    /// Woken at every change to a ResourceSlice.
+    slices_changed: Arc<tokio::sync::Notify>,
+    /// Cancelled when the server stops (ends the watches).
+    stopping: CancellationToken,
 }
 
 impl Store {
+    /// Records a change to a ResourceSlice (at its revision) for watches, and wakes them.
+    fn slice_changed(&mut self, kind: &'static str, slice: &ResourceSlice) {
+        self.slice_changes
+            .push((self.revision, kind, slice.clone()));
+        self.slices_changed.notify_waiters();
+    }
+
     fn next_revision(&mut self) -> String {
         self.revision += 1;
         self.revision.to_string()
@@ -140,8 +154,11 @@ impl FakeApi {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
-        let store = Arc::new(Mutex::new(Store::default()));
         let shutdown = CancellationToken::new();
+        let store = Arc::new(Mutex::new(Store {
+            stopping: shutdown.clone(),
+            ..Store::default()
+        }));
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&store));
@@ -170,8 +187,11 @@ impl FakeApi {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
-        let store = Arc::new(Mutex::new(Store::default()));
         let shutdown = CancellationToken::new();
+        let store = Arc::new(Mutex::new(Store {
+            stopping: shutdown.clone(),
+            ..Store::default()
+        }));
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&store));
@@ -404,7 +424,13 @@ impl FakeApi {
 
     /// Removes a slice behind the driver's back (as an administrator might).
     pub fn remove_slice(&self, name: &str) -> bool {
-        self.lock().slices.remove(name).is_some()
+        let mut store = self.lock();
+        let Some(mut removed) = store.slices.remove(name) else {
+            return false;
+        };
+        removed.metadata.resource_version = Some(store.next_revision());
+        store.slice_changed("DELETED", &removed);
+        true
     }
 
     /// The next `codes.len()` requests fail with these HTTP status codes.
@@ -508,13 +534,13 @@ impl IntoResponse for Failure {
 type Answer = Result<(StatusCode, Value), Failure>;
 
 async fn handle(
-    State(store): State<Arc<Mutex<Store>>>,
+    State(shared): State<Arc<Mutex<Store>>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut store = store.lock().expect("fake API store poisoned");
+    let mut store = shared.lock().expect("fake API store poisoned");
     store.requests.push(Request {
         method: method.to_string(),
         path: uri
@@ -546,6 +572,19 @@ async fn handle(
             .position(|s| *s == "namespaces")
             .and_then(|i| segments.get(i + 1).copied());
         return forbidden(&caller, &attributes, namespace).into_response();
+    }
+    if watch {
+        if method != Method::GET || segments != ["apis", "resource.k8s.io", "v1", "resourceslices"]
+        {
+            return Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "the fake API server watches only ResourceSlices",
+            )
+            .into_response();
+        }
+        drop(store);
+        return watch_slices(&shared, &query).unwrap_or_else(IntoResponse::into_response);
     }
     let request = Incoming {
         method: &method,
@@ -715,59 +754,179 @@ fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
 // ---------------------------------------------------------------------------------------------
 // ResourceSlices
 
-fn list_slices(store: &Store, query: &BTreeMap<String, String>) -> Answer {
-    let mut fields = Vec::new();
-    for term in query
-        .get("fieldSelector")
-        .map(String::as_str)
-        .unwrap_or_default()
-        .split(',')
-        .filter(|t| !t.is_empty())
+/// A watch of ResourceSlices, as the API server streams it: one JSON event per line
+/// (`ADDED`, `MODIFIED`, `DELETED`) for every change after `resourceVersion` (without one, or
+/// `0`: the current objects as `ADDED` first), filtered by the selectors, until
+/// `timeoutSeconds` (at most an hour) or the server stops.
+fn watch_slices(
+    shared: &Arc<Mutex<Store>>,
+    query: &BTreeMap<String, String>,
+) -> Result<Response, Failure> {
+    let selector = SliceSelector::parse(query)?;
+    let since = match query.get("resourceVersion").map(String::as_str) {
+        None | Some("" | "0") => None,
+        Some(version) => Some(
+            version
+                .parse::<u64>()
+                .map_err(|_| Failure::bad_request(format!("invalid resourceVersion {version}")))?,
+        ),
+    };
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800)
+        .min(3600);
+    let mut watch = SliceWatch {
+        shared: Arc::clone(shared),
+        selector,
+        last: 0,
+        pending: VecDeque::new(),
+        deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(timeout),
+    };
     {
-        let (field, value) = term
-            .split_once("==")
-            .or_else(|| term.split_once('='))
-            .ok_or_else(|| Failure::bad_request(format!("invalid field selector term {term}")))?;
-        if !matches!(field, "spec.nodeName" | "spec.driver" | "metadata.name") {
-            return Err(Failure::bad_request(format!(
-                "field label not supported: {field}"
-            )));
+        let store = shared.lock().expect("fake API store poisoned");
+        watch.last = since.unwrap_or(store.revision);
+        if since.is_none() {
+            for slice in store.slices.values() {
+                watch.push("ADDED", slice);
+            }
         }
-        fields.push((field.to_owned(), value.to_owned()));
     }
-    let mut labels = Vec::new();
-    for term in query
-        .get("labelSelector")
-        .map(String::as_str)
-        .unwrap_or_default()
-        .split(',')
-        .filter(|t| !t.is_empty())
-    {
-        let (key, value) = term.split_once('=').ok_or_else(|| {
-            Failure::bad_request(format!("the fake supports only key=value labels: {term}"))
-        })?;
-        labels.push((key.to_owned(), value.trim_start_matches('=').to_owned()));
+    let stream = futures::stream::unfold(watch, |mut watch| async move {
+        loop {
+            if let Some(line) = watch.pending.pop_front() {
+                return Some((Ok::<_, std::convert::Infallible>(line), watch));
+            }
+            let (notify, stopping) = {
+                let store = watch.shared.lock().expect("fake API store poisoned");
+                (Arc::clone(&store.slices_changed), store.stopping.clone())
+            };
+            let changed = notify.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            watch.catch_up();
+            if !watch.pending.is_empty() {
+                continue;
+            }
+            tokio::select! {
+                () = &mut changed => {}
+                () = stopping.cancelled() => return None,
+                () = tokio::time::sleep_until(watch.deadline) => return None,
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// One watch's place in the changes.
+struct SliceWatch {
+    shared: Arc<Mutex<Store>>,
+    selector: SliceSelector,
+    /// The revision of the last change sent (or skipped).
+    last: u64,
+    pending: VecDeque<Bytes>,
+    deadline: tokio::time::Instant,
+}
+
+impl SliceWatch {
+    fn push(&mut self, kind: &str, slice: &ResourceSlice) {
+        if self.selector.matches(slice) {
+            let mut line = serde_json::to_vec(&json!({"type": kind, "object": to_value(slice)}))
+                .unwrap_or_default();
+            line.push(b'\n');
+            self.pending.push_back(Bytes::from(line));
+        }
     }
+
+    /// Queues the changes after `last`.
+    fn catch_up(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        let store = shared.lock().expect("fake API store poisoned");
+        let start = store
+            .slice_changes
+            .partition_point(|(revision, _, _)| *revision <= self.last);
+        for (revision, kind, slice) in &store.slice_changes[start..] {
+            self.push(kind, slice);
+            self.last = *revision;
+        }
+    }
+}
+
+/// The field and label selector of a list or watch of ResourceSlices, as the API server
+/// supports them for this resource.
+struct SliceSelector {
+    fields: Vec<(String, String)>,
+    labels: Vec<(String, String)>,
+}
+
+impl SliceSelector {
+    fn parse(query: &BTreeMap<String, String>) -> Result<Self, Failure> {
+        let mut fields = Vec::new();
+        for term in query
+            .get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
+            let (field, value) = term
+                .split_once("==")
+                .or_else(|| term.split_once('='))
+                .ok_or_else(|| {
+                    Failure::bad_request(format!("invalid field selector term {term}"))
+                })?;
+            if !matches!(field, "spec.nodeName" | "spec.driver" | "metadata.name") {
+                return Err(Failure::bad_request(format!(
+                    "field label not supported: {field}"
+                )));
+            }
+            fields.push((field.to_owned(), value.to_owned()));
+        }
+        let mut labels = Vec::new();
+        for term in query
+            .get("labelSelector")
+            .map(String::as_str)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
+            let (key, value) = term.split_once('=').ok_or_else(|| {
+                Failure::bad_request(format!("the fake supports only key=value labels: {term}"))
+            })?;
+            labels.push((key.to_owned(), value.trim_start_matches('=').to_owned()));
+        }
+        Ok(Self { fields, labels })
+    }
+
+    fn matches(&self, slice: &ResourceSlice) -> bool {
+        self.fields.iter().all(|(field, value)| {
+            let actual = match field.as_str() {
+                "spec.nodeName" => slice.spec.node_name.as_deref().unwrap_or_default(),
+                "spec.driver" => slice.spec.driver.as_str(),
+                _ => slice.metadata.name.as_deref().unwrap_or_default(),
+            };
+            actual == value
+        }) && self.labels.iter().all(|(key, value)| {
+            slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(key))
+                .is_some_and(|v| v == value)
+        })
+    }
+}
+
+fn list_slices(store: &Store, query: &BTreeMap<String, String>) -> Answer {
+    let selector = SliceSelector::parse(query)?;
     let items: Vec<Value> = store
         .slices
         .values()
-        .filter(|slice| {
-            fields.iter().all(|(field, value)| {
-                let actual = match field.as_str() {
-                    "spec.nodeName" => slice.spec.node_name.as_deref().unwrap_or_default(),
-                    "spec.driver" => slice.spec.driver.as_str(),
-                    _ => slice.metadata.name.as_deref().unwrap_or_default(),
-                };
-                actual == value
-            }) && labels.iter().all(|(key, value)| {
-                slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(key))
-                    .is_some_and(|v| v == value)
-            })
-        })
+        .filter(|slice| selector.matches(slice))
         .map(to_value)
         .collect();
     Ok((
@@ -821,6 +980,7 @@ fn create_slice(store: &mut Store, body: &[u8]) -> Answer {
     slice.metadata.generation = Some(1);
     slice.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
     let value = to_value(&slice);
+    store.slice_changed("ADDED", &slice);
     store.slices.insert(name, slice);
     Ok((StatusCode::CREATED, value))
 }
@@ -884,6 +1044,7 @@ fn update_slice(store: &mut Store, name: &str, body: &[u8]) -> Answer {
         Some(old.metadata.generation.unwrap_or(1) + i64::from(spec_changed));
     slice.metadata.resource_version = Some(store.next_revision());
     let value = to_value(&slice);
+    store.slice_changed("MODIFIED", &slice);
     store.slices.insert(name.to_owned(), slice);
     Ok((StatusCode::OK, value))
 }
@@ -911,8 +1072,9 @@ fn delete_slice(store: &mut Store, name: &str, body: &[u8]) -> Answer {
             return Err(Failure::conflict("resourceslices.resource.k8s.io", name));
         }
     }
-    let removed = store.slices.remove(name).expect("checked above");
-    store.next_revision();
+    let mut removed = store.slices.remove(name).expect("checked above");
+    removed.metadata.resource_version = Some(store.next_revision());
+    store.slice_changed("DELETED", &removed);
     Ok((StatusCode::OK, to_value(&removed)))
 }
 
