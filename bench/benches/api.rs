@@ -2,8 +2,8 @@
 //! simulated cluster of 10, 100 and 1,000 GPU nodes (each with knd's slice of 8 NICs and a GPU
 //! driver's slice of 8 GPUs), and knd on one node prepares claims with a GPU of that node (the
 //! alignment check looks the GPU up) and sits idle. Counted at the server: requests and response
-//! bytes per prepared claim (the claim read, the GPU lookup, the status write and Event behind
-//! it) and per idle minute (the pool's once-a-minute re-check; nothing else reads the API when
+//! bytes per prepared claim (the claim read, the status write and Event behind it; the GPU is
+//! looked up among this node's slices, which a watch keeps) and per idle minute (the pool's once-a-minute re-check; nothing else reads the API when
 //! idle). Paired in the same run with the lookup knd did before (every slice of the GPU driver
 //! in the cluster). Goal, judged here: per-claim and idle traffic constant in cluster size (at
 //! 1,000 nodes within 5 % of 10 nodes).
@@ -100,14 +100,30 @@ async fn cluster(nodes: usize) -> anyhow::Result<FakeApi> {
     Ok(fake)
 }
 
-/// Prepares `CLAIMS` claims on node-1 with knd looking GPUs up node-scoped (`on_node`) or
-/// cluster-wide (as before); the traffic per claim, status writes and Events included.
-async fn per_claim(fake: &FakeApi, node_scoped: bool) -> anyhow::Result<(f64, f64)> {
+/// Prepares `CLAIMS` claims on node-1 with knd looking GPUs up node-scoped (`on_node`: among
+/// this node's slices, which a watch keeps) or cluster-wide (as before); the traffic per claim,
+/// status writes and Events included, and the traffic of starting the watch (its list and the
+/// watch's first response).
+async fn per_claim(fake: &FakeApi, node_scoped: bool) -> anyhow::Result<((f64, f64), (f64, f64))> {
     let shutdown = CancellationToken::new();
     let mut claims = ApiClaims::new(fake.client().await?, "knd.dev", shutdown.clone());
+    let (_, before_watch) = Traffic::of(fake, 0);
     if node_scoped {
         claims = claims.on_node(NODE);
+        claims.node_slices_listed().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !fake.requests()[before_watch..]
+            .iter()
+            .any(|r| r.path.contains("watch=true"))
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the watch never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
+    let (watch_start, _) = Traffic::of(fake, before_watch);
     let dir = tempfile::tempdir()?;
     let store = Arc::new(StateStore::open(dir.path())?);
     let node = node_devices(NODE, &machines::gpu_8x8());
@@ -149,7 +165,7 @@ async fn per_claim(fake: &FakeApi, node_scoped: bool) -> anyhow::Result<(f64, f6
     let (traffic, _) = Traffic::of(fake, start);
     shutdown.cancel();
     claims.drained().await;
-    Ok(traffic.per(CLAIMS))
+    Ok((traffic.per(CLAIMS), watch_start.per(1)))
 }
 
 /// One idle minute: the publisher's re-check of the pool (its first publication not counted).
@@ -178,13 +194,15 @@ async fn main() -> anyhow::Result<()> {
             "KiB / claim, cluster-wide lookup (before)",
             "requests / idle minute",
             "KiB / idle minute",
+            "starting the watch: requests",
+            "starting the watch: KiB",
         ],
     );
     let mut rows = Vec::new();
     for nodes in [10_usize, 100, 1_000] {
         let fake = cluster(nodes).await?;
-        let scoped = per_claim(&fake, true).await?;
-        let wide = per_claim(&fake, false).await?;
+        let (scoped, watch) = per_claim(&fake, true).await?;
+        let (wide, _) = per_claim(&fake, false).await?;
         let idle = idle_minute(&fake).await?;
         table.row(vec![
             nodes.to_string(),
@@ -193,16 +211,19 @@ async fn main() -> anyhow::Result<()> {
             format!("{:.1}", wide.1 / 1024.0),
             format!("{:.0}", idle.0),
             format!("{:.1}", idle.1 / 1024.0),
+            format!("{:.0}", watch.0),
+            format!("{:.1}", watch.1 / 1024.0),
         ]);
-        rows.push((nodes, scoped, wide, idle));
+        rows.push((nodes, scoped, wide, idle, watch));
     }
     let (small, large) = (&rows[0], &rows[rows.len() - 1]);
     let constant = |a: (f64, f64), b: (f64, f64)| (b.0 - a.0).abs() < 1e-9 && b.1 <= a.1 * 1.05;
-    let met = constant(small.1, large.1) && constant(small.3, large.3);
+    let met =
+        constant(small.1, large.1) && constant(small.3, large.3) && constant(small.4, large.4);
     knd_bench::print_table(&table);
     let verdict = format!(
-        "Goal (per-claim and idle traffic at {} nodes within 5 % of {} nodes, same request \
-         count): {}. The cluster-wide lookup grew {:.0}× in bytes per claim over the same range.",
+        "Goal (per-claim, idle and watch-start traffic at {} nodes within 5 % of {} nodes, same \
+         request count): {}. The cluster-wide lookup grew {:.0}× in bytes per claim over the same range.",
         large.0,
         small.0,
         if met { "met" } else { "NOT met" },
@@ -215,19 +236,23 @@ async fn main() -> anyhow::Result<()> {
          holds the simulated cluster; each node has knd's slice of 8 NICs and a GPU driver's \
          slice of 8 GPUs. knd on node-1 prepares 20 claims one by one, each with a GPU of \
          node-1 (alignment policy warn: the GPU's pciBusID is looked up), and its status write \
-         and Event are waited for. Requests and JSON response bytes are counted at the server. \
-         An idle minute is the pool's once-a-minute re-check."
+         and Event are waited for. The GPU is looked up among node-1's ResourceSlices, which a \
+         watch keeps (started before the count: its list and first events are shown apart). \
+         Requests and JSON response bytes (a watch's streamed events included) are counted at \
+         the server. An idle minute is the pool's once-a-minute re-check; the watch adds only \
+         changes to node-1's slices and its renewal (kube's watcher: every 290 s)."
             .to_owned(),
     );
     document.notes.push(verdict);
     document.tables.push(table);
     document.data = serde_json::json!(
         rows.iter()
-            .map(|(nodes, scoped, wide, idle)| serde_json::json!({
+            .map(|(nodes, scoped, wide, idle, watch)| serde_json::json!({
                 "nodes": nodes,
                 "requests_per_claim": scoped.0, "bytes_per_claim": scoped.1,
                 "cluster_wide_bytes_per_claim": wide.1,
                 "requests_per_idle_minute": idle.0, "bytes_per_idle_minute": idle.1,
+                "watch_start_requests": watch.0, "watch_start_bytes": watch.1,
             }))
             .collect::<Vec<_>>()
     );

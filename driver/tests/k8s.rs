@@ -1339,3 +1339,100 @@ async fn shared_nics_are_published_with_bandwidth_and_withheld_from_servers_with
         writes
     );
 }
+
+/// On a node, other drivers' devices come from a watch of this node's ResourceSlices (kube's
+/// reflector against the fake's watch): once the watch has listed them, GPU lookups make no
+/// request of their own; a GPU slice published later reaches them through the watch, a deleted
+/// one leaves; another node's slices are never in it.
+#[tokio::test]
+async fn gpu_lookups_read_the_watched_slices_of_this_node() {
+    use knd_testkit::placement::{GPU_DRIVER, gpu_slice};
+    let fake = FakeApi::start().await.unwrap();
+    let gpus = inventory::discover(&machines::gpu_8x8().host());
+    let address = gpus.gpus.iter().map(|g| g.address.clone()).min().unwrap();
+    fake.create_slices(&[gpu_slice(&gpus, "node-2")]).unwrap();
+    let shutdown = CancellationToken::new();
+    let claims =
+        ApiClaims::new(fake.client().await.unwrap(), "knd.dev", shutdown.clone()).on_node("node-1");
+    tokio::time::timeout(Duration::from_secs(10), claims.node_slices_listed())
+        .await
+        .expect("the watch lists this node's slices");
+    // Listed first, then watched from the list's version.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let watch = loop {
+        if let Some(watch) = fake
+            .requests()
+            .into_iter()
+            .find(|r| r.path.contains("watch=true"))
+        {
+            break watch;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            fake.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        watch.path.contains("fieldSelector=spec.nodeName%3Dnode-1"),
+        "{watch:?}"
+    );
+    let lookup = |pool: &'static str| {
+        let claims = claims.clone();
+        async move {
+            claims
+                .device_attribute(GPU_DRIVER, pool, "gpu-0", "resource.kubernetes.io/pciBusID")
+                .await
+                .unwrap()
+        }
+    };
+    let requests = || fake.requests().len();
+
+    // Not on this node yet: asked of the server, not found.
+    let before = requests();
+    assert_eq!(lookup("node-1").await, None);
+    assert_eq!(requests(), before + 1, "a miss asks the server");
+
+    // Published: once the watch brings it, lookups are served without a request.
+    fake.create_slices(&[gpu_slice(&gpus, "node-1")]).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = requests();
+        let found = lookup("node-1").await;
+        if found.is_some() && requests() == before {
+            assert_eq!(found, Some(address.clone()));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watch never brought it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = requests();
+    for _ in 0..20 {
+        assert_eq!(lookup("node-1").await, Some(address.clone()));
+    }
+    assert_eq!(requests(), before, "20 lookups, no request");
+
+    // Another node's slices are neither watched nor listed (not GPUs next to this NIC): each
+    // lookup there asks the server, for this node's slices, and finds nothing.
+    let before = requests();
+    assert_eq!(lookup("node-2").await, None);
+    assert_eq!(lookup("node-2").await, None);
+    assert_eq!(requests(), before + 2);
+
+    // Deleted: the watch takes it away; lookups miss and ask again.
+    assert!(fake.remove_slice("node-1-gpu.nvidia.com"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while lookup("node-1").await.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deletion never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    claims.drained().await;
+}

@@ -8,11 +8,13 @@ use std::{
     time::Duration,
 };
 
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::Node,
         resource::v1::{
-            AllocatedDeviceStatus, DeviceTaint, NetworkDeviceData, ResourceClaim, ResourceSlice,
+            AllocatedDeviceStatus, Device, DeviceTaint, NetworkDeviceData, ResourceClaim,
+            ResourceSlice,
         },
     },
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -21,6 +23,7 @@ use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
     config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, reflector, watcher},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -413,11 +416,7 @@ impl Publisher {
 
 /// Whether the API server kept in `stored` all that `per_device` counts in `sent` (a server
 /// with a feature off drops its fields without an error).
-fn kept(
-    sent: &ResourceSlice,
-    stored: &ResourceSlice,
-    per_device: fn(&k8s_openapi::api::resource::v1::Device) -> usize,
-) -> bool {
+fn kept(sent: &ResourceSlice, stored: &ResourceSlice, per_device: fn(&Device) -> usize) -> bool {
     let count = |slice: &ResourceSlice| -> usize {
         slice.spec.devices.iter().flatten().map(per_device).sum()
     };
@@ -450,6 +449,51 @@ fn same_pool(existing: &BTreeMap<String, ResourceSlice>, wanted: &[ResourceSlice
         })
 }
 
+/// This node's ResourceSlices, every driver's, kept current by a watch (kube's reflector): a
+/// prepare reads other drivers' devices here, without a request of its own, however large the
+/// cluster and however many claims.
+#[derive(Clone)]
+struct NodeSlices {
+    reader: reflector::Store<ResourceSlice>,
+}
+
+impl NodeSlices {
+    /// Starts watching `node`'s slices; the watch ends with `shutdown`.
+    fn watch(client: Client, node: &str, shutdown: CancellationToken, tasks: &TaskTracker) -> Self {
+        let api: Api<ResourceSlice> = Api::all(client);
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let (reader, writer) = reflector::store();
+        let stream = reflector(writer, watcher(api, config)).default_backoff();
+        tasks.spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    event = stream.next() => match event {
+                        None => return,
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => tracing::debug!(%error, "watching this node's ResourceSlices (retrying)"),
+                    },
+                }
+            }
+        });
+        Self { reader }
+    }
+
+    /// Device `device` of `driver`'s pool `pool` as the watch last saw it: `None` before the
+    /// watch's first list or when it is not there (published a moment ago: ask the server).
+    fn device(&self, driver: &str, pool: &str, device: &str) -> Option<Device> {
+        self.reader.wait_until_ready().now_or_never()?.ok()?;
+        self.reader
+            .state()
+            .iter()
+            .filter(|slice| slice.spec.driver == driver && slice.spec.pool.name == pool)
+            .flat_map(|slice| slice.spec.devices.iter().flatten())
+            .find(|d| d.name == device)
+            .cloned()
+    }
+}
+
 /// Reads claims for prepare and writes their status with server-side apply.
 #[derive(Clone)]
 pub struct ApiClaims {
@@ -461,6 +505,8 @@ pub struct ApiClaims {
     /// The node whose claims these are: other drivers' devices are looked up among its slices
     /// only, so the API traffic of a prepare does not grow with the cluster.
     node: Option<String>,
+    /// That node's slices, kept by a watch (see [`NodeSlices`]).
+    node_slices: Option<NodeSlices>,
     writers: Arc<Writers>,
     /// The status writers and Event posts running in the background, drained at shutdown.
     tasks: TaskTracker,
@@ -530,6 +576,7 @@ impl ApiClaims {
             shutdown,
             instance: driver.to_owned(),
             node: None,
+            node_slices: None,
             writers: Arc::default(),
             tasks: TaskTracker::new(),
         }
@@ -592,11 +639,26 @@ impl ApiClaims {
     }
 
     /// The claims of node `node`: it names the Events, and other drivers' devices are looked
-    /// up among this node's ResourceSlices only (`spec.nodeName`, filtered by the API server).
+    /// up among this node's ResourceSlices only (`spec.nodeName`, filtered by the API server),
+    /// which a watch keeps (started here: call it inside the runtime; it ends with shutdown).
     #[must_use]
     pub fn on_node(mut self, node: &str) -> Self {
         self.node = Some(node.to_owned());
+        self.node_slices = Some(NodeSlices::watch(
+            self.client.clone(),
+            node,
+            self.shutdown.clone(),
+            &self.tasks,
+        ));
         self.with_instance(node)
+    }
+
+    /// Waits until the watch of this node's slices has listed them (at once when there is no
+    /// such watch).
+    pub async fn node_slices_listed(&self) {
+        if let Some(slices) = &self.node_slices {
+            let _dropped = slices.reader.wait_until_ready().await;
+        }
     }
 
     /// Creates an `events.k8s.io/v1` Event about `claim` (`kind` `Normal` or `Warning`); a
@@ -896,9 +958,33 @@ impl ClaimApi for ApiClaims {
         device: &str,
         attribute: &str,
     ) -> Result<Option<String>, SourceError> {
+        // Unqualified attribute names belong to the driver's own domain.
+        let short = attribute
+            .strip_prefix(driver)
+            .and_then(|rest| rest.strip_prefix('/'));
+        let value_of = |device: &Device| {
+            device
+                .attributes
+                .as_ref()
+                .and_then(|attributes| {
+                    attributes
+                        .get(attribute)
+                        .or_else(|| short.and_then(|s| attributes.get(s)))
+                })
+                .and_then(|value| value.string.clone())
+        };
+        // The watched slices of this node first: no request at all.
+        if let Some(found) = self
+            .node_slices
+            .as_ref()
+            .and_then(|slices| slices.device(driver, pool, device))
+        {
+            return Ok(value_of(&found));
+        }
+        // Not (yet) seen there: ask the server. On a node, its own slices: what a prepare reads
+        // stays the same however large the cluster. (Devices of pools that are not node-local
+        // are not GPUs next to this NIC.)
         let api: Api<ResourceSlice> = Api::all(self.client.clone());
-        // On a node, its own slices: what a prepare reads stays the same however large the
-        // cluster. (Devices of pools that are not node-local are not GPUs next to this NIC.)
         let selector = match &self.node {
             Some(node) => format!("spec.driver={driver},spec.nodeName={node}"),
             None => format!("spec.driver={driver}"),
@@ -907,23 +993,13 @@ impl ClaimApi for ApiClaims {
             .list(&ListParams::default().fields(&selector))
             .await
             .map_err(|e| SourceError::new(format!("listing {driver}'s ResourceSlices"), e))?;
-        // Unqualified attribute names belong to the driver's own domain.
-        let short = attribute
-            .strip_prefix(driver)
-            .and_then(|rest| rest.strip_prefix('/'));
         Ok(slices
             .items
             .iter()
             .filter(|slice| slice.spec.pool.name == pool)
             .flat_map(|slice| slice.spec.devices.iter().flatten())
             .find(|d| d.name == device)
-            .and_then(|d| d.attributes.as_ref())
-            .and_then(|attributes| {
-                attributes
-                    .get(attribute)
-                    .or_else(|| short.and_then(|s| attributes.get(s)))
-            })
-            .and_then(|value| value.string.clone()))
+            .and_then(value_of))
     }
 
     fn prepared(&self, claim: &PreparedClaim) {

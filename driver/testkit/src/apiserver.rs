@@ -782,13 +782,17 @@ fn watch_slices(
         last: 0,
         pending: VecDeque::new(),
         deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(timeout),
+        request: 0,
     };
     {
-        let store = shared.lock().expect("fake API store poisoned");
+        let mut store = shared.lock().expect("fake API store poisoned");
         watch.last = since.unwrap_or(store.revision);
+        // The request recorded last is this watch's: what it streams is counted there.
+        watch.request = store.requests.len().saturating_sub(1);
         if since.is_none() {
-            for slice in store.slices.values() {
-                watch.push("ADDED", slice);
+            let slices: Vec<ResourceSlice> = store.slices.values().cloned().collect();
+            for slice in &slices {
+                watch.push(&mut store, "ADDED", slice);
             }
         }
     }
@@ -830,14 +834,20 @@ struct SliceWatch {
     last: u64,
     pending: VecDeque<Bytes>,
     deadline: tokio::time::Instant,
+    /// This watch's entry in the recorded requests.
+    request: usize,
 }
 
 impl SliceWatch {
-    fn push(&mut self, kind: &str, slice: &ResourceSlice) {
+    /// Queues `slice`'s change if the watch selects it, counting its bytes as the response's.
+    fn push(&mut self, store: &mut Store, kind: &str, slice: &ResourceSlice) {
         if self.selector.matches(slice) {
             let mut line = serde_json::to_vec(&json!({"type": kind, "object": to_value(slice)}))
                 .unwrap_or_default();
             line.push(b'\n');
+            if let Some(request) = store.requests.get_mut(self.request) {
+                request.response_bytes += line.len();
+            }
             self.pending.push_back(Bytes::from(line));
         }
     }
@@ -845,12 +855,14 @@ impl SliceWatch {
     /// Queues the changes after `last`.
     fn catch_up(&mut self) {
         let shared = Arc::clone(&self.shared);
-        let store = shared.lock().expect("fake API store poisoned");
+        let mut store = shared.lock().expect("fake API store poisoned");
         let start = store
             .slice_changes
             .partition_point(|(revision, _, _)| *revision <= self.last);
-        for (revision, kind, slice) in &store.slice_changes[start..] {
-            self.push(kind, slice);
+        let changes: Vec<(u64, &'static str, ResourceSlice)> =
+            store.slice_changes[start..].to_vec();
+        for (revision, kind, slice) in &changes {
+            self.push(&mut store, kind, slice);
             self.last = *revision;
         }
     }
