@@ -443,7 +443,13 @@ fn summarize_all(
         &own,
         None,
     )?;
-    let [exact, exact_telemetry, exact_share, nic_kernel, share_kernel] = own_work(in_hook)?;
+    let [
+        exact,
+        exact_telemetry,
+        exact_share,
+        nic_kernel,
+        share_kernel,
+    ] = own_work(in_hook)?;
     println!(
         "knd's own share: in knd p50 {:.1?} (goal < 2 ms), p99 {:.1?} (goal < 5 ms); from outside \
          p50 {:.1?}, p99 {:.1?}; the kernel's move: p50 {:.1?}",
