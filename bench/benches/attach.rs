@@ -386,6 +386,36 @@ fn summarize_share(
     Ok([shared, cost])
 }
 
+/// Telemetry counts from the interface's arrival: what linking the preloaded programs adds,
+/// paired with the pod with telemetry off just before it.
+fn summarize_telemetry(
+    with_telemetry: &[Duration],
+    with: &[Duration],
+) -> anyhow::Result<[Summary; 2]> {
+    let measured = summarize(
+        "RunPodSandbox, knd attaching 1 NIC with telemetry",
+        with_telemetry,
+        None,
+    )?;
+    let cost: Vec<Duration> = with_telemetry
+        .iter()
+        .zip(with)
+        .map(|(on, off)| on.saturating_sub(*off))
+        .collect();
+    let telemetry_cost = summarize(
+        "added by telemetry (paired with the pod before it)",
+        &cost,
+        None,
+    )?
+    .with_p50_goal(Duration::from_millis(1));
+    println!(
+        "added by telemetry from the first frame, paired: p50 {:.1?} (goal < 1 ms), p99 {:.1?}",
+        Duration::from_micros(telemetry_cost.p50_us),
+        Duration::from_micros(telemetry_cost.p99_us)
+    );
+    Ok([measured, telemetry_cost])
+}
+
 /// Prints and writes the results: each condition, what one NIC adds (by percentile and paired),
 /// and the kernel's own move.
 fn summarize_all(
@@ -459,29 +489,7 @@ fn summarize_all(
         Duration::from_micros(own.p99_us),
         Duration::from_micros(kernel.p50_us)
     );
-    // Telemetry counts from the interface's arrival: what linking the preloaded programs adds,
-    // paired with the pod with telemetry off just before it.
-    let measured = summarize(
-        "RunPodSandbox, knd attaching 1 NIC with telemetry",
-        with_telemetry,
-        None,
-    )?;
-    let cost: Vec<Duration> = with_telemetry
-        .iter()
-        .zip(with)
-        .map(|(on, off)| on.saturating_sub(*off))
-        .collect();
-    let telemetry_cost = summarize(
-        "added by telemetry (paired with the pod before it)",
-        &cost,
-        None,
-    )?
-    .with_p50_goal(Duration::from_millis(1));
-    println!(
-        "added by telemetry from the first frame, paired: p50 {:.1?} (goal < 1 ms), p99 {:.1?}",
-        Duration::from_micros(telemetry_cost.p50_us),
-        Duration::from_micros(telemetry_cost.p99_us)
-    );
+    let [measured, telemetry_cost] = summarize_telemetry(with_telemetry, with)?;
     let [shared, share_cost] = summarize_share(with_share, connected, &pairs)?;
     report(
         "attach",
