@@ -142,20 +142,16 @@ pub async fn record(host: &Netns, interface: &str) -> Result<HostSide, StepError
             index: settings.index,
             name: &name,
         };
-        // Three dumps at once on the one connection (netlink tells the answers apart).
-        let (addresses, routes, neighbors) = futures::try_join!(
-            async {
-                link.address_records(at)
-                    .await
-                    .map_err(step(&name, "read addresses"))
-            },
-            async { link.routes(at).await.map_err(step(&name, "read routes")) },
-            async {
-                link.permanent_neighbors(at)
-                    .await
-                    .map_err(step(&name, "read neighbors"))
-            },
-        )?;
+        // One after the other: a netlink socket runs one dump at a time (EBUSY otherwise).
+        let addresses = link
+            .address_records(at)
+            .await
+            .map_err(step(&name, "read addresses"))?;
+        let routes = link.routes(at).await.map_err(step(&name, "read routes"))?;
+        let neighbors = link
+            .permanent_neighbors(at)
+            .await
+            .map_err(step(&name, "read neighbors"))?;
         Ok(HostSide {
             link: settings,
             addresses,

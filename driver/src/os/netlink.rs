@@ -370,11 +370,11 @@ impl Link {
         Ok(self.get(name).await?.header.index)
     }
 
-    /// The index of `iface`: looked up by name, or known already.
-    async fn resolve(&self, iface: Iface<'_>) -> Result<u32> {
-        match iface {
-            Iface::Named(name) => self.index(name).await,
-            Iface::At { index, .. } => Ok(index),
+    /// The index of `iface` (looked up by name, or known already) and its name, for messages.
+    async fn target<'a>(&self, iface: impl Into<Iface<'a>>) -> Result<(u32, &'a str)> {
+        match iface.into() {
+            Iface::Named(name) => Ok((self.index(name).await?, name)),
+            Iface::At { index, name } => Ok((index, name)),
         }
     }
 
@@ -511,9 +511,7 @@ impl Link {
 
     /// Brings the interface `name` up.
     pub async fn set_up(&self, iface: impl Into<Iface<'_>>) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         self.set(name, "set up", LinkUnspec::new_with_index(index).up())
             .await
     }
@@ -525,9 +523,7 @@ impl Link {
         address: IpAddr,
         prefix_len: u8,
     ) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         self.handle
             .address()
             .add(index, address, prefix_len)
@@ -584,9 +580,7 @@ impl Link {
     /// lifetimes, prefix-route metric and protocol; IPv6 link-local ones (the kernel's own,
     /// made again on every link) left out.
     pub async fn address_records(&self, iface: impl Into<Iface<'_>>) -> Result<Vec<Address>> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         let mut dump = self
             .handle
             .address()
@@ -625,9 +619,7 @@ impl Link {
         iface: impl Into<Iface<'_>>,
         address: &Address,
     ) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         let net = address.net;
         let now = unix_now();
         let left = |until: Option<u64>| {
@@ -695,9 +687,7 @@ impl Link {
     /// kernel adds by itself for addresses (protocol `kernel`) and IPv6 multicast/link-local
     /// routes: what a restore has to put back.
     pub async fn routes(&self, iface: impl Into<Iface<'_>>) -> Result<Vec<Route>> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         let mut routes = Vec::new();
         for query in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -732,9 +722,7 @@ impl Link {
         target: &Netns,
         new_name: &str,
     ) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         self.set(
             name,
             &format!("move to {target} as {new_name}"),
@@ -802,9 +790,7 @@ impl Link {
         iface: impl Into<Iface<'_>>,
         sizes: OffloadSizes,
     ) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         let mut message = LinkUnspec::new_with_index(index);
         let wanted = [
             sizes.gso_max_size.map(LinkAttribute::GsoMaxSize),
@@ -821,9 +807,7 @@ impl Link {
 
     /// Sets the MTU of the interface `name`.
     pub async fn set_mtu(&self, iface: impl Into<Iface<'_>>, mtu: u32) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         self.set(
             name,
             &format!("set MTU {mtu}"),
@@ -844,15 +828,13 @@ impl Link {
         use netlink_packet_core::{DefaultNla, Emitable as _, NLA_F_NESTED};
         use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec};
         const IFLA_INET_CONF: u16 = 1;
-        let iface = iface.into();
-        let name = iface.name();
+        let (index, name) = self.target(iface).await?;
         let entries: Vec<DefaultNla> = settings
             .iter()
             .map(|(id, value)| DefaultNla::new(*id, value.to_ne_bytes().to_vec()))
             .collect();
         let mut nested = vec![0; entries.as_slice().buffer_len()];
         entries.as_slice().emit(&mut nested);
-        let index = self.resolve(iface).await?;
         let conf = AfSpecInet::Other(DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, nested));
         self.set(
             name,
@@ -866,9 +848,7 @@ impl Link {
 
     /// Sets the MAC address of the interface `name`.
     pub async fn set_mac(&self, iface: impl Into<Iface<'_>>, mac: &str) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         let bytes = parse_mac(mac).ok_or_else(|| Error::InvalidRequest {
             link: name.to_owned(),
             reason: format!("{mac} is not a MAC address"),
@@ -883,18 +863,14 @@ impl Link {
 
     /// Takes the interface `name` down.
     pub async fn set_down(&self, iface: impl Into<Iface<'_>>) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         self.set(name, "set down", LinkUnspec::new_with_index(index).down())
             .await
     }
 
     /// Adds `route` out of the interface `name`.
     pub async fn add_route(&self, iface: impl Into<Iface<'_>>, route: &Route) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         let failed = |reason: String| Error::InvalidRequest {
             link: name.to_owned(),
             reason: format!("route to {}: {reason}", route.destination),
@@ -1012,9 +988,7 @@ impl Link {
         ip: IpAddr,
         mac: &str,
     ) -> Result<()> {
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         let bytes = parse_mac(mac).ok_or_else(|| Error::InvalidRequest {
             link: name.to_owned(),
             reason: format!("{mac} is not a MAC address"),
@@ -1040,9 +1014,7 @@ impl Link {
         use netlink_packet_route::neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourState,
         };
-        let iface = iface.into();
-        let name = iface.name();
-        let index = self.resolve(iface).await?;
+        let (index, name) = self.target(iface).await?;
         let mut dump = self.handle.neighbours().get().execute();
         let mut found = Vec::new();
         loop {
