@@ -472,7 +472,10 @@ impl NodeSlices {
                     event = stream.next() => match event {
                         None => return,
                         Some(Ok(_)) => {}
-                        Some(Err(error)) => tracing::debug!(%error, "watching this node's ResourceSlices (retrying)"),
+                        Some(Err(error)) => tracing::debug!(
+                            %error,
+                            "watching this node's ResourceSlices (retrying; lookups ask the server)"
+                        ),
                     },
                 }
             }

@@ -629,8 +629,9 @@ impl<C: ClaimApi> NodeHooks<C> {
         outcome
     }
 
-    /// Records every host side first (kept across a crash of knd), then moves one interface after the other; on a
-    /// failure gives back what moved and reports which claim and step failed.
+    /// Records every host side first (kept across a crash of knd), then moves one interface
+    /// after the other; on a failure gives back what moved and reports which claim and step
+    /// failed.
     async fn attach_claims(
         &self,
         claims: &[PreparedClaim],
