@@ -42,6 +42,17 @@ fn slice_json(devices: &serde_json::Value) -> serde_json::Value {
     })
 }
 
+/// Creating a slice with each case's devices is refused with 422, the message naming the case's
+/// expected text.
+async fn refused_as_invalid(slices: &Api<ResourceSlice>, cases: &[(serde_json::Value, &str)]) {
+    for (devices, expected) in cases {
+        let (code, message) =
+            api_status(slices.create(&PostParams::default(), &slice(devices)).await);
+        assert_eq!(code, 422, "{devices}: {message}");
+        assert!(message.contains(expected), "{devices}: {message}");
+    }
+}
+
 fn slice(devices: &serde_json::Value) -> ResourceSlice {
     serde_json::from_value(slice_json(devices)).unwrap()
 }
@@ -85,11 +96,7 @@ async fn the_fake_api_enforces_resource_slice_validation() {
             "semver",
         ),
     ];
-    for (devices, expected) in cases {
-        let (code, message) = api_status(slices.create(&pp, &slice(&devices)).await);
-        assert_eq!(code, 422, "{devices}: {message}");
-        assert!(message.contains(expected), "{devices}: {message}");
-    }
+    refused_as_invalid(&slices, &cases).await;
     let attributes: serde_json::Map<_, _> = (0..33)
         .map(|i| (format!("a{i}"), json!({"int": i})))
         .collect();
@@ -186,15 +193,7 @@ async fn the_fake_api_validates_device_taints_as_1_36_does() {
             "spec.devices[0].taints[0].effect: Unsupported value: \"PreferNoSchedule\"",
         ),
     ];
-    for (devices, expected) in cases {
-        let (code, message) = api_status(
-            slices
-                .create(&PostParams::default(), &slice(&devices))
-                .await,
-        );
-        assert_eq!(code, 422, "{devices}: {message}");
-        assert!(message.contains(expected), "{devices}: {message}");
-    }
+    refused_as_invalid(&slices, &cases).await;
 }
 
 #[tokio::test]
@@ -1219,15 +1218,7 @@ async fn the_fake_api_validates_consumable_capacity_and_refuses_an_oversized_sha
             "capacity[bandwidth].value: Invalid value: \"ten\"",
         ),
     ];
-    for (devices, expected) in cases {
-        let (code, message) = api_status(
-            slices
-                .create(&PostParams::default(), &slice(&devices))
-                .await,
-        );
-        assert_eq!(code, 422, "{devices}: {message}");
-        assert!(message.contains(expected), "{devices}: {message}");
-    }
+    refused_as_invalid(&slices, &cases).await;
     // What knd publishes for a shared NIC is accepted.
     let mut device: k8s_openapi::api::resource::v1::Device =
         serde_json::from_value(json!({"name": "nic0"})).unwrap();

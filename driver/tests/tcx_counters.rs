@@ -167,22 +167,28 @@ fn counting_starts_at_attach_and_is_per_interface() {
     assert!(kernel_b.rx_bytes >= ours_b.rx.bytes);
 }
 
-#[test]
-#[ignore = "needs root: namespaces, macvlan and eBPF (cargo xtask test runs it as root)"]
-fn counters_work_on_a_macvlan_moved_into_another_namespace() {
-    // The shape of a real attachment: a NIC-like device (macvlan on a veth "uplink") is moved
-    // into a pod's namespace and watched there.
+/// A node whose veth `uplink` (its peer `wire` at `B_ADDR` on host `peer`) has a macvlan child
+/// `name`, moved into a pod and given `A_ADDR` there: (node, peer, pod).
+fn macvlan_in_pod(name: &str) -> (TestHost, TestHost, TestHost) {
     let node = TestHost::new("node").unwrap();
     let peer = TestHost::new("peer").unwrap();
     let pod = TestHost::new("pod").unwrap();
     veth_pair(&node, "uplink", &peer, "wire").unwrap();
     node.disable_ipv6("uplink").unwrap();
     node.set_up("uplink").unwrap();
-    macvlan(&node, "nic0", "uplink").unwrap();
-    node.move_link("nic0", &pod).unwrap();
-    pod.configure("nic0", A_ADDR, 24).unwrap();
+    macvlan(&node, name, "uplink").unwrap();
+    node.move_link(name, &pod).unwrap();
+    pod.configure(name, A_ADDR, 24).unwrap();
     peer.configure("wire", B_ADDR, 24).unwrap();
+    (node, peer, pod)
+}
 
+#[test]
+#[ignore = "needs root: namespaces, macvlan and eBPF (cargo xtask test runs it as root)"]
+fn counters_work_on_a_macvlan_moved_into_another_namespace() {
+    // The shape of a real attachment: a NIC-like device (macvlan on a veth "uplink") is moved
+    // into a pod's namespace and watched there.
+    let (node, peer, pod) = macvlan_in_pod("nic0");
     let mut probes = TrafficProbes::new();
     let id = probes.attach(pod.netns(), "nic0").unwrap();
     assert!(
@@ -318,16 +324,7 @@ fn policed_share(
 ) {
     use knd::observe::telemetry::ShareLimits;
     use knd_common::{Policer, policer_burst};
-    let node = TestHost::new("node").unwrap();
-    let peer = TestHost::new("peer").unwrap();
-    let pod = TestHost::new("pod").unwrap();
-    veth_pair(&node, "uplink", &peer, "wire").unwrap();
-    node.disable_ipv6("uplink").unwrap();
-    node.set_up("uplink").unwrap();
-    macvlan(&node, "share0", "uplink").unwrap();
-    node.move_link("share0", &pod).unwrap();
-    pod.configure("share0", A_ADDR, 24).unwrap();
-    peer.configure("wire", B_ADDR, 24).unwrap();
+    let (node, peer, pod) = macvlan_in_pod("share0");
     let mut probes = TrafficProbes::new();
     let id = probes.attach(pod.netns(), "share0").unwrap();
     let policer = Policer::new(rate, policer_burst(rate));

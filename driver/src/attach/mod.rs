@@ -372,16 +372,13 @@ where
 {
     let found = pod_link.get(pod_name).await;
     let counters = match &found {
-        Ok(link) => netlink::stats_of(link, pod_name),
-        Err(error) => Err(netlink::Error::InvalidRequest {
-            link: pod_name.to_owned(),
-            reason: crate::model::error_chain(error),
-        }),
+        Ok(link) => netlink::stats_of(link, pod_name).map_err(|e| crate::model::error_chain(&e)),
+        Err(error) => Err(crate::model::error_chain(error)),
     };
     match counters {
         Ok(counters) => arrived(pod_name.to_owned(), counters).await,
         Err(error) => tracing::warn!(
-            error = %crate::model::error_chain(&error),
+            %error,
             interface = pod_name,
             "cannot read the counters of an arriving interface: it is not measured from its start"
         ),

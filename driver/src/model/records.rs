@@ -140,17 +140,7 @@ pub struct AttachmentRecord {
     /// A share of a shared NIC: a child made in the pod (`host` is then the NIC, which never
     /// moves; release deletes the child instead of moving anything back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub share: Option<ShareRecord>,
-}
-
-/// The share an attachment is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ShareRecord {
-    /// The allocation's `shareID`.
-    pub id: String,
-    /// Bits per second it is paced and policed to.
-    pub bandwidth: u64,
+    pub share: Option<PreparedShare>,
 }
 
 /// A pod's attachments (state store record, keyed by pod UID).

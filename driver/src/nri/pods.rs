@@ -21,9 +21,7 @@ use crate::{
     model::{
         link::LinkStats,
         ports::{ClaimApi, ClaimRef, DeviceReport},
-        records::{
-            AttachmentRecord, NetnsId, PodRecord, PreparedClaim, PreparedDevice, ShareRecord,
-        },
+        records::{AttachmentRecord, NetnsId, PodRecord, PodSide, PreparedClaim, PreparedDevice},
     },
     observe::metrics::{ClaimLabels, Telemetry},
     os::{netns::Netns, state::StateStore},
@@ -268,7 +266,7 @@ impl<C: ClaimApi> NodeHooks<C> {
             return Err(failed(NcclFailure::Uid(pod.uid.clone())));
         }
         let inventory = self.inventory.borrow().clone();
-        let attachments: Vec<(&AttachmentRecord, &crate::model::records::PodSide)> = record
+        let attachments: Vec<(&AttachmentRecord, &PodSide)> = record
             .map(|r| r.attachments.as_slice())
             .unwrap_or_default()
             .iter()
@@ -420,12 +418,8 @@ impl<C: ClaimApi> NodeHooks<C> {
                         // A share is held to its bandwidth again after a restart of knd (its
                         // programs went with the old process).
                         if let Some(share) = &attachment.share {
-                            let addresses: Vec<std::net::IpAddr> =
-                                side.addresses.iter().map(ipnet::IpNet::addr).collect();
-                            let ingress = prepared
-                                .and_then(|d| d.config.share)
-                                .and_then(|s| s.police_ingress)
-                                .unwrap_or(false);
+                            let (addresses, ingress) =
+                                share_terms(side, prepared.map(|d| &d.config));
                             worker.enforce_share(
                                 (&ours.pod_uid, &pod_ns, &side.name),
                                 share.bandwidth,
@@ -675,10 +669,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                     pod_name,
                     pod: None,
                     returned: false,
-                    share: device.share.as_ref().map(|share| ShareRecord {
-                        id: share.id.clone(),
-                        bandwidth: share.bandwidth,
-                    }),
+                    share: device.share.clone(),
                 });
                 plan.push((claim, device));
             }
@@ -729,7 +720,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         device: &PreparedDevice,
         (host, pod_name, spent): (&crate::model::records::HostSide, &str, &mut attach::Spent),
         arrived: impl FnOnce(String, LinkStats) -> Arrival,
-    ) -> Result<crate::model::records::PodSide, attach::StepError>
+    ) -> Result<PodSide, attach::StepError>
     where
         Arrival: Future<Output = ()> + Send,
     {
@@ -773,7 +764,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         &self,
         pod_uid: &str,
         pod_ns: &Netns,
-        side: &crate::model::records::PodSide,
+        side: &PodSide,
         device: &PreparedDevice,
         bandwidth: u64,
     ) -> Result<(), String> {
@@ -784,13 +775,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         };
         let pod_ns = pod_ns.try_clone().map_err(|e| e.to_string())?;
         let (pod_uid, interface) = (pod_uid.to_owned(), side.name.clone());
-        let addresses: Vec<std::net::IpAddr> =
-            side.addresses.iter().map(ipnet::IpNet::addr).collect();
-        let ingress = device
-            .config
-            .share
-            .and_then(|s| s.police_ingress)
-            .unwrap_or(false);
+        let (addresses, ingress) = share_terms(side, Some(&device.config));
         tokio::task::spawn_blocking(move || {
             telemetry.enforce_share(
                 (&pod_uid, &pod_ns, &interface),
@@ -1144,6 +1129,21 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
 }
 
 /// Whether `uid` is a pod UID that is safe as one path component (letters, digits, dashes).
+/// What a share attached as `side` is held to besides its bandwidth: its addresses in the pod
+/// (their TCP connections are paced) and whether what it receives is policed too
+/// (`share.policeIngress` of its claim's configuration, `config`).
+fn share_terms(
+    side: &PodSide,
+    config: Option<&crate::model::config::NetworkConfig>,
+) -> (Vec<std::net::IpAddr>, bool) {
+    let addresses = side.addresses.iter().map(ipnet::IpNet::addr).collect();
+    let ingress = config
+        .and_then(|c| c.share)
+        .and_then(|s| s.police_ingress)
+        .unwrap_or(false);
+    (addresses, ingress)
+}
+
 fn is_plain_uid(uid: &str) -> bool {
     !uid.is_empty() && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }

@@ -868,6 +868,16 @@ impl SliceWatch {
     }
 }
 
+/// The comma-separated terms of selector `key` in `query` (none when it is absent).
+fn terms<'q>(query: &'q BTreeMap<String, String>, key: &str) -> impl Iterator<Item = &'q str> {
+    query
+        .get(key)
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|t| !t.is_empty())
+}
+
 /// The field and label selector of a list or watch of ResourceSlices, as the API server
 /// supports them for this resource.
 struct SliceSelector {
@@ -878,13 +888,7 @@ struct SliceSelector {
 impl SliceSelector {
     fn parse(query: &BTreeMap<String, String>) -> Result<Self, Failure> {
         let mut fields = Vec::new();
-        for term in query
-            .get("fieldSelector")
-            .map(String::as_str)
-            .unwrap_or_default()
-            .split(',')
-            .filter(|t| !t.is_empty())
-        {
+        for term in terms(query, "fieldSelector") {
             let (field, value) = term
                 .split_once("==")
                 .or_else(|| term.split_once('='))
@@ -899,13 +903,7 @@ impl SliceSelector {
             fields.push((field.to_owned(), value.to_owned()));
         }
         let mut labels = Vec::new();
-        for term in query
-            .get("labelSelector")
-            .map(String::as_str)
-            .unwrap_or_default()
-            .split(',')
-            .filter(|t| !t.is_empty())
-        {
+        for term in terms(query, "labelSelector") {
             let (key, value) = term.split_once('=').ok_or_else(|| {
                 Failure::bad_request(format!("the fake supports only key=value labels: {term}"))
             })?;
