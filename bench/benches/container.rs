@@ -209,6 +209,8 @@ impl Bench {
             .arg(dir.join("registry"))
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
             .arg("--nri-socket")
             .arg(self.containerd.nri_socket())
             .arg("--host-root")

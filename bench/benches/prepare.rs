@@ -72,7 +72,7 @@ async fn suite<C: ClaimApi>(
 ) -> anyhow::Result<Vec<Summary>> {
     // On disk, where the build is: not /tmp, which may be tmpfs.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
-    let filesystem = filesystem_of(dir.path());
+    let filesystem = knd_bench::filesystem_of(dir.path());
     let sockets = Sockets::new(
         "knd.dev",
         &dir.path().join("plugin"),
@@ -133,21 +133,4 @@ async fn suite<C: ClaimApi>(
     shutdown.cancel();
     plugin.join().await;
     Ok(summaries)
-}
-
-/// The type of the filesystem holding `path` (`ext4`, `xfs`, `tmpfs`, … or its magic number).
-fn filesystem_of(path: &std::path::Path) -> String {
-    let Ok(stat) = nix::sys::statfs::statfs(path) else {
-        return "an unknown filesystem".to_owned();
-    };
-    #[expect(clippy::cast_sign_loss, reason = "a magic number")]
-    let magic = stat.filesystem_type().0 as u64;
-    match magic {
-        0xef53 => "ext4".to_owned(),
-        0x5846_5342 => "xfs".to_owned(),
-        0x9123_683e => "btrfs".to_owned(),
-        0x0102_1994 => "tmpfs".to_owned(),
-        0x794c_7630 => "overlayfs".to_owned(),
-        other => format!("filesystem 0x{other:x}"),
-    }
 }

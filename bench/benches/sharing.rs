@@ -119,14 +119,19 @@ fn main() -> anyhow::Result<()> {
             )
             .as_bytes(),
         )?;
-        runtime.block_on(attach::attach_share(
-            node.netns(),
-            host.netns(),
-            &parent,
-            ("net1", MacvlanMode::Bridge, &mut attach::Spent::default()),
-            &config,
-            |_, _| async {},
-        ))?;
+        runtime.block_on(async {
+            let pod = attach::Pod::open(host.netns()).await?;
+            attach::attach_share(
+                node.netns(),
+                &pod,
+                &parent,
+                ("net1", MacvlanMode::Bridge, &mut attach::Spent::default()),
+                &config,
+                |_, _| async {},
+            )
+            .await
+            .map_err(anyhow::Error::from)
+        })?;
         host.disable_ipv6("net1")?;
         pods.push(Pod {
             host,

@@ -209,3 +209,55 @@ pub fn results_dir() -> PathBuf {
         PathBuf::from,
     )
 }
+
+/// The type of the filesystem holding `path` (`ext4`, `xfs`, `tmpfs`, … or its magic number).
+pub fn filesystem_of(path: &std::path::Path) -> String {
+    let Ok(stat) = nix::sys::statfs::statfs(path) else {
+        return "an unknown filesystem".to_owned();
+    };
+    #[expect(clippy::cast_sign_loss, reason = "a magic number")]
+    let magic = stat.filesystem_type().0 as u64;
+    match magic {
+        0xef53 => "ext4".to_owned(),
+        0x5846_5342 => "xfs".to_owned(),
+        0x9123_683e => "btrfs".to_owned(),
+        0x0102_1994 => "tmpfs".to_owned(),
+        0x794c_7630 => "overlayfs".to_owned(),
+        other => format!("filesystem 0x{other:x}"),
+    }
+}
+
+/// A tmpfs mounted over a fresh directory for as long as this lives, as a node's `/run` is.
+#[derive(Debug)]
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs (needs root).
+    pub fn mount() -> anyhow::Result<Self> {
+        use nix::mount::{MsFlags, mount};
+        let dir = tempfile::tempdir()?;
+        mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755,size=64m"),
+        )?;
+        Ok(Self { dir })
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Err(error) = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("cannot unmount {}: {error}", self.dir.path().display());
+        }
+    }
+}

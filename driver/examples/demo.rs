@@ -689,7 +689,8 @@ impl Demo {
 
     /// The pods' network namespaces, from knd's records.
     fn pod_hosts(&self) -> anyhow::Result<Vec<Arc<TestHost>>> {
-        let store = StateStore::open(self.dir.path().join("state"))?;
+        let dir = self.dir.path();
+        let store = StateStore::open_in(&dir.join("state"), &dir.join("run"))?;
         (0..PODS.len())
             .map(|i| {
                 let record = store
@@ -918,6 +919,8 @@ fn start_daemon(
         .arg(dir.join("registry"))
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
         .arg("--nri-socket")
         .arg(containerd.nri_socket())
         .arg("--host-root")

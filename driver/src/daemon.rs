@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// Where prepared claims and attachments are recorded.
     #[arg(long, env = "KND_STATE_DIR", default_value = "/var/lib/knd")]
     pub state_dir: PathBuf,
+    /// Where the pods' attachments are recorded: kept across a restart of knd, not across a
+    /// reboot (they describe namespaces a reboot ends), so in memory (tmpfs) on a node.
+    #[arg(long, env = "KND_RUN_DIR", default_value = "/run/knd")]
+    pub run_dir: PathBuf,
     /// The state directory as the container runtime sees it, when knd runs in a container that
     /// mounts it at another path (default: `--state-dir`). The pods' NCCL topology files are
     /// written below it and bind-mounted into their containers from there.
@@ -208,8 +212,8 @@ pub enum Error {
     /// The shared-NIC selector does not compile.
     #[error("--shared-nics: {0}")]
     SharedNics(#[source] selector::Error),
-    /// The state directory cannot be used.
-    #[error("--state-dir: {0}")]
+    /// The state or run directory cannot be used (the error names the path).
+    #[error("--state-dir/--run-dir: {0}")]
     State(#[from] state::Error),
     /// The API client cannot be set up.
     #[error(transparent)]
@@ -346,7 +350,10 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<(), Error
     }
     let host = HostRoot::new(&args.host_root);
     let (filter, shared) = selectors(&args)?;
-    let store = Arc::new(StateStore::open(&args.state_dir)?);
+    let store = Arc::new(StateStore::open_in(&args.state_dir, &args.run_dir)?);
+    if !state::in_memory(&args.run_dir) {
+        tracing::warn!(run_dir = %args.run_dir.display(), "the run directory is not in memory (tmpfs): every pod start writes its records to disk");
+    }
     let client = k8s::client(args.kubeconfig.as_deref()).await?;
     let driver = args.driver_name.clone();
     let node = args.node_name.clone();

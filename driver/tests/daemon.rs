@@ -76,6 +76,8 @@ impl Node {
             .arg(path("registry"))
             .arg("--state-dir")
             .arg(path("state"))
+            .arg("--run-dir")
+            .arg(path("state"))
             .arg("--nri-socket")
             .arg(self.nri_socket.clone().unwrap_or_else(|| path("nri.sock")))
             .arg("--host-root")
@@ -568,6 +570,8 @@ fn bad_flags_are_refused_with_the_flag_named() {
         "--kubeconfig",
         bad_kubeconfig.to_str().unwrap(),
         "--state-dir",
+        state.to_str().unwrap(),
+        "--run-dir",
         state.to_str().unwrap(),
     ]);
     assert!(

@@ -394,7 +394,8 @@ fn the_daemonsets_ask_for_the_least_and_keep_the_metrics_on_the_node() {
             [
                 "/var/lib/kubelet/plugins/knd.dev",
                 "/var/lib/kubelet/plugins_registry",
-                "/var/lib/knd"
+                "/var/lib/knd",
+                "/run/knd"
             ],
             "{which}: writable mounts"
         );

@@ -114,6 +114,8 @@ impl Node {
             .arg(path("registry"))
             .arg("--state-dir")
             .arg(self.state())
+            .arg("--run-dir")
+            .arg(self.state())
             .arg("--nri-socket")
             .arg(&self.nri_socket)
             .arg("--host-root")

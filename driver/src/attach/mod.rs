@@ -103,6 +103,26 @@ pub fn mac_in_use<'a>(wanted: &str, links: &'a [LinkEntry], own: u32) -> Option<
     })
 }
 
+/// A pod's network namespace with a netlink connection opened inside it: opened once per pod
+/// start (a thread has to enter the namespace for it), while the host sides are being read.
+#[derive(Debug)]
+pub struct Pod<'a> {
+    /// The namespace.
+    pub netns: &'a Netns,
+    /// The connection, made inside it.
+    pub link: Link,
+}
+
+impl<'a> Pod<'a> {
+    /// Opens a netlink connection inside `netns`.
+    pub async fn open(netns: &'a Netns) -> Result<Self, netlink::Error> {
+        Ok(Self {
+            netns,
+            link: Link::connect_in(netns).await?,
+        })
+    }
+}
+
 /// Runs `work` with a netlink connection inside `netns`, on a thread of its own.
 async fn in_netns<R, F, Fut>(netns: &Netns, interface: &str, work: F) -> Result<R, StepError>
 where
@@ -242,9 +262,13 @@ pub async fn attach(
     config: &NetworkConfig,
 ) -> Result<PodSide, StepError> {
     let mut spent = Spent::default();
+    let pod = Pod {
+        netns: pod,
+        link: connect(pod, &host_side.link.name).await?,
+    };
     attach_measured(
         host,
-        pod,
+        &pod,
         host_side,
         (pod_name, &mut spent),
         config,
@@ -258,7 +282,10 @@ pub async fn attach(
 /// measuring can start before its first frame; adds the kernel's move time to `spent`.
 pub async fn attach_measured<Arrival>(
     host: &Netns,
-    pod: &Netns,
+    Pod {
+        netns: pod,
+        link: pod_link,
+    }: &Pod<'_>,
     host_side: &HostSide,
     (pod_name, spent): (&str, &mut Spent),
     config: &NetworkConfig,
@@ -293,8 +320,7 @@ where
         .map_err(|e| StepError::new(&interface, "open the pod's namespace", e))?;
     // The kernel moves first and renames after: a name already used in the pod would leave
     // the interface in the pod under its host name. Check first.
-    let pod_link = connect(pod, &interface).await?;
-    name_free(&pod_link, &interface, pod_name, "move into the pod").await?;
+    name_free(pod_link, &interface, pod_name, "move into the pod").await?;
     let (name, new_name) = (interface.clone(), pod_name.to_owned());
     let kernel = std::time::Instant::now();
     let moved = in_netns(host, &interface, move |link| async move {
@@ -313,7 +339,7 @@ where
     }
     // No container of the pod runs yet (the runtime waits for this hook): the name is still
     // the one just given, and from here on the index is what identifies the interface.
-    let place = arrive(&pod_link, pod_name, arrived).await;
+    let place = arrive(pod_link, pod_name, arrived).await;
     let applied = configure_in_pod(pod, pod_link, (&interface, pod_name, place), config).await;
     match applied {
         Ok(mut side) => {
@@ -393,7 +419,10 @@ where
 /// deleted before the error is returned.
 pub async fn attach_share<Arrival>(
     host: &Netns,
-    pod: &Netns,
+    Pod {
+        netns: pod,
+        link: pod_link,
+    }: &Pod<'_>,
     parent: &HostSide,
     (pod_name, mode, spent): (&str, crate::model::config::MacvlanMode, &mut Spent),
     config: &NetworkConfig,
@@ -416,8 +445,7 @@ where
             ),
         ));
     }
-    let pod_link = connect(pod, &interface).await?;
-    name_free(&pod_link, &interface, pod_name, "create a share in the pod").await?;
+    name_free(pod_link, &interface, pod_name, "create a share in the pod").await?;
     let target = pod
         .try_clone()
         .map_err(|e| StepError::new(&interface, "open the pod's namespace", e))?;
@@ -430,7 +458,7 @@ where
     })
     .await?;
     spent.kernel += kernel.elapsed();
-    let place = arrive(&pod_link, pod_name, arrived).await;
+    let place = arrive(pod_link, pod_name, arrived).await;
     match configure_in_pod(pod, pod_link, (&interface, pod_name, place), config).await {
         Ok(mut side) => {
             side.place = place;
@@ -497,7 +525,7 @@ pub async fn detach_share(
 
 async fn configure_in_pod(
     pod: &Netns,
-    link: Link,
+    link: &Link,
     (interface, pod_name, place): (&str, &str, Option<PodPlace>),
     config: &NetworkConfig,
 ) -> Result<PodSide, StepError> {

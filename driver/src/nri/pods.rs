@@ -71,6 +71,9 @@ pub enum HookError {
     /// The pod's network namespace could not be opened.
     #[error("cannot open the pod's network namespace")]
     Namespace(#[source] crate::os::netns::Error),
+    /// No netlink connection could be opened inside the pod's network namespace.
+    #[error("cannot open netlink in the pod's network namespace")]
+    PodNetlink(#[source] crate::os::netlink::Error),
     /// A claimed device has no interface on this node.
     #[error("{claim}: device {device} has no network interface on this node")]
     NoInterface {
@@ -498,10 +501,15 @@ impl<C: ClaimApi> NodeHooks<C> {
         Arc::clone(locks.entry(pod_uid.to_owned()).or_default())
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Runs `work` on the pod records: on this task when they are in memory (tmpfs, as on a
+    /// node: tens of microseconds, never waiting on a disk), on the blocking pool otherwise.
+    async fn pods_io<T: Send + 'static>(
         &self,
         work: impl FnOnce(&StateStore) -> crate::os::state::Result<T> + Send + 'static,
     ) -> Result<T, HookError> {
+        if self.store.pods.in_memory() {
+            return Ok(work(&self.store)?);
+        }
         let store = Arc::clone(&self.store);
         Ok(tokio::task::spawn_blocking(move || work(&store)).await??)
     }
@@ -525,13 +533,13 @@ impl<C: ClaimApi> NodeHooks<C> {
     /// it has to survive a crash of knd, which the page cache does, not one of the machine.
     async fn save(&self, record: &PodRecord) -> Result<(), HookError> {
         let record = record.clone();
-        self.blocking(move |store| store.pods.put_unsynced(&record.pod_uid, &record))
+        self.pods_io(move |store| store.pods.put_unsynced(&record.pod_uid, &record))
             .await
     }
 
     async fn load(&self, pod_uid: &str) -> Result<Option<PodRecord>, HookError> {
         let uid = pod_uid.to_owned();
-        self.blocking(move |store| store.pods.get(&uid)).await
+        self.pods_io(move |store| store.pods.get(&uid)).await
     }
 
     /// The host interface of `device`, from the current inventory.
@@ -634,6 +642,57 @@ impl<C: ClaimApi> NodeHooks<C> {
         spent: &mut attach::Spent,
     ) -> Result<(), HookError> {
         let pod_ns = Netns::open(netns_path).map_err(HookError::Namespace)?;
+        // The pod's connection is opened (by a thread entering its namespace) while the host
+        // sides are read.
+        let (pod, plan) = tokio::join!(
+            attach::Pod::open(&pod_ns),
+            self.record_host_sides(claims, record)
+        );
+        let (pod, plan) = (pod.map_err(HookError::PodNetlink)?, plan?);
+        // What a crash of knd in the middle of a move needs to undo it.
+        self.save(record).await?;
+        for (index, (claim, device)) in plan.into_iter().enumerate() {
+            let host = record.attachments[index].host.clone();
+            let pod_name = record.attachments[index].pod_name.clone();
+            let arrived = self.measure_from_arrival(
+                (&claim.uid, &device.device),
+                &record.pod_uid,
+                &pod_ns,
+                device,
+            );
+            let attached = self
+                .attach_one(
+                    &pod,
+                    &record.pod_uid,
+                    device,
+                    (&host, &pod_name, &mut *spent),
+                    arrived,
+                )
+                .await;
+            match attached {
+                // Recorded once all are attached (by the caller); a crash before that is
+                // undone from the intended names recorded above.
+                Ok(side) => record.attachments[index].pod = Some(side),
+                Err(error) => {
+                    self.detach_all(record, Some(&pod_ns)).await;
+                    return Err(HookError::Attach {
+                        claim: claim_label(claim),
+                        source: error,
+                    });
+                }
+            }
+        }
+        self.report(record);
+        Ok(())
+    }
+
+    /// Records the host side of every device of `claims` in `record` (nothing moves yet), and
+    /// returns the claims and devices in the order of the attachments recorded.
+    async fn record_host_sides<'c>(
+        &self,
+        claims: &'c [PreparedClaim],
+        record: &mut PodRecord,
+    ) -> Result<Vec<(&'c PreparedClaim, &'c PreparedDevice)>, HookError> {
         let mut plan = Vec::new();
         for claim in claims {
             for device in &claim.devices {
@@ -674,48 +733,14 @@ impl<C: ClaimApi> NodeHooks<C> {
                 plan.push((claim, device));
             }
         }
-        // What a crash of knd in the middle of a move needs to undo it.
-        self.save(record).await?;
-        for (index, (claim, device)) in plan.into_iter().enumerate() {
-            let host = record.attachments[index].host.clone();
-            let pod_name = record.attachments[index].pod_name.clone();
-            let arrived = self.measure_from_arrival(
-                (&claim.uid, &device.device),
-                &record.pod_uid,
-                &pod_ns,
-                device,
-            );
-            let attached = self
-                .attach_one(
-                    &pod_ns,
-                    &record.pod_uid,
-                    device,
-                    (&host, &pod_name, &mut *spent),
-                    arrived,
-                )
-                .await;
-            match attached {
-                // Recorded once all are attached (by the caller); a crash before that is
-                // undone from the intended names recorded above.
-                Ok(side) => record.attachments[index].pod = Some(side),
-                Err(error) => {
-                    self.detach_all(record, Some(&pod_ns)).await;
-                    return Err(HookError::Attach {
-                        claim: claim_label(claim),
-                        source: error,
-                    });
-                }
-            }
-        }
-        self.report(record);
-        Ok(())
+        Ok(plan)
     }
 
     /// Attaches one device: moves the NIC in, or makes the share (and holds it to its
     /// bandwidth).
     async fn attach_one<Arrival>(
         &self,
-        pod_ns: &Netns,
+        pod: &attach::Pod<'_>,
         pod_uid: &str,
         device: &PreparedDevice,
         (host, pod_name, spent): (&crate::model::records::HostSide, &str, &mut attach::Spent),
@@ -727,7 +752,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         let Some(share) = &device.share else {
             return attach::attach_measured(
                 &self.host,
-                pod_ns,
+                pod,
                 host,
                 (pod_name, spent),
                 &device.config,
@@ -738,7 +763,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         let mode = device.config.share.and_then(|s| s.mode).unwrap_or_default();
         let side = attach::attach_share(
             &self.host,
-            pod_ns,
+            pod,
             host,
             (pod_name, mode, spent),
             &device.config,
@@ -746,11 +771,11 @@ impl<C: ClaimApi> NodeHooks<C> {
         )
         .await?;
         let enforced = self
-            .enforce(pod_uid, pod_ns, &side, device, share.bandwidth)
+            .enforce(pod_uid, pod.netns, &side, device, share.bandwidth)
             .await;
         if let Err(why) = enforced {
             // Made, but it cannot be held to its bandwidth: it goes.
-            attach::detach_share(Some(pod_ns), pod_name, host, side.place)
+            attach::detach_share(Some(pod.netns), pod_name, host, side.place)
                 .await
                 .ok();
             return Err(attach::StepError::new(pod_name, "enforce the share", why));
@@ -894,7 +919,7 @@ impl<C: ClaimApi> NodeHooks<C> {
         }
         if forget {
             let uid = pod_uid.to_owned();
-            self.blocking(move |store| store.pods.remove(&uid)).await?;
+            self.pods_io(move |store| store.pods.remove(&uid)).await?;
         }
         Ok(())
     }
@@ -1000,7 +1025,7 @@ impl<C: ClaimApi> Hooks for NodeHooks<C> {
         // keeps its NICs until its stop or remove comes). A record that cannot be read is
         // moved aside and counted; it must not stop the work on all the others.
         let live: Vec<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
-        let (recorded, unreadable) = self.blocking(|store| store.pods.all_quarantining()).await?;
+        let (recorded, unreadable) = self.pods_io(|store| store.pods.all_quarantining()).await?;
         for (aside, problem) in &unreadable {
             tracing::error!(
                 record = %aside.display(),

@@ -64,6 +64,7 @@ pub type Quarantined<T> = (Vec<(String, T)>, Vec<(PathBuf, Error)>);
 #[derive(Debug)]
 pub struct Records<T> {
     dir: PathBuf,
+    in_memory: bool,
     cache: Option<Mutex<BTreeMap<String, T>>>,
     _type: PhantomData<fn() -> T>,
 }
@@ -108,10 +109,17 @@ impl<T: Serialize + DeserializeOwned + Clone> Records<T> {
             }
         }
         Ok(Self {
+            in_memory: in_memory(&dir),
             dir,
             cache: None,
             _type: PhantomData,
         })
+    }
+
+    /// Whether the records are on a filesystem in memory, where reading and writing one never
+    /// waits on a disk (so they may be made on an async task rather than the blocking pool).
+    pub fn in_memory(&self) -> bool {
+        self.in_memory
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -315,25 +323,80 @@ fn io_error(operation: &'static str, path: &Path, source: io::Error) -> Error {
     }
 }
 
-/// Everything the driver keeps across restarts, under its state directory. Claims are also held
-/// in memory (the NRI hooks look up a pod's claims on every sandbox and container start), so
-/// one process at a time owns a state directory; others may read `pods`.
+/// Everything the driver keeps across restarts. Claims are also held in memory (the NRI hooks
+/// look up a pod's claims on every sandbox and container start), so one process at a time owns
+/// a state directory; others may read `pods`.
 #[derive(Debug)]
 pub struct StateStore {
-    /// Prepared claims by UID.
+    /// Prepared claims by UID (durable: kubelet prepared them and may not ask again after a
+    /// reboot).
     pub claims: Records<PreparedClaim>,
-    /// Pods' attached interfaces by pod UID.
+    /// Pods' attached interfaces by pod UID (kept across a crash of knd, not across a reboot:
+    /// they describe namespaces and moved interfaces that a reboot ends).
     pub pods: Records<crate::model::records::PodRecord>,
 }
 
 impl StateStore {
-    /// Opens the store under `dir` (e.g. `/var/lib/knd`).
+    /// Opens the store with both kinds of records under `dir` (e.g. in tests).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        Ok(Self {
-            claims: Records::open_cached(dir.as_ref().join("claims"))?,
-            pods: Records::open(dir.as_ref().join("pods"))?,
-        })
+        Self::open_in(dir.as_ref(), dir.as_ref())
     }
+
+    /// Opens the store with the claims under `state_dir` (on disk, e.g. `/var/lib/knd`) and the
+    /// pods under `run_dir` (in memory on a node, e.g. `/run/knd` on tmpfs: a pod record is
+    /// written twice per pod start, and there it costs no disk work). Pod records an earlier
+    /// knd kept under `state_dir` move to `run_dir` first.
+    pub fn open_in(state_dir: &Path, run_dir: &Path) -> Result<Self> {
+        let store = Self {
+            claims: Records::open_cached(state_dir.join("claims"))?,
+            pods: Records::open(run_dir.join("pods"))?,
+        };
+        let earlier = state_dir.join("pods");
+        if earlier != store.pods.dir && earlier.is_dir() {
+            move_records(&earlier, &store.pods.dir)?;
+        }
+        Ok(store)
+    }
+}
+
+/// Whether `dir` is on a filesystem in memory (tmpfs or ramfs).
+pub fn in_memory(dir: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| matches!(s.filesystem_type().0, TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+/// Moves every record file from `from` into `to` (a record already in `to` is the newer one
+/// and stays); `from` is removed once empty.
+fn move_records(from: &Path, to: &Path) -> Result<()> {
+    for entry in fs::read_dir(from).map_err(|source| io_error("listing", from, source))? {
+        let path = entry
+            .map_err(|source| io_error("listing", from, source))?
+            .path();
+        let (Some(name), true) = (path.file_name(), path.is_file()) else {
+            continue;
+        };
+        let target = to.join(name);
+        if !target.exists() {
+            // Across filesystems a rename is refused: copy, then remove.
+            fs::rename(&path, &target)
+                .or_else(|_| fs::copy(&path, &target).map(drop))
+                .map_err(|source| io_error("moving", &path, source))?;
+        }
+        fs::remove_file(&path)
+            .or_else(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|source| io_error("removing", &path, source))?;
+    }
+    // What is left (a quarantine directory) stays for a human to look at.
+    fs::remove_dir(from).ok();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -423,5 +486,42 @@ mod tests {
         let (on_disk, problems) = fresh.all_readable().unwrap();
         assert_eq!(on_disk, store.claims.all().unwrap());
         assert_eq!(problems.len(), 1, "the unreadable record is still there");
+    }
+
+    #[test]
+    fn pod_records_an_earlier_knd_kept_with_the_claims_move_to_the_run_directory() {
+        let (state, run) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let pod = |uid: &str, pod: &str| crate::model::records::PodRecord {
+            pod_uid: uid.into(),
+            pod: pod.into(),
+            netns: "/var/run/netns/cni-1".into(),
+            netns_id: None,
+            attachments: Vec::new(),
+            failure: None,
+            detached: false,
+        };
+        let earlier = StateStore::open(state.path()).unwrap();
+        earlier.claims.put("uid-1", &claim("uid-1", 1)).unwrap();
+        earlier.pods.put("pod-1", &pod("pod-1", "ml/old")).unwrap();
+        earlier.pods.put("pod-2", &pod("pod-2", "ml/old")).unwrap();
+        // A record already in the run directory is the newer one.
+        let newer = Records::open(run.path().join("pods")).unwrap();
+        newer.put("pod-2", &pod("pod-2", "ml/new")).unwrap();
+
+        let store = StateStore::open_in(state.path(), run.path()).unwrap();
+        assert_eq!(store.claims.all().unwrap().len(), 1);
+        assert_eq!(
+            store.pods.all().unwrap(),
+            vec![
+                ("pod-1".to_owned(), pod("pod-1", "ml/old")),
+                ("pod-2".to_owned(), pod("pod-2", "ml/new")),
+            ]
+        );
+        assert!(!state.path().join("pods").exists());
+        store
+            .pods
+            .put_unsynced("pod-3", &pod("pod-3", "ml/x"))
+            .unwrap();
+        assert!(run.path().join("pods/pod-3.json").is_file());
     }
 }

@@ -500,6 +500,7 @@ impl Node {
                 ),
                 ("/var/run/nri".to_owned(), nri_dir.to_path_buf()),
                 ("/var/lib/knd".to_owned(), dir.join("state")),
+                ("/run/knd".to_owned(), dir.join("run")),
                 // The same directory under its own name: containerd checks the propagation of
                 // the mount holding the path as written, and on this machine only /run/netns is
                 // a shared mount (on a systemd node / is).
