@@ -26,7 +26,7 @@
 //! difference from outside carries.
 //!
 //! Goals: added p50 under 10 ms and p99 under 25 ms; knd's own share (in knd) p50 under 2 ms and
-//! p99 under 5 ms; telemetry adds p50 under 1 ms.
+//! p99 under 5 ms; telemetry adds p50 under 1 ms (in knd, paired with the attachment before).
 
 use std::{
     sync::Arc,
@@ -410,14 +410,14 @@ fn summarize_telemetry(
         .zip(with)
         .map(|(on, off)| on.saturating_sub(*off))
         .collect();
+    // Judged in knd (`own_work`): from outside, the runtime's jitter of two sandboxes is in it.
     let telemetry_cost = summarize(
         "added by telemetry (paired with the pod before it)",
         &cost,
         None,
-    )?
-    .with_p50_goal(Duration::from_millis(1));
+    )?;
     println!(
-        "added by telemetry from the first frame, paired: p50 {:.1?} (goal < 1 ms), p99 {:.1?}",
+        "added by telemetry from the first frame, paired from outside: p50 {:.1?}, p99 {:.1?}",
         Duration::from_micros(telemetry_cost.p50_us),
         Duration::from_micros(telemetry_cost.p99_us)
     );
@@ -487,6 +487,7 @@ fn summarize_all(
         exact_share,
         nic_kernel,
         share_kernel,
+        telemetry_in_knd,
     ] = own_work(in_hook)?;
     println!(
         "knd's own share: in knd p50 {:.1?} (goal < 2 ms), p99 {:.1?} (goal < 5 ms); from outside \
@@ -518,6 +519,7 @@ fn summarize_all(
             share_kernel,
             measured,
             telemetry_cost,
+            telemetry_in_knd,
         ],
     )?;
     Ok(())
@@ -525,7 +527,7 @@ fn summarize_all(
 
 /// knd's own work per attachment, as knd accounts it (its attach time less the kernel's request
 /// of the same attachment): one exclusive NIC (the goals), the same with telemetry, one share.
-fn own_work(in_hook: &[Vec<InHook>; 3]) -> anyhow::Result<[Summary; 5]> {
+fn own_work(in_hook: &[Vec<InHook>; 3]) -> anyhow::Result<[Summary; 6]> {
     let own = |samples: &[InHook]| samples.iter().map(InHook::own).collect::<Vec<_>>();
     let kernel = |samples: &[InHook]| {
         samples
@@ -560,7 +562,24 @@ fn own_work(in_hook: &[Vec<InHook>; 3]) -> anyhow::Result<[Summary; 5]> {
         &own(&in_hook[2]),
         None,
     )?;
-    Ok([exact, telemetry, share, moved, created])
+    // The pods with telemetry on follow those with it off one by one.
+    let added: Vec<Duration> = in_hook[1]
+        .iter()
+        .zip(&in_hook[0])
+        .map(|(on, off)| on.own().saturating_sub(off.own()))
+        .collect();
+    let added = summarize(
+        "added by telemetry, in knd (own share with it less the attachment without it before)",
+        &added,
+        None,
+    )?
+    .with_p50_goal(Duration::from_millis(1));
+    println!(
+        "added by telemetry from the first frame, in knd: p50 {:.1?} (goal < 1 ms), p99 {:.1?}",
+        Duration::from_micros(added.p50_us),
+        Duration::from_micros(added.p99_us)
+    );
+    Ok([exact, telemetry, share, moved, created, added])
 }
 
 /// The kernel's cost of moving an interface between namespaces: one netlink request each way,

@@ -530,7 +530,8 @@ impl<C: ClaimApi> NodeHooks<C> {
     /// ([`crate::os::state::Records::put_unsynced`]): a pod record describes namespaces and
     /// interfaces that do not outlive the machine — when it goes down, every pod's namespace
     /// goes with it and each NIC is back on the host (a share is gone with its namespace) — so
-    /// it has to survive a crash of knd, which the page cache does, not one of the machine.
+    /// it has to survive a crash of knd, which the page cache does, not one of the machine (on
+    /// a node they are in the run directory, a tmpfs).
     async fn save(&self, record: &PodRecord) -> Result<(), HookError> {
         let record = record.clone();
         self.pods_io(move |store| store.pods.put_unsynced(&record.pod_uid, &record))
