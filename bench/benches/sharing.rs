@@ -359,9 +359,9 @@ struct PolicerCost {
     bytes: u64,
 }
 
-/// On `pod`'s share: the counting programs with a policer that never drops (100 Gbit/s, so
-/// every frame takes the passing path) and the same programs without one on the same egress
-/// hook, both run on every frame of the same unpaced TCP transfers; the kernel's run-time
+/// On `pod`'s share: the share's programs with a policer that never drops (100 Gbit/s, so
+/// every frame takes the passing path) and the counting programs without it on the same
+/// egress hook, both run on every frame of the same unpaced TCP transfers; the kernel's run-time
 /// statistics of each, in 5 rounds of 1 s. The difference is what policing adds per frame.
 #[expect(clippy::cast_precision_loss, reason = "nanosecond averages")]
 fn policer_cost(fabric: &TestHost, pod: &Pod) -> anyhow::Result<PolicerCost> {
@@ -372,15 +372,16 @@ fn policer_cost(fabric: &TestHost, pod: &Pod) -> anyhow::Result<PolicerCost> {
     let (mut frames, mut bytes) = (0, 0);
     for round in 0..5 {
         let mut probes = TrafficProbes::new();
-        let policed = probes.attach(pod.host.netns(), "net1")?;
+        let policed = probes.attach_policing(pod.host.netns(), "net1")?;
         let rate = 12_500_000_000;
         let limits = ShareLimits {
             ingress: None,
             egress: Some(Policer::new(rate, policer_burst(rate))),
         };
         probes.police(policed, limits)?;
-        // The same counting programs without a policer, on the same hook (another registry:
-        // one refuses a second attachment to an interface): both run on every frame.
+        // The counting programs without the policer (an exclusive NIC's), on the same hook
+        // (another registry: one refuses a second attachment to an interface): both run on
+        // every frame.
         let mut baseline = TrafficProbes::new();
         let alone = baseline.attach(pod.host.netns(), "net1")?;
         let listener = fabric
@@ -418,9 +419,8 @@ fn policer_cost(fabric: &TestHost, pod: &Pod) -> anyhow::Result<PolicerCost> {
                 stats.runs,
             ))
         };
-        let egress = knd_common::names::TRAFFIC_EGRESS_PROG;
-        let (police, runs) = per_run(&probes, policed, egress)?;
-        let (alone, _) = per_run(&baseline, alone, egress)?;
+        let (police, runs) = per_run(&probes, policed, knd_common::names::SHARE_EGRESS_PROG)?;
+        let (alone, _) = per_run(&baseline, alone, knd_common::names::TRAFFIC_EGRESS_PROG)?;
         anyhow::ensure!(
             probes.detail(policed)?.policed_tx.packets == 0,
             "the cost policer dropped frames"

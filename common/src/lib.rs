@@ -69,6 +69,10 @@ pub mod names {
     pub const TRAFFIC_INGRESS_PROG: &str = "knd_traffic_ingress";
     /// TCX egress classifier that counts sent traffic.
     pub const TRAFFIC_EGRESS_PROG: &str = "knd_traffic_egress";
+    /// [`TRAFFIC_INGRESS_PROG`] that also polices (a bandwidth share's, see [`POLICER_MAP`]).
+    pub const SHARE_INGRESS_PROG: &str = "knd_share_ingress";
+    /// [`TRAFFIC_EGRESS_PROG`] that also polices.
+    pub const SHARE_EGRESS_PROG: &str = "knd_share_egress";
     /// TCX classifier that does nothing (the baseline for measuring the others' cost).
     pub const NOOP_PROG: &str = "knd_noop";
     /// sock_ops program (on a cgroup v2 directory) that records TCP RTT and retransmits.

@@ -28,6 +28,8 @@ fn embedded_object_carries_btf_and_every_program_and_map() {
     for name in [
         "knd_traffic_ingress",
         "knd_traffic_egress",
+        "knd_share_ingress",
+        "knd_share_egress",
         "knd_sockops",
         "IFACE_STATS",
         "NETNS_RTT",
@@ -326,7 +328,7 @@ fn policed_share(
     use knd_common::{Policer, policer_burst};
     let (node, peer, pod) = macvlan_in_pod("share0");
     let mut probes = TrafficProbes::new();
-    let id = probes.attach(pod.netns(), "share0").unwrap();
+    let id = probes.attach_policing(pod.netns(), "share0").unwrap();
     let policer = Policer::new(rate, policer_burst(rate));
     let limits = ShareLimits {
         ingress: ingress.then_some(policer),
@@ -334,6 +336,42 @@ fn policed_share(
     };
     probes.police(id, limits).unwrap();
     (node, peer, pod, probes, id)
+}
+
+#[test]
+#[ignore = "needs root: namespaces and eBPF (cargo xtask test runs it as root)"]
+fn an_interface_of_its_own_is_counted_by_programs_that_never_touch_a_policer() {
+    use knd::observe::telemetry::{Error, ShareLimits};
+    let (a, _b) = two_hosts();
+    let mut probes = TrafficProbes::new();
+    let own = probes.attach(a.netns(), "veth-a").unwrap();
+    // What the kernel says the linked programs use: the counters, and nothing of a share.
+    let maps = probes.program_maps(own).unwrap();
+    assert_eq!(
+        maps.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        ["knd_traffic_ingress", "knd_traffic_egress"]
+    );
+    for (program, maps) in &maps {
+        assert_eq!(maps, &["IFACE_STATS"], "{program}");
+    }
+    let policer = knd_common::Policer::new(1_000_000, knd_common::policer_burst(1_000_000));
+    let limits = ShareLimits {
+        ingress: None,
+        egress: Some(policer),
+    };
+    let refused = probes.police(own, limits).unwrap_err();
+    assert!(
+        matches!(&refused, Error::NotPolicing { interface } if interface == "veth-a"),
+        "{refused}"
+    );
+    // A share's programs use the policer and count what it dropped.
+    probes.detach(own).unwrap();
+    let share = probes.attach_policing(a.netns(), "veth-a").unwrap();
+    for (program, mut maps) in probes.program_maps(share).unwrap() {
+        maps.sort();
+        assert_eq!(maps, ["IFACE_STATS", "POLICED", "POLICER"], "{program}");
+    }
+    probes.police(share, limits).unwrap();
 }
 
 #[test]

@@ -44,9 +44,8 @@ static IFACE_STATS: PerCpuArray<DirectionStats> =
 static NETNS_RTT: PerCpuHashMap<u64, RttStats> =
     PerCpuHashMap::with_max_entries(NETNS_RTT_ENTRIES, 0);
 
-/// TCX ingress: counts frames the interface received, then, on a bandwidth share that polices
-/// what it receives, drops what exceeds the share (counted as received, as the kernel counts
-/// it).
+/// TCX ingress of an interface of its own (an exclusive NIC): counts frames it received. It
+/// never reads the policer — on the data path every cache line a frame touches costs.
 #[classifier]
 #[expect(
     clippy::needless_pass_by_value,
@@ -54,17 +53,41 @@ static NETNS_RTT: PerCpuHashMap<u64, RttStats> =
 )]
 fn knd_traffic_ingress(ctx: TcContext) -> i32 {
     count(&ctx, direction::INGRESS);
-    police(&ctx, direction::INGRESS)
+    TC_ACT_UNSPEC
 }
 
-/// TCX egress: on a bandwidth share, first drops what exceeds the share (it never leaves, so
-/// neither knd nor the kernel counts it as sent), then counts frames the interface sent.
+/// TCX egress of an interface of its own: counts frames it sent.
 #[classifier]
 #[expect(
     clippy::needless_pass_by_value,
     reason = "the #[classifier] entry point receives its context by value"
 )]
 fn knd_traffic_egress(ctx: TcContext) -> i32 {
+    count(&ctx, direction::EGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// TCX ingress of a bandwidth share: counts frames the interface received, then, when the
+/// share polices what it receives, drops what exceeds it (counted as received, as the kernel
+/// counts it).
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[classifier] entry point receives its context by value"
+)]
+fn knd_share_ingress(ctx: TcContext) -> i32 {
+    count(&ctx, direction::INGRESS);
+    police(&ctx, direction::INGRESS)
+}
+
+/// TCX egress of a bandwidth share: first drops what exceeds the share (it never leaves, so
+/// neither knd nor the kernel counts it as sent), then counts frames the interface sent.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[classifier] entry point receives its context by value"
+)]
+fn knd_share_egress(ctx: TcContext) -> i32 {
     if police(&ctx, direction::EGRESS) == TC_ACT_SHOT {
         return TC_ACT_SHOT;
     }
@@ -78,8 +101,8 @@ fn knd_traffic_egress(ctx: TcContext) -> i32 {
 static PACING: HashMap<PacingKey, u64> = HashMap::with_max_entries(PACING_ENTRIES, 0);
 
 /// This interface's bandwidth share by direction (a claim's share of a NIC; a rate of 0, the
-/// default, polices nothing): the counting programs police too, so a share costs no program
-/// link of its own. The driver writes the rate and burst, the programs the arrival time.
+/// default, polices nothing): a share's counting programs police too, so a share costs no
+/// program link of its own. The driver writes the rate and burst, the programs the arrival time.
 #[map(name = "POLICER")]
 static POLICER: Array<Policer> = Array::with_max_entries(IFACE_STATS_ENTRIES, 0);
 

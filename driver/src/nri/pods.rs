@@ -23,7 +23,10 @@ use crate::{
         ports::{ClaimApi, ClaimRef, DeviceReport},
         records::{AttachmentRecord, NetnsId, PodRecord, PodSide, PreparedClaim, PreparedDevice},
     },
-    observe::metrics::{ClaimLabels, Telemetry},
+    observe::{
+        metrics::{ClaimLabels, Telemetry},
+        telemetry::Classifiers,
+    },
     os::{netns::Netns, state::StateStore},
     publish::resources,
 };
@@ -400,7 +403,22 @@ impl<C: ClaimApi> NodeHooks<C> {
                             .and_then(|(_, c)| {
                                 c.devices.iter().find(|d| d.device == attachment.device)
                             });
-                        // `telemetry: {enabled: false}`: no programs, no series.
+                        // A share is held to its bandwidth again after a restart of knd (its
+                        // programs went with the old process): its policing programs are
+                        // linked first (whatever the claim says of telemetry), and the watch below
+                        // counts with them.
+                        if let Some(share) = &attachment.share {
+                            let (addresses, ingress) =
+                                share_terms(side, prepared.map(|d| &d.config));
+                            worker.enforce_share(
+                                (&ours.pod_uid, &pod_ns, &side.name),
+                                share.bandwidth,
+                                ingress,
+                                &addresses,
+                            )?;
+                        }
+                        // `telemetry: {enabled: false}`: no series (a share keeps the programs
+                        // that hold it to its bandwidth).
                         if prepared
                             .and_then(|d| d.config.telemetry)
                             .is_some_and(|t| !t.enabled)
@@ -418,18 +436,6 @@ impl<C: ClaimApi> NodeHooks<C> {
                         };
                         let devices = rdma.get(&attachment.device).cloned().unwrap_or_default();
                         worker.watch(&ours.pod_uid, &pod_ns, labels, devices)?;
-                        // A share is held to its bandwidth again after a restart of knd (its
-                        // programs went with the old process).
-                        if let Some(share) = &attachment.share {
-                            let (addresses, ingress) =
-                                share_terms(side, prepared.map(|d| &d.config));
-                            worker.enforce_share(
-                                (&ours.pod_uid, &pod_ns, &side.name),
-                                share.bandwidth,
-                                ingress,
-                                &addresses,
-                            )?;
-                        }
                     }
                     Ok(())
                 },
@@ -831,6 +837,12 @@ impl<C: ClaimApi> NodeHooks<C> {
         let pod_ns = pod_ns.try_clone().ok();
         let pod_uid = pod_uid.to_owned();
         let claim = (claim_uid.to_owned(), device_name.to_owned());
+        // A share's programs police as well; an interface of the pod's own never pays for it.
+        let classifiers = if device.share.is_some() {
+            Classifiers::Policing
+        } else {
+            Classifiers::Counting
+        };
         move |interface: String, counters: LinkStats| {
             Box::pin(async move {
                 let (Some(telemetry), Some(pod_ns)) = (telemetry, pod_ns) else {
@@ -840,8 +852,7 @@ impl<C: ClaimApi> NodeHooks<C> {
                     telemetry.arrive(
                         (&claim.0, &claim.1),
                         &pod_uid,
-                        &pod_ns,
-                        &interface,
+                        (&pod_ns, &interface, classifiers),
                         counters,
                     )
                 })

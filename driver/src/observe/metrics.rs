@@ -309,7 +309,12 @@ impl Telemetry {
         if staged(&probes) {
             return Ok(());
         }
-        let counting = start_counting(&mut probes.traffic, loaded, host, interface, None)?;
+        let counting = start_counting(
+            &mut probes.traffic,
+            loaded,
+            (host, interface, telemetry::Classifiers::Counting),
+            None,
+        )?;
         probes.staged.push(Staged {
             claim_uid: claim_uid.to_owned(),
             device: device.to_owned(),
@@ -342,7 +347,8 @@ impl Telemetry {
     }
 
     /// Starts counting on `interface`, which has just arrived in `pod_ns` for pod `pod_uid`
-    /// and is not up yet: every frame it carries in the pod is counted. `baseline` is the
+    /// and is not up yet, with `classifiers` (a share's police as well): every frame it
+    /// carries in the pod is counted. `baseline` is the
     /// kernel's counters of the interface now. Blocking (links programs in the namespace); the
     /// claim's labels and series follow with [`Self::watch`]. Only an instance loaded ahead is
     /// used: loading is never done on a pod's start. With none ready (a burst of pods, knd just
@@ -351,8 +357,7 @@ impl Telemetry {
         &self,
         (claim_uid, device): (&str, &str),
         pod_uid: &str,
-        pod_ns: &Netns,
-        interface: &str,
+        (pod_ns, interface, classifiers): (&Netns, &str, telemetry::Classifiers),
         baseline: LinkStats,
     ) -> telemetry::Result<bool> {
         {
@@ -393,8 +398,7 @@ impl Telemetry {
         let counting = start_counting(
             &mut probes.traffic,
             loaded,
-            pod_ns,
-            interface,
+            (pod_ns, interface, classifiers),
             Some(baseline),
         )?;
         probes.arrived.push(Arrived {
@@ -441,8 +445,12 @@ impl Telemetry {
             let loaded = self.loaded()?;
             let mut probes = self.probes();
             if find(&probes).is_none() {
-                let counting =
-                    start_counting(&mut probes.traffic, loaded, pod_ns, interface, None)?;
+                let counting = start_counting(
+                    &mut probes.traffic,
+                    loaded,
+                    (pod_ns, interface, telemetry::Classifiers::Policing),
+                    None,
+                )?;
                 probes.arrived.push(Arrived {
                     pod_uid: pod_uid.to_owned(),
                     interface: interface.to_owned(),
@@ -546,7 +554,12 @@ impl Telemetry {
             drop(probes);
             let loaded = self.loaded()?;
             probes = self.probes();
-            start_counting(&mut probes.traffic, loaded, pod_ns, &labels.interface, None)?
+            start_counting(
+                &mut probes.traffic,
+                loaded,
+                (pod_ns, &labels.interface, telemetry::Classifiers::Counting),
+                None,
+            )?
         };
         let first_of_pod = !probes.watched.iter().any(|w| w.cookie == cookie);
         if let Some(sockets) = probes.sockets.as_mut()
@@ -710,11 +723,10 @@ struct ClaimCollector(Arc<Telemetry>);
 fn start_counting(
     traffic: &mut TrafficProbes,
     loaded: telemetry::Loaded,
-    netns: &Netns,
-    interface: &str,
+    (netns, interface, classifiers): (&Netns, &str, telemetry::Classifiers),
     baseline: Option<LinkStats>,
 ) -> telemetry::Result<Counting> {
-    let attachment = traffic.attach_loaded(loaded, netns, interface)?;
+    let attachment = traffic.attach_loaded(loaded, netns, interface, classifiers)?;
     let reader = match traffic.reader(attachment) {
         Ok(reader) => Arc::new(reader),
         Err(error) => {

@@ -92,6 +92,12 @@ pub enum Error {
     /// No attachment has this id.
     #[error("no attachment {0}")]
     UnknownAttachment(AttachmentId),
+    /// A bandwidth share asked of an attachment whose programs only count.
+    #[error("the programs on {interface} only count: a share needs its policing programs")]
+    NotPolicing {
+        /// The interface.
+        interface: String,
+    },
     /// Entering the namespace failed.
     #[error(transparent)]
     Netns(#[from] netns::Error),
@@ -99,6 +105,27 @@ pub enum Error {
 
 /// Result type of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which pair of counting programs an interface gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Classifiers {
+    /// Counting only: an interface of the pod's own (an exclusive NIC). Its frames never read
+    /// the policer.
+    Counting,
+    /// Counting and policing: a bandwidth share, held to its rate by
+    /// [`TrafficProbes::police`].
+    Policing,
+}
+
+impl Classifiers {
+    /// The programs, ingress and egress.
+    pub const fn programs(self) -> [&'static str; 2] {
+        match self {
+            Self::Counting => [names::TRAFFIC_INGRESS_PROG, names::TRAFFIC_EGRESS_PROG],
+            Self::Policing => [names::SHARE_INGRESS_PROG, names::SHARE_EGRESS_PROG],
+        }
+    }
+}
 
 /// Identifies one watched interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -203,10 +230,15 @@ impl fmt::Debug for Loaded {
 }
 
 impl Loaded {
-    /// Loads the object and both counting programs (the verifier runs here).
+    /// Loads the object and both pairs of counting programs (the verifier runs here), so that
+    /// the instance can go to an interface of its own or to a share.
     pub fn new() -> Result<Self> {
         let mut ebpf = load_object()?;
-        for program in [names::TRAFFIC_INGRESS_PROG, names::TRAFFIC_EGRESS_PROG] {
+        for program in Classifiers::Counting
+            .programs()
+            .into_iter()
+            .chain(Classifiers::Policing.programs())
+        {
             classifier(&mut ebpf, program)?
                 .load()
                 .map_err(|source| Error::Program {
@@ -239,11 +271,16 @@ impl TrafficProbes {
         Self::default()
     }
 
-    /// Loads an instance of the programs and attaches it, ingress and egress, to `interface`
-    /// inside `netns`. Counting starts at zero now. Other TC programs on the interface keep
-    /// running (ours return "next").
+    /// Loads an instance of the counting programs and attaches it, ingress and egress, to
+    /// `interface` inside `netns`. Counting starts at zero now. Other TC programs on the
+    /// interface keep running (ours return "next").
     pub fn attach(&mut self, netns: &Netns, interface: &str) -> Result<AttachmentId> {
-        self.attach_loaded(Loaded::new()?, netns, interface)
+        self.attach_loaded(Loaded::new()?, netns, interface, Classifiers::Counting)
+    }
+
+    /// [`Self::attach`] with the programs that police as well (a bandwidth share's).
+    pub fn attach_policing(&mut self, netns: &Netns, interface: &str) -> Result<AttachmentId> {
+        self.attach_loaded(Loaded::new()?, netns, interface, Classifiers::Policing)
     }
 
     /// [`Self::attach`] with an instance loaded beforehand: only the links are made here.
@@ -252,16 +289,10 @@ impl TrafficProbes {
         loaded: Loaded,
         netns: &Netns,
         interface: &str,
+        classifiers: Classifiers,
     ) -> Result<AttachmentId> {
-        self.attach_programs(
-            loaded.0,
-            netns,
-            interface,
-            [
-                Some(names::TRAFFIC_INGRESS_PROG),
-                Some(names::TRAFFIC_EGRESS_PROG),
-            ],
-        )
+        let [ingress, egress] = classifiers.programs();
+        self.attach_programs(loaded.0, netns, interface, [Some(ingress), Some(egress)])
     }
 
     /// Attaches the do-nothing program, ingress and egress, the way [`Self::attach`] attaches
@@ -318,6 +349,49 @@ impl TrafficProbes {
                     run_time: info.run_time(),
                     runs: info.run_count(),
                 })
+            })
+            .collect()
+    }
+
+    /// The maps each of an attachment's programs uses, by name, as the kernel reports them
+    /// (what a frame can touch).
+    pub fn program_maps(&self, id: AttachmentId) -> Result<Vec<(&'static str, Vec<String>)>> {
+        let attachment = self
+            .attachments
+            .get(&id)
+            .ok_or(Error::UnknownAttachment(id))?;
+        let failed = |program: &'static str| {
+            move |source: aya::programs::ProgramError| Error::Program {
+                program,
+                source: Box::new(source),
+            }
+        };
+        attachment
+            .programs
+            .iter()
+            .map(|&name| {
+                let program = attachment.ebpf.program(name).ok_or(Error::Missing {
+                    kind: "program",
+                    name,
+                })?;
+                let ids = program
+                    .info()
+                    .and_then(|info| info.map_ids())
+                    .map_err(failed(name))?
+                    .unwrap_or_default();
+                let maps = ids
+                    .into_iter()
+                    .map(|id| {
+                        aya::maps::MapInfo::from_id(id)
+                            .map(|info| info.name_as_str().unwrap_or_default().to_owned())
+                            .map_err(|source| Error::Map {
+                                operation: "read the information of",
+                                map: "(one used by a program)",
+                                source: Box::new(source),
+                            })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((name, maps))
             })
             .collect()
     }
@@ -395,8 +469,9 @@ impl TrafficProbes {
         Ok(id)
     }
 
-    /// Enforces `limits` on the attachment's interface: the counting programs police too,
-    /// egress before counting (what they drop never left, and is in neither knd's nor the
+    /// Enforces `limits` on the attachment's interface, whose programs must be
+    /// [`Classifiers::Policing`] (an error otherwise): they police as they count, egress before
+    /// counting (what they drop never left, and is in neither knd's nor the
     /// kernel's transmit counters), ingress after it (received frames count as the kernel
     /// counts them, then the excess is dropped); only their map is written, no program is
     /// linked. Drops are counted in [`TrafficDetail::policed_rx`]/[`TrafficDetail::policed_tx`].
@@ -405,6 +480,11 @@ impl TrafficProbes {
             .attachments
             .get_mut(&id)
             .ok_or(Error::UnknownAttachment(id))?;
+        if !attachment.programs.contains(&names::SHARE_EGRESS_PROG) {
+            return Err(Error::NotPolicing {
+                interface: attachment.interface.clone(),
+            });
+        }
         let name = names::POLICER_MAP;
         let map = attachment
             .ebpf
