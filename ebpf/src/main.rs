@@ -165,7 +165,12 @@ fn knd_noop(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-#[inline]
+/// Inlined into each program: a call to a BPF subprogram costs a frame of its own per packet.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "every instruction runs once per frame; a BPF-to-BPF call is not free"
+)]
 fn count(ctx: &TcContext, direction: u32) {
     let Some(stats) = IFACE_STATS.get_ptr_mut(direction) else {
         return;
