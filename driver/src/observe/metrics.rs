@@ -348,11 +348,11 @@ impl Telemetry {
 
     /// Starts counting on `interface`, which has just arrived in `pod_ns` for pod `pod_uid`
     /// and is not up yet, with `classifiers` (a share's police as well): every frame it
-    /// carries in the pod is counted. `baseline` is the
-    /// kernel's counters of the interface now. Blocking (links programs in the namespace); the
-    /// claim's labels and series follow with [`Self::watch`]. Only an instance loaded ahead is
-    /// used: loading is never done on a pod's start. With none ready (a burst of pods, knd just
-    /// started) it returns `false` and the interface is counted from [`Self::watch`] on.
+    /// carries in the pod is counted. `baseline` is the kernel's counters of the interface
+    /// now. Blocking (links programs in the namespace); the claim's labels and series follow
+    /// with [`Self::watch`]. Only an instance loaded ahead is used: loading is never done on a
+    /// pod's start. With none ready (a burst of pods, knd just started) it returns `false` and
+    /// the interface is counted from [`Self::watch`] on.
     pub fn arrive(
         &self,
         (claim_uid, device): (&str, &str),

@@ -325,9 +325,11 @@ impl TrafficProbes {
         self.attach_programs(load_object()?, netns, interface, directions)
     }
 
-    /// The kernel's run-time statistics of an attachment's programs (ingress, egress): total
-    /// run time and runs. They only count while statistics are enabled ([`enable_run_stats`]).
-    pub fn program_stats(&self, id: AttachmentId) -> Result<Vec<ProgramStats>> {
+    /// The kernel's information on each of an attachment's programs, by name.
+    fn program_infos(
+        &self,
+        id: AttachmentId,
+    ) -> Result<Vec<(&'static str, aya::programs::ProgramInfo)>> {
         let attachment = self
             .attachments
             .get(&id)
@@ -344,40 +346,37 @@ impl TrafficProbes {
                     program: name,
                     source: Box::new(source),
                 })?;
-                Ok(ProgramStats {
-                    program: name,
-                    run_time: info.run_time(),
-                    runs: info.run_count(),
-                })
+                Ok((name, info))
             })
             .collect()
+    }
+
+    /// The kernel's run-time statistics of an attachment's programs (ingress, egress): total
+    /// run time and runs. They only count while statistics are enabled ([`enable_run_stats`]).
+    pub fn program_stats(&self, id: AttachmentId) -> Result<Vec<ProgramStats>> {
+        Ok(self
+            .program_infos(id)?
+            .into_iter()
+            .map(|(program, info)| ProgramStats {
+                program,
+                run_time: info.run_time(),
+                runs: info.run_count(),
+            })
+            .collect())
     }
 
     /// The maps each of an attachment's programs uses, by name, as the kernel reports them
     /// (what a frame can touch).
     pub fn program_maps(&self, id: AttachmentId) -> Result<Vec<(&'static str, Vec<String>)>> {
-        let attachment = self
-            .attachments
-            .get(&id)
-            .ok_or(Error::UnknownAttachment(id))?;
-        let failed = |program: &'static str| {
-            move |source: aya::programs::ProgramError| Error::Program {
-                program,
-                source: Box::new(source),
-            }
-        };
-        attachment
-            .programs
-            .iter()
-            .map(|&name| {
-                let program = attachment.ebpf.program(name).ok_or(Error::Missing {
-                    kind: "program",
-                    name,
-                })?;
-                let ids = program
-                    .info()
-                    .and_then(|info| info.map_ids())
-                    .map_err(failed(name))?
+        self.program_infos(id)?
+            .into_iter()
+            .map(|(program, info)| {
+                let ids = info
+                    .map_ids()
+                    .map_err(|source| Error::Program {
+                        program,
+                        source: Box::new(source),
+                    })?
                     .unwrap_or_default();
                 let maps = ids
                     .into_iter()
@@ -391,7 +390,7 @@ impl TrafficProbes {
                             })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok((name, maps))
+                Ok((program, maps))
             })
             .collect()
     }

@@ -367,21 +367,28 @@ pub fn in_memory(dir: &Path) -> bool {
         .is_ok_and(|s| matches!(s.filesystem_type().0, TMPFS_MAGIC | RAMFS_MAGIC))
 }
 
-/// Moves every record file from `from` into `to` (a record already in `to` is the newer one
-/// and stays); `from` is removed once empty.
+/// Moves every record file (`*.json`) from `from` into `to` (a record already in `to` is the
+/// newer one and stays); `from` is removed once empty.
 fn move_records(from: &Path, to: &Path) -> Result<()> {
     for entry in fs::read_dir(from).map_err(|source| io_error("listing", from, source))? {
         let path = entry
             .map_err(|source| io_error("listing", from, source))?
             .path();
-        let (Some(name), true) = (path.file_name(), path.is_file()) else {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
+        if path.extension().is_none_or(|e| e != "json") || !path.is_file() {
+            continue;
+        }
         let target = to.join(name);
         if !target.exists() {
-            // Across filesystems a rename is refused: copy, then remove.
+            // Across filesystems a rename is refused: copied beside, then renamed into place
+            // (a crash leaves a temporary file, removed at the next open, never a torn record).
+            let temporary = to.join(format!("{name}.tmp"));
             fs::rename(&path, &target)
-                .or_else(|_| fs::copy(&path, &target).map(drop))
+                .or_else(|_| {
+                    fs::copy(&path, &temporary).and_then(|_| fs::rename(&temporary, &target))
+                })
                 .map_err(|source| io_error("moving", &path, source))?;
         }
         fs::remove_file(&path)
