@@ -239,7 +239,9 @@ async fn with_knd(
 /// In the pod: the NIC configured (name, MTU, sysctl), counted from its first frame, equal to
 /// the kernel's statistics.
 fn check_pod(node: &Node, url: &str) -> anyhow::Result<()> {
-    let store = StateStore::open(node.dir.path().join("state"))?;
+    // The DaemonSet's /var/lib/knd and /run/knd, as the test node maps them.
+    let dir = node.dir.path();
+    let store = StateStore::open_in(&dir.join("state"), &dir.join("run"))?;
     let record = store
         .pods
         .get("pod-uid-w")?
