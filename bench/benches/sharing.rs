@@ -145,12 +145,13 @@ fn main() -> anyhow::Result<()> {
         let enforced = round % 2 == 0;
         for pod in &pods {
             // Counted either way; enforced or not (the policer and the pacing go with the
-            // programs).
+            // programs). As the daemon does, a share is enforced first: that links the
+            // programs that police, and the watch then counts with them.
             telemetry.unwatch_pod(&pod.uid);
-            watch(&telemetry, pod)?;
             if enforced {
                 enforce(&telemetry, pod)?;
             }
+            watch(&telemetry, pod)?;
         }
         let these = run_round(&fabric, &pods, &telemetry, round / 2, enforced)?;
         for s in &these {

@@ -517,7 +517,8 @@ impl Telemetry {
     /// Starts watching `labels.interface` inside `pod_ns` for pod `pod_uid` (programs loaded
     /// and attached there; counting starts now), and the hardware counters of the RDMA devices
     /// `rdma` behind it. Blocking: loads eBPF programs. Watching an interface already watched for
-    /// this pod is a no-op.
+    /// this pod is a no-op. It counts with the programs linked on the interface's arrival or by
+    /// [`Self::enforce_share`], else with counting-only ones: a share is enforced first.
     pub fn watch(
         &self,
         pod_uid: &str,
