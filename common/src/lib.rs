@@ -175,25 +175,27 @@ pub const IFACE_STATS_ENTRIES: u32 = 2;
 /// Namespaces [`names::NETNS_RTT_MAP`] can hold (pods with claims on one node).
 pub const NETNS_RTT_ENTRIES: u32 = 1024;
 
-/// One direction of one interface on one CPU: frames and bytes by class, RoCEv2 by BTH opcode
-/// class, frames by size bucket.
+/// One direction of one interface on one CPU: frames and bytes by class, frames by size bucket,
+/// RoCEv2 by BTH opcode class. In the order a frame touches them: its class and its size
+/// bucket (small frames' buckets right after the classes, in the next cache line), then, for
+/// RoCEv2 only, its opcode class.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirectionStats {
     /// By [`class`].
     pub classes: [TrafficCounters; class::COUNT as usize],
-    /// RoCEv2 by opcode class ([`roce`]).
-    pub roce: [TrafficCounters; roce::CLASSES as usize],
     /// Frames by size bucket ([`size_bucket`]).
     pub sizes: [u64; SIZE_BUCKETS as usize],
+    /// RoCEv2 by opcode class ([`roce`]).
+    pub roce: [TrafficCounters; roce::CLASSES as usize],
 }
 
 impl Default for DirectionStats {
     fn default() -> Self {
         Self {
             classes: [TrafficCounters::default(); class::COUNT as usize],
-            roce: [TrafficCounters::default(); roce::CLASSES as usize],
             sizes: [0; SIZE_BUCKETS as usize],
+            roce: [TrafficCounters::default(); roce::CLASSES as usize],
         }
     }
 }

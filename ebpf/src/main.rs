@@ -280,10 +280,22 @@ fn classify(ctx: &TcContext) -> (u32, Option<u32>) {
     reason = "the #[sock_ops] entry point receives its context by value"
 )]
 fn knd_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    // Every TCP socket of the node calls in, for every callback it has: the others leave at
+    // once, before any helper or lookup.
+    if !matches!(
+        op,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+            | BPF_SOCK_OPS_RTT_CB
+            | BPF_SOCK_OPS_RETRANS_CB
+    ) {
+        return 1;
+    }
     // SAFETY: the helper only reads the context the kernel passed in.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if matches!(
-        ctx.op(),
+        op,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
     ) {
         pace(&ctx, cookie);
@@ -291,7 +303,7 @@ fn knd_sockops(ctx: SockOpsContext) -> u32 {
     let Some(stats) = NETNS_RTT.get_ptr_mut(cookie) else {
         return 1;
     };
-    match ctx.op() {
+    match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let flags = ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG;
             let _ignored = ctx.set_cb_flags(flags.cast_signed());
