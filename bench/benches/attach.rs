@@ -1,6 +1,6 @@
 //! What knd adds to pod start-up on a real containerd 1.7: RunPodSandbox latency through CRI
 //! without any NRI plugin, then with knd connected and one NIC claimed by every pod (moved into
-//! the pod, renamed, MTU, address and a route set, state recorded durably), in the same run.
+//! the pod, renamed, MTU, address and a route set, its record written), in the same run.
 //! Every pod is stopped and removed between samples, which gives the NIC back. The conditions
 //! are interleaved in rounds so that the machine's drift over the run hits all of them alike.
 //! Needs root.

@@ -86,7 +86,8 @@ pub struct RunArgs {
     /// The host's root as mounted in the container (sysfs, procfs and devfs are read below it).
     #[arg(long, env = "KND_HOST_ROOT", default_value = "/")]
     pub host_root: PathBuf,
-    /// Where prepared claims and attachments are recorded.
+    /// Where prepared claims are recorded (durably: kept across reboots) and the pods' NCCL
+    /// topology files written.
     #[arg(long, env = "KND_STATE_DIR", default_value = "/var/lib/knd")]
     pub state_dir: PathBuf,
     /// Where the pods' attachments are recorded: kept across a restart of knd, not across a

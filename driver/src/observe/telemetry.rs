@@ -470,10 +470,9 @@ impl TrafficProbes {
 
     /// Enforces `limits` on the attachment's interface, whose programs must be
     /// [`Classifiers::Policing`] (an error otherwise): they police as they count, egress before
-    /// counting (what they drop never left, and is in neither knd's nor the
-    /// kernel's transmit counters), ingress after it (received frames count as the kernel
-    /// counts them, then the excess is dropped); only their map is written, no program is
-    /// linked. Drops are counted in [`TrafficDetail::policed_rx`]/[`TrafficDetail::policed_tx`].
+    /// counting (what they drop never left, and is in neither knd's nor the kernel's transmit
+    /// counters), ingress after it (received frames count as the kernel counts them, then the
+    /// excess is dropped); only their map is written, no program is linked. Drops are counted in [`TrafficDetail::policed_rx`]/[`TrafficDetail::policed_tx`].
     pub fn police(&mut self, id: AttachmentId, limits: ShareLimits) -> Result<()> {
         let attachment = self
             .attachments
