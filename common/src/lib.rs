@@ -175,27 +175,25 @@ pub const IFACE_STATS_ENTRIES: u32 = 2;
 /// Namespaces [`names::NETNS_RTT_MAP`] can hold (pods with claims on one node).
 pub const NETNS_RTT_ENTRIES: u32 = 1024;
 
-/// One direction of one interface on one CPU: frames and bytes by class, frames by size bucket,
-/// RoCEv2 by BTH opcode class. In the order a frame touches them: its class and its size
-/// bucket (small frames' buckets right after the classes, in the next cache line), then, for
-/// RoCEv2 only, its opcode class.
+/// One direction of one interface on one CPU: frames and bytes by class, RoCEv2 by BTH opcode
+/// class, frames by size bucket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirectionStats {
     /// By [`class`].
     pub classes: [TrafficCounters; class::COUNT as usize],
-    /// Frames by size bucket ([`size_bucket`]).
-    pub sizes: [u64; SIZE_BUCKETS as usize],
     /// RoCEv2 by opcode class ([`roce`]).
     pub roce: [TrafficCounters; roce::CLASSES as usize],
+    /// Frames by size bucket ([`size_bucket`]).
+    pub sizes: [u64; SIZE_BUCKETS as usize],
 }
 
 impl Default for DirectionStats {
     fn default() -> Self {
         Self {
             classes: [TrafficCounters::default(); class::COUNT as usize],
-            sizes: [0; SIZE_BUCKETS as usize],
             roce: [TrafficCounters::default(); roce::CLASSES as usize],
+            sizes: [0; SIZE_BUCKETS as usize],
         }
     }
 }
@@ -295,16 +293,13 @@ pub const fn size_bucket(len: u32) -> u32 {
 #[inline]
 #[must_use]
 pub const fn rtt_bucket(us: u32) -> usize {
-    let bits = if us <= 1 {
-        0
-    } else {
-        32 - (us - 1).leading_zeros()
-    };
-    if bits as usize >= RTT_BUCKETS {
-        RTT_BUCKETS - 1
-    } else {
-        bits as usize
+    // The first bucket whose bound (2^bucket µs) holds the sample: ceil(log2(us)). Found by
+    // comparing, as for frame sizes ([`size_bucket`]): it runs on every RTT sample.
+    let mut bucket = 0;
+    while bucket < RTT_BUCKETS - 1 && us as u64 > 1 << bucket {
+        bucket += 1;
     }
+    bucket
 }
 
 /// Packets and bytes counted for one direction of one interface on one CPU.
@@ -375,8 +370,20 @@ mod tests {
             };
             bits.saturating_sub(SIZE_MIN_SHIFT).min(SIZE_BUCKETS - 1)
         };
+        let rtt_by_bits = |us: u32| {
+            let bits = if us <= 1 {
+                0
+            } else {
+                32 - (us - 1).leading_zeros()
+            };
+            (bits as usize).min(RTT_BUCKETS - 1)
+        };
         for len in (0..=(1 << 21)).chain([u32::MAX - 1, u32::MAX, 1 << 31, (1 << 31) + 1]) {
             assert_eq!(size_bucket(len), by_bits(len), "{len}");
+            assert_eq!(rtt_bucket(len), rtt_by_bits(len), "{len} µs");
+        }
+        for us in [(1 << 22) + 1, 1 << 23, (1 << 23) + 1, 1 << 24] {
+            assert_eq!(rtt_bucket(us), rtt_by_bits(us), "{us} µs");
         }
         assert_eq!(rtt_bucket(0), 0);
         assert_eq!(rtt_bucket(1), 0);
