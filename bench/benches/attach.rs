@@ -360,6 +360,15 @@ async fn share_once(
     Ok(elapsed)
 }
 
+/// The differences of samples taken in pairs (`with[i]` right after `without[i]`, in the same
+/// round), negative ones as zero.
+fn paired(with: &[Duration], without: &[Duration]) -> Vec<Duration> {
+    with.iter()
+        .zip(without)
+        .map(|(with, without)| with.saturating_sub(*without))
+        .collect()
+}
+
 /// What one bandwidth share adds, paired with the unclaimed pod of the same round and
 /// position, printed beside what one exclusive NIC adds (`exclusive`).
 fn summarize_share(
@@ -372,14 +381,9 @@ fn summarize_share(
         with_share,
         None,
     )?;
-    let paired: Vec<Duration> = with_share
-        .iter()
-        .zip(connected)
-        .map(|(share, none)| share.saturating_sub(*none))
-        .collect();
     let cost = summarize(
         "added by 1 bandwidth share (paired with the pod before it)",
-        &paired,
+        &paired(with_share, connected),
         Some(Duration::from_millis(25)),
     )?
     .with_p50_goal(Duration::from_millis(10));
@@ -405,11 +409,7 @@ fn summarize_telemetry(
         with_telemetry,
         None,
     )?;
-    let cost: Vec<Duration> = with_telemetry
-        .iter()
-        .zip(with)
-        .map(|(on, off)| on.saturating_sub(*off))
-        .collect();
+    let cost = paired(with_telemetry, with);
     // Judged in knd (`own_work`): from outside, the runtime's jitter of two sandboxes is in it.
     let telemetry_cost = summarize(
         "added by telemetry (paired with the pod before it)",
@@ -447,14 +447,10 @@ fn summarize_all(
     let unclaimed = summarize("RunPodSandbox, knd connected, no claim", connected, None)?;
     // Pairs taken a moment apart (a pod with one NIC right after a pod without a claim, same
     // plugin connection) cancel the machine's drift: the distribution of what the NIC adds.
-    let paired: Vec<Duration> = with
-        .iter()
-        .zip(connected)
-        .map(|(nic, none)| nic.saturating_sub(*none))
-        .collect();
+    let by_nic = paired(with, connected);
     let pairs = summarize(
         "added by 1 NIC (paired with the pod before it)",
-        &paired,
+        &by_nic,
         Some(Duration::from_millis(25)),
     )?
     .with_p50_goal(Duration::from_millis(10));
@@ -471,11 +467,7 @@ fn summarize_all(
     let kernel = summarize("kernel: move a veth to another netns", moves, None)?;
     // knd's own work: what one NIC adds (paired with the unclaimed pod before it) less the
     // kernel's move of the same round (samples of a round are paired in order).
-    let own: Vec<Duration> = paired
-        .iter()
-        .zip(moves)
-        .map(|(added, kernel)| added.saturating_sub(*kernel))
-        .collect();
+    let own = paired(&by_nic, moves);
     let own = summarize(
         "knd's own share, from outside (added by 1 NIC less a kernel move of the same round)",
         &own,
@@ -563,11 +555,7 @@ fn own_work(in_hook: &[Vec<InHook>; 3]) -> anyhow::Result<[Summary; 6]> {
         None,
     )?;
     // The pods with telemetry on follow those with it off one by one.
-    let added: Vec<Duration> = in_hook[1]
-        .iter()
-        .zip(&in_hook[0])
-        .map(|(on, off)| on.own().saturating_sub(off.own()))
-        .collect();
+    let added = paired(&own(&in_hook[1]), &own(&in_hook[0]));
     let added = summarize(
         "added by telemetry, in knd (own share with it less the attachment without it before)",
         &added,

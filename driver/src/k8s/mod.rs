@@ -487,14 +487,26 @@ impl NodeSlices {
     /// watch's first list or when it is not there (published a moment ago: ask the server).
     fn device(&self, driver: &str, pool: &str, device: &str) -> Option<Device> {
         self.reader.wait_until_ready().now_or_never()?.ok()?;
-        self.reader
-            .state()
+        let slices = self.reader.state();
+        let of_driver = slices
             .iter()
-            .filter(|slice| slice.spec.driver == driver && slice.spec.pool.name == pool)
-            .flat_map(|slice| slice.spec.devices.iter().flatten())
-            .find(|d| d.name == device)
-            .cloned()
+            .map(|s| &**s)
+            .filter(|s| s.spec.driver == driver);
+        device_in(of_driver, pool, device).cloned()
     }
+}
+
+/// Device `name` of pool `pool` among `slices`.
+fn device_in<'a>(
+    slices: impl IntoIterator<Item = &'a ResourceSlice>,
+    pool: &str,
+    name: &str,
+) -> Option<&'a Device> {
+    slices
+        .into_iter()
+        .filter(|slice| slice.spec.pool.name == pool)
+        .flat_map(|slice| slice.spec.devices.iter().flatten())
+        .find(|d| d.name == name)
 }
 
 /// Reads claims for prepare and writes their status with server-side apply.
@@ -996,13 +1008,7 @@ impl ClaimApi for ApiClaims {
             .list(&ListParams::default().fields(&selector))
             .await
             .map_err(|e| SourceError::new(format!("listing {driver}'s ResourceSlices"), e))?;
-        Ok(slices
-            .items
-            .iter()
-            .filter(|slice| slice.spec.pool.name == pool)
-            .flat_map(|slice| slice.spec.devices.iter().flatten())
-            .find(|d| d.name == device)
-            .and_then(value_of))
+        Ok(device_in(&slices.items, pool, device).and_then(value_of))
     }
 
     fn prepared(&self, claim: &PreparedClaim) {
